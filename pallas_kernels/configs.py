@@ -1,0 +1,86 @@
+"""Block sizes, warps and pipeline stages for the attention kernels, each with its provenance.
+
+One table; kernels never hard-code a tile size. Keys are (target, head_dim bucket) where the bucket
+is the padded head dim (a power of two, >= 16). `target` is "sm90" (Hopper), "sm80" (Ampere and
+anything else >= sm80) or "interpret" (CPU interpret mode: small tiles so that tests at small shapes
+still cross several blocks and exercise the boundary logic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch parameters of one kernel."""
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """One config per kernel: forward, backward dK/dV (one program per key block), backward dQ."""
+
+    fwd: KernelConfig
+    dkdv: KernelConfig
+    dq: KernelConfig
+
+
+K = KernelConfig
+
+# Hopper (H100 SXM, jax 0.11.2, Triton lowering). Starting point: the FA2 Triton tutorial's tiles
+# (forward 128x64; backward dK/dV 64x128 and dQ 128x64); tuned on the H100 in
+# benchmarks/results/ (see the commit that last changed a row for the sweep that chose it).
+_TABLE: dict[tuple[str, int], AttentionConfig] = {
+    ("sm90", 16): AttentionConfig(K(128, 128, 4, 3), K(64, 128, 4, 2), K(128, 64, 4, 2)),
+    ("sm90", 32): AttentionConfig(K(128, 128, 4, 3), K(64, 128, 4, 2), K(128, 64, 4, 2)),
+    ("sm90", 64): AttentionConfig(K(128, 128, 4, 3), K(64, 128, 8, 2), K(128, 64, 8, 2)),
+    ("sm90", 128): AttentionConfig(K(128, 64, 8, 3), K(64, 128, 8, 2), K(128, 64, 8, 2)),
+    ("sm90", 256): AttentionConfig(K(64, 64, 8, 2), K(32, 64, 8, 1), K(64, 32, 8, 1)),
+    # Ampere-class shared memory (up to 164 KiB): the same tiles but one stage less for large heads.
+    ("sm80", 16): AttentionConfig(K(128, 64, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
+    ("sm80", 32): AttentionConfig(K(128, 64, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
+    ("sm80", 64): AttentionConfig(K(128, 64, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
+    ("sm80", 128): AttentionConfig(K(128, 64, 8, 2), K(64, 64, 8, 2), K(64, 64, 8, 2)),
+    ("sm80", 256): AttentionConfig(K(64, 32, 8, 1), K(32, 32, 8, 1), K(32, 32, 8, 1)),
+}
+# CPU interpret mode: speed is irrelevant, coverage of block boundaries is what matters.
+_INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
+
+# The pure-XLA chunked path (flashjax.chunked): keys per lax.scan step. Its per-step scores are
+# (B, N, T, 512) float32; 512 amortizes the loop on CPU without a large tile (not tuned yet).
+CHUNKED_BLOCK_K = 512
+
+MIN_BLOCK = 16  # Triton's dot needs every tile dimension >= 16.
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    """The padded head dim the kernels run at: the next power of two, at least 16."""
+    return max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
+
+
+def gpu_target(device: jax.Device | None = None) -> str:
+    """'sm90' on Hopper, 'sm80' on other NVIDIA GPUs, 'interpret' elsewhere."""
+    device = device or jax.devices()[0]
+    if device.platform != "gpu":
+        return "interpret"
+    capability = getattr(device, "compute_capability", "8.0")
+    return "sm90" if capability.startswith("9") else "sm80"
+
+
+def get_config(head_dim: int, target: str) -> AttentionConfig:
+    """The config for a head dim on a target (see `gpu_target`)."""
+    if target == "interpret":
+        return _INTERPRET
+    return _TABLE[(target, head_dim_bucket(head_dim))]
+
+
+def fit_block(block: int, length: int) -> int:
+    """Shrink a tile to the sequence when the sequence is shorter (keeps powers of two, >= 16)."""
+    return max(MIN_BLOCK, min(block, 1 << max(0, (length - 1).bit_length())))
