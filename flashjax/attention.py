@@ -98,7 +98,9 @@ def _check_qkv(query, key, value) -> None:
 def _check_window(local_window_size) -> None:
     if local_window_size is None:
         return
-    ok = isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool)
+    ok = isinstance(local_window_size, (int, np.integer)) and not isinstance(
+        local_window_size, bool
+    )
     if ok:
         ok = local_window_size >= 0
     elif isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2:
@@ -161,7 +163,9 @@ def _unsupported(impl: str, ops: Operands) -> str | None:
         if jnp.dtype(ops.q.dtype) not in _KERNEL_DTYPES:
             return f"dtype {ops.q.dtype} (the kernels take bfloat16, float16 and float32)"
         if _backend() not in ("gpu", "cpu"):
-            return f"backend {_backend()!r} (Triton kernels need an NVIDIA GPU; CPU interprets them)"
+            return (
+                f"backend {_backend()!r} (Triton kernels need an NVIDIA GPU; CPU interprets them)"
+            )
     return None
 
 

@@ -70,9 +70,7 @@ class _Blocks:
     def scores(self, j, x):
         """Base-2 logits `(B, K, G, T, bk)`, soft-cap tanh, and the block's key positions."""
         cols = j * self.block_k + jnp.arange(self.block_k, dtype=jnp.int32)
-        qk = jnp.einsum(
-            "btkgh,bskh->bkgts", self.qg, x["k"], preferred_element_type=jnp.float32
-        )
+        qk = jnp.einsum("btkgh,bskh->bkgts", self.qg, x["k"], preferred_element_type=jnp.float32)
         mask = common.element_visible(
             self.rows,
             cols,
@@ -128,7 +126,20 @@ def _forward(q, k, v, bias, q_segments, kv_segments, seeds, statics, block_k):
 
 
 def _backward(
-    q, k, v, bias, q_segments, kv_segments, seeds, statics, block_k, out, lse, dout, dlse, *,
+    q,
+    k,
+    v,
+    bias,
+    q_segments,
+    kv_segments,
+    seeds,
+    statics,
+    block_k,
+    out,
+    lse,
+    dout,
+    dlse,
+    *,
     only_bias: bool = False,
 ):
     """Gradients `(dq, dk, dv, dbias)`; `only_bias` computes dbias alone (the kernels' helper)."""
@@ -160,10 +171,16 @@ def _backward(
             ys["dbias"] = blk.sum_to_bias(ds_bias)
         if not only_bias:
             ds = ds.astype(q.dtype)
-            dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, x["k"], preferred_element_type=jnp.float32)
-            ys["dk"] = jnp.einsum("bkgts,btkgh->bskh", ds, blk.qg, preferred_element_type=jnp.float32)
+            dq = dq + jnp.einsum(
+                "bkgts,bskh->btkgh", ds, x["k"], preferred_element_type=jnp.float32
+            )
+            ys["dk"] = jnp.einsum(
+                "bkgts,btkgh->bskh", ds, blk.qg, preferred_element_type=jnp.float32
+            )
             ys["dv"] = jnp.einsum(
-                "bkgts,btkgh->bskh", p_dropped.astype(q.dtype), dog,
+                "bkgts,btkgh->bskh",
+                p_dropped.astype(q.dtype),
+                dog,
                 preferred_element_type=jnp.float32,
             )
         return dq, ys
@@ -240,6 +257,18 @@ def bias_grad(q, k, v, bias, q_segments, kv_segments, seeds, statics, out, lse, 
     """d bias alone, blockwise in XLA (used by the kernels' backward; lse in natural log)."""
     block_k = min(configs.CHUNKED_BLOCK_K, k.shape[1])
     return _backward(
-        q, k, v, bias, q_segments, kv_segments, seeds, statics, block_k, out, lse, dout, dlse,
+        q,
+        k,
+        v,
+        bias,
+        q_segments,
+        kv_segments,
+        seeds,
+        statics,
+        block_k,
+        out,
+        lse,
+        dout,
+        dlse,
         only_bias=True,
     )

@@ -32,10 +32,10 @@ def window_of(is_causal: bool, local_window_size: int | tuple[int, int] | None) 
     """`(left, right)` visible offsets (None = unbounded); causal caps `right` at 0."""
     if local_window_size is None:
         left, right = None, None
-    elif isinstance(local_window_size, int):
-        left, right = local_window_size, local_window_size
+    elif isinstance(local_window_size, (int, np.integer)):
+        left = right = int(local_window_size)
     else:
-        left, right = local_window_size
+        left, right = (int(w) for w in local_window_size)
     if is_causal:
         right = 0 if right is None else min(right, 0)
     return left, right
@@ -77,4 +77,3 @@ def combine_bias(bias: jax.Array | None, mask: jax.Array | None) -> jax.Array | 
         return bias
     base = jnp.zeros((), jnp.float32) if bias is None else bias
     return jnp.where(to_4d(mask) != 0, base, -jnp.inf)
-

@@ -65,4 +65,3 @@ def attention(
     weights = weights.astype(dtype).reshape(batch, num_kv_heads, group, seq_q, seq_k)
     out = jnp.einsum("bkgts,bskh->btkgh", weights, v).reshape(q.shape).astype(dtype)
     return out, jnp.transpose(lse, (0, 2, 1)).astype(acc_dtype)
-

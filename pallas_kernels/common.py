@@ -161,7 +161,9 @@ def _mix32(x: jax.Array) -> jax.Array:
 def dropout_stream(seed0: jax.Array, seed1: jax.Array, batch_head: jax.Array) -> jax.Array:
     """A uint32 scalar key for one (batch, head), from the two seed words."""
     bh = jnp.asarray(batch_head).astype(jnp.uint32)
-    return _mix32(seed0.astype(jnp.uint32) ^ _mix32(seed1.astype(jnp.uint32) + bh * jnp.uint32(_GOLDEN)))
+    return _mix32(
+        seed0.astype(jnp.uint32) ^ _mix32(seed1.astype(jnp.uint32) + bh * jnp.uint32(_GOLDEN))
+    )
 
 
 def dropout_keep(stream: jax.Array, rows: jax.Array, cols: jax.Array, rate: float) -> jax.Array:

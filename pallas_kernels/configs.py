@@ -34,16 +34,19 @@ class AttentionConfig:
 
 K = KernelConfig
 
-# Hopper (H100 SXM, jax 0.11.2, Triton lowering). Starting point: the FA2 Triton tutorial's tiles
-# (forward 128x64; backward dK/dV 64x128 and dQ 128x64); tuned on the H100 in
-# benchmarks/results/ (see the commit that last changed a row for the sweep that chose it).
+# Hopper. Chosen by benchmarks/tune.py on an NVIDIA H200 (jax 0.11.2, CUDA 13, 2026-11-21; every
+# kernel timed alone at bf16, B*T = 16k, N*H = 2048, T in {1k, 4k causal, 16k, 16k causal}; the
+# sweep is benchmarks/results/2026-11-21-h200-tile-sweep.json). 64x64 tiles with 4 warps won the
+# backward everywhere (the FA2 tutorial's 64x128 / 128x64 with 8 warps were 1.2-1.8x slower); the
+# forward likes 128x128 with 8 warps at head dim 128 and 64x64 with 4 warps at 64.
+# Head dim 256 is not swept yet: tiles sized to fit shared memory (checked on the H200).
 _TABLE: dict[tuple[str, int], AttentionConfig] = {
-    ("sm90", 16): AttentionConfig(K(128, 128, 4, 3), K(64, 128, 4, 2), K(128, 64, 4, 2)),
-    ("sm90", 32): AttentionConfig(K(128, 128, 4, 3), K(64, 128, 4, 2), K(128, 64, 4, 2)),
-    ("sm90", 64): AttentionConfig(K(128, 128, 4, 3), K(64, 128, 8, 2), K(128, 64, 8, 2)),
-    ("sm90", 128): AttentionConfig(K(128, 64, 8, 3), K(64, 128, 8, 2), K(128, 64, 8, 2)),
+    ("sm90", 16): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
+    ("sm90", 32): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
+    ("sm90", 64): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
+    ("sm90", 128): AttentionConfig(K(128, 128, 8, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm90", 256): AttentionConfig(K(64, 64, 8, 2), K(32, 64, 8, 1), K(64, 32, 8, 1)),
-    # Ampere-class shared memory (up to 164 KiB): the same tiles but one stage less for large heads.
+    # Ampere-class (not measured: no such GPU here): smaller shared memory (164 KiB), so smaller tiles.
     ("sm80", 16): AttentionConfig(K(128, 64, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm80", 32): AttentionConfig(K(128, 64, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm80", 64): AttentionConfig(K(128, 64, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
@@ -56,6 +59,20 @@ _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 # The pure-XLA chunked path (flashjax.chunked): keys per lax.scan step. Its per-step scores are
 # (B, N, T, 512) float32; 512 amortizes the loop on CPU without a large tile (not tuned yet).
 CHUNKED_BLOCK_K = 512
+
+# A full (T, S) bias is read as float32 tiles as large as the score tile: with 3 pipeline stages the
+# forward at head dim 64 asked for 241 KiB of shared memory on the H200 (limit 227 KiB). Stages are
+# cut until this estimate of the streamed tiles fits.
+SHARED_MEMORY_BUDGET = 192 * 1024
+
+
+def stages_that_fit(c: KernelConfig, head_dim: int, itemsize: int, full_bias: bool) -> int:
+    """Pipeline stages for `c` such that the streamed tiles of one stage (two (block, head_dim)
+    operand tiles, plus a float32 bias tile) times the stages fit `SHARED_MEMORY_BUDGET`."""
+    per_stage = 2 * max(c.block_q, c.block_k) * head_dim * itemsize
+    if full_bias:
+        per_stage += c.block_q * c.block_k * 4
+    return max(1, min(c.num_stages, SHARED_MEMORY_BUDGET // per_stage))
 
 MIN_BLOCK = 16  # Triton's dot needs every tile dimension >= 16.
 

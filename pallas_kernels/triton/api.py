@@ -29,14 +29,30 @@ class Plan:
     interpret: bool
 
 
-def plan(seq_q: int, seq_k: int, head_dim: int, target: str | None = None) -> Plan:
-    """Fit the config of `target` (default: the current device) to a call's shapes."""
+def plan(
+    seq_q: int,
+    seq_k: int,
+    head_dim: int,
+    target: str | None = None,
+    *,
+    bias_shape: tuple[int, ...] | None = None,
+    itemsize: int = 2,
+    config: configs.AttentionConfig | None = None,
+) -> Plan:
+    """Fit the config of `target` (default: the current device; or an explicit `config`) to a
+    call's shapes."""
     target = target or configs.gpu_target()
-    base = configs.get_config(head_dim, target)
+    base = config or configs.get_config(head_dim, target)
+    full_bias = bias_shape is not None and bias_shape[2] > 1 and bias_shape[3] > 1
 
     def fit(c: configs.KernelConfig) -> configs.KernelConfig:
         return dataclasses.replace(
-            c, block_q=configs.fit_block(c.block_q, seq_q), block_k=configs.fit_block(c.block_k, seq_k)
+            c,
+            block_q=configs.fit_block(c.block_q, seq_q),
+            block_k=configs.fit_block(c.block_k, seq_k),
+            num_stages=configs.stages_that_fit(
+                c, configs.head_dim_bucket(head_dim), itemsize, full_bias
+            ),
         )
 
     config = configs.AttentionConfig(fit(base.fwd), fit(base.dkdv), fit(base.dq))
@@ -50,6 +66,10 @@ def plan(seq_q: int, seq_k: int, head_dim: int, target: str | None = None) -> Pl
         head_dim=configs.head_dim_bucket(head_dim),
         interpret=target == "interpret",
     )
+
+
+def _shape(x: jax.Array | None) -> tuple[int, ...] | None:
+    return None if x is None else tuple(x.shape)
 
 
 def _pad_axis(x: jax.Array | None, axis: int, size: int) -> jax.Array | None:
@@ -84,6 +104,7 @@ def forward(
     seeds: jax.Array | None,
     statics: common.AttentionStatics,
     target: str | None = None,
+    config: configs.AttentionConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention forward.
 
@@ -93,11 +114,12 @@ def forward(
       bias: float32 `(Bb, Nb, Tb, Sb)`, each axis 1 or full; -inf hides an element.
       seeds: uint32 `(2,)` when `statics.dropout_rate > 0`, else None.
       statics: the static description of the call; `kv_len` is filled in here.
+      target / config: override the device target or the tiles (tuning, tests).
     Returns:
       `out (B, T, N, H)` in q's dtype and base-2 logsumexp `lse2 (B, N, T)` float32.
     """
     batch, seq_q, num_heads, head_dim = q.shape
-    p = plan(seq_q, k.shape[1], head_dim, target)
+    p = plan(seq_q, k.shape[1], head_dim, target, bias_shape=_shape(bias), itemsize=q.dtype.itemsize, config=config)
     statics = dataclasses.replace(statics, kv_len=k.shape[1])
     operands = _pad_operands(p, q, k, v, q_segments, kv_segments, bias)
     out, lse2 = _forward.forward(
@@ -120,6 +142,7 @@ def backward(
     seeds: jax.Array | None,
     statics: common.AttentionStatics,
     target: str | None = None,
+    config: configs.AttentionConfig | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients (dq, dk, dv) of `forward`'s outputs; arguments as there, plus the residuals.
 
@@ -127,11 +150,9 @@ def backward(
     it enters as `delta -= dlse` (in natural-log units).
     """
     batch, seq_q, num_heads, head_dim = q.shape
-    p = plan(seq_q, k.shape[1], head_dim, target)
+    p = plan(seq_q, k.shape[1], head_dim, target, bias_shape=_shape(bias), itemsize=q.dtype.itemsize, config=config)
     statics = dataclasses.replace(statics, kv_len=k.shape[1])
-    delta = jnp.einsum(
-        "btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32)
-    )
+    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
     if dlse2 is not None:
         delta = delta - dlse2 * common.LOG2E
     q_, k_, v_, q_segments, kv_segments, bias = _pad_operands(

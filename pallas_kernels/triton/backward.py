@@ -218,6 +218,117 @@ def _dq_kernel(
     dq_ref[...] = (dq * statics.scale).astype(dq_ref.dtype)
 
 
+def _operand_specs(q, k, q_segments, kv_segments, bias, seeds, *, grid_head_of, heads_per_program):
+    """Specs of the trailing operands (segments, bias, seeds) common to both backward kernels."""
+    seq_q, seq_k = q.shape[1], k.shape[1]
+
+    def seg_spec(x, length):
+        return None if x is None else pl.BlockSpec((None, length), lambda i, b, h: (b, 0))
+
+    return [
+        seg_spec(q_segments, seq_q),
+        seg_spec(kv_segments, seq_k),
+        tiles.bias_spec(bias, heads_per_program, grid_head_of),
+        None if seeds is None else pl.BlockSpec((2,), lambda i, b, h: (0,)),
+    ]
+
+
+def dkdv(
+    q,
+    k,
+    v,
+    do,
+    lse2,
+    delta,
+    q_segments,
+    kv_segments,
+    bias,
+    seeds,
+    *,
+    statics: common.AttentionStatics,
+    config: KernelConfig,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """dK, dV: grid (key block, batch, KV head); a program reads its whole GQA group of queries."""
+    batch, seq_q, num_heads, head_dim = q.shape
+    seq_k, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    bq, bk = config.block_q, config.block_k
+    q_group = pl.BlockSpec((None, seq_q, group, head_dim), lambda i, b, g: (b, 0, g, 0))
+    kv_tile = pl.BlockSpec((None, bk, None, head_dim), lambda i, b, g: (b, i, g, 0))
+    row_stats = pl.BlockSpec((None, group, seq_q), lambda i, b, g: (b, g, 0))
+    specs = _operand_specs(
+        q,
+        k,
+        q_segments,
+        kv_segments,
+        bias,
+        seeds,
+        grid_head_of=lambda i, b, g: (b, g),
+        heads_per_program=group,
+    )
+    return pl.pallas_call(
+        functools.partial(_dkdv_kernel, statics=statics, block_q=bq, num_heads=num_heads),
+        grid=(seq_k // bk, batch, num_kv_heads),
+        in_specs=[q_group, kv_tile, kv_tile, q_group, row_stats, row_stats, *specs],
+        out_specs=[kv_tile, kv_tile],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name="flashjax_bwd_dkdv",
+    )(q, k, v, do, lse2, delta, q_segments, kv_segments, bias, seeds)
+
+
+def dq(
+    q,
+    k,
+    v,
+    do,
+    lse2,
+    delta,
+    q_segments,
+    kv_segments,
+    bias,
+    seeds,
+    *,
+    statics: common.AttentionStatics,
+    config: KernelConfig,
+    interpret: bool,
+) -> jax.Array:
+    """dQ: grid (query block, batch, query head), like the forward."""
+    batch, seq_q, num_heads, head_dim = q.shape
+    seq_k, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    bq, bk = config.block_q, config.block_k
+    q_tile = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    kv_full = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
+    row_tile = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    specs = _operand_specs(
+        q,
+        k,
+        q_segments,
+        kv_segments,
+        bias,
+        seeds,
+        grid_head_of=lambda i, b, h: (b, h),
+        heads_per_program=1,
+    )
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, statics=statics, block_k=bk, num_heads=num_heads),
+        grid=(seq_q // bq, batch, num_heads),
+        in_specs=[q_tile, kv_full, kv_full, q_tile, row_tile, row_tile, *specs],
+        out_specs=q_tile,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name="flashjax_bwd_dq",
+    )(q, k, v, do, lse2, delta, q_segments, kv_segments, bias, seeds)
+
+
 def backward(
     q: jax.Array,
     k: jax.Array,
@@ -236,71 +347,7 @@ def backward(
     interpret: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Padded operands (see tiles.py) -> (dq, dk, dv) in the operands' padded shapes and dtypes."""
-    batch, seq_q, num_heads, head_dim = q.shape
-    seq_k, num_kv_heads = k.shape[1], k.shape[2]
-    group = num_heads // num_kv_heads
     operands = (q, k, v, do, lse2, delta, q_segments, kv_segments, bias, seeds)
-
-    def seg_spec(x, length):
-        return None if x is None else pl.BlockSpec((None, length), lambda i, b, h: (b, 0))
-
-    seeds_spec = None if seeds is None else pl.BlockSpec((2,), lambda i, b, h: (0,))
-
-    # dK/dV: grid (key block, batch, KV head); a program reads its whole GQA group of query heads.
-    bq, bk = dkdv_config.block_q, dkdv_config.block_k
-    q_group = pl.BlockSpec((None, seq_q, group, head_dim), lambda i, b, g: (b, 0, g, 0))
-    kv_tile = pl.BlockSpec((None, bk, None, head_dim), lambda i, b, g: (b, i, g, 0))
-    row_stats = pl.BlockSpec((None, group, seq_q), lambda i, b, g: (b, g, 0))
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, statics=statics, block_q=bq, num_heads=num_heads),
-        grid=(seq_k // bk, batch, num_kv_heads),
-        in_specs=[
-            q_group,
-            kv_tile,
-            kv_tile,
-            q_group,
-            row_stats,
-            row_stats,
-            seg_spec(q_segments, seq_q),
-            seg_spec(kv_segments, seq_k),
-            tiles.bias_spec(bias, group, lambda i, b, g: (b, g)),
-            seeds_spec,
-        ],
-        out_specs=[kv_tile, kv_tile],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=plgpu.CompilerParams(
-            num_warps=dkdv_config.num_warps, num_stages=dkdv_config.num_stages
-        ),
-        interpret=interpret,
-        name="flashjax_bwd_dkdv",
-    )(*operands)
-
-    # dQ: grid (query block, batch, query head), like the forward.
-    bq, bk = dq_config.block_q, dq_config.block_k
-    q_tile = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-    kv_full = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
-    row_tile = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, statics=statics, block_k=bk, num_heads=num_heads),
-        grid=(seq_q // bq, batch, num_heads),
-        in_specs=[
-            q_tile,
-            kv_full,
-            kv_full,
-            q_tile,
-            row_tile,
-            row_tile,
-            seg_spec(q_segments, seq_q),
-            seg_spec(kv_segments, seq_k),
-            tiles.bias_spec(bias, 1, lambda i, b, h: (b, h)),
-            seeds_spec,
-        ],
-        out_specs=q_tile,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=dq_config.num_warps, num_stages=dq_config.num_stages
-        ),
-        interpret=interpret,
-        name="flashjax_bwd_dq",
-    )(*operands)
-    return dq, dk, dv
+    dk_, dv_ = dkdv(*operands, statics=statics, config=dkdv_config, interpret=interpret)
+    dq_ = dq(*operands, statics=statics, config=dq_config, interpret=interpret)
+    return dq_, dk_, dv_

@@ -126,9 +126,7 @@ def forward(
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct((batch, num_heads, seq_q), jnp.float32),
     ]
-    kernel = functools.partial(
-        _forward_kernel, statics=statics, block_k=bk, num_heads=num_heads
-    )
+    kernel = functools.partial(_forward_kernel, statics=statics, block_k=bk, num_heads=num_heads)
     return pl.pallas_call(
         kernel,
         grid=grid,

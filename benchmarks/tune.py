@@ -1,0 +1,83 @@
+"""Tile sweep for the Triton-lowered kernels: times each kernel alone (forward, dK/dV, dQ) for
+candidate configs at the standard shapes (bf16, B*T = 16k tokens, N*H = 2048) and prints the best.
+Usage on the GPU: python benchmarks/tune.py OUT_JSON"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import common
+from pallas_kernels.configs import KernelConfig as K
+from pallas_kernels.triton import backward, forward
+
+FWD = [K(128, 64, 4, 3), K(128, 64, 8, 3), K(128, 128, 8, 3), K(128, 128, 4, 3), K(64, 64, 4, 2),
+       K(128, 32, 4, 3), K(64, 128, 4, 3), K(128, 64, 4, 4)]
+DKDV = [K(32, 64, 4, 2), K(64, 64, 4, 2), K(64, 128, 8, 2), K(32, 128, 4, 2), K(64, 128, 4, 2),
+        K(32, 64, 4, 3), K(64, 64, 4, 3), K(32, 128, 8, 2)]
+DQ = [K(64, 32, 4, 2), K(64, 64, 4, 2), K(128, 64, 8, 2), K(128, 32, 4, 2), K(128, 64, 4, 2),
+      K(64, 32, 4, 3), K(64, 64, 4, 3), K(128, 32, 8, 2)]
+
+
+def timeit(f, *args, reps=8):
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def main(out_path: str) -> None:
+    rows = []
+    for H in (64, 128):
+        for T, causal in ((1024, False), (4096, True), (16384, False), (16384, True)):
+            B, N = 16384 // T, 2048 // H
+            ks = jax.random.split(jax.random.PRNGKey(0), 4)
+            q, k, v, do = (jax.random.normal(x, (B, T, N, H), jnp.bfloat16) for x in ks)
+            statics = common.AttentionStatics(
+                scale=H**-0.5, window=(None, 0 if causal else None), kv_len=T
+            )
+            flops = 4 * B * N * T * T * H / (2 if causal else 1)
+            _, lse2 = forward.forward(q, k, v, None, None, None, None, statics=statics,
+                                      config=FWD[0], interpret=False)
+            delta = jnp.zeros_like(lse2) + 0.1
+            ops = (q, k, v, do, lse2, delta, None, None, None, None)
+            for kind, cands in (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ)):
+                for c in cands:
+                    if kind == "fwd":
+                        f = jax.jit(lambda q, k, v, c=c: forward.forward(
+                            q, k, v, None, None, None, None, statics=statics, config=c,
+                            interpret=False))
+                        args = (q, k, v)
+                    else:
+                        fn = backward.dkdv if kind == "dkdv" else backward.dq
+                        f = jax.jit(lambda *a, c=c, fn=fn: fn(*a, statics=statics, config=c,
+                                                              interpret=False))
+                        args = ops
+                    try:
+                        t = timeit(f, *args)
+                        status = "ok"
+                    except Exception as e:  # noqa: BLE001
+                        t, status = float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
+                    row = dict(H=H, T=T, causal=causal, kernel=kind, cfg=list(c.__dict__.values()),
+                               ms=t * 1e3, status=status,
+                               tflops=flops / t / 1e12 if status == "ok" else None)
+                    rows.append(row)
+            for kind in ("fwd", "dkdv", "dq"):
+                rs = [r for r in rows if r["H"] == H and r["T"] == T and r["causal"] == causal
+                      and r["kernel"] == kind and r["status"] == "ok"]
+                rs.sort(key=lambda r: r["ms"])
+                print(f"H={H} T={T} causal={causal} {kind}: " + "  ".join(
+                    f"{r['cfg']} {r['ms']:.3f}ms" for r in rs[:4]), flush=True)
+    json.dump(rows, open(out_path, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,28 @@
+"""`python -m flashjax bench`: attention benchmarks on the protocol of FlashAttention's papers.
+
+Modules:
+  flops     FLOP counts (causal, sliding window, backward = 2.5x forward)
+  cases     the sweep's shapes, their inputs, the slice the reference checks
+  backends  the implementations compared (flashjax, cuDNN, XLA, tokamax, torch), where available
+  timing    warm-up, median of timed batches, device syncs (JAX) or CUDA events (torch)
+  sweep     compile -> check against the reference -> time; failures become status rows
+  machine   device, versions, commit, the machine's matmul ceiling
+  report    JSON, CSV, PNG and the table
+  cli       the command line
+"""
+
+from flashjax.bench.backends import Backend, JaxBackend, all_backends
+from flashjax.bench.cases import Case, sweep_cases
+from flashjax.bench.flops import attention_flops, visible_fraction
+from flashjax.bench.sweep import run_sweep
+
+__all__ = [
+    "Backend",
+    "Case",
+    "JaxBackend",
+    "all_backends",
+    "attention_flops",
+    "run_sweep",
+    "sweep_cases",
+    "visible_fraction",
+]

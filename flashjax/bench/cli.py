@@ -1,0 +1,361 @@
+"""`python -m flashjax bench`: the attention benchmark sweep (see `--help`)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+GPU_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+GPU_QUICK_SEQLENS = (1024, 4096, 16384)
+CPU_SEQLENS = (128, 256, 512)
+CPU_QUICK_SEQLENS = (128, 256)
+CPU_HEAD_DIMS = (64,)
+
+DESCRIPTION = """\
+Benchmark attention implementations on the protocol of FlashAttention's papers.
+
+Every backend available here runs every shape; each is first checked against flashjax's float32
+reference (relative L2 error of the output, and of dq, dk, dv for the backward) and only then
+timed: jitted, warmed up, median of repeated timed batches. A backend that raises, runs out of
+memory or fails the check becomes a row saying so; the sweep goes on.
+
+Defaults on a GPU (the standard sweep): bf16, batch*seq = 16384 tokens, heads*head_dim = 2048,
+seq 512..16k, head dims 64 and 128, causal and not, modes fwd, bwd (fwd+bwd minus fwd) and fwd+bwd,
+and a bf16 8192^3 matmul for the machine's ceiling. On a CPU: a small sweep (seq 128..512, head
+dim 64, 1024 tokens, hidden 128, interpreted kernels) whose numbers are labeled as CPU numbers.
+
+FLOPs: forward 4*B*N*T*S*H, half of it for causal, the visible fraction for a window; backward
+2.5x forward. Results: bench.json, bench.csv and bench.png (with matplotlib) in --out, written
+after every shape, and a table on stdout at the end.
+"""
+
+EPILOG = """\
+backends (each runs only where available; `--list-backends` says which):
+  flashjax          flashjax.dot_product_attention(implementation="triton")
+  flashjax_chunked  flashjax.dot_product_attention(implementation="xla_chunked")
+  jax_cudnn         jax.nn.dot_product_attention(implementation="cudnn")
+  jax_xla           jax.nn.dot_product_attention(implementation="xla"); skipped past --xla-max-gib
+  tokamax_triton    tokamax.dot_product_attention(implementation="triton")
+  tokamax_mosaic    tokamax.dot_product_attention(implementation="mosaic")
+  torch_cudnn       torch SDPA, cuDNN backend (needs torch with CUDA)
+  torch_flash       torch SDPA, FlashAttention-2 backend
+
+examples:
+  python -m flashjax bench                                  # the standard sweep
+  python -m flashjax bench --quick                          # seq 1k, 4k, 16k at D=128
+  python -m flashjax bench --head-dims 256 --seqlens 4k,16k
+  python -m flashjax bench --backends flashjax,jax_cudnn --modes fwd --causal yes
+"""
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """ "512,1k,16k" -> (512, 1024, 16384); "k" multiplies by 1024."""
+    values = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        scale = 1024 if part.endswith("k") else 1
+        try:
+            value = int(part.rstrip("k")) * scale
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {part!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1: {part!r}")
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError("empty list")
+    return tuple(values)
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    """ "fwd,bwd" -> ("fwd", "bwd"); "all" -> every mode; kept in canonical order."""
+    from flashjax.bench.flops import MODES
+
+    wanted = {m.strip() for m in text.split(",") if m.strip()}
+    if "all" in wanted:
+        return MODES
+    unknown = wanted - set(MODES)
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)} or all; got {text!r}")
+    return tuple(m for m in MODES if m in wanted)
+
+
+def parse_backends(text: str) -> tuple[str, ...] | None:
+    """A comma list of backend names, or None for "all"."""
+    from flashjax.bench.backends import BACKEND_NAMES
+
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if not names or "all" in names:
+        return None
+    unknown = [b for b in names if b not in BACKEND_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(BACKEND_NAMES)}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def parse_dtype(text: str) -> str:
+    """A dtype name or alias -> "bfloat16" / "float16" / "float32"."""
+    from flashjax.bench.cases import DTYPES
+
+    if text.lower() not in DTYPES:
+        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(set(DTYPES.values()))}")
+    return DTYPES[text.lower()]
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """ "256" -> (256, 256); "256,0" -> (256, 0)."""
+    values = parse_ints(text)
+    if len(values) == 1:
+        return (values[0], values[0])
+    if len(values) == 2:
+        return (values[0], values[1])
+    raise argparse.ArgumentTypeError("window is LEFT or LEFT,RIGHT")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `bench` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m flashjax bench",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    shapes = p.add_argument_group("shapes")
+    shapes.add_argument(
+        "--seqlens", type=parse_ints, metavar="LIST", help="sequence lengths, e.g. 512,1k,16k"
+    )
+    shapes.add_argument(
+        "--head-dims", type=parse_ints, metavar="LIST", help="head dims (default 64,128; 256 works)"
+    )
+    shapes.add_argument(
+        "--causal", choices=("both", "yes", "no"), default="both", help="default: both"
+    )
+    shapes.add_argument(
+        "--window",
+        type=parse_window,
+        metavar="L[,R]",
+        help="sliding window (left, right) for every shape (default: none)",
+    )
+    shapes.add_argument(
+        "--batch-tokens",
+        type=int,
+        metavar="N",
+        help="batch * seq, held fixed (default 16384 on GPU, 1024 on CPU)",
+    )
+    shapes.add_argument(
+        "--hidden",
+        type=int,
+        metavar="N",
+        help="heads * head_dim, held fixed (default 2048 on GPU, 128 on CPU)",
+    )
+    shapes.add_argument(
+        "--dtype", type=parse_dtype, default="bfloat16", help="bfloat16 (default), float16, float32"
+    )
+    what = p.add_argument_group("what to run")
+    what.add_argument(
+        "--modes",
+        type=parse_modes,
+        default=None,
+        metavar="LIST",
+        help="fwd, bwd, fwd+bwd or all (default: all)",
+    )
+    what.add_argument(
+        "--backends",
+        type=parse_backends,
+        default=None,
+        metavar="LIST",
+        help="comma list (default: all that are available here)",
+    )
+    what.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run: GPU seq 1k,4k,16k at D=128 (3 reps); CPU seq 128,256",
+    )
+    what.add_argument("--reps", type=int, metavar="N", help="timed batches per measurement")
+    what.add_argument(
+        "--max-minutes",
+        type=float,
+        metavar="M",
+        help="start no new shape after M minutes (longest sequences run first); then report",
+    )
+    what.add_argument(
+        "--xla-max-gib",
+        type=float,
+        default=20.0,
+        metavar="GIB",
+        help="skip jax_xla where its float32 (B, N, T, S) scores exceed this (default 20)",
+    )
+    what.add_argument(
+        "--compile-workers",
+        type=int,
+        metavar="N",
+        help="threads compiling Pallas/cuDNN programs of a shape at once before any timing "
+        "(default 4 on GPU, 1 on CPU; 1 = one after the other)",
+    )
+    what.add_argument("--seed", type=int, default=0, help="PRNG seed of the inputs")
+    what.add_argument("--list-backends", action="store_true", help="say what is available; exit")
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="results folder (default benchmarks/results/<date>-<device>[-quick])",
+    )
+    out.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    return p
+
+
+def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
+    """Fill the platform-dependent defaults."""
+    if on_gpu:
+        seqlens = GPU_QUICK_SEQLENS if args.quick else GPU_SEQLENS
+        head_dims = (128,) if args.quick else (64, 128)
+        batch_tokens, hidden = 16384, 2048
+    else:
+        seqlens = CPU_QUICK_SEQLENS if args.quick else CPU_SEQLENS
+        head_dims = CPU_HEAD_DIMS
+        batch_tokens, hidden = 1024, 128
+    from flashjax.bench.flops import MODES
+
+    return {
+        "seqlens": args.seqlens or seqlens,
+        "head_dims": args.head_dims or head_dims,
+        "causal": {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal],
+        "batch_tokens": args.batch_tokens or batch_tokens,
+        "hidden": args.hidden or hidden,
+        "modes": args.modes or MODES,
+        "reps": args.reps or (3 if args.quick or not on_gpu else 5),
+        "compile_workers": args.compile_workers or (4 if on_gpu else 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the sweep; returns the process exit code (0 even if some backends failed)."""
+    args = build_parser().parse_args(argv)
+    # JAX must not grab 75% of the GPU up front: torch backends share the device.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+    import jax
+
+    from flashjax.bench import backends as backends_mod
+    from flashjax.bench import cases as cases_mod
+    from flashjax.bench import machine, report, sweep, timing
+
+    started = time.perf_counter()
+    registry = backends_mod.all_backends(int(args.xla_max_gib * 2**30))
+    on_gpu = jax.devices()[0].platform == "gpu"
+    if args.list_backends:
+        for b in registry:
+            why = b.unavailable()
+            print(f"{b.name:<17} {'available' if why is None else 'unavailable: ' + why}")
+            print(f"{'':<17} {b.description}")
+        return 0
+
+    cfg = _resolve(args, on_gpu)
+    meta = machine.describe()
+    policy = timing.TimingPolicy(
+        reps=cfg["reps"],
+        warmup=2 if on_gpu else 1,
+        target_batch_s=0.025 if on_gpu else 0.005,
+    )
+    print(
+        f"flashjax bench on {meta['device']} ({meta['platform']}), jax {meta['jax_version']}, "
+        f"commit {meta['git_commit']}",
+        flush=True,
+    )
+    if not on_gpu:
+        print("NOTE: " + report.CPU_NOTE + ".", flush=True)
+
+    chosen, unavailable = [], {}
+    for b in registry:
+        if args.backends is not None and b.name not in args.backends:
+            continue
+        why = b.unavailable()
+        if why is None:
+            chosen.append(b)
+        else:
+            unavailable[b.name] = why
+            print(f"skip {b.name}: {why}", flush=True)
+    if not chosen:
+        print("no backend available", file=sys.stderr)
+        return 1
+
+    ceiling = machine.matmul_ceiling(policy)
+    print(f"ceiling: {ceiling['tflops']:.4g} TFLOP/s ({ceiling['what']})", flush=True)
+    cases = cases_mod.sweep_cases(
+        cfg["seqlens"],
+        cfg["head_dims"],
+        cfg["causal"],
+        batch_tokens=cfg["batch_tokens"],
+        hidden=cfg["hidden"],
+        dtype=args.dtype,
+        window=args.window,
+    )
+    meta |= {
+        "dtype": args.dtype,
+        "batch_tokens": cfg["batch_tokens"],
+        "hidden": cfg["hidden"],
+        "seqlens": list(cfg["seqlens"]),
+        "head_dims": list(cfg["head_dims"]),
+        "window": None if args.window is None else list(args.window),
+        "modes": list(cfg["modes"]),
+        "backends": [b.name for b in chosen],
+        "unavailable": unavailable,
+        "reps": cfg["reps"],
+        "timing": "median of timed batches after warm-up; bwd = fwd+bwd - fwd",
+        "flops": "fwd 4*B*N*T*S*H (x0.5 causal, x visible fraction for a window); bwd 2.5x fwd",
+        "ceiling": ceiling,
+        "memory": "temp_bytes: XLA temp allocation of the compiled program (torch: peak minus "
+        "inputs and outputs); peak_bytes: JAX's process-wide peak so far (it cannot be reset), "
+        "torch's peak during the backend's runs",
+        "argv": list(sys.argv[1:] if argv is None else argv),
+    }
+    if not on_gpu:
+        meta["note"] = report.CPU_NOTE
+    out_dir = args.out or Path("benchmarks/results") / (
+        f"{datetime.date.today().isoformat()}-{machine.slug(meta['device'])}"
+        + ("-quick" if args.quick else "")
+    )
+    print(
+        f"{len(cases)} shapes x {len(chosen)} backends ({', '.join(meta['backends'])}), "
+        f"modes {', '.join(cfg['modes'])}; results in {out_dir}",
+        flush=True,
+    )
+
+    def save_partial(rows: list[dict[str, Any]]) -> None:
+        report.write_all(out_dir, meta, report.finalize(rows, meta), with_plot=False)
+
+    rows = sweep.run_sweep(
+        cases,
+        chosen,
+        cfg["modes"],
+        policy,
+        seed=args.seed,
+        compile_workers=cfg["compile_workers"],
+        log=lambda line: print(line, flush=True),
+        on_case_done=save_partial,
+        deadline=None if args.max_minutes is None else started + 60 * args.max_minutes,
+    )
+    end = machine.matmul_ceiling(policy)
+    meta["ceiling_end"] = end
+    if end["tflops"] > ceiling["tflops"]:
+        meta["ceiling"] = ceiling = end | {"measured": "end of run (the higher of start and end)"}
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+    meta["shapes_run"] = len({(r["seq_q"], r["head_dim"], r["causal"]) for r in rows})
+    meta["shapes_planned"] = len(cases)
+    final = report.finalize(rows, meta)
+    paths = report.write_all(out_dir, meta, final, with_plot=not args.no_plot)
+    print()
+    print(report.format_table(final, meta))
+    print()
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['seconds']:.0f} s")
+    return 0

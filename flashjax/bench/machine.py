@@ -1,0 +1,96 @@
+"""What ran the sweep: device, versions, commit, date, and the machine's own matmul ceiling."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import platform as _platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flashjax.bench import timing
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str:
+    """`HEAD`'s short hash, with "-dirty" if the work tree has changes; "unknown" outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def device_name() -> str:
+    """The default device's kind, e.g. "NVIDIA H100 80GB HBM3" (or "cpu")."""
+    return str(jax.devices()[0].device_kind)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe lowercase form: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def describe() -> dict[str, Any]:
+    """Device, software versions, git commit and date of this run."""
+    device = jax.devices()[0]
+    info: dict[str, Any] = {
+        "device": device_name(),
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "compute_capability": getattr(device, "compute_capability", None),
+        "jax_version": jax.__version__,
+        "jaxlib_version": _version("jaxlib"),
+        "python": _platform.python_version(),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    for dist in ("jax-cuda13-plugin", "jax-cuda12-plugin", "tokamax", "torch"):
+        if (v := _version(dist)) is not None:
+            info[dist.replace("-", "_") + "_version"] = v
+    return info
+
+
+def matmul_ceiling(policy: timing.TimingPolicy | None = None) -> dict[str, Any]:
+    """TFLOP/s of one square matmul with `jnp.dot`, timed like the attention calls.
+
+    On a GPU: bf16 8192^3 (the protocol's ceiling). Elsewhere: float32 1024^3, a rough host figure.
+    """
+    on_gpu = jax.devices()[0].platform == "gpu"
+    n, dtype = (8192, jnp.bfloat16) if on_gpu else (1024, jnp.float32)
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(jnp.dot).lower(a, b).compile()
+    t = timing.median_time(lambda: matmul(a, b), timing.measure_jax, policy)
+    return {
+        "tflops": 2.0 * n**3 / t.seconds / 1e12,
+        "ms": t.seconds * 1e3,
+        "what": f"{jnp.dtype(dtype).name} {n}x{n}x{n} jnp.dot",
+    }

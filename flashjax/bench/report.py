@@ -1,0 +1,284 @@
+"""Results: rows completed with run metadata and ratios; JSON, CSV, a PNG and a table.
+
+Every row carries the run's device, versions, commit and date; `ratios` maps each other backend
+measured at the same shape and mode to this backend's speed over it (> 1: this one is faster).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flashjax.bench.backends import BACKEND_NAMES
+from flashjax.bench.flops import MODES
+
+Row = dict[str, Any]
+META_FIELDS = ("device", "platform", "jax_version", "jaxlib_version", "git_commit", "date")
+SHAPE_FIELDS = ("dtype", "batch", "seq_q", "seq_k", "heads", "head_dim", "causal", "window")
+CSV_FIELDS = (
+    *META_FIELDS,
+    *SHAPE_FIELDS,
+    "backend",
+    "mode",
+    "ms",
+    "tflops",
+    "ceiling_tflops",
+    "frac_of_ceiling",
+    "status",
+    "rel_err",
+    "temp_bytes",
+    "peak_bytes",
+    "flops",
+    "error",
+)
+# The anchors the table compares flashjax with, in order of interest.
+ANCHORS = (
+    "jax_cudnn",
+    "tokamax_mosaic",
+    "tokamax_triton",
+    "torch_cudnn",
+    "torch_flash",
+    "jax_xla",
+    "flashjax_chunked",
+)
+CPU_NOTE = "CPU numbers: Pallas kernels interpreted, XLA on the host; they say nothing about GPUs"
+FILE_STEM = "bench"
+
+
+def _shape_key(row: Row) -> tuple:
+    return tuple(str(row[f]) for f in SHAPE_FIELDS) + (row["mode"],)
+
+
+def backend_order(rows: Sequence[Row]) -> list[str]:
+    """Backends present in `rows`, known ones in table order, then any others."""
+    seen = list(dict.fromkeys(r["backend"] for r in rows))
+    return [b for b in BACKEND_NAMES if b in seen] + [b for b in seen if b not in BACKEND_NAMES]
+
+
+def finalize(rows: Sequence[Row], meta: dict[str, Any]) -> list[Row]:
+    """New rows with the run's metadata, the ceiling fraction and the ratios to other backends."""
+    ceiling = (meta.get("ceiling") or {}).get("tflops")
+    speed: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("tflops") and r["status"] in ("ok", "unchecked"):
+            speed.setdefault(_shape_key(r), {})[r["backend"]] = r["tflops"]
+    out = []
+    for r in rows:
+        row = {f: meta.get(f) for f in META_FIELDS} | dict(r)
+        tf = row.get("tflops") if row["status"] in ("ok", "unchecked") else None
+        row["ceiling_tflops"] = ceiling
+        row["frac_of_ceiling"] = tf / ceiling if tf and ceiling else None
+        others = speed.get(_shape_key(row), {})
+        row["ratios"] = {b: tf / t for b, t in others.items() if b != row["backend"] and tf}
+        out.append(row)
+    return out
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: non-finite floats become None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(path: Path, meta: dict[str, Any], rows: Sequence[Row]) -> Path:
+    """`{"meta": ..., "rows": [...]}`."""
+    path.write_text(json.dumps(_clean({"meta": meta, "rows": list(rows)}), indent=1) + "\n")
+    return path
+
+
+def _csv_value(x: Any) -> Any:
+    """Floats to 6 significant digits (non-finite ones empty); the rest unchanged."""
+    if isinstance(x, float):
+        return f"{x:.6g}" if math.isfinite(x) else None
+    return x
+
+
+def write_csv(path: Path, rows: Sequence[Row]) -> Path:
+    """One line per row: `CSV_FIELDS`, then `vs_<backend>` ratio columns."""
+    backends = backend_order(rows)
+    fields = [*CSV_FIELDS, *(f"vs_{b}" for b in backends)]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            flat = {k: _csv_value(v) for k, v in r.items() if k in CSV_FIELDS}
+            if isinstance(flat.get("window"), list):
+                flat["window"] = ":".join(map(str, flat["window"]))
+            for b, ratio in r.get("ratios", {}).items():
+                flat[f"vs_{b}"] = _csv_value(ratio)
+            writer.writerow(flat)
+    return path
+
+
+def _panels(rows: Sequence[Row]) -> tuple[list[str], list[tuple[int, bool]]]:
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    cols = sorted({(r["head_dim"], r["causal"]) for r in rows})
+    return modes, cols
+
+
+def _seq_label(seq: int) -> str:
+    return f"{seq // 1024}k" if seq >= 1024 and seq % 1024 == 0 else str(seq)
+
+
+def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
+    """TFLOP/s vs sequence length per backend; one panel per mode x (head dim, causal).
+
+    Returns None (and writes nothing) when matplotlib is not importable.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    modes, cols = _panels(rows)
+    if not modes or not cols:
+        return None
+    backends = backend_order(rows)
+    colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(backends)}
+    ceiling = (meta.get("ceiling") or {}).get("tflops")
+    fig, axes = plt.subplots(
+        len(modes),
+        len(cols),
+        figsize=(4.2 * len(cols), 3.2 * len(modes) + 0.8),
+        squeeze=False,
+        layout="constrained",
+    )
+    seqs = sorted({r["seq_q"] for r in rows})
+    for i, mode in enumerate(modes):
+        for j, (head_dim, causal) in enumerate(cols):
+            ax = axes[i][j]
+            for b in backends:
+                points = sorted(
+                    (r["seq_q"], r["tflops"])
+                    for r in rows
+                    if r["backend"] == b
+                    and r["mode"] == mode
+                    and r["head_dim"] == head_dim
+                    and r["causal"] == causal
+                    and r["status"] in ("ok", "unchecked")
+                    and r["tflops"]
+                )
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(xs, ys, marker="o", ms=3, color=colors[b], label=b)
+            if ceiling:
+                ax.axhline(ceiling, color="gray", ls="--", lw=0.8, label="matmul ceiling")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(seqs, [_seq_label(s) for s in seqs])
+            ax.minorticks_off()
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            kind = "causal" if causal else "non-causal"
+            ax.set_title(f"{mode}, D={head_dim}, {kind}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("TFLOP/s")
+            if i == len(modes) - 1:
+                ax.set_xlabel("sequence length")
+    handles, labels = {}, {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+            labels[lab] = lab
+    fig.legend(
+        list(handles.values()), list(labels), loc="outside lower center", ncol=min(5, len(labels))
+    )
+    title = (
+        f"{meta.get('device')}, {meta.get('dtype')}, batch*seq={meta.get('batch_tokens')}, "
+        f"heads*dim={meta.get('hidden')} ({meta.get('git_commit')}, {str(meta.get('date'))[:10]})"
+    )
+    if meta.get("platform") == "cpu":
+        title += "\n" + CPU_NOTE
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+_STATUS_CELL = {
+    "oom": "OOM",
+    "error": "err",
+    "check_failed": "WRONG",
+    "skipped": "-",
+}
+
+
+def _fmt_tflops(tf: float) -> str:
+    return f"{tf:.0f}" if tf >= 100 else f"{tf:.3g}"
+
+
+def _cell(row: Row | None) -> str:
+    if row is None:
+        return ""
+    if row["status"] in ("ok", "unchecked") and row["tflops"]:
+        return _fmt_tflops(row["tflops"]) + ("?" if row["status"] == "unchecked" else "")
+    return _STATUS_CELL.get(row["status"], row["status"])
+
+
+def format_table(rows: Sequence[Row], meta: dict[str, Any], subject: str = "flashjax") -> str:
+    """TFLOP/s per (mode, head dim, causal) block: sequence lengths down, backends across, then
+    `subject`'s speed over each anchor present."""
+    backends = backend_order(rows)
+    anchors = [
+        a
+        for a in ANCHORS
+        if a in backends and a != subject and any(r["backend"] == a and r["tflops"] for r in rows)
+    ]
+    if subject not in backends:
+        anchors = []
+    ceiling = meta.get("ceiling") or {}
+    lines = [
+        f"TFLOP/s on {meta.get('device')} ({meta.get('dtype')}); ceiling "
+        f"{ceiling.get('tflops', float('nan')):.4g} TFLOP/s ({ceiling.get('what', '?')}).",
+        "Cells: TFLOP/s; OOM = out of memory, err = raised, WRONG = failed the reference check, "
+        "- = skipped, ? = unchecked.",
+    ]
+    if meta.get("platform") == "cpu":
+        lines.append(CPU_NOTE + ".")
+    index = {(r["backend"], *_shape_key(r)): r for r in rows}
+    modes, cols = _panels(rows)
+    header = ["seq", *backends, *(f"{subject[:8]}/{a}" for a in anchors)]
+    widths = [max(6, len(h)) for h in header]
+    for mode in modes:
+        for head_dim, causal in cols:
+            block = [r for r in rows if r["mode"] == mode and r["head_dim"] == head_dim]
+            block = [r for r in block if r["causal"] == causal]
+            if not block:
+                continue
+            lines.append("")
+            lines.append(f"{mode}  D={head_dim}  {'causal' if causal else 'non-causal'}")
+            lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+            for key in sorted({_shape_key(r) for r in block}, key=lambda k: int(k[2])):
+                seq = int(key[2])
+                cells = [_seq_label(seq)]
+                cells += [_cell(index.get((b, *key))) for b in backends]
+                mine = index.get((subject, *key))
+                for a in anchors:
+                    ratio = (mine or {}).get("ratios", {}).get(a)
+                    cells.append(f"{ratio:.2f}x" if ratio else "")
+                lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def write_all(
+    out_dir: Path, meta: dict[str, Any], rows: Sequence[Row], *, with_plot: bool = True
+) -> dict[str, Path]:
+    """Write `bench.json`, `bench.csv` and (if matplotlib is there) `bench.png` into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": write_json(out_dir / f"{FILE_STEM}.json", meta, rows),
+        "csv": write_csv(out_dir / f"{FILE_STEM}.csv", rows),
+    }
+    if with_plot and (png := plot(out_dir / f"{FILE_STEM}.png", rows, meta)) is not None:
+        paths["png"] = png
+    return paths

@@ -1,0 +1,394 @@
+"""Run every backend on every case: compile, check against the reference, then time.
+
+Each (case, backend) yields one row per requested mode. A backend that is skipped, raises, runs
+out of memory or fails the check becomes a row whose `status` says so ("skipped", "error", "oom",
+"check_failed"; "unchecked" when the reference itself could not run); the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flashjax
+from flashjax.bench import timing
+from flashjax.bench.backends import KINDS, OUTPUT_NAMES, Backend, Inputs, Runner
+from flashjax.bench.cases import Case, make_inputs, reference_slice
+from flashjax.bench.flops import MODES
+
+Row = dict[str, Any]
+Log = Callable[[str], None]
+OK_STATUSES = ("ok", "unchecked")
+DEFAULT_REFERENCE_BUDGET = 2 * 2**30
+
+# Relative L2 error allowed against the float32 reference: (output, gradients), by input dtype.
+# bf16 rounding alone gives ~4e-3 on the output; a wrong kernel gives O(1).
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "bfloat16": (2e-2, 5e-2),
+    "float16": (5e-3, 1e-2),
+    "float32": (5e-3, 1e-2),
+}
+
+
+def kinds_for(modes: Sequence[str]) -> tuple[str, ...]:
+    """The programs the modes need: fwd -> "fwd", fwd+bwd -> "fwd_bwd", bwd -> both."""
+    needed = set()
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; modes are {MODES}")
+        needed |= {"fwd"} if mode == "fwd" else {"fwd_bwd"} if mode == "fwd+bwd" else set(KINDS)
+    return tuple(k for k in KINDS if k in needed)
+
+
+def rel_l2(got: np.ndarray, want: np.ndarray) -> float:
+    """`||got - want|| / ||want||` in float64 (NaN anywhere gives NaN)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-30))
+
+
+def describe_error(e: BaseException) -> tuple[str, str]:
+    """`(status, message)` for an exception: "oom" for out-of-memory, else "error"."""
+    text = str(e).strip()
+    lowered = text.lower()
+    oom = (
+        "resource_exhausted" in lowered
+        or "out of memory" in lowered
+        or "outofmemory" in type(e).__name__.lower()
+    )
+    first = text.splitlines()[0] if text else ""
+    return ("oom" if oom else "error"), f"{type(e).__name__}: {first}"[:400]
+
+
+class Reference:
+    """The float32 reference (`flashjax`'s `implementation="xla"`) on a leading (batch, head) slice.
+
+    Computed once per case, on first use, at the highest matmul precision.
+    """
+
+    def __init__(self, case: Case, inputs: Inputs, budget_bytes: int) -> None:
+        self.case = case
+        self.batch, self.heads = reference_slice(case, budget_bytes)
+        self._inputs = inputs
+        self._result: tuple[np.ndarray, ...] | None = None
+        self._error: str | None = None
+
+    def _compute(self) -> tuple[np.ndarray, ...]:
+        case = self.case
+
+        def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+            return flashjax.dot_product_attention(
+                q, k, v, is_causal=case.causal, local_window_size=case.window, implementation="xla"
+            )
+
+        @jax.jit
+        def fwd_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array) -> tuple:
+            out, pullback = jax.vjp(attention, q, k, v)
+            return (out, *pullback(do))
+
+        q, k, v, do = (x[: self.batch, :, : self.heads].astype(jnp.float32) for x in self._inputs)
+        with jax.default_matmul_precision("highest"):
+            results = fwd_bwd(q, k, v, do)
+        return tuple(np.asarray(jax.device_get(x), np.float32) for x in results)
+
+    def get(self, kind: str) -> tuple[np.ndarray, ...]:
+        """The reference outputs of program `kind` (raises RuntimeError if it cannot run)."""
+        if self._result is None and self._error is None:
+            try:
+                self._result = self._compute()
+            except Exception as e:
+                self._error = describe_error(e)[1]
+        if self._result is None:
+            raise RuntimeError(f"reference failed: {self._error}")
+        return self._result[: len(OUTPUT_NAMES[kind])]
+
+
+@dataclasses.dataclass
+class KindResult:
+    """What one program ("fwd" or "fwd_bwd") of one backend gave on one case."""
+
+    status: str
+    error: str = ""
+    seconds: float | None = None
+    temp_bytes: int | None = None
+    peak_bytes: int | None = None
+    rel_err: float | None = None
+    rel_errs: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def check(
+    got: Sequence[np.ndarray], want: Sequence[np.ndarray], kind: str, dtype: str
+) -> tuple[bool, dict[str, float], str]:
+    """Compare a backend's outputs with the reference's: `(passed, rel errors, message)`."""
+    names = OUTPUT_NAMES[kind]
+    if len(got) != len(want):
+        return False, {}, f"{kind} returned {len(got)} arrays, expected {len(want)}"
+    out_tol, grad_tol = TOLERANCES.get(dtype, TOLERANCES["float32"])
+    errs: dict[str, float] = {}
+    bad = []
+    for name, g, w in zip(names, got, want, strict=True):
+        if g.shape != w.shape:
+            return False, errs, f"{name} has shape {g.shape}, expected {w.shape}"
+        errs[name] = rel_l2(g, w)
+        tol = out_tol if name == "out" else grad_tol
+        if not errs[name] <= tol:  # NaN fails too
+            bad.append(f"{name} rel L2 err {errs[name]:.3g} > {tol:g}")
+    return not bad, errs, "; ".join(bad)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """The outcome of compiling one program: its temp bytes, or the exception it raised."""
+
+    temp_bytes: int | None = None
+    error: BaseException | None = None
+
+
+def prepare(runner: Runner, kind: str) -> Prepared:
+    """Compile program `kind` of `runner`, catching any failure (safe to call from a thread)."""
+    try:
+        return Prepared(runner.prepare(kind))
+    except Exception as e:
+        return Prepared(None, e)
+
+
+def measure_kind(
+    runner: Runner,
+    kind: str,
+    case: Case,
+    reference: Reference,
+    policy: timing.TimingPolicy,
+    prepared: Prepared | None = None,
+) -> KindResult:
+    """Compile (unless `prepared`), check, then time one program; failures become the status."""
+    prepared = prepared or prepare(runner, kind)
+    if prepared.error is not None:
+        return KindResult(*describe_error(prepared.error))
+    temp = prepared.temp_bytes
+    try:
+        got = runner.outputs(kind, reference.batch, reference.heads)
+    except Exception as e:
+        return KindResult(*describe_error(e), temp_bytes=temp)
+    status, message, errs = "ok", "", {}
+    try:
+        want = reference.get(kind)
+    except RuntimeError as e:
+        status, message = "unchecked", str(e)
+    else:
+        passed, errs, why = check(got, want, kind, case.dtype)
+        if not passed:
+            worst = max(errs.values(), default=None)
+            return KindResult("check_failed", why, temp_bytes=temp, rel_err=worst, rel_errs=errs)
+    try:
+        t = runner.time(kind, policy)
+    except Exception as e:
+        status, message = describe_error(e)
+        return KindResult(status, message, temp_bytes=temp, rel_errs=errs)
+    worst = max(errs.values(), default=None)
+    return KindResult(status, message, t.seconds, temp, runner.peak_bytes(), worst, dict(errs))
+
+
+def _row(case: Case, backend: str, mode: str, result: KindResult, seconds: float | None) -> Row:
+    flops = case.flops(mode)
+    ms = None if seconds is None else seconds * 1e3
+    tflops = flops / seconds / 1e12 if seconds is not None and seconds > 0 else None
+    return {
+        "dtype": case.dtype,
+        "batch": case.batch,
+        "seq_q": case.seq,
+        "seq_k": case.seq,
+        "heads": case.heads,
+        "head_dim": case.head_dim,
+        "causal": case.causal,
+        "window": None if case.window is None else list(case.window),
+        "backend": backend,
+        "mode": mode,
+        "ms": ms,
+        "tflops": tflops,
+        "flops": flops,
+        "status": result.status,
+        "rel_err": result.rel_err,
+        "rel_errs": result.rel_errs,
+        "temp_bytes": result.temp_bytes,
+        "peak_bytes": result.peak_bytes,
+        "error": result.error,
+    }
+
+
+def rows_for_modes(
+    case: Case, backend: str, modes: Sequence[str], results: dict[str, KindResult]
+) -> list[Row]:
+    """One row per mode; "bwd" is fwd_bwd's time minus fwd's, with fwd_bwd's memory."""
+    rows = []
+    for mode in modes:
+        if mode == "fwd":
+            rows.append(_row(case, backend, mode, results["fwd"], results["fwd"].seconds))
+        elif mode == "fwd+bwd":
+            fb = results["fwd_bwd"]
+            rows.append(_row(case, backend, mode, fb, fb.seconds))
+        else:
+            fwd, fb = results["fwd"], results["fwd_bwd"]
+            pair = (("fwd_bwd", fb), ("fwd", fwd))
+            failed = [(k, r) for k, r in pair if r.status not in OK_STATUSES]
+            if failed:
+                kind, bad = failed[0]
+                error = bad.error if fwd.error == fb.error else f"{kind}: {bad.error}"
+                result = dataclasses.replace(bad, error=error, temp_bytes=fb.temp_bytes)
+                rows.append(_row(case, backend, mode, result, None))
+                continue
+            seconds = fb.seconds - fwd.seconds
+            result = fb
+            if seconds <= 0:
+                result = dataclasses.replace(fb, error="fwd+bwd not slower than fwd (timing noise)")
+            rows.append(_row(case, backend, mode, result, seconds))
+    return rows
+
+
+def bench_case(
+    case: Case,
+    backends: Sequence[Backend],
+    modes: Sequence[str],
+    policy: timing.TimingPolicy,
+    *,
+    seed: int = 0,
+    reference_budget: int = DEFAULT_REFERENCE_BUDGET,
+    compile_workers: int = 1,
+    log: Callable[[str, list[Row]], None] | None = None,
+) -> list[Row]:
+    """All rows of every backend on one case; a backend's failure never raises.
+
+    Phase 1 compiles, in `compile_workers` threads, the programs of backends whose
+    `parallel_compile` is set (no autotuning on the device during their compilation); phase 2
+    goes through the backends one at a time: compile the rest, run once, check, time. Nothing
+    is timed while anything compiles.
+    """
+    inputs = make_inputs(case, seed)
+    reference = Reference(case, inputs, reference_budget)
+    kinds = kinds_for(modes)
+    runners: dict[str, Runner | KindResult] = {}
+    for backend in backends:
+        why = backend.unsupported(case)
+        if why is not None:
+            runners[backend.name] = KindResult("skipped", why)
+            continue
+        try:
+            runners[backend.name] = backend.runner(case, inputs)
+        except Exception as e:
+            runners[backend.name] = KindResult(*describe_error(e))
+
+    jobs = [
+        (b.name, kind)
+        for b in backends
+        if b.parallel_compile and isinstance(runners[b.name], Runner)
+        for kind in kinds
+    ]
+    prepared: dict[tuple[str, str], Prepared] = {}
+    if compile_workers > 1 and len(jobs) > 1:
+        with concurrent.futures.ThreadPoolExecutor(compile_workers) as pool:
+            futures = {job: pool.submit(prepare, runners[job[0]], job[1]) for job in jobs}
+            prepared = {job: future.result() for job, future in futures.items()}
+
+    rows: list[Row] = []
+    for backend in backends:
+        runner = runners[backend.name]
+        if isinstance(runner, KindResult):
+            results = dict.fromkeys(KINDS, runner)
+        else:
+            try:
+                results = {
+                    kind: measure_kind(
+                        runner,
+                        kind,
+                        case,
+                        reference,
+                        policy,
+                        prepared.pop((backend.name, kind), None),
+                    )
+                    for kind in kinds
+                }
+            finally:
+                try:
+                    runner.close()
+                except Exception:
+                    pass
+        new = rows_for_modes(case, backend.name, modes, results)
+        rows.extend(new)
+        if log is not None:
+            log(backend.name, new)
+    return rows
+
+
+def _fmt_row(row: Row) -> str:
+    if row["status"] in OK_STATUSES and row["ms"] is not None:
+        text = f"{row['mode']} {row['ms']:.3f} ms"
+        if row["tflops"] is not None:
+            text += f" {row['tflops']:.4g} TF/s"
+        return text + ("" if row["status"] == "ok" else " (unchecked)")
+    return f"{row['mode']} {row['status'].upper()}"
+
+
+def progress_line(index: int, total: int, case: Case, backend: str, rows: Sequence[Row]) -> str:
+    """One stdout line per (case, backend)."""
+    parts = [_fmt_row(r) for r in rows]
+    errs = [r["rel_err"] for r in rows if r["rel_err"] is not None]
+    temps = [r["temp_bytes"] for r in rows if r["temp_bytes"] is not None]
+    tail = []
+    if errs:
+        tail.append(f"err {max(errs):.1e}")
+    if temps:
+        tail.append(f"temp {max(temps) / 2**20:.1f} MiB")
+    errors = sorted({r["error"] for r in rows if r["error"]})
+    line = f"[{index}/{total}] {case.label:<28} {backend:<16} " + " | ".join(parts + tail)
+    if errors:
+        line += "  -- " + " / ".join(errors)[:300]
+    return line
+
+
+def run_sweep(
+    cases: Sequence[Case],
+    backends: Sequence[Backend],
+    modes: Sequence[str] = MODES,
+    policy: timing.TimingPolicy | None = None,
+    *,
+    seed: int = 0,
+    reference_budget: int = DEFAULT_REFERENCE_BUDGET,
+    compile_workers: int = 1,
+    log: Log = print,
+    on_case_done: Callable[[list[Row]], None] | None = None,
+    deadline: float | None = None,
+) -> list[Row]:
+    """Benchmark `backends` (assumed available) on `cases`; returns every row.
+
+    Logs one progress line per (case, backend); `on_case_done(rows_so_far)` runs after each case
+    (the CLI writes partial results there). No case starts after `deadline` (a
+    `time.perf_counter()` value).
+    """
+    policy = policy or timing.TimingPolicy()
+    rows: list[Row] = []
+    for i, case in enumerate(cases, 1):
+        if deadline is not None and time.perf_counter() > deadline:
+            log(f"time budget spent: {len(cases) - i + 1} of {len(cases)} shapes not run")
+            break
+
+        def log_backend(name: str, new: list[Row], i: int = i, case: Case = case) -> None:
+            log(progress_line(i, len(cases), case, name, new))
+
+        rows += bench_case(
+            case,
+            backends,
+            modes,
+            policy,
+            seed=seed,
+            reference_budget=reference_budget,
+            compile_workers=compile_workers,
+            log=log_backend,
+        )
+        if on_case_done is not None:
+            on_case_done(rows)
+    return rows

@@ -1,0 +1,59 @@
+"""`flashjax.nnx.MultiHeadAttention`: `flax.nnx.MultiHeadAttention` with flashjax attention.
+
+    from flashjax import nnx as fnnx
+    layer = fnnx.MultiHeadAttention(num_heads=8, in_features=512, rngs=nnx.Rngs(0))
+    y = layer(x, is_causal=True)  # causal without a (T, T) mask
+
+Same constructor, same `__call__`, same parameter tree as Flax's class: a checkpoint of one loads
+into the other unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from flashjax.attention import Implementation
+from flashjax.flax_attention import flax_attention_fn
+
+
+@functools.cache
+def attention_fn_for(implementation: Implementation | None) -> Callable[..., jax.Array]:
+    """`flax_attention_fn` with `implementation` bound; one object per value, so modules built
+    with the same implementation have equal graph definitions (no retracing under `nnx.jit`)."""
+    if implementation is None:
+        return flax_attention_fn
+    return functools.partial(flax_attention_fn, implementation=implementation)
+
+
+class MultiHeadAttention(nnx.MultiHeadAttention):
+    """`flax.nnx.MultiHeadAttention` whose default `attention_fn` is `flashjax.flax_attention_fn`.
+
+    Takes exactly the arguments of `flax.nnx.MultiHeadAttention` (`num_heads`, `in_features`,
+    `qkv_features`, `num_kv_heads` for GQA, `dropout_rate`, `rngs`, ...), plus:
+
+    Args:
+      implementation: which flashjax implementation computes attention (None: the fastest
+        available; "triton", "xla_chunked", "xla"). Used only when `attention_fn` is not given.
+
+    Inputs are `[batch..., length, features]`; `__call__(..., is_causal=True)` reaches flashjax as
+    `is_causal` (no mask is built), `mask=` is `[batch..., num_heads | 1, T, S]` as in Flax.
+    `sow_weights=True` sows nothing (flashjax never materializes the weights).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        attention_fn: Callable[..., jax.Array] | None = None,
+        implementation: Implementation | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if attention_fn is None:
+            attention_fn = attention_fn_for(implementation)
+        elif implementation is not None:
+            raise ValueError("pass either attention_fn or implementation, not both")
+        super().__init__(*args, attention_fn=attention_fn, **kwargs)
