@@ -16,12 +16,36 @@ from pallas_kernels import common
 from pallas_kernels.configs import KernelConfig as K
 from pallas_kernels.triton import backward, forward
 
-FWD = [K(128, 64, 4, 3), K(128, 64, 8, 3), K(128, 128, 8, 3), K(128, 128, 4, 3), K(64, 64, 4, 2),
-       K(128, 32, 4, 3), K(64, 128, 4, 3), K(128, 64, 4, 4)]
-DKDV = [K(32, 64, 4, 2), K(64, 64, 4, 2), K(64, 128, 8, 2), K(32, 128, 4, 2), K(64, 128, 4, 2),
-        K(32, 64, 4, 3), K(64, 64, 4, 3), K(32, 128, 8, 2)]
-DQ = [K(64, 32, 4, 2), K(64, 64, 4, 2), K(128, 64, 8, 2), K(128, 32, 4, 2), K(128, 64, 4, 2),
-      K(64, 32, 4, 3), K(64, 64, 4, 3), K(128, 32, 8, 2)]
+FWD = [
+    K(128, 64, 4, 3),
+    K(128, 64, 8, 3),
+    K(128, 128, 8, 3),
+    K(128, 128, 4, 3),
+    K(64, 64, 4, 2),
+    K(128, 32, 4, 3),
+    K(64, 128, 4, 3),
+    K(128, 64, 4, 4),
+]
+DKDV = [
+    K(32, 64, 4, 2),
+    K(64, 64, 4, 2),
+    K(64, 128, 8, 2),
+    K(32, 128, 4, 2),
+    K(64, 128, 4, 2),
+    K(32, 64, 4, 3),
+    K(64, 64, 4, 3),
+    K(32, 128, 8, 2),
+]
+DQ = [
+    K(64, 32, 4, 2),
+    K(64, 64, 4, 2),
+    K(128, 64, 8, 2),
+    K(128, 32, 4, 2),
+    K(128, 64, 4, 2),
+    K(64, 32, 4, 3),
+    K(64, 64, 4, 3),
+    K(128, 32, 8, 2),
+]
 
 
 def timeit(f, *args, reps=8):
@@ -45,37 +69,69 @@ def main(out_path: str) -> None:
                 scale=H**-0.5, window=(None, 0 if causal else None), kv_len=T
             )
             flops = 4 * B * N * T * T * H / (2 if causal else 1)
-            _, lse2 = forward.forward(q, k, v, None, None, None, None, statics=statics,
-                                      config=FWD[0], interpret=False)
+            _, lse2 = forward.forward(
+                q, k, v, None, None, None, None, statics=statics, config=FWD[0], interpret=False
+            )
             delta = jnp.zeros_like(lse2) + 0.1
             ops = (q, k, v, do, lse2, delta, None, None, None, None)
             for kind, cands in (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ)):
                 for c in cands:
                     if kind == "fwd":
-                        f = jax.jit(lambda q, k, v, c=c: forward.forward(
-                            q, k, v, None, None, None, None, statics=statics, config=c,
-                            interpret=False))
+                        f = jax.jit(
+                            lambda q, k, v, c=c, statics=statics: forward.forward(
+                                q,
+                                k,
+                                v,
+                                None,
+                                None,
+                                None,
+                                None,
+                                statics=statics,
+                                config=c,
+                                interpret=False,
+                            )
+                        )
                         args = (q, k, v)
                     else:
                         fn = backward.dkdv if kind == "dkdv" else backward.dq
-                        f = jax.jit(lambda *a, c=c, fn=fn: fn(*a, statics=statics, config=c,
-                                                              interpret=False))
+                        f = jax.jit(
+                            lambda *a, c=c, fn=fn, statics=statics: fn(
+                                *a, statics=statics, config=c, interpret=False
+                            )
+                        )
                         args = ops
                     try:
                         t = timeit(f, *args)
                         status = "ok"
                     except Exception as e:  # noqa: BLE001
                         t, status = float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
-                    row = dict(H=H, T=T, causal=causal, kernel=kind, cfg=list(c.__dict__.values()),
-                               ms=t * 1e3, status=status,
-                               tflops=flops / t / 1e12 if status == "ok" else None)
+                    row = dict(
+                        H=H,
+                        T=T,
+                        causal=causal,
+                        kernel=kind,
+                        cfg=list(c.__dict__.values()),
+                        ms=t * 1e3,
+                        status=status,
+                        tflops=flops / t / 1e12 if status == "ok" else None,
+                    )
                     rows.append(row)
             for kind in ("fwd", "dkdv", "dq"):
-                rs = [r for r in rows if r["H"] == H and r["T"] == T and r["causal"] == causal
-                      and r["kernel"] == kind and r["status"] == "ok"]
+                rs = [
+                    r
+                    for r in rows
+                    if r["H"] == H
+                    and r["T"] == T
+                    and r["causal"] == causal
+                    and r["kernel"] == kind
+                    and r["status"] == "ok"
+                ]
                 rs.sort(key=lambda r: r["ms"])
-                print(f"H={H} T={T} causal={causal} {kind}: " + "  ".join(
-                    f"{r['cfg']} {r['ms']:.3f}ms" for r in rs[:4]), flush=True)
+                print(
+                    f"H={H} T={T} causal={causal} {kind}: "
+                    + "  ".join(f"{r['cfg']} {r['ms']:.3f}ms" for r in rs[:4]),
+                    flush=True,
+                )
     json.dump(rows, open(out_path, "w"), indent=1)
 
 

@@ -33,6 +33,13 @@ def _blocks(x: jax.Array, block: int, axis: int) -> jax.Array:
     return jnp.moveaxis(x, axis, 0)
 
 
+def _varying_like(tree, ref: jax.Array):
+    """Mark fresh scan carries as varying over the manual mesh axes `ref` varies over, so the
+    scans type-check inside `jax.shard_map` (check_vma=True)."""
+    axes = tuple(jax.typeof(ref).manual_axis_type.varying)
+    return lax.pcast(tree, axes, to="varying") if axes else tree
+
+
 class _Blocks:
     """Everything one scan step needs about key block `j`, shared by forward and backward."""
 
@@ -113,10 +120,13 @@ def _forward(q, k, v, bias, q_segments, kv_segments, seeds, statics, block_k):
         )
         return (acc * alpha[..., None] + pv, m, l), None
 
-    init = (
-        jnp.zeros(shape + (q.shape[-1],), jnp.float32),
-        jnp.full(shape, -jnp.inf, jnp.float32),
-        jnp.zeros(shape, jnp.float32),
+    init = _varying_like(
+        (
+            jnp.zeros(shape + (q.shape[-1],), jnp.float32),
+            jnp.full(shape, -jnp.inf, jnp.float32),
+            jnp.zeros(shape, jnp.float32),
+        ),
+        q,
     )
     (acc, m, l), _ = lax.scan(step, init, (jnp.arange(blk.n_blocks), blk.xs))
     out, lse2 = common.finalize(acc, m, l)
@@ -185,7 +195,7 @@ def _backward(
             )
         return dq, ys
 
-    dq0 = jnp.zeros(blk.qg.shape, jnp.float32)
+    dq0 = _varying_like(jnp.zeros(blk.qg.shape, jnp.float32), q)
     dq, ys = lax.scan(step, dq0, (jnp.arange(blk.n_blocks), blk.xs))
 
     def unblock(y, axis, size):  # (n_blocks, ..., block_k at `axis`, ...) -> (..., size, ...)

@@ -50,7 +50,7 @@ def fold_lengths(
     seq_q: int,
     seq_k: int,
 ) -> tuple[jax.Array | None, jax.Array | None]:
-    """Segment ids `(B, T)`, `(B, S)` int32 that also encode the sequence lengths, or (None, None)."""
+    """Segment ids `(B, T)`, `(B, S)` int32 that also encode the lengths, or (None, None)."""
     if q_segments is None and kv_segments is None and q_lengths is None and kv_lengths is None:
         return None, None
     qs = jnp.zeros((batch, seq_q), jnp.int32) if q_segments is None else q_segments
@@ -70,7 +70,8 @@ def to_4d(x: jax.Array) -> jax.Array:
 
 
 def combine_bias(bias: jax.Array | None, mask: jax.Array | None) -> jax.Array | None:
-    """One float32 (or float64) additive bias, rank 4 in its broadcast shape, with -inf where `mask` hides."""
+    """One float32 (float64 under x64) additive bias, rank 4 in its broadcast shape, with -inf
+    where `mask` hides."""
     if bias is not None:
         bias = to_4d(bias).astype(jnp.promote_types(bias.dtype, jnp.float32))
     if mask is None:

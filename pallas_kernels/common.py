@@ -6,7 +6,8 @@ the project keeps ONE visibility rule, ONE dropout hash and ONE online-softmax u
 
 Conventions:
 - Kernels work in base 2: logits are multiplied by `LOG2E` once and exponentiated with `exp2`; the
-  logsumexp they store is base 2 (`lse2`); `flashjax` converts it to natural log at the API boundary.
+  logsumexp they store is base 2 (`lse2`); `flashjax` converts it to natural log at the API
+  boundary.
 - A window is `(left, right)` with `None` meaning unbounded: query i sees key j iff
   `i - left <= j <= i + right`. Causal is `right = 0` (top-left aligned, like `jax.nn`).
 - Segment ids: query i and key j interact only if their ids are equal. Sequence lengths are folded
@@ -71,7 +72,7 @@ def element_visible(
     row_segments: jax.Array | None = None,
     col_segments: jax.Array | None = None,
 ) -> jax.Array | None:
-    """Which (row, col) pairs of a tile are visible: bool `(len(rows), len(cols))`, or None if all are.
+    """Which (row, col) pairs of a tile are visible: bool `(rows, cols)`, or None if all are.
 
     Rows are query positions and cols key positions. `n_cols` is the number of real columns
     (columns at or past it are padding). Segment ids may carry leading batch axes
@@ -150,7 +151,7 @@ _GOLDEN = 0x9E3779B9
 
 
 def _mix32(x: jax.Array) -> jax.Array:
-    """A 32-bit integer finalizer (Wellons' lowbias32): every output bit depends on every input bit."""
+    """A 32-bit integer finalizer (Wellons' lowbias32): each output bit depends on every input."""
     x = x ^ lax.shift_right_logical(x, jnp.uint32(16))
     x = x * jnp.uint32(0x7FEB352D)
     x = x ^ lax.shift_right_logical(x, jnp.uint32(15))
@@ -208,7 +209,8 @@ def scores(
 
 
 def safe_max(m: jax.Array) -> jax.Array:
-    """The running max to subtract: -inf (nothing visible yet) becomes 0 so exp2(-inf - 0) = 0, not NaN."""
+    """The running max to subtract: -inf (nothing visible yet) becomes 0, so exp2(-inf - 0) = 0,
+    not NaN."""
     return jnp.where(m == -jnp.inf, 0.0, m)
 
 
@@ -253,7 +255,7 @@ def logits_grad(
 ) -> tuple[jax.Array, jax.Array]:
     """Gradients of a tile w.r.t. the logits: `(ds_bias, ds_qk)`.
 
-    `ds_bias = p * (dp - delta)` is the gradient w.r.t. the logits after soft-cap (what the bias gets);
+    `ds_bias = p * (dp - delta)` is the gradient w.r.t. the logits after soft-cap (the bias's);
     `ds_qk` is w.r.t. the scaled `q . k` (through the soft-cap's `1 - tanh**2`). Multiply `ds_qk` by
     `scale` for dq / dk.
     """
@@ -302,7 +304,8 @@ def dense_dropout_scale(
     rows: jax.Array,
     cols: jax.Array,
 ) -> jax.Array:
-    """`dropout_scale` for every (batch, head) at once: `(B, N, rows, cols)`, or `(1, 1, rows, cols)`
+    """`dropout_scale` for every (batch, head) at once: `(B, N, rows, cols)`, or
+    `(1, 1, rows, cols)`
     with `dropout_broadcast`. The XLA paths use it; the kernels make the same bits per tile."""
 
     def plane(bh):

@@ -46,7 +46,7 @@ _TABLE: dict[tuple[str, int], AttentionConfig] = {
     ("sm90", 64): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm90", 128): AttentionConfig(K(128, 128, 8, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm90", 256): AttentionConfig(K(64, 64, 8, 2), K(32, 64, 8, 1), K(64, 32, 8, 1)),
-    # Ampere-class (not measured: no such GPU here): smaller shared memory (164 KiB), so smaller tiles.
+    # Ampere-class (not measured: no such GPU here): 164 KiB of shared memory, so smaller tiles.
     ("sm80", 16): AttentionConfig(K(128, 64, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm80", 32): AttentionConfig(K(128, 64, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm80", 64): AttentionConfig(K(128, 64, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
@@ -73,6 +73,7 @@ def stages_that_fit(c: KernelConfig, head_dim: int, itemsize: int, full_bias: bo
     if full_bias:
         per_stage += c.block_q * c.block_k * 4
     return max(1, min(c.num_stages, SHARED_MEMORY_BUDGET // per_stage))
+
 
 MIN_BLOCK = 16  # Triton's dot needs every tile dimension >= 16.
 

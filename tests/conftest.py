@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    """`-m gpu` tests need a GPU: without one they are reported as skipped, never silently passed."""
+    """`-m gpu` tests need a GPU: without one they are reported as skipped, never passed."""
     if jax.devices()[0].platform == "gpu":
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU")

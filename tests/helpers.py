@@ -62,11 +62,17 @@ def make_inputs(case: Case, salt: str = ""):
         elif f == "mask":
             kw["mask"] = jnp.asarray(rng.random((case.B, 1, case.T, case.S)) > 0.3)
         elif f == "segments":
-            kw["q_segment_ids"] = jnp.asarray(np.sort(rng.integers(0, 3, (case.B, case.T))), jnp.int32)
-            kw["kv_segment_ids"] = jnp.asarray(np.sort(rng.integers(0, 3, (case.B, case.S))), jnp.int32)
+            kw["q_segment_ids"] = jnp.asarray(
+                np.sort(rng.integers(0, 3, (case.B, case.T))), jnp.int32
+            )
+            kw["kv_segment_ids"] = jnp.asarray(
+                np.sort(rng.integers(0, 3, (case.B, case.S))), jnp.int32
+            )
         elif f == "lengths":
             kw["query_seq_lengths"] = jnp.asarray(rng.integers(1, case.T + 1, case.B), jnp.int32)
-            kw["key_value_seq_lengths"] = jnp.asarray(rng.integers(1, case.S + 1, case.B), jnp.int32)
+            kw["key_value_seq_lengths"] = jnp.asarray(
+                rng.integers(1, case.S + 1, case.B), jnp.int32
+            )
         elif f == "dropout":
             kw["dropout_rate"] = 0.2
             kw["dropout_rng"] = jax.random.PRNGKey(seed_of(case.id))

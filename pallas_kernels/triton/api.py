@@ -110,7 +110,8 @@ def forward(
 
     Args:
       q: `(B, T, N, H)`; k, v: `(B, S, K, H)` with N a multiple of K; one float dtype.
-      q_segments / kv_segments: int32 `(B, T)` / `(B, S)` or None (then `statics.has_segments` is False).
+      q_segments / kv_segments: int32 `(B, T)` / `(B, S)`, or None (then `statics.has_segments`
+        is False).
       bias: float32 `(Bb, Nb, Tb, Sb)`, each axis 1 or full; -inf hides an element.
       seeds: uint32 `(2,)` when `statics.dropout_rate > 0`, else None.
       statics: the static description of the call; `kv_len` is filled in here.
@@ -119,7 +120,15 @@ def forward(
       `out (B, T, N, H)` in q's dtype and base-2 logsumexp `lse2 (B, N, T)` float32.
     """
     batch, seq_q, num_heads, head_dim = q.shape
-    p = plan(seq_q, k.shape[1], head_dim, target, bias_shape=_shape(bias), itemsize=q.dtype.itemsize, config=config)
+    p = plan(
+        seq_q,
+        k.shape[1],
+        head_dim,
+        target,
+        bias_shape=_shape(bias),
+        itemsize=q.dtype.itemsize,
+        config=config,
+    )
     statics = dataclasses.replace(statics, kv_len=k.shape[1])
     operands = _pad_operands(p, q, k, v, q_segments, kv_segments, bias)
     out, lse2 = _forward.forward(
@@ -150,7 +159,15 @@ def backward(
     it enters as `delta -= dlse` (in natural-log units).
     """
     batch, seq_q, num_heads, head_dim = q.shape
-    p = plan(seq_q, k.shape[1], head_dim, target, bias_shape=_shape(bias), itemsize=q.dtype.itemsize, config=config)
+    p = plan(
+        seq_q,
+        k.shape[1],
+        head_dim,
+        target,
+        bias_shape=_shape(bias),
+        itemsize=q.dtype.itemsize,
+        config=config,
+    )
     statics = dataclasses.replace(statics, kv_len=k.shape[1])
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
     if dlse2 is not None:

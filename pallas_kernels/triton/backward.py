@@ -272,7 +272,7 @@ def dkdv(
         grid=(seq_k // bk, batch, num_kv_heads),
         in_specs=[q_group, kv_tile, kv_tile, q_group, row_stats, row_stats, *specs],
         out_specs=[kv_tile, kv_tile],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[tiles.out_shape(q, k.shape, k.dtype), tiles.out_shape(q, v.shape, v.dtype)],
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
@@ -320,7 +320,7 @@ def dq(
         grid=(seq_q // bq, batch, num_heads),
         in_specs=[q_tile, kv_full, kv_full, q_tile, row_tile, row_tile, *specs],
         out_specs=q_tile,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=tiles.out_shape(q, q.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),

@@ -123,8 +123,8 @@ def forward(
         pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct((batch, num_heads, seq_q), jnp.float32),
+        tiles.out_shape(q, q.shape, q.dtype),
+        tiles.out_shape(q, (batch, num_heads, seq_q), jnp.float32),
     ]
     kernel = functools.partial(_forward_kernel, statics=statics, block_k=bk, num_heads=num_heads)
     return pl.pallas_call(

@@ -3,7 +3,7 @@
 All three kernels (forward, dK/dV, dQ) see the same padded layout, prepared by `api.py`:
   q, out, dout    (B, Tp, N, Hp)          k, v  (B, Sp, K, Hp)
   lse2, delta     (B, N, Tp) float32       q_segments (B, Tp), kv_segments (B, Sp) int32
-  bias            (Bb, Nb, Tb, Sb) float32 with Bb in {1, B}, Nb in {1, N}, Tb in {1, Tp}, Sb in {1, Sp}
+  bias            (Bb, Nb, Tb, Sb) float32, Bb in {1, B}, Nb in {1, N}, Tb in {1, Tp}, Sb in {1, Sp}
   seeds           (2,) uint32
 Tp, Sp are multiples of the block sizes and Hp is a power of two (zero padding).
 A broadcast bias is read with broadcasting: a (1, 1, T, S) bias is never expanded.
@@ -49,6 +49,12 @@ def load_bias(
     rows = pl.ds(q0, bq) if tb > 1 else pl.ds(0, 1)
     cols = pl.ds(k0, bk) if sb > 1 else pl.ds(0, 1)
     return bias_ref[head if hb > 1 else 0, rows, cols]
+
+
+def out_shape(like: jax.Array, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+    """An output of `shape` that varies over the same manual mesh axes as `like` (so the kernels
+    work inside `jax.shard_map` with its default `check_vma=True`)."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
 def seed_words(seeds_ref) -> tuple[jax.Array, jax.Array]:

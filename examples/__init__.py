@@ -1,0 +1,1 @@
+"""Runnable examples of flashjax (`python -m examples.gpt2.train`)."""

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# flashjax's two commands, set-up included:
+#   bash run.sh test  [pytest args]   # CPU tier by default; `bash run.sh test -m gpu` on a GPU
+#   bash run.sh bench [bench args]    # python -m flashjax bench
+# Uses the current python3 when it already has jax 0.11.2 + flax + optax + chex (the GPU image);
+# otherwise makes .venv (Python 3.12) with the pinned versions of requirements.txt.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+have_deps() {
+  "$1" - <<'PY' 2>/dev/null
+import jax, flax, optax, chex, pytest
+assert jax.__version__ == "0.11.2", jax.__version__
+PY
+}
+
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON
+elif have_deps python3; then
+  PY=python3
+else
+  if [ ! -x .venv/bin/python ]; then
+    PYENV_VERSION=3.12.1 python3.12 -m venv .venv
+  fi
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  PY=.venv/bin/python
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+  test)
+    if "$PY" -m ruff --version >/dev/null 2>&1; then
+      "$PY" -m ruff check . && "$PY" -m ruff format --check .
+    fi
+    "$PY" -m pytest -q "$@"
+    ;;
+  bench)
+    "$PY" -m flashjax bench "$@"
+    ;;
+  *)
+    echo "usage: bash run.sh test|bench [args]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,95 @@
+"""GPU tier (`pytest -m gpu`): the compiled kernels at larger shapes, against the float64 reference.
+
+Skipped (and reported as skipped) without an NVIDIA GPU. Run on the H100/H200 by
+`pytest -m gpu tests/test_gpu.py`; results are recorded under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import Case, assert_close, make_inputs, run, run_reference64
+from jax.sharding import Mesh, PartitionSpec
+
+from flashjax import dot_product_attention
+
+pytestmark = pytest.mark.gpu
+
+CASES = [
+    Case(B=2, T=1024, S=1024, N=8, K=8, H=64),
+    Case(B=2, T=1024, S=1024, N=8, K=8, H=128, features=("causal",)),
+    Case(B=1, T=777, S=1903, N=8, K=2, H=72),
+    Case(B=1, T=1903, S=777, N=8, K=2, H=40, features=("causal",)),
+    Case(B=1, T=2048, S=2048, N=8, K=1, H=128, features=("causal", "window")),
+    Case(B=1, T=1024, S=1024, N=4, K=4, H=256, features=("causal",)),
+    Case(B=1, T=1000, S=1200, N=4, K=2, H=96, features=("window",)),
+    Case(B=2, T=900, S=1100, N=4, K=4, H=64, features=("softcap", "bias")),
+    Case(B=2, T=1024, S=1024, N=4, K=2, H=128, features=("rowbias", "causal")),
+    Case(B=2, T=1024, S=1024, N=4, K=2, H=64, features=("segments", "causal")),
+    Case(B=2, T=1000, S=1300, N=4, K=1, H=128, features=("lengths", "mask")),
+    Case(B=2, T=1024, S=1024, N=4, K=4, H=64, features=("dropout", "causal")),
+    Case(B=1, T=1024, S=1024, N=4, K=4, H=128, dtype="float16", features=("causal",)),
+    Case(B=1, T=512, S=700, N=4, K=2, H=64, dtype="float32", features=("softcap", "window")),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_kernels_match_float64_reference(case: Case) -> None:
+    q, k, v, dout, kw = make_inputs(case)
+    got = run("triton", q, k, v, dout, kw)
+    naive = run("xla", q, k, v, dout, kw)
+    ref64 = run_reference64(q, k, v, dout, kw)
+    assert_close(got, naive, ref64, label=case.id)
+
+
+def test_dropout_keeps_one_minus_rate() -> None:
+    """Kept fraction of the kernels' dropout within 0.01 of 1 - rate (about 500k draws).
+
+    Uniform attention (q = 0) over one-hot values makes the output the dropout mask itself:
+    out[i, j] = keep[i, j] / ((1 - rate) * S).
+    """
+    T, S, rate = 2048, 256, 0.3
+    q = jnp.zeros((1, T, 1, S), jnp.float32)
+    k = jnp.asarray(np.random.default_rng(0).standard_normal((1, S, 1, S)), jnp.float32)
+    v = jnp.eye(S, dtype=jnp.float32)[None, :, None, :]
+    out = dot_product_attention(
+        q, k, v, dropout_rate=rate, dropout_rng=jax.random.key(5), implementation="triton"
+    )
+    scaled = np.asarray(out[0, :, 0, :]) * (1 - rate) * S
+    assert np.allclose(scaled[scaled > 0.5], 1.0, atol=1e-4)
+    kept = float(np.mean(scaled > 0.5))
+    assert abs(kept - (1 - rate)) < 0.01, kept
+
+
+def test_transformations_on_gpu() -> None:
+    """jit + vmap + grad + checkpoint, and shard_map with its default check_vma=True."""
+    case = Case(B=2, T=256, S=256, N=4, K=2, H=64, dtype="float32")
+    q, k, v, _, _ = make_inputs(case)
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.sin(dot_product_attention(q, k, v, is_causal=True)))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    want = grad(q, k, v)
+    batched = jax.jit(jax.vmap(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2))))
+    got = batched(q[None], k[None], v[None])
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-5)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    spec = PartitionSpec("data")
+    attend = functools.partial(dot_product_attention, is_causal=True)
+    sharded = jax.jit(jax.shard_map(attend, mesh=mesh, in_specs=spec, out_specs=spec))
+    np.testing.assert_allclose(sharded(q, k, v), attend(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_default_is_the_kernel_on_gpu() -> None:
+    from flashjax import attention
+
+    case = Case(B=1, T=64, S=64, N=2, K=2, H=64)
+    q, k, v, _, _ = make_inputs(case)
+    ops = attention.Operands(q, k, v, None, None, None, None, None)
+    assert attention._choose(None, ops) == "triton"
