@@ -2,10 +2,10 @@
 
 Tests, benchmarks and docs use this one function. It computes in the dtype of its inputs (under
 `jax.enable_x64(True)` with float64 inputs it is the float64 ground truth; with bf16 inputs it is
-the "naive computation in the kernel's dtype" of the tolerance rule: scores rounded to the input dtype,
-softmax in float32, weights rounded back). It takes the normalized operands every implementation
-takes (see `flashjax.attention`), uses the same element rule and dropout hash as the kernels, and is
-differentiable by plain autodiff.
+the "naive computation in the kernel's dtype" of the tolerance rule: scores rounded to the input
+dtype, softmax in float32, weights rounded back). It takes the normalized operands every
+implementation takes (see `flashjax.attention`), uses the same element rule and dropout hash as the
+kernels, and is differentiable by plain autodiff.
 """
 
 from __future__ import annotations
