@@ -20,6 +20,7 @@ IMPLS = ("triton", "xla_chunked")
 CASES = [
     Case(),
     Case(B=1, T=1, S=17, N=2, K=2, H=64),
+    Case(B=1, T=1, S=1, N=3, K=1, H=8),
     Case(B=1, T=17, S=1, N=2, K=1, H=64, features=("causal",)),
     Case(B=1, T=113, S=113, N=4, K=1, H=72, features=("causal",)),
     Case(B=2, T=203, S=113, N=4, K=4, H=64, features=("causal",)),
