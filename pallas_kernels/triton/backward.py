@@ -65,15 +65,6 @@ def _tile_grads(
     return p_dropped, ds
 
 
-def _loop_visible(body, carry, lo, full_lo, full_hi, hi, has_segments: bool):
-    """Run `body(i, carry, masked=...)` over [lo, hi): element masks only on boundary blocks."""
-    if has_segments:
-        return lax.fori_loop(lo, hi, functools.partial(body, masked=True), carry)
-    carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
-    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
-    return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
-
-
 def _dkdv_kernel(
     q_ref,
     k_ref,
@@ -100,16 +91,12 @@ def _dkdv_kernel(
     k = k_ref[...]
     v = v_ref[...]
     kv_segments = None if kseg_ref is None else kseg_ref[pl.ds(k0, block_k)]
-    lo, full_lo, full_hi, hi = common.block_range(
+    blocks = common.block_range(
         k0, block_k, block_q, seq_q, seq_q, statics.transposed(), n_rows=statics.kv_len
     )
 
     def head_body(g, carry):
-        h = kh * group + g
-        stream = None
-        if statics.has_dropout:
-            bh = 0 if statics.dropout_broadcast else b * num_heads + h
-            stream = common.dropout_stream(*tiles.seed_words(seeds_ref), bh)
+        stream = tiles.head_stream(statics, seeds_ref, b, kh * group + g, num_heads)
 
         def body(qb, carry, *, masked: bool):
             dk, dv = carry
@@ -139,7 +126,7 @@ def _dkdv_kernel(
             dk = dk + tiles.dot(ds.astype(q.dtype), q, trans_a=True)
             return dk, dv
 
-        return _loop_visible(body, carry, lo, full_lo, full_hi, hi, statics.has_segments)
+        return tiles.visit_blocks(body, carry, blocks, statics.has_segments)
 
     zeros = jnp.zeros((block_k, head_dim), jnp.float32)
     dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
@@ -166,18 +153,12 @@ def _dq_kernel(
 ):
     block_q, head_dim = q_ref.shape
     seq_k = k_ref.shape[0]
-    qb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    q0 = qb * block_q
-    rows = q0 + jnp.arange(block_q, dtype=jnp.int32)
+    q0, rows, q_segments = tiles.query_block(block_q, qseg_ref)
     q = q_ref[...]
     do = do_ref[...]
     lse2 = lse_ref[...]
     delta = delta_ref[...]
-    q_segments = None if qseg_ref is None else qseg_ref[pl.ds(q0, block_q)]
-    stream = None
-    if statics.has_dropout:
-        bh = 0 if statics.dropout_broadcast else b * num_heads + h
-        stream = common.dropout_stream(*tiles.seed_words(seeds_ref), bh)
+    stream = tiles.head_stream(statics, seeds_ref, pl.program_id(1), pl.program_id(2), num_heads)
 
     def body(kb, dq, *, masked: bool):
         k0 = kb * block_k
@@ -203,17 +184,9 @@ def _dq_kernel(
         )
         return dq + tiles.dot(ds.astype(k.dtype), k)
 
-    lo, full_lo, full_hi, hi = common.block_range(
-        q0, block_q, block_k, seq_k, statics.kv_len, statics.window
-    )
-    dq = _loop_visible(
-        body,
-        jnp.zeros((block_q, head_dim), jnp.float32),
-        lo,
-        full_lo,
-        full_hi,
-        hi,
-        statics.has_segments,
+    blocks = common.block_range(q0, block_q, block_k, seq_k, statics.kv_len, statics.window)
+    dq = tiles.visit_blocks(
+        body, jnp.zeros((block_q, head_dim), jnp.float32), blocks, statics.has_segments
     )
     dq_ref[...] = (dq * statics.scale).astype(dq_ref.dtype)
 

@@ -11,7 +11,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -37,15 +36,9 @@ def _forward_kernel(
 ):
     block_q, head_dim = q_ref.shape
     seq_k = k_ref.shape[0]
-    qb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    q0 = qb * block_q
-    rows = q0 + jnp.arange(block_q, dtype=jnp.int32)
+    q0, rows, q_segments = tiles.query_block(block_q, qseg_ref)
     q = q_ref[...]
-    q_segments = None if qseg_ref is None else qseg_ref[pl.ds(q0, block_q)]
-    stream = None
-    if statics.has_dropout:
-        bh = 0 if statics.dropout_broadcast else b * num_heads + h
-        stream = common.dropout_stream(*tiles.seed_words(seeds_ref), bh)
+    stream = tiles.head_stream(statics, seeds_ref, pl.program_id(1), pl.program_id(2), num_heads)
 
     def body(kb, carry, *, masked: bool):
         acc, m, l = carry
@@ -75,15 +68,8 @@ def _forward_kernel(
         jnp.full((block_q,), -jnp.inf, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    lo, full_lo, full_hi, hi = common.block_range(
-        q0, block_q, block_k, seq_k, statics.kv_len, statics.window
-    )
-    if statics.has_segments:
-        carry = lax.fori_loop(lo, hi, functools.partial(body, masked=True), carry)
-    else:
-        carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
-        carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
-        carry = lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+    blocks = common.block_range(q0, block_q, block_k, seq_k, statics.kv_len, statics.window)
+    carry = tiles.visit_blocks(body, carry, blocks, statics.has_segments)
     out, lse2 = common.finalize(*carry)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse2

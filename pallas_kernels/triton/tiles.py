@@ -11,10 +11,15 @@ A broadcast bias is read with broadcasting: a (1, 1, T, S) bias is never expande
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import common
 
 
 def dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
@@ -57,5 +62,30 @@ def out_shape(like: jax.Array, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeS
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
-def seed_words(seeds_ref) -> tuple[jax.Array, jax.Array]:
-    return seeds_ref[0], seeds_ref[1]
+def head_stream(
+    statics: common.AttentionStatics, seeds_ref, batch: jax.Array, head: jax.Array, num_heads: int
+) -> jax.Array | None:
+    """The dropout stream of one (batch, query head), or None without dropout."""
+    if not statics.has_dropout:
+        return None
+    bh = 0 if statics.dropout_broadcast else batch * num_heads + head
+    return common.dropout_stream(seeds_ref[0], seeds_ref[1], bh)
+
+
+def query_block(block_q: int, qseg_ref) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """For a program whose grid axis 0 is the query block: (first row, row indices, segment ids)."""
+    q0 = pl.program_id(0) * block_q
+    q_segments = None if qseg_ref is None else qseg_ref[pl.ds(q0, block_q)]
+    return q0, q0 + jnp.arange(block_q, dtype=jnp.int32), q_segments
+
+
+def visit_blocks(body, carry, block_range, has_segments: bool):
+    """Run `body(i, carry, masked=...)` over the blocks of `common.block_range`'s
+    `(lo, full_lo, full_hi, hi)`: boundary blocks with the element mask, interior ones without.
+    With segment ids every block is masked."""
+    lo, full_lo, full_hi, hi = block_range
+    if has_segments:
+        return lax.fori_loop(lo, hi, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
