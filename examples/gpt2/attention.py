@@ -1,0 +1,158 @@
+"""The `attention_fn` of the GPT-2's `flax.nnx.MultiHeadAttention`, one per backend.
+
+    attn = nnx.MultiHeadAttention(..., attention_fn=AttentionFn("flashjax"))
+    y = attn(x, mask=SegmentMask(segment_ids, segment_ids), is_causal=True)
+
+Backends:
+  - "flashjax": `flashjax.dot_product_attention` (Pallas Triton kernels on a GPU, the chunked XLA
+    path elsewhere), with `q_segment_ids` / `kv_segment_ids`: nothing of size T x S is built.
+  - "xla": `jax.nn.dot_product_attention(implementation="xla")`, the standard attention that Flax's
+    own `dot_product_attention` calls.
+  - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused attention.
+
+Packed documents reach the attention function through the module's ordinary `mask=` argument as a
+`SegmentMask` (Flax's MultiHeadAttention hands `mask` to `attention_fn` unchanged; its only other
+call-time extra is `input_positions`). `attention_arguments` is the one place that turns segment
+ids into each backend's arguments: segment ids for flashjax; for jax.nn, whose public op takes no
+segment ids in JAX 0.11 (cuDNN's packed layout is reachable only through a private module), the
+equivalent dense `(B, 1, T, S)` boolean mask `segment_q == segment_kv`. Causality is never put in
+a mask: every backend gets `is_causal=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+import flashjax
+
+Backend = Literal["flashjax", "xla", "cudnn"]
+BACKENDS: tuple[str, ...] = ("flashjax", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentMask:
+    """Which query and key positions may interact: those with equal segment ids.
+
+    Attributes:
+      q_segment_ids: `Int[Array, "B T"]`.
+      kv_segment_ids: `Int[Array, "B S"]`.
+    """
+
+    q_segment_ids: jax.Array
+    kv_segment_ids: jax.Array
+
+    def dense(self) -> jax.Array:
+        """`Bool[Array, "B 1 T S"]`: True where the query and key share a segment."""
+        return (
+            self.q_segment_ids[:, None, :, None] == self.kv_segment_ids[:, None, None, :]
+        ).astype(jnp.bool_)
+
+
+jax.tree_util.register_dataclass(
+    SegmentMask, data_fields=["q_segment_ids", "kv_segment_ids"], meta_fields=[]
+)
+
+
+def attention_arguments(backend: str, segments: SegmentMask | None) -> dict[str, jax.Array]:
+    """The keyword arguments that express `segments` to `backend`'s attention op.
+
+    flashjax takes `q_segment_ids` / `kv_segment_ids`; jax.nn ("xla", "cudnn") a boolean `mask`
+    (`(B, 1, T, S)`, broadcast over heads). No segments: no arguments.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if segments is None:
+        return {}
+    if backend == "flashjax":
+        return {
+            "q_segment_ids": segments.q_segment_ids.astype(jnp.int32),
+            "kv_segment_ids": segments.kv_segment_ids.astype(jnp.int32),
+        }
+    return {"mask": segments.dense()}
+
+
+def _and_masks(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return jnp.logical_and(a.astype(jnp.bool_), b.astype(jnp.bool_))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionFn:
+    """A Flax `attention_fn` (the calling convention of `flax.nnx.dot_product_attention`) that
+    computes attention with `backend`. Frozen and hashable: modules built with equal AttentionFns
+    have equal graph definitions.
+
+    Attributes:
+      backend: "flashjax", "xla" or "cudnn".
+      implementation: for "flashjax" only, `flashjax.dot_product_attention`'s `implementation`
+        (None: the fastest available, "triton" on NVIDIA GPUs; "xla_chunked"; "xla").
+    """
+
+    backend: Backend = "flashjax"
+    implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.implementation is not None and self.backend != "flashjax":
+            raise ValueError("implementation applies to the flashjax backend only")
+
+    def __call__(
+        self,
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        bias: jax.Array | None = None,
+        mask: jax.Array | SegmentMask | None = None,
+        broadcast_dropout: bool = True,
+        dropout_rng: jax.Array | None = None,
+        dropout_rate: float = 0.0,
+        deterministic: bool = False,
+        dtype: Any = None,
+        precision: Any = None,
+        module: Any = None,
+        is_causal: bool = False,
+    ) -> jax.Array:
+        """Attention of `Float[Array, "B T N H"]` queries over `Float[Array, "B S K H"]` keys and
+        values; returns `Float[Array, "B T N H"]`.
+
+        `mask` is a boolean `(B | 1, N | 1, T, S)` array or a `SegmentMask`. Attention dropout and
+        `sow_weights` are not supported (the GPT-2 here uses neither).
+        """
+        del broadcast_dropout, dropout_rng, precision
+        if dropout_rate > 0.0 and not deterministic:
+            raise NotImplementedError("attention dropout is not supported by this attention_fn")
+        if module is not None:
+            raise NotImplementedError("sow_weights=True: the attention weights are not formed")
+        if query.ndim != 4:
+            raise ValueError(f"query must be (B, T, N, H), got shape {query.shape}")
+        if dtype is not None:
+            query, key, value = (x.astype(dtype) for x in (query, key, value))
+        segments = mask if isinstance(mask, SegmentMask) else None
+        dense = None if segments is not None else mask
+        args = attention_arguments(self.backend, segments)
+        if self.backend == "flashjax":
+            return flashjax.dot_product_attention(
+                query,
+                key,
+                value,
+                bias,
+                dense,
+                is_causal=is_causal,
+                implementation=self.implementation,  # type: ignore[arg-type]
+                **args,
+            )
+        return jax.nn.dot_product_attention(
+            query,
+            key,
+            value,
+            bias,
+            _and_masks(dense, args.get("mask")),
+            is_causal=is_causal,
+            implementation=self.backend,  # type: ignore[arg-type]
+        )
