@@ -82,6 +82,8 @@ def flax_attention_fn(
     module: Any = None,
     is_causal: bool = False,
     *,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
     implementation: Implementation | None = None,
 ) -> jax.Array:
     """Flax's `dot_product_attention`, computed by `flashjax.dot_product_attention`.
@@ -110,6 +112,8 @@ def flax_attention_fn(
       module: accepted and ignored: the attention weights are never materialized, so
         `sow_weights=True` sows nothing.
       is_causal: query i sees key j <= i (top-left aligned), without building a mask.
+      q_segment_ids / kv_segment_ids: int32 `(*B, T)` / `(*B, S)`: packed documents, no dense
+        mask (Flax's modules do not forward them: bind them with `functools.partial`).
       implementation: as in `flashjax.dot_product_attention`: None (fastest available),
         "triton", "xla_chunked" or "xla".
 
@@ -146,6 +150,8 @@ def flax_attention_fn(
         _flatten_batch("bias", bias, batch, rank),
         _flatten_batch("mask", mask, batch, rank),
         is_causal=is_causal,
+        q_segment_ids=None if q_segment_ids is None else q_segment_ids.reshape(flat, -1),
+        kv_segment_ids=None if kv_segment_ids is None else kv_segment_ids.reshape(flat, -1),
         dropout_rate=float(dropout_rate) if apply_dropout else 0.0,
         dropout_rng=dropout_rng if apply_dropout else None,
         dropout_broadcast=bool(broadcast_dropout),

@@ -547,3 +547,22 @@ def test_linen_dropout() -> None:
     np.testing.assert_array_equal(noisy(3), noisy(3))
     assert not np.array_equal(noisy(3), noisy(4))
     assert np.max(np.abs(noisy(3) - clean)) > 1e-3
+
+
+def test_flax_attention_fn_takes_segment_ids_with_extra_batch_dims() -> None:
+    """Packed documents through the Flax calling convention equal the dense segment mask."""
+    rng = np.random.default_rng(11)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 3, 20, 2, 16)), jnp.float32) for _ in range(3))
+    seg = jnp.asarray(np.sort(rng.integers(0, 3, (2, 3, 20)), axis=-1), jnp.int32)
+    got = flax_attention_fn(
+        q,
+        k,
+        v,
+        q_segment_ids=seg,
+        kv_segment_ids=seg,
+        is_causal=True,
+        implementation="xla_chunked",
+    )
+    dense = (seg[..., :, None] == seg[..., None, :])[..., None, :, :]
+    want = flax_attention_fn(q, k, v, mask=dense, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
