@@ -68,9 +68,11 @@ class Backend(abc.ABC):
 
     name: str
     description: str
-    # Whether its programs may compile in a thread beside others: true where compiling runs nothing
-    # on the device (XLA's GEMM autotuning does, so backends built on XLA matmuls say False).
-    parallel_compile: bool = False
+    # When its programs compile (with more than one compile worker): "parallel" in the pool of
+    # threads, for programs whose compilation runs nothing on the device (Pallas, cuDNN); "serial"
+    # in one extra thread, one program at a time (XLA autotunes its GEMMs on the device: two at
+    # once would disturb each other's measurements); "inline" just before the check and timing.
+    compile_lane: str = "inline"
 
     def unavailable(self) -> str | None:
         """Why this backend cannot run on this machine, or None if it can."""
@@ -158,7 +160,7 @@ class JaxBackend(Backend):
     description: str = ""
     requires: Callable[[], str | None] = lambda: None
     limit: Callable[[Case], str | None] = lambda case: None
-    parallel_compile: bool = True
+    compile_lane: str = "parallel"
 
     def unavailable(self) -> str | None:
         return self.requires()
@@ -393,7 +395,7 @@ def all_backends(xla_max_bytes: int = DEFAULT_XLA_MAX_BYTES) -> list[Backend]:
             "flashjax_chunked",
             _flashjax("xla_chunked"),
             "flashjax pure-JAX blockwise (lax.scan)",
-            parallel_compile=False,
+            compile_lane="serial",
         ),
         JaxBackend("jax_cudnn", _jax_nn("cudnn"), "jax.nn.dot_product_attention cuDNN", _gpu),
         JaxBackend(
@@ -401,7 +403,7 @@ def all_backends(xla_max_bytes: int = DEFAULT_XLA_MAX_BYTES) -> list[Backend]:
             _jax_nn("xla"),
             "jax.nn.dot_product_attention XLA (standard attention)",
             limit=_xla_limit(xla_max_bytes),
-            parallel_compile=False,
+            compile_lane="serial",
         ),
         JaxBackend("tokamax_triton", _tokamax_fn("triton"), "tokamax Pallas Triton", _tokamax),
         JaxBackend(

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from flashjax.bench import flops
 
+MAX_CHECKED_BATCH = 2
 DTYPES: dict[str, str] = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
@@ -113,9 +114,10 @@ def reference_slice(case: Case, budget_bytes: int) -> tuple[int, int]:
 
     Heads and batch elements are independent, so the first `b` batch elements and `n` heads of a
     backend's output (and gradients) must equal the reference run on the same slice of the inputs.
-    The reference's float32 forward+backward holds about four `(T, S)` matrices per head.
+    The reference's float32 forward+backward holds about four `(T, S)` matrices per head. At most
+    `MAX_CHECKED_BATCH` batch elements: more would only slow the comparison on the host.
     """
     per_head = 4 * case.seq * case.seq * 4
     heads = max(1, min(case.heads, budget_bytes // per_head))
-    batch = max(1, min(case.batch, budget_bytes // (per_head * heads)))
+    batch = max(1, min(case.batch, MAX_CHECKED_BATCH, budget_bytes // (per_head * heads)))
     return batch, heads

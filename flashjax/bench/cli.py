@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import sys
 import time
@@ -54,8 +55,8 @@ examples:
 """
 
 
-def parse_ints(text: str) -> tuple[int, ...]:
-    """ "512,1k,16k" -> (512, 1024, 16384); "k" multiplies by 1024."""
+def parse_ints(text: str, minimum: int = 1) -> tuple[int, ...]:
+    """Comma list of ints: "512,1k,16k" -> (512, 1024, 16384) ("k" is 1024), each >= `minimum`."""
     values = []
     for part in text.split(","):
         part = part.strip().lower()
@@ -66,8 +67,8 @@ def parse_ints(text: str) -> tuple[int, ...]:
             value = int(part.rstrip("k")) * scale
         except ValueError:
             raise argparse.ArgumentTypeError(f"not an integer: {part!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1: {part!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}: {part!r}")
         values.append(value)
     if not values:
         raise argparse.ArgumentTypeError("empty list")
@@ -113,7 +114,7 @@ def parse_dtype(text: str) -> str:
 
 def parse_window(text: str) -> tuple[int, int]:
     """ "256" -> (256, 256); "256,0" -> (256, 0)."""
-    values = parse_ints(text)
+    values = parse_ints(text, minimum=0)
     if len(values) == 1:
         return (values[0], values[0])
     if len(values) == 2:
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="threads compiling Pallas/cuDNN programs of a shape at once before any timing "
-        "(default 4 on GPU, 1 on CPU; 1 = one after the other)",
+        "(default min(8, cores) on GPU, 1 on CPU; 1 = one after the other)",
     )
     what.add_argument("--seed", type=int, default=0, help="PRNG seed of the inputs")
     what.add_argument("--list-backends", action="store_true", help="say what is available; exit")
@@ -211,7 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="results folder (default benchmarks/results/<date>-<device>[-quick])",
     )
     out.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    out.add_argument(
+        "--commit",
+        metavar="HASH",
+        help="the commit to record where the tree has no .git (e.g. a copy sent to a GPU machine)",
+    )
     return p
+
+
+def _quiet_autotuning(record: logging.LogRecord) -> bool:
+    """Drop tokamax's "Autotuning cache miss" warnings (one per shape and kernel, each long)."""
+    return not str(record.msg).startswith("Autotuning cache miss")
 
 
 def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
@@ -234,7 +245,7 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
         "hidden": args.hidden or hidden,
         "modes": args.modes or MODES,
         "reps": args.reps or (3 if args.quick or not on_gpu else 5),
-        "compile_workers": args.compile_workers or (4 if on_gpu else 1),
+        "compile_workers": args.compile_workers or (min(8, os.cpu_count() or 1) if on_gpu else 1),
     }
 
 
@@ -243,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # JAX must not grab 75% of the GPU up front: torch backends share the device.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    logging.getLogger("absl").addFilter(_quiet_autotuning)
 
     import jax
 
@@ -261,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     cfg = _resolve(args, on_gpu)
-    meta = machine.describe()
+    meta = machine.describe(args.commit)
     policy = timing.TimingPolicy(
         reps=cfg["reps"],
         warmup=2 if on_gpu else 1,

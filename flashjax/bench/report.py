@@ -32,10 +32,12 @@ CSV_FIELDS = (
     "rel_err",
     "temp_bytes",
     "peak_bytes",
+    "compile_s",
     "flops",
     "error",
 )
-# The anchors the table compares flashjax with, in order of interest.
+# The anchors the table compares flashjax with, in order of interest (the first MAX_RATIO_COLUMNS
+# present get a column; the JSON and CSV have the ratios to every backend).
 ANCHORS = (
     "jax_cudnn",
     "tokamax_mosaic",
@@ -45,6 +47,7 @@ ANCHORS = (
     "jax_xla",
     "flashjax_chunked",
 )
+MAX_RATIO_COLUMNS = 4
 CPU_NOTE = "CPU numbers: Pallas kernels interpreted, XLA on the host; they say nothing about GPUs"
 FILE_STEM = "bench"
 
@@ -205,6 +208,15 @@ def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
     return path
 
 
+# Column headers of the table (the JSON and CSV keep the full names).
+SHORT_NAMES = {
+    "flashjax_chunked": "fj_chunked",
+    "tokamax_triton": "tk_triton",
+    "tokamax_mosaic": "tk_mosaic",
+    "torch_cudnn": "th_cudnn",
+    "torch_flash": "th_flash",
+}
+
 _STATUS_CELL = {
     "oom": "OOM",
     "error": "err",
@@ -234,20 +246,22 @@ def format_table(rows: Sequence[Row], meta: dict[str, Any], subject: str = "flas
         for a in ANCHORS
         if a in backends and a != subject and any(r["backend"] == a and r["tflops"] for r in rows)
     ]
-    if subject not in backends:
-        anchors = []
+    anchors = anchors[:MAX_RATIO_COLUMNS] if subject in backends else []
     ceiling = meta.get("ceiling") or {}
     lines = [
         f"TFLOP/s on {meta.get('device')} ({meta.get('dtype')}); ceiling "
         f"{ceiling.get('tflops', float('nan')):.4g} TFLOP/s ({ceiling.get('what', '?')}).",
         "Cells: TFLOP/s; OOM = out of memory, err = raised, WRONG = failed the reference check, "
         "- = skipped, ? = unchecked.",
+        "tk = tokamax, th = torch SDPA, fj = flashjax"
+        + (f"; /X = {subject}'s speed over X's." if anchors else "."),
     ]
     if meta.get("platform") == "cpu":
         lines.append(CPU_NOTE + ".")
     index = {(r["backend"], *_shape_key(r)): r for r in rows}
     modes, cols = _panels(rows)
-    header = ["seq", *backends, *(f"{subject[:8]}/{a}" for a in anchors)]
+    short = [SHORT_NAMES.get(b, b) for b in (*backends, *anchors)]
+    header = ["seq", *short[: len(backends)], *(f"/{a}" for a in short[len(backends) :])]
     widths = [max(6, len(h)) for h in header]
     for mode in modes:
         for head_dim, causal in cols:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -78,6 +79,7 @@ class Reference:
         self._inputs = inputs
         self._result: tuple[np.ndarray, ...] | None = None
         self._error: str | None = None
+        self.seconds = 0.0
 
     def _compute(self) -> tuple[np.ndarray, ...]:
         case = self.case
@@ -87,23 +89,27 @@ class Reference:
                 q, k, v, is_causal=case.causal, local_window_size=case.window, implementation="xla"
             )
 
-        @jax.jit
         def fwd_bwd(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array) -> tuple:
             out, pullback = jax.vjp(attention, q, k, v)
             return (out, *pullback(do))
 
         q, k, v, do = (x[: self.batch, :, : self.heads].astype(jnp.float32) for x in self._inputs)
         with jax.default_matmul_precision("highest"):
-            results = fwd_bwd(q, k, v, do)
+            lowered = jax.jit(fwd_bwd).lower(q, k, v, do)
+        # Its speed is irrelevant: no GEMM autotuning (seconds per new shape on a GPU).
+        options = {"xla_gpu_autotune_level": 0} if q.devices().pop().platform == "gpu" else {}
+        results = lowered.compile(compiler_options=options)(q, k, v, do)
         return tuple(np.asarray(jax.device_get(x), np.float32) for x in results)
 
     def get(self, kind: str) -> tuple[np.ndarray, ...]:
         """The reference outputs of program `kind` (raises RuntimeError if it cannot run)."""
         if self._result is None and self._error is None:
+            start = time.perf_counter()
             try:
                 self._result = self._compute()
             except Exception as e:
                 self._error = describe_error(e)[1]
+            self.seconds = time.perf_counter() - start
         if self._result is None:
             raise RuntimeError(f"reference failed: {self._error}")
         return self._result[: len(OUTPUT_NAMES[kind])]
@@ -120,6 +126,7 @@ class KindResult:
     peak_bytes: int | None = None
     rel_err: float | None = None
     rel_errs: dict[str, float] = dataclasses.field(default_factory=dict)
+    compile_s: float | None = None
 
 
 def check(
@@ -148,14 +155,17 @@ class Prepared:
 
     temp_bytes: int | None = None
     error: BaseException | None = None
+    seconds: float | None = None
 
 
 def prepare(runner: Runner, kind: str) -> Prepared:
     """Compile program `kind` of `runner`, catching any failure (safe to call from a thread)."""
+    start = time.perf_counter()
     try:
-        return Prepared(runner.prepare(kind))
+        temp = runner.prepare(kind)
     except Exception as e:
-        return Prepared(None, e)
+        return Prepared(None, e, time.perf_counter() - start)
+    return Prepared(temp, None, time.perf_counter() - start)
 
 
 def measure_kind(
@@ -169,12 +179,13 @@ def measure_kind(
     """Compile (unless `prepared`), check, then time one program; failures become the status."""
     prepared = prepared or prepare(runner, kind)
     if prepared.error is not None:
-        return KindResult(*describe_error(prepared.error))
+        return KindResult(*describe_error(prepared.error), compile_s=prepared.seconds)
     temp = prepared.temp_bytes
+    result = functools.partial(KindResult, temp_bytes=temp, compile_s=prepared.seconds)
     try:
         got = runner.outputs(kind, reference.batch, reference.heads)
     except Exception as e:
-        return KindResult(*describe_error(e), temp_bytes=temp)
+        return result(*describe_error(e))
     status, message, errs = "ok", "", {}
     try:
         want = reference.get(kind)
@@ -184,14 +195,15 @@ def measure_kind(
         passed, errs, why = check(got, want, kind, case.dtype)
         if not passed:
             worst = max(errs.values(), default=None)
-            return KindResult("check_failed", why, temp_bytes=temp, rel_err=worst, rel_errs=errs)
+            return result("check_failed", why, rel_err=worst, rel_errs=errs)
     try:
         t = runner.time(kind, policy)
     except Exception as e:
-        status, message = describe_error(e)
-        return KindResult(status, message, temp_bytes=temp, rel_errs=errs)
+        return result(*describe_error(e), rel_errs=errs)
     worst = max(errs.values(), default=None)
-    return KindResult(status, message, t.seconds, temp, runner.peak_bytes(), worst, dict(errs))
+    return result(
+        status, message, t.seconds, peak_bytes=runner.peak_bytes(), rel_err=worst, rel_errs=errs
+    )
 
 
 def _row(case: Case, backend: str, mode: str, result: KindResult, seconds: float | None) -> Row:
@@ -217,6 +229,7 @@ def _row(case: Case, backend: str, mode: str, result: KindResult, seconds: float
         "rel_errs": result.rel_errs,
         "temp_bytes": result.temp_bytes,
         "peak_bytes": result.peak_bytes,
+        "compile_s": result.compile_s,
         "error": result.error,
     }
 
@@ -260,14 +273,17 @@ def bench_case(
     reference_budget: int = DEFAULT_REFERENCE_BUDGET,
     compile_workers: int = 1,
     log: Callable[[str, list[Row]], None] | None = None,
+    phases: dict[str, float] | None = None,
 ) -> list[Row]:
     """All rows of every backend on one case; a backend's failure never raises.
 
-    Phase 1 compiles, in `compile_workers` threads, the programs of backends whose
-    `parallel_compile` is set (no autotuning on the device during their compilation); phase 2
-    goes through the backends one at a time: compile the rest, run once, check, time. Nothing
-    is timed while anything compiles.
+    With `compile_workers` > 1, phase 1 compiles ahead: backends in the "parallel" compile lane
+    in a pool of `compile_workers` threads and, beside it, those in the "serial" lane one at a
+    time in one more thread (see `Backend.compile_lane`). Phase 2 goes through the backends one
+    at a time: compile what is left, run once, check, time. Nothing is timed while anything
+    compiles. `phases` (if given) receives the seconds spent in each part.
     """
+    start = time.perf_counter()
     inputs = make_inputs(case, seed)
     reference = Reference(case, inputs, reference_budget)
     kinds = kinds_for(modes)
@@ -282,17 +298,28 @@ def bench_case(
         except Exception as e:
             runners[backend.name] = KindResult(*describe_error(e))
 
-    jobs = [
-        (b.name, kind)
-        for b in backends
-        if b.parallel_compile and isinstance(runners[b.name], Runner)
-        for kind in kinds
-    ]
+    def jobs(lane: str) -> list[tuple[str, str]]:
+        return [
+            (b.name, kind)
+            for b in backends
+            if b.compile_lane == lane and isinstance(runners[b.name], Runner)
+            for kind in kinds
+        ]
+
     prepared: dict[tuple[str, str], Prepared] = {}
-    if compile_workers > 1 and len(jobs) > 1:
-        with concurrent.futures.ThreadPoolExecutor(compile_workers) as pool:
-            futures = {job: pool.submit(prepare, runners[job[0]], job[1]) for job in jobs}
+    setup_done = time.perf_counter()
+    if compile_workers > 1:
+        with (
+            concurrent.futures.ThreadPoolExecutor(compile_workers) as pool,
+            concurrent.futures.ThreadPoolExecutor(1) as lane,
+        ):
+            futures = {
+                job: pool.submit(prepare, runners[job[0]], job[1]) for job in jobs("parallel")
+            }
+            for job in jobs("serial"):
+                futures[job] = lane.submit(prepare, runners[job[0]], job[1])
             prepared = {job: future.result() for job, future in futures.items()}
+    compiled = time.perf_counter()
 
     rows: list[Row] = []
     for backend in backends:
@@ -321,6 +348,12 @@ def bench_case(
         rows.extend(new)
         if log is not None:
             log(backend.name, new)
+    if phases is not None:
+        end = time.perf_counter()
+        phases["setup"] = setup_done - start
+        phases["compile_ahead"] = compiled - setup_done
+        phases["reference"] = reference.seconds
+        phases["check_and_time"] = end - compiled - reference.seconds
     return rows
 
 
@@ -375,6 +408,7 @@ def run_sweep(
         if deadline is not None and time.perf_counter() > deadline:
             log(f"time budget spent: {len(cases) - i + 1} of {len(cases)} shapes not run")
             break
+        start, phases = time.perf_counter(), {}
 
         def log_backend(name: str, new: list[Row], i: int = i, case: Case = case) -> None:
             log(progress_line(i, len(cases), case, name, new))
@@ -388,7 +422,10 @@ def run_sweep(
             reference_budget=reference_budget,
             compile_workers=compile_workers,
             log=log_backend,
+            phases=phases,
         )
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+        log(f"[{i}/{len(cases)}] {case.label} took {time.perf_counter() - start:.1f} s ({parts})")
         if on_case_done is not None:
             on_case_done(rows)
     return rows
