@@ -68,8 +68,18 @@ def plan(
     )
 
 
-def _shape(x: jax.Array | None) -> tuple[int, ...] | None:
-    return None if x is None else tuple(x.shape)
+def _prepare(q, k, bias, statics, target, config) -> tuple[Plan, common.AttentionStatics]:
+    """The plan of one call, and its statics with the real key count filled in."""
+    p = plan(
+        q.shape[1],
+        k.shape[1],
+        q.shape[3],
+        target,
+        bias_shape=None if bias is None else tuple(bias.shape),
+        itemsize=q.dtype.itemsize,
+        config=config,
+    )
+    return p, dataclasses.replace(statics, kv_len=k.shape[1])
 
 
 def _pad_axis(x: jax.Array | None, axis: int, size: int) -> jax.Array | None:
@@ -119,17 +129,8 @@ def forward(
     Returns:
       `out (B, T, N, H)` in q's dtype and base-2 logsumexp `lse2 (B, N, T)` float32.
     """
-    batch, seq_q, num_heads, head_dim = q.shape
-    p = plan(
-        seq_q,
-        k.shape[1],
-        head_dim,
-        target,
-        bias_shape=_shape(bias),
-        itemsize=q.dtype.itemsize,
-        config=config,
-    )
-    statics = dataclasses.replace(statics, kv_len=k.shape[1])
+    seq_q, head_dim = q.shape[1], q.shape[3]
+    p, statics = _prepare(q, k, bias, statics, target, config)
     operands = _pad_operands(p, q, k, v, q_segments, kv_segments, bias)
     out, lse2 = _forward.forward(
         *operands, seeds, statics=statics, config=p.config.fwd, interpret=p.interpret
@@ -158,17 +159,8 @@ def backward(
     `dlse2` is the cotangent of the base-2 logsumexp (None if unused): since d lse / d logits = P,
     it enters as `delta -= dlse` (in natural-log units).
     """
-    batch, seq_q, num_heads, head_dim = q.shape
-    p = plan(
-        seq_q,
-        k.shape[1],
-        head_dim,
-        target,
-        bias_shape=_shape(bias),
-        itemsize=q.dtype.itemsize,
-        config=config,
-    )
-    statics = dataclasses.replace(statics, kv_len=k.shape[1])
+    seq_q, head_dim = q.shape[1], q.shape[3]
+    p, statics = _prepare(q, k, bias, statics, target, config)
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
     if dlse2 is not None:
         delta = delta - dlse2 * common.LOG2E
