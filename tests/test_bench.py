@@ -1,10 +1,12 @@
 """The benchmark harness (`python -m flashjax bench`) on CPU: FLOP counting, timing, a tiny sweep
-end to end, and backends that fail in every way becoming status rows instead of crashes."""
+end to end, backends that fail in every way becoming status rows instead of crashes, and the
+`--io` (analytic IO model, Nsight Compute CSV) and `--memory` modes."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from flashjax.__main__ import main as flashjax_main
-from flashjax.bench import cli, report, sweep, timing
+from flashjax.bench import cli, hbm, ncu, report, sweep, timing
 from flashjax.bench.backends import Backend, JaxBackend, Runner, _flashjax
 from flashjax.bench.cases import Case, reference_slice, sweep_cases
 from flashjax.bench.flops import attention_flops, normalize_window, visible_fraction, visible_pairs
@@ -116,7 +118,9 @@ def test_module_dispatch(capsys):
     with pytest.raises(SystemExit) as exit_info:
         flashjax_main(["bench", "--help"])
     assert exit_info.value.code == 0
-    assert "--batch-tokens" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "--batch-tokens" in printed
+    assert "--io" in printed and "--memory" in printed and "Theorem 2" in printed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,3 +345,341 @@ def test_deadline_stops_before_the_next_shape():
         [case, case], [JaxBackend("good", _good)], log=lines.append, deadline=0.0
     )
     assert rows == [] and lines == ["time budget spent: 2 of 2 shapes not run"]
+
+
+# --------------------------------------------------------------------------------------------------
+# --io: the analytic IO model, ncu's CSV, the run end to end
+# --------------------------------------------------------------------------------------------------
+
+
+def test_standard_attention_bytes_by_hand():
+    # T = S = 4, H = 2, bf16 (2 bytes): reads Q, K, V 16 bytes each, float32 scores 64,
+    # bf16 probabilities 32; writes scores 64, probabilities 32, output 16.
+    t = hbm.standard_forward_bytes(1, 1, 4, 4, 2, 2)
+    assert (t.read, t.write, t.total) == (16 + 16 + 64 + 32 + 16, 64 + 32 + 16, 256)
+    # The closed form of the docstring: 2e(T + S)H + (8 + 2e)TS per (batch, head).
+    assert hbm.standard_forward_bytes(2, 3, 64, 96, 32, 2).total == 6 * (
+        2 * 2 * (64 + 96) * 32 + 12 * 64 * 96
+    )
+    # Quadratic in the sequence length once N >> d.
+    small, large = (hbm.standard_forward_bytes(1, 16, n, n, 64, 2).total for n in (8192, 16384))
+    assert 3.9 < large / small <= 4.0
+
+
+def test_flash_forward_bytes_by_hand():
+    # T = S = 64, H = 16, bf16, 32x16 tiles: 2 query blocks, each visits all 4 key blocks.
+    # Q 64*16*2 = 2048, K and V 8 visits * 16*16*2 = 4096 each, O 2048, logsumexp 64*4 = 256.
+    t = hbm.flash_forward_bytes(1, 1, 64, 64, 16, 2, 32, 16)
+    assert t.reads == {"q": 2048, "k": 4096, "v": 4096}
+    assert t.writes == {"out": 2048, "lse": 256}
+    assert t.total == 12544
+    # Causal: the first query block sees key blocks 0-1, the second 0-3: 6 visits.
+    assert list(hbm.visited_key_blocks(64, 64, 32, 16, causal=True)) == [2, 4]
+    assert hbm.flash_forward_bytes(1, 1, 64, 64, 16, 2, 32, 16, causal=True).total == 10496
+    # Padding as the kernel pads: T = 50 -> 64 rows, H = 24 -> 32 columns.
+    padded = hbm.flash_forward_bytes(1, 1, 50, 50, 24, 2, 32, 16)
+    assert padded.reads["q"] == 64 * 32 * 2 and padded.writes["lse"] == 64 * 4
+    assert hbm.tile_bytes(32, 16, 24, 2) == (32 + 2 * 16) * 32 * 2
+
+
+def test_flash_bytes_fall_as_block_q_grows():
+    def kv(block_q, block_k=64, seq=4096):
+        t = hbm.flash_forward_bytes(1, 16, seq, seq, 64, 2, block_q, block_k)
+        return t.reads["k"] + t.reads["v"]
+
+    blocks = (16, 32, 64, 128, 256)
+    totals = [hbm.flash_forward_bytes(1, 16, 4096, 4096, 64, 2, b, 64).total for b in blocks]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)
+    # Theorem 2: K, V traffic * block_q is constant (Theta(N^2 d^2 / M) with block_q ~ M / d) ...
+    assert len({kv(b) * b for b in blocks}) == 1
+    # ... and block_k only changes how finely K, V are streamed, not how often.
+    assert kv(64, 16) == kv(64, 128)
+    # Far below standard attention's bytes at long sequences.
+    standard = hbm.standard_forward_bytes(1, 16, 4096, 4096, 64, 2).total
+    assert totals[blocks.index(128)] < standard / 5
+
+
+def test_io_tiles_and_entries():
+    config = hbm.kernel_config(128, "both", 64, target="sm90")
+    assert (config.block_q, config.block_k, config.num_warps) == (128, 128, 8)
+    config = hbm.kernel_config(32, "q", 64, target="sm90")
+    assert (config.block_q, config.block_k, config.num_warps) == (32, 64, 4)
+    config = hbm.kernel_config(256, "k", 128, target="sm90")
+    assert (config.block_q, config.block_k) == (128, 256)
+    with pytest.raises(ValueError, match="vary"):
+        hbm.kernel_config(64, "diagonal", 64)
+    # Tiles larger than the sequence shrink to it (api.plan); duplicates are measured once.
+    cfg = hbm.IOConfig(seqlens=(32, 64), blocks=(16, 32, 64), heads=1, head_dim=16)
+    entries = hbm.plan_entries(cfg)
+    assert [(e.impl, e.seq, e.block_q) for e in entries] == [
+        ("standard", 32, None),
+        ("flashjax", 32, 16),
+        ("flashjax", 32, 32),
+        ("standard", 64, None),
+        ("flashjax", 64, 16),
+        ("flashjax", 64, 32),
+        ("flashjax", 64, 64),
+    ]
+    assert [e.id for e in entries] == list(range(len(entries)))
+
+
+# Nsight Compute's CSV ("details" page), in the layout `ncu --csv --print-units base` prints: its
+# own ==PROF== lines and the profiled program's output come first, values may carry thousands
+# separators. Two bracketed calls: one flashjax kernel, then an XLA program of two kernels.
+NCU_COLUMNS = (
+    '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+    '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"'
+)
+
+
+def _ncu_line(kid, kernel, metric, value, unit="byte"):
+    return (
+        f'"{kid}","4242","python3.12","127.0.0.1","{kernel}","1","13","(128, 1, 1)",'
+        f'"(16, 1, 16)","0","9.0","Command line profiler metrics","{metric}","{unit}","{value}"'
+    )
+
+
+def _ncu_sample(kernels):
+    lines = ["==PROF== Connected to process 4242 (/usr/bin/python3.12)", "some program output"]
+    lines.append(NCU_COLUMNS)
+    for kid, (kernel, read, write, l2) in enumerate(kernels):
+        lines.append(_ncu_line(kid, kernel, ncu.DRAM_READ, read))
+        lines.append(_ncu_line(kid, kernel, ncu.DRAM_WRITE, write))
+        if l2 is not None:
+            lines.append(_ncu_line(kid, kernel, ncu.L2_BYTES, l2))
+    lines.append("==PROF== Disconnected from process 4242")
+    return "\n".join(lines) + "\n"
+
+
+NCU_SAMPLE = _ncu_sample(
+    [
+        ("fjio_begin", "512", "64", "1,024"),
+        ("flashjax_fwd", "12,582,912", "4,194,304", "50,331,648"),
+        ("fjio_end", "512", "64", "1,024"),
+        ("fjio_begin", "512", "64", "1,024"),
+        ("sm90_xmma_gemm_bf16f32_bf16f32_f32_tn_n", "8,388,608", "67,108,864", None),
+        ("loop_convert_fusion", "67,108,864", "33,554,432", None),
+        ("fjio_end", "512", "64", "1,024"),
+    ]
+)
+
+
+def test_parse_ncu_csv_long_format():
+    kernels = ncu.parse_csv(NCU_SAMPLE)
+    assert [k.id for k in kernels] == list(range(7))
+    assert kernels[1].name == "flashjax_fwd"
+    assert kernels[1].metrics == {
+        ncu.DRAM_READ: 12582912.0,
+        ncu.DRAM_WRITE: 4194304.0,
+        ncu.L2_BYTES: 50331648.0,
+    }
+    assert kernels[1].dram_bytes == 16777216.0
+    calls = ncu.split_calls(kernels)
+    assert [[k.name for k in c] for c in calls] == [
+        ["flashjax_fwd"],
+        ["sm90_xmma_gemm_bf16f32_bf16f32_f32_tn_n", "loop_convert_fusion"],
+    ]
+    assert ncu.total(calls[1], ncu.DRAM_READ) == 8388608 + 67108864
+    assert ncu.total(calls[1], ncu.L2_BYTES) is None  # not measured for every kernel
+    assert ncu.parse_csv("==PROF== nothing profiled\n") == []
+
+
+def test_parse_ncu_csv_units_and_raw_page():
+    scaled = NCU_COLUMNS + "\n" + _ncu_line(0, "k", ncu.DRAM_READ, "1.5", "Mbyte")
+    assert ncu.parse_csv(scaled)[0].metrics == {ncu.DRAM_READ: 1.5e6}
+    raw = "\n".join(
+        [
+            '"ID","Kernel Name","dram__bytes_read.sum","dram__bytes_write.sum"',
+            '"","","Kbyte","byte"',
+            '"0","flashjax_fwd","2","1,000"',
+        ]
+    )
+    (kernel,) = ncu.parse_csv(raw)
+    assert kernel.metrics == {ncu.DRAM_READ: 2000.0, ncu.DRAM_WRITE: 1000.0}
+
+
+def test_ncu_command_and_failures():
+    cmd = ncu.command("/opt/ncu", ["python", "-m", "x"], kernel_regex="flashjax_fwd|fjio_")
+    text = " ".join(cmd)
+    assert cmd[0] == "/opt/ncu" and cmd[-3:] == ["python", "-m", "x"]
+    assert "--metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum" in text
+    assert "--clock-control none" in text and "--csv" in text
+    assert "--profile-from-start off" in text
+    assert "--kernel-name regex:flashjax_fwd|fjio_" in text
+    assert ncu.find_ncu("/nonexistent/ncu") is None
+    assert ncu.unknown_metric("==ERROR== Failed to find metric lts__t_bytes.sum")
+    reason = ncu.failure_reason(
+        "==PROF== Connected\n==ERROR== ERR_NVGPUCTRPERM - no permission\nmore\n", 1
+    )
+    assert reason == "ncu exited 1: ==ERROR== ERR_NVGPUCTRPERM - no permission"
+
+
+def test_io_profile_attributes_ncu_bytes(tmp_path, monkeypatch):
+    """`profile` with ncu replaced by a stand-in that replays a captured-format CSV: the bytes
+    land on the right rows, and an unknown L2 metric makes it retry with DRAM metrics only."""
+    cfg = hbm.IOConfig(
+        seqlens=(32,), blocks=(32,), heads=1, head_dim=16, ncu="ncu", ncu_status="not profiled"
+    )
+    calls = []
+
+    def fake_run(cmd, timeout_s, env=None):
+        calls.append(cmd)
+        metrics = cmd[cmd.index("--metrics") + 1]
+        if ncu.L2_BYTES in metrics:
+            return 1, "", "==ERROR== Failed to find metric lts__t_bytes.sum\n"
+        spec = json.loads(open(cmd[-2]).read())
+        ids = [e["id"] for e in spec["entries"]]
+        with open(cmd[-1], "w") as f:
+            json.dump({"profiled": ids, "errors": {}}, f)
+        if "--kernel-name" in cmd:
+            kernels = [("fjio_begin", 1, 1, None), ("flashjax_fwd", 3000, 1000, None)]
+        else:
+            kernels = [
+                ("fjio_begin", 1, 1, None),
+                ("gemm", 100, 200, None),
+                ("fusion", 30, 40, None),
+            ]
+        return 0, _ncu_sample(kernels + [("fjio_end", 1, 1, None)]), ""
+
+    monkeypatch.setattr(ncu, "run", fake_run)
+    rows = hbm.run(cfg, FAST, tmp_path, log=lambda line: None, measure=False)
+    standard, flash = rows
+    assert (standard["ncu_status"], standard["ncu_bytes"], standard["ncu_kernels"]) == (
+        "ok",
+        370,
+        2,
+    )
+    assert (flash["ncu_status"], flash["ncu_read_bytes"], flash["ncu_write_bytes"]) == (
+        "ok",
+        3000,
+        1000,
+    )
+    assert flash["ncu_l2_bytes"] is None
+    assert len(calls) == 4  # per implementation: with the L2 metric, then without
+    assert (tmp_path / "io-ncu-flashjax.csv").read_text().count("flashjax_fwd") == 2
+
+    # A worker that profiled nothing, and a count of bracketed calls that does not match.
+    rows = [hbm.model_row(cfg, e) for e in hbm.plan_entries(cfg)]
+    entries = hbm.plan_entries(cfg)
+    status = hbm.attribute(entries[:1], rows, NCU_SAMPLE, {"profiled": []}, False)
+    assert status == "no call profiled"
+    status = hbm.attribute(entries[:1], rows, NCU_SAMPLE, {"profiled": [0]}, False)
+    assert status == "2 bracketed calls in ncu's output for 1 profiled"
+
+
+def test_io_worker_runs_each_call_between_markers(tmp_path, monkeypatch):
+    """The process ncu profiles: each entry runs once inside a profiler range, bracketed by the
+    markers; a failing entry is recorded and the others go on. (No CUDA driver here: the range
+    is a stand-in that records what ran inside it.)"""
+    import contextlib
+
+    ranges = []
+
+    @contextlib.contextmanager
+    def fake_range():
+        ranges.append("start")
+        yield
+        ranges.append("stop")
+
+    monkeypatch.setattr(ncu, "profiler_range", fake_range)
+    cfg = hbm.IOConfig(seqlens=(32,), blocks=(16,), heads=1, head_dim=16)
+    entries = hbm.plan_entries(cfg)
+    broken = dataclasses.replace(entries[1], id=2, seq=-1)  # no such shape: raises
+    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
+    spec.write_text(hbm.worker_spec(cfg, [*entries, broken]))
+    assert hbm.main([str(spec), str(result)]) == 0
+    done = json.loads(result.read_text())
+    assert done["profiled"] == [0, 1] and list(done["errors"]) == ["2"]
+    assert ranges == ["start", "stop"] * 2
+
+
+def test_io_end_to_end_on_cpu(tmp_path, capsys):
+    out = tmp_path / "io"
+    code = cli.main(
+        ["--io", "--seqlens=32", "--blocks=16,32", "--heads=1", "--head-dims=16", "--reps=1"]
+        + [f"--out={out}"]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "model_KB" in printed and "16x16" in printed and "CPU numbers" in printed
+    data = json.loads((out / "io.json").read_text())
+    meta, rows = data["meta"], data["rows"]
+    assert meta["mode"] == "io" and meta["heads"] == 1 and meta["platform"] == "cpu"
+    assert [(r["impl"], r["block_q"], r["block_k"]) for r in rows] == [
+        ("standard", None, None),
+        ("flashjax", 16, 16),
+        ("flashjax", 32, 32),
+    ]
+    for r in rows:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["ncu_status"] == "cpu"
+        assert r["ncu_bytes"] is None and r["device"] == "cpu"
+    assert rows[0]["model_bytes"] == hbm.standard_forward_bytes(1, 1, 32, 32, 16, 2).total
+    assert rows[1]["model_bytes"] > rows[2]["model_bytes"]
+    assert all(r["rel_err"] < 2e-2 for r in rows[1:])
+    with (out / "io.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3 and {"model_bytes", "ncu_status", "ms", "git_commit"} <= set(table[0])
+    pytest.importorskip("matplotlib")
+    assert (out / "io.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# --memory
+# --------------------------------------------------------------------------------------------------
+
+
+def test_memory_end_to_end_on_cpu(tmp_path, capsys):
+    out = tmp_path / "memory"
+    # A 10 MiB "device": at T=1k standard attention (scores, probabilities and their gradients,
+    # about 16 MiB) does not fit; flashjax's chunked path (512 keys a step on CPU) does.
+    argv = ["--memory", "--seqlens=32,1k", "--heads=1", "--head-dims=16"]
+    code = cli.main(argv + ["--memory-limit-gib=0.01", f"--out={out}"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "(no fit)" in printed and "flashjax run" in printed
+    data = json.loads((out / "memory.json").read_text())
+    meta, rows = data["meta"], data["rows"]
+    assert meta["mode"] == "memory" and meta["limit_bytes"] == int(0.01 * 2**30)
+    by = {(r["backend"], r["seq_q"]): r for r in rows}
+    assert set(by) == {(b, s) for b in ("flashjax", "jax_xla", "jax_cudnn") for s in (32, 1024)}
+    assert by["jax_cudnn", 32]["status"] == "unavailable"
+    flash, xla = by["flashjax", 32], by["jax_xla", 32]
+    assert flash["implementation"] == "xla_chunked" and flash["mode"] == "fwd+bwd"
+    assert flash["run_status"] == "ok" and flash["run_ms"] > 0 and flash["fits"] == "yes"
+    assert xla["run_status"] == "not run" and xla["temp_bytes"] > 0
+    assert xla["total_bytes"] == (
+        xla["argument_bytes"] + xla["output_bytes"] + xla["temp_bytes"] - xla["alias_bytes"]
+    )
+    assert by["jax_xla", 1024]["fits"] == "no" and by["flashjax", 1024]["fits"] == "yes"
+    assert by["jax_xla", 1024]["temp_bytes"] >= 1024 * 1024 * 4  # the float32 scores
+    assert by["flashjax", 1024]["run_status"] == "ok"
+    with (out / "memory.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6 and {"temp_bytes", "fits", "run_status", "device"} <= set(table[0])
+    pytest.importorskip("matplotlib")
+    assert (out / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_compile_only(tmp_path):
+    out = tmp_path / "memory"
+    argv = ["--memory", "--seqlens=64", "--heads=1", "--head-dims=16", "--no-run", "--no-plot"]
+    assert cli.main(argv + ["--backends=flashjax", f"--out={out}"]) == 0
+    (row,) = json.loads((out / "memory.json").read_text())["rows"]
+    assert row["backend"] == "flashjax" and row["run_status"] == "not run"
+    assert row["temp_bytes"] > 0 and not (out / "memory.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--io", "--head-dims=32,64"],
+        ["--io", "--causal=both"],
+        ["--memory", "--backends=torch_flash"],
+        ["--io", "--memory"],
+    ],
+    ids=["two-head-dims", "causal-both", "memory-backend", "both-modes"],
+)
+def test_io_and_memory_reject_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2

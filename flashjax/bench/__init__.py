@@ -8,6 +8,9 @@ Modules:
   sweep     compile -> check against the reference -> time; failures become status rows
   machine   device, versions, commit, the machine's matmul ceiling
   report    JSON, CSV, PNG and the table
+  hbm       --io: FlashAttention's IO model (Theorem 2) against Nsight Compute's DRAM bytes
+  ncu       Nsight Compute: its command line, its CSV, profiler ranges and call markers
+  memory    --memory: XLA temp memory of forward+backward against sequence length
   cli       the command line
 """
 

@@ -17,6 +17,16 @@ GPU_QUICK_SEQLENS = (1024, 4096, 16384)
 CPU_SEQLENS = (128, 256, 512)
 CPU_QUICK_SEQLENS = (128, 256)
 CPU_HEAD_DIMS = (64,)
+# --io (one forward shape, tiles swept) and --memory (forward+backward, lengths up to 64k).
+IO_GPU = {
+    "seqlens": (1024, 2048, 4096, 8192),
+    "blocks": (32, 64, 128, 256),
+    "heads": 16,
+    "head_dim": 64,
+}
+IO_CPU = {"seqlens": (64, 128), "blocks": (16, 32, 64), "heads": 2, "head_dim": 32}
+MEMORY_GPU = {"seqlens": tuple(1024 << i for i in range(7)), "heads": 16, "head_dim": 128}
+MEMORY_CPU = {"seqlens": (256, 512, 1024, 2048), "heads": 2, "head_dim": 32}
 
 DESCRIPTION = """\
 Benchmark attention implementations on the protocol of FlashAttention's papers.
@@ -34,6 +44,18 @@ dim 64, 1024 tokens, hidden 128, interpreted kernels) whose numbers are labeled 
 FLOPs: forward 4*B*N*T*S*H, half of it for causal, the visible fraction for a window; backward
 2.5x forward. Results: bench.json, bench.csv and bench.png (with matplotlib) in --out, written
 after every shape, and a table on stdout at the end.
+
+Two other measurements replace the sweep:
+
+  --io      FlashAttention's IO complexity (its Theorem 2 and Fig. 2): for one forward shape
+            (bf16, B=1, N=16, H=64, non-causal; seq 1k..8k) and each tile size of flashjax's
+            forward kernel, the HBM bytes an analytic model predicts, the DRAM (and L2) bytes
+            Nsight Compute measures (ncu on the PATH; "no ncu" otherwise, "cpu" on a CPU), and
+            the runtime; standard attention (jax.nn, XLA) beside it. io.json, io.csv, io.png.
+  --memory  XLA temp memory of forward+backward (jax.grad) against sequence length, 1k..64k
+            (bf16, B=1, N=16, H=128): flashjax, standard attention and cuDNN, compiled only and
+            compared with the device's memory ("would not fit"); flashjax also run at each
+            length to confirm that it fits. memory.json, memory.csv, memory.png.
 """
 
 EPILOG = """\
@@ -52,6 +74,10 @@ examples:
   python -m flashjax bench --quick                          # seq 1k, 4k, 16k at D=128
   python -m flashjax bench --head-dims 256 --seqlens 4k,16k
   python -m flashjax bench --backends flashjax,jax_cudnn --modes fwd --causal yes
+  python -m flashjax bench --io                             # HBM traffic vs tile size
+  python -m flashjax bench --io --blocks 64,128 --vary q --causal yes
+  python -m flashjax bench --memory                         # memory vs seq, up to 64k
+  python -m flashjax bench --memory --no-run --seqlens 16k,32k
 """
 
 
@@ -122,6 +148,20 @@ def parse_window(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError("window is LEFT or LEFT,RIGHT")
 
 
+def hbm_vary() -> tuple[str, ...]:
+    """The choices of `--vary`."""
+    from flashjax.bench.hbm import VARY
+
+    return VARY
+
+
+def hbm_timeout() -> float:
+    """The default of `--ncu-timeout`."""
+    from flashjax.bench.hbm import DEFAULT_NCU_TIMEOUT_S
+
+    return DEFAULT_NCU_TIMEOUT_S
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `bench` argument parser."""
     p = argparse.ArgumentParser(
@@ -138,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--head-dims", type=parse_ints, metavar="LIST", help="head dims (default 64,128; 256 works)"
     )
     shapes.add_argument(
-        "--causal", choices=("both", "yes", "no"), default="both", help="default: both"
+        "--causal",
+        choices=("both", "yes", "no"),
+        help="default: both (sweep), no (--io, --memory, which take yes or no)",
     )
     shapes.add_argument(
         "--window",
@@ -160,6 +202,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shapes.add_argument(
         "--dtype", type=parse_dtype, default="bfloat16", help="bfloat16 (default), float16, float32"
+    )
+    shapes.add_argument(
+        "--batch", type=int, metavar="B", help="batch size of --io and --memory (default 1)"
+    )
+    shapes.add_argument(
+        "--heads",
+        type=int,
+        metavar="N",
+        help="heads of --io and --memory (default 16; 2 on CPU)",
+    )
+    other = p.add_argument_group(
+        "other measurements (each replaces the sweep)",
+        "--seqlens, --head-dims (one), --dtype, --causal, --batch and --heads set their shape; "
+        "--reps, --seed and the output options apply too; --memory takes --backends among "
+        "flashjax, jax_xla, jax_cudnn.",
+    )
+    which = other.add_mutually_exclusive_group()
+    which.add_argument(
+        "--io",
+        action="store_true",
+        help="HBM traffic (analytic model and Nsight Compute) and runtime of one forward against "
+        "flashjax's tile size, beside standard attention (default seq 1k..8k, head dim 64)",
+    )
+    which.add_argument(
+        "--memory",
+        action="store_true",
+        help="memory of forward+backward against sequence length, 1k..64k (head dim 128): "
+        "flashjax, standard attention, cuDNN",
+    )
+    other.add_argument(
+        "--blocks",
+        type=parse_ints,
+        metavar="LIST",
+        help="--io: tile sizes of flashjax's forward (default 32,64,128,256; CPU 16,32,64)",
+    )
+    other.add_argument(
+        "--vary",
+        choices=hbm_vary(),
+        default="both",
+        help="--io: what --blocks sets: both (block_q = block_k, default), q or k (the other "
+        "from configs.py). The model's bytes depend on block_q only",
+    )
+    other.add_argument(
+        "--ncu",
+        metavar="PATH",
+        help="--io: the Nsight Compute CLI (default: ncu on PATH, then under /usr/local/cuda* "
+        "and /opt/nvidia/nsight-compute)",
+    )
+    other.add_argument("--no-ncu", action="store_true", help="--io: skip Nsight Compute")
+    other.add_argument(
+        "--ncu-timeout",
+        type=float,
+        default=hbm_timeout(),
+        metavar="S",
+        help="--io: seconds allowed to each of its two ncu runs (default %(default).0f)",
+    )
+    other.add_argument(
+        "--no-run",
+        action="store_true",
+        help="--memory: compile only (skip the run that confirms flashjax fits)",
+    )
+    other.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        metavar="GIB",
+        help="--memory: the memory to compare with (default: the device's bytes_limit)",
     )
     what = p.add_argument_group("what to run")
     what.add_argument(
@@ -240,7 +348,7 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
     return {
         "seqlens": args.seqlens or seqlens,
         "head_dims": args.head_dims or head_dims,
-        "causal": {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal],
+        "causal": {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal or "both"],
         "batch_tokens": args.batch_tokens or batch_tokens,
         "hidden": args.hidden or hidden,
         "modes": args.modes or MODES,
@@ -249,18 +357,216 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
     }
 
 
+def _policy(on_gpu: bool, reps: int) -> Any:
+    """The timing policy every mode uses: `reps` timed batches after warm-up."""
+    from flashjax.bench import timing
+
+    return timing.TimingPolicy(
+        reps=reps,
+        warmup=2 if on_gpu else 1,
+        target_batch_s=0.025 if on_gpu else 0.02,
+    )
+
+
+def _out_dir(args: argparse.Namespace, meta: dict[str, Any], suffix: str = "") -> Path:
+    """--out, or benchmarks/results/<date>-<device><suffix>."""
+    from flashjax.bench import machine
+
+    return args.out or Path("benchmarks/results") / (
+        f"{datetime.date.today().isoformat()}-{machine.slug(meta['device'])}{suffix}"
+    )
+
+
+def _one_shape(
+    p: argparse.ArgumentParser, args: argparse.Namespace, mode: str, head_dim: int
+) -> tuple[int, bool]:
+    """The single head dim and causal setting of --io / --memory (errors exit with usage)."""
+    if args.head_dims is not None and len(args.head_dims) != 1:
+        p.error(f"{mode} takes one head dim, got --head-dims {args.head_dims}")
+    if args.causal == "both":
+        p.error(f"{mode} takes --causal yes or no")
+    for name in ("batch", "heads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    return (args.head_dims or (head_dim,))[0], args.causal == "yes"
+
+
+def _header(meta: dict[str, Any], what: str) -> None:
+    from flashjax.bench import report
+
+    print(
+        f"flashjax bench {what} on {meta['device']} ({meta['platform']}), "
+        f"jax {meta['jax_version']}, commit {meta['git_commit']}",
+        flush=True,
+    )
+    if meta["platform"] != "gpu":
+        print("NOTE: " + report.CPU_NOTE + ".", flush=True)
+
+
+def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    """`--io`: model, ncu and runtime per sequence length and tile size (see flashjax.bench.hbm)."""
+    import jax
+
+    from flashjax.bench import hbm, machine
+    from flashjax.bench import ncu as ncu_mod
+
+    started = time.perf_counter()
+    on_gpu = jax.devices()[0].platform == "gpu"
+    defaults = IO_GPU if on_gpu else IO_CPU
+    head_dim, causal = _one_shape(p, args, "--io", defaults["head_dim"])
+    if not on_gpu:
+        ncu_path, ncu_status = None, "cpu"
+    elif args.no_ncu:
+        ncu_path, ncu_status = None, "disabled"
+    else:
+        ncu_path = ncu_mod.find_ncu(args.ncu)
+        ncu_status = (
+            "not profiled" if ncu_path else "no ncu" + (f" at {args.ncu}" if args.ncu else "")
+        )
+    cfg = hbm.IOConfig(
+        seqlens=args.seqlens or defaults["seqlens"],
+        blocks=args.blocks or defaults["blocks"],
+        batch=args.batch or 1,
+        heads=args.heads or defaults["heads"],
+        head_dim=head_dim,
+        causal=causal,
+        dtype=args.dtype,
+        vary=args.vary,
+        ncu=ncu_path,
+        ncu_status=ncu_status,
+        ncu_timeout_s=args.ncu_timeout,
+        seed=args.seed,
+    )
+    meta = machine.describe(args.commit)
+    _header(meta, "--io")
+    meta |= {
+        "mode": "io",
+        "dtype": cfg.dtype,
+        "batch": cfg.batch,
+        "heads": cfg.heads,
+        "head_dim": cfg.head_dim,
+        "causal": cfg.causal,
+        "seqlens": list(cfg.seqlens),
+        "blocks": list(cfg.blocks),
+        "vary": cfg.vary,
+        "ncu": cfg.ncu,
+        "ncu_metrics": list(ncu_mod.METRICS),
+        "reps": args.reps or (5 if on_gpu else 2),
+        "model": "flashjax/bench/hbm.py: standard = 2e(T+S)H + (8+2e)TS bytes per head; "
+        "flashjax = Q, O, lse once + K, V once per visited key block per query block",
+        "timing": "median of timed batches after warm-up, outside ncu",
+        "argv": argv,
+    }
+    out_dir = _out_dir(args, meta, "-io")
+    print(
+        f"{len(cfg.seqlens)} lengths x (standard + {len(cfg.blocks)} tiles); ncu: "
+        f"{cfg.ncu or cfg.ncu_status}; results in {out_dir}",
+        flush=True,
+    )
+    policy = _policy(on_gpu, meta["reps"])
+    rows = hbm.run(
+        cfg,
+        policy,
+        out_dir,
+        log=lambda line: print(line, flush=True),
+        on_progress=lambda rows: hbm.write(out_dir, meta, rows, with_plot=False),
+    )
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+    paths = hbm.write(out_dir, meta, rows, with_plot=not args.no_plot)
+    print()
+    print(hbm.format_table(rows, meta))
+    print()
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['seconds']:.0f} s")
+    return 0
+
+
+def main_memory(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    """`--memory`: XLA temp memory of forward+backward per length (see flashjax.bench.memory)."""
+    import jax
+
+    from flashjax.bench import machine, memory
+
+    started = time.perf_counter()
+    on_gpu = jax.devices()[0].platform == "gpu"
+    defaults = MEMORY_GPU if on_gpu else MEMORY_CPU
+    head_dim, causal = _one_shape(p, args, "--memory", defaults["head_dim"])
+    wanted = args.backends or memory.BACKENDS
+    if unknown := [b for b in wanted if b not in memory.BACKENDS]:
+        p.error(f"--memory compares {', '.join(memory.BACKENDS)}; not {', '.join(unknown)}")
+    limit = memory.device_limit()
+    if args.memory_limit_gib is not None:
+        limit = int(args.memory_limit_gib * 2**30)
+    cfg = memory.MemoryConfig(
+        seqlens=args.seqlens or defaults["seqlens"],
+        batch=args.batch or 1,
+        heads=args.heads or defaults["heads"],
+        head_dim=head_dim,
+        causal=causal,
+        dtype=args.dtype,
+        backends=tuple(wanted),
+        limit_bytes=limit,
+        run=not args.no_run,
+        seed=args.seed,
+    )
+    meta = machine.describe(args.commit)
+    _header(meta, "--memory")
+    meta |= {
+        "mode": "memory",
+        "dtype": cfg.dtype,
+        "batch": cfg.batch,
+        "heads": cfg.heads,
+        "head_dim": cfg.head_dim,
+        "causal": cfg.causal,
+        "seqlens": list(cfg.seqlens),
+        "backends": list(cfg.backends),
+        "limit_bytes": cfg.limit_bytes,
+        "limit": "--memory-limit-gib" if args.memory_limit_gib is not None else "bytes_limit",
+        "memory": "jit(jax.grad(sum of attention)).lower(...).compile().memory_analysis(); "
+        "fits: argument + output + temp - alias <= limit_bytes; peak_bytes: JAX's process-wide "
+        "peak after the run",
+        "argv": argv,
+    }
+    out_dir = _out_dir(args, meta, "-memory")
+    limit_text = "unknown" if limit is None else f"{limit / 2**30:.4g} GiB"
+    print(
+        f"{len(cfg.seqlens)} lengths x {', '.join(cfg.backends)}; device memory {limit_text}; "
+        f"results in {out_dir}",
+        flush=True,
+    )
+    rows = memory.run(
+        cfg,
+        on_gpu,
+        log=lambda line: print(line, flush=True),
+        on_progress=lambda rows: memory.write(out_dir, meta, rows, with_plot=False),
+    )
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+    paths = memory.write(out_dir, meta, rows, with_plot=not args.no_plot)
+    print()
+    print(memory.format_table(rows, meta))
+    print()
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['seconds']:.0f} s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the sweep; returns the process exit code (0 even if some backends failed)."""
-    args = build_parser().parse_args(argv)
+    """Run the sweep (or --io / --memory); returns the process exit code (0 even if some
+    backends failed)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     # JAX must not grab 75% of the GPU up front: torch backends share the device.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     logging.getLogger("absl").addFilter(_quiet_autotuning)
+    if args.io:
+        return main_io(parser, args, argv)
+    if args.memory:
+        return main_memory(parser, args, argv)
 
     import jax
 
     from flashjax.bench import backends as backends_mod
     from flashjax.bench import cases as cases_mod
-    from flashjax.bench import machine, report, sweep, timing
+    from flashjax.bench import machine, report, sweep
 
     started = time.perf_counter()
     registry = backends_mod.all_backends(int(args.xla_max_gib * 2**30))
@@ -274,11 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = _resolve(args, on_gpu)
     meta = machine.describe(args.commit)
-    policy = timing.TimingPolicy(
-        reps=cfg["reps"],
-        warmup=2 if on_gpu else 1,
-        target_batch_s=0.025 if on_gpu else 0.02,
-    )
+    policy = _policy(on_gpu, cfg["reps"])
     print(
         f"flashjax bench on {meta['device']} ({meta['platform']}), jax {meta['jax_version']}, "
         f"commit {meta['git_commit']}",
@@ -329,14 +631,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "memory": "temp_bytes: XLA temp allocation of the compiled program (torch: peak minus "
         "inputs and outputs); peak_bytes: JAX's process-wide peak so far (it cannot be reset), "
         "torch's peak during the backend's runs",
-        "argv": list(sys.argv[1:] if argv is None else argv),
+        "argv": argv,
     }
     if not on_gpu:
         meta["note"] = report.CPU_NOTE
-    out_dir = args.out or Path("benchmarks/results") / (
-        f"{datetime.date.today().isoformat()}-{machine.slug(meta['device'])}"
-        + ("-quick" if args.quick else "")
-    )
+    out_dir = _out_dir(args, meta, "-quick" if args.quick else "")
     print(
         f"{len(cases)} shapes x {len(chosen)} backends ({', '.join(meta['backends'])}), "
         f"modes {', '.join(cfg['modes'])}; results in {out_dir}",

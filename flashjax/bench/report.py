@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,11 @@ def backend_order(rows: Sequence[Row]) -> list[str]:
     return [b for b in BACKEND_NAMES if b in seen] + [b for b in seen if b not in BACKEND_NAMES]
 
 
+def with_meta(rows: Sequence[Row], meta: dict[str, Any]) -> list[Row]:
+    """New rows that start with the run's `META_FIELDS` (device, versions, commit, date)."""
+    return [{f: meta.get(f) for f in META_FIELDS} | dict(r) for r in rows]
+
+
 def finalize(rows: Sequence[Row], meta: dict[str, Any]) -> list[Row]:
     """New rows with the run's metadata, the ceiling fraction and the ratios to other backends."""
     ceiling = (meta.get("ceiling") or {}).get("tflops")
@@ -70,8 +75,7 @@ def finalize(rows: Sequence[Row], meta: dict[str, Any]) -> list[Row]:
         if r.get("tflops") and r["status"] in ("ok", "unchecked"):
             speed.setdefault(_shape_key(r), {})[r["backend"]] = r["tflops"]
     out = []
-    for r in rows:
-        row = {f: meta.get(f) for f in META_FIELDS} | dict(r)
+    for row in with_meta(rows, meta):
         tf = row.get("tflops") if row["status"] in ("ok", "unchecked") else None
         row["ceiling_tflops"] = ceiling
         row["frac_of_ceiling"] = tf / ceiling if tf and ceiling else None
@@ -105,19 +109,22 @@ def _csv_value(x: Any) -> Any:
     return x
 
 
-def write_csv(path: Path, rows: Sequence[Row]) -> Path:
-    """One line per row: `CSV_FIELDS`, then `vs_<backend>` ratio columns."""
-    backends = backend_order(rows)
-    fields = [*CSV_FIELDS, *(f"vs_{b}" for b in backends)]
+def write_csv(path: Path, rows: Sequence[Row], fields: Sequence[str] | None = None) -> Path:
+    """One line per row with the columns `fields`; by default the sweep's: `CSV_FIELDS`, then
+    `vs_<backend>` ratio columns. Lists are written joined by ":", dicts are left out."""
+    extra = [] if fields is not None else [f"vs_{b}" for b in backend_order(rows)]
+    columns = [*(CSV_FIELDS if fields is None else fields), *extra]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            flat = {k: _csv_value(v) for k, v in r.items() if k in CSV_FIELDS}
-            if isinstance(flat.get("window"), list):
-                flat["window"] = ":".join(map(str, flat["window"]))
-            for b, ratio in r.get("ratios", {}).items():
-                flat[f"vs_{b}"] = _csv_value(ratio)
+            flat = {k: _csv_value(v) for k, v in r.items() if k in columns}
+            for k, v in flat.items():
+                if isinstance(v, (list, tuple)):
+                    flat[k] = ":".join(map(str, v))
+            if fields is None:
+                for b, ratio in r.get("ratios", {}).items():
+                    flat[f"vs_{b}"] = _csv_value(ratio)
             writer.writerow(flat)
     return path
 
@@ -128,8 +135,21 @@ def _panels(rows: Sequence[Row]) -> tuple[list[str], list[tuple[int, bool]]]:
     return modes, cols
 
 
-def _seq_label(seq: int) -> str:
+def seq_label(seq: int) -> str:
+    """1024 -> "1k", 1536 -> "1536"."""
     return f"{seq // 1024}k" if seq >= 1024 and seq % 1024 == 0 else str(seq)
+
+
+def pyplot() -> Any:
+    """`matplotlib.pyplot` on the Agg backend, or None when matplotlib is not importable."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
@@ -137,12 +157,8 @@ def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
 
     Returns None (and writes nothing) when matplotlib is not importable.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     modes, cols = _panels(rows)
     if not modes or not cols:
@@ -178,7 +194,7 @@ def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
             if ceiling:
                 ax.axhline(ceiling, color="gray", ls="--", lw=0.8, label="matmul ceiling")
             ax.set_xscale("log", base=2)
-            ax.set_xticks(seqs, [_seq_label(s) for s in seqs])
+            ax.set_xticks(seqs, [seq_label(s) for s in seqs])
             ax.minorticks_off()
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
@@ -274,7 +290,7 @@ def format_table(rows: Sequence[Row], meta: dict[str, Any], subject: str = "flas
             lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
             for key in sorted({_shape_key(r) for r in block}, key=lambda k: int(k[2])):
                 seq = int(key[2])
-                cells = [_seq_label(seq)]
+                cells = [seq_label(seq)]
                 cells += [_cell(index.get((b, *key))) for b in backends]
                 mine = index.get((subject, *key))
                 for a in anchors:
@@ -284,15 +300,50 @@ def format_table(rows: Sequence[Row], meta: dict[str, Any], subject: str = "flas
     return "\n".join(lines)
 
 
+def byte_unit(largest: float, binary: bool = False) -> tuple[float, str]:
+    """`(bytes per unit, name)` of the largest unit that `largest` bytes fill at least once:
+    GB/MB/KB (or GiB/MiB/KiB with `binary`), bytes below that."""
+    base, names = (
+        (1024.0, ("KiB", "MiB", "GiB", "TiB")) if binary else (1e3, ("KB", "MB", "GB", "TB"))
+    )
+    unit, name = 1.0, "bytes"
+    for i, n in enumerate(names, 1):
+        if largest >= base**i:
+            unit, name = base**i, n
+    return unit, name
+
+
+def text_table(header: Sequence[str], lines: Sequence[Sequence[Any]]) -> list[str]:
+    """Right-aligned columns, as wide as their widest cell (None prints as "-")."""
+    cells = [[str(h) for h in header]]
+    cells += [["-" if c is None else str(c) for c in line] for line in lines]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    joined = ("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+    return [line.rstrip() for line in joined]
+
+
+def write_results(
+    out_dir: Path,
+    stem: str,
+    meta: dict[str, Any],
+    rows: Sequence[Row],
+    fields: Sequence[str] | None = None,
+    plot_fn: Callable[[Path, Sequence[Row], dict[str, Any]], Path | None] | None = None,
+) -> dict[str, Path]:
+    """Write `<stem>.json`, `<stem>.csv` (columns `fields`, see `write_csv`) and, with `plot_fn`,
+    `<stem>.png` into `out_dir`; returns the paths written by kind."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": write_json(out_dir / f"{stem}.json", meta, rows),
+        "csv": write_csv(out_dir / f"{stem}.csv", rows, fields),
+    }
+    if plot_fn is not None and (png := plot_fn(out_dir / f"{stem}.png", rows, meta)) is not None:
+        paths["png"] = png
+    return paths
+
+
 def write_all(
     out_dir: Path, meta: dict[str, Any], rows: Sequence[Row], *, with_plot: bool = True
 ) -> dict[str, Path]:
-    """Write `bench.json`, `bench.csv` and (if matplotlib is there) `bench.png` into `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": write_json(out_dir / f"{FILE_STEM}.json", meta, rows),
-        "csv": write_csv(out_dir / f"{FILE_STEM}.csv", rows),
-    }
-    if with_plot and (png := plot(out_dir / f"{FILE_STEM}.png", rows, meta)) is not None:
-        paths["png"] = png
-    return paths
+    """Write the sweep's `bench.json`, `bench.csv` and (if matplotlib is there) `bench.png`."""
+    return write_results(out_dir, FILE_STEM, meta, rows, None, plot if with_plot else None)
