@@ -99,3 +99,21 @@ def test_chunked_path_memory_is_linear_in_seq_len() -> None:
     small, large = temp_bytes(8192), temp_bytes(16384)
     assert large / small < 2.5, (small, large)
     assert large < (2 * 16384 * 16384 * 4) / 4, large
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vmap_with_a_dropout_key_per_slice(impl: str) -> None:
+    """Each vmapped slice draws its own dropout mask from its own key, forward and backward."""
+    q = make_inputs(CASE)[0]
+    qs = jnp.stack([q, q * 0.5, q + 1.0])
+    keys = jax.random.split(jax.random.key(1), 3)
+
+    def loss(q, key):
+        out = dot_product_attention(q, q, q, dropout_rate=0.3, dropout_rng=key, implementation=impl)
+        return jnp.sum(out**2)
+
+    vals, grads = jax.vmap(jax.value_and_grad(loss))(qs, keys)
+    for i in range(3):
+        val, grad = jax.value_and_grad(loss)(qs[i], keys[i])
+        np.testing.assert_allclose(vals[i], val, rtol=1e-5)
+        np.testing.assert_allclose(grads[i], grad, rtol=1e-4, atol=1e-4)
