@@ -192,12 +192,12 @@ def _xla(ops: Operands) -> tuple[jax.Array, jax.Array]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _triton(statics: common.AttentionStatics, q, k, v, bias, q_segments, kv_segments, seeds):
-    out, lse2 = triton_api.forward(q, k, v, q_segments, kv_segments, bias, seeds, statics)
-    return out, lse2
+    """The kernels as one differentiable function: residuals (out, lse2), recompute backward."""
+    return triton_api.forward(q, k, v, q_segments, kv_segments, bias, seeds, statics)
 
 
 def _triton_fwd(statics, q, k, v, bias, q_segments, kv_segments, seeds):
-    out, lse2 = triton_api.forward(q, k, v, q_segments, kv_segments, bias, seeds, statics)
+    out, lse2 = _triton(statics, q, k, v, bias, q_segments, kv_segments, seeds)
     return (out, lse2), (q, k, v, bias, q_segments, kv_segments, seeds, out, lse2)
 
 
