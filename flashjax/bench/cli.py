@@ -439,14 +439,7 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
     )
     meta = machine.describe(args.commit)
     _header(meta, "--io")
-    meta |= {
-        "mode": "io",
-        "dtype": cfg.dtype,
-        "batch": cfg.batch,
-        "heads": cfg.heads,
-        "head_dim": cfg.head_dim,
-        "causal": cfg.causal,
-        "seqlens": list(cfg.seqlens),
+    meta |= _shape_meta("io", cfg) | {
         "blocks": list(cfg.blocks),
         "vary": cfg.vary,
         "ncu": cfg.ncu,
@@ -480,6 +473,12 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
     return 0
 
 
+def _shape_meta(mode: str, cfg: Any) -> dict[str, Any]:
+    """The shape fields every single-shape mode (`--io`, `--memory`) records in its metadata."""
+    fields = ("dtype", "batch", "heads", "head_dim", "causal")
+    return {"mode": mode, **{f: getattr(cfg, f) for f in fields}, "seqlens": list(cfg.seqlens)}
+
+
 def main_memory(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     """`--memory`: XLA temp memory of forward+backward per length (see flashjax.bench.memory)."""
     import jax
@@ -510,14 +509,7 @@ def main_memory(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     )
     meta = machine.describe(args.commit)
     _header(meta, "--memory")
-    meta |= {
-        "mode": "memory",
-        "dtype": cfg.dtype,
-        "batch": cfg.batch,
-        "heads": cfg.heads,
-        "head_dim": cfg.head_dim,
-        "causal": cfg.causal,
-        "seqlens": list(cfg.seqlens),
+    meta |= _shape_meta("memory", cfg) | {
         "backends": list(cfg.backends),
         "limit_bytes": cfg.limit_bytes,
         "limit": "--memory-limit-gib" if args.memory_limit_gib is not None else "bytes_limit",

@@ -728,14 +728,7 @@ def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
     traffic.add_artist(first)
     traffic.legend(loc="upper right", fontsize=8)
     runtime.legend(loc="best", fontsize=8)
-    title = (
-        f"FlashAttention IO (Theorem 2 / Fig. 2): {meta.get('device')}, {meta.get('dtype')}, "
-        f"B={meta.get('batch')} N={meta.get('heads')} H={meta.get('head_dim')}, "
-        f"{'causal' if meta.get('causal') else 'non-causal'} "
-        f"({meta.get('git_commit')}, {str(meta.get('date'))[:10]})"
-    )
-    if meta.get("platform") == "cpu":
-        title += "\n" + report.CPU_NOTE
+    title = report.shape_title("FlashAttention IO (Theorem 2 / Fig. 2)", meta)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)

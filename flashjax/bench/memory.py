@@ -364,13 +364,7 @@ def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
     ax.set_xlabel("sequence length")
     ax.set_ylabel(f"XLA temp memory, forward+backward ({name})")
     ax.legend(fontsize=8, loc="upper left")
-    title = (
-        f"Memory: {meta.get('device')}, {meta.get('dtype')}, B={meta.get('batch')} "
-        f"N={meta.get('heads')} H={meta.get('head_dim')} "
-        f"({meta.get('git_commit')}, {str(meta.get('date'))[:10]})"
-    )
-    if meta.get("platform") == "cpu":
-        title += "\n" + report.CPU_NOTE
+    title = report.shape_title("Memory", meta)
     ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)

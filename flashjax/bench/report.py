@@ -62,6 +62,17 @@ def backend_order(rows: Sequence[Row]) -> list[str]:
     return [b for b in BACKEND_NAMES if b in seen] + [b for b in seen if b not in BACKEND_NAMES]
 
 
+def shape_title(what: str, meta: dict[str, Any]) -> str:
+    """A plot title naming the measurement, device, shape, commit and date (+ the CPU caveat)."""
+    causal = "" if "causal" not in meta else (", causal" if meta["causal"] else ", non-causal")
+    title = (
+        f"{what}: {meta.get('device')}, {meta.get('dtype')}, B={meta.get('batch')} "
+        f"N={meta.get('heads')} H={meta.get('head_dim')}{causal} "
+        f"({meta.get('git_commit')}, {str(meta.get('date'))[:10]})"
+    )
+    return title + ("\n" + CPU_NOTE if meta.get("platform") == "cpu" else "")
+
+
 def with_meta(rows: Sequence[Row], meta: dict[str, Any]) -> list[Row]:
     """New rows that start with the run's `META_FIELDS` (device, versions, commit, date)."""
     return [{f: meta.get(f) for f in META_FIELDS} | dict(r) for r in rows]
