@@ -464,10 +464,15 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
         log=lambda line: print(line, flush=True),
         on_progress=lambda rows: hbm.write(out_dir, meta, rows, with_plot=False),
     )
+    return _finish(hbm, out_dir, meta, rows, started, plot=not args.no_plot)
+
+
+def _finish(mode: Any, out_dir: Any, meta: dict, rows: list, started: float, plot: bool) -> int:
+    """Write a single-shape mode's results (`mode`: bench.hbm or bench.memory) and its table."""
     meta["seconds"] = round(time.perf_counter() - started, 1)
-    paths = hbm.write(out_dir, meta, rows, with_plot=not args.no_plot)
+    paths = mode.write(out_dir, meta, rows, with_plot=plot)
     print()
-    print(hbm.format_table(rows, meta))
+    print(mode.format_table(rows, meta))
     print()
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['seconds']:.0f} s")
     return 0
@@ -531,13 +536,7 @@ def main_memory(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         log=lambda line: print(line, flush=True),
         on_progress=lambda rows: memory.write(out_dir, meta, rows, with_plot=False),
     )
-    meta["seconds"] = round(time.perf_counter() - started, 1)
-    paths = memory.write(out_dir, meta, rows, with_plot=not args.no_plot)
-    print()
-    print(memory.format_table(rows, meta))
-    print()
-    print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['seconds']:.0f} s")
-    return 0
+    return _finish(memory, out_dir, meta, rows, started, plot=not args.no_plot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
