@@ -22,7 +22,8 @@ Each backend runs in its own subprocess (one device user at a time; a crash or a
 cannot take the others down; its peak-memory counter starts fresh), with a deadline. Every
 measurement is appended to a JSON-lines file as soon as it is made, so a killed worker loses
 nothing it finished. The parent process never touches the accelerator: it prepares the data,
-starts the workers, then writes at most five files into `--out`: `<date>-<device>-gpt2.json`
+starts the workers (their specs, stderr and the raw records go to `--out`/raw), then writes at
+most five files into `--out`: `<date>-<device>-gpt2.json`
 (every number), `-gpt2-throughput.png`, `-gpt2-loss-parity.png`, `-gpt2-val-loss.png` and
 `-gpt2-summary.md` (tables for the README), and prints the summary.
 """
@@ -453,7 +454,7 @@ def _worker_plans(plan: Plan, backends: Sequence[str]) -> list[tuple[str, list[d
         "cudnn": [*speed, {"kind": "ladder"}, no_seg],
         "flashjax": [*speed, {"kind": "parity"}, {"kind": "ladder"}, no_seg, {"kind": "val_run"}],
     }
-    shares = {"xla": 0.27, "cudnn": 0.25, "flashjax": 1.0}
+    shares = {"xla": 0.32, "cudnn": 0.22, "flashjax": 1.0}
     order = [b for b in ("xla", "cudnn", "flashjax") if b in backends]
     return [(b, tasks[b], shares[b]) for b in order]
 
@@ -884,7 +885,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         f"documents), ready in {time.time() - t0:.1f} s; budget {budget:.0f} s",
         flush=True,
     )
-    workdir = Path(tempfile.mkdtemp(prefix="gpt2-bench-"))
+    workdir = args.out / "raw"  # Kept: the records survive even if this process is killed.
+    workdir.mkdir(exist_ok=True)
     results = workdir / "records.jsonl"
     workers = []
     only = {k.strip() for k in args.only.split(",") if k.strip()} if args.only else None
