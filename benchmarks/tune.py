@@ -1,6 +1,6 @@
 """Tile sweep for the Triton-lowered kernels: times each kernel alone (forward, dK/dV, dQ) for
 candidate configs at the standard shapes (bf16, B*T = 16k tokens, N*H = 2048) and prints the best.
-Usage on the GPU: python benchmarks/tune.py OUT_JSON"""
+Usage on the GPU: python benchmarks/tune.py OUT_JSON [HEAD_DIM ...]   (default head dims 64 128)"""
 
 from __future__ import annotations
 
@@ -36,6 +36,38 @@ DKDV = [
     K(64, 64, 4, 3),
     K(32, 128, 8, 2),
 ]
+# Head dim 256: a (64, 256) bf16 tile is 32 KiB, so fewer stages / smaller key tiles; the dK/dV
+# program's two float32 (block_k, 256) accumulators live in registers, so block_k <= 64.
+FWD_256 = [
+    K(64, 64, 8, 2),
+    K(64, 64, 4, 2),
+    K(64, 32, 4, 2),
+    K(64, 32, 4, 3),
+    K(128, 64, 8, 2),
+    K(128, 32, 8, 2),
+    K(128, 64, 8, 1),
+    K(64, 128, 8, 1),
+]
+DKDV_256 = [
+    K(32, 64, 8, 1),
+    K(32, 64, 4, 1),
+    K(32, 64, 4, 2),
+    K(32, 32, 4, 2),
+    K(16, 64, 4, 2),
+    K(64, 32, 8, 1),
+    K(64, 64, 8, 1),
+    K(64, 32, 4, 2),
+]
+DQ_256 = [
+    K(64, 32, 8, 1),
+    K(64, 32, 4, 2),
+    K(32, 64, 4, 2),
+    K(64, 64, 8, 1),
+    K(32, 32, 4, 2),
+    K(128, 32, 8, 1),
+    K(64, 64, 4, 1),
+    K(32, 64, 8, 1),
+]
 DQ = [
     K(64, 32, 4, 2),
     K(64, 64, 4, 2),
@@ -58,10 +90,22 @@ def timeit(f, *args, reps=8):
     return float(np.median(ts))
 
 
-def main(out_path: str) -> None:
+def candidates(head_dim: int) -> tuple[tuple[str, list[K]], ...]:
+    if head_dim >= 256:
+        return (("fwd", FWD_256), ("dkdv", DKDV_256), ("dq", DQ_256))
+    return (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ))
+
+
+def shapes(head_dim: int) -> tuple[tuple[int, bool], ...]:
+    if head_dim >= 256:  # Fewer shapes: each candidate compiles slower.
+        return ((4096, True), (16384, False))
+    return ((1024, False), (4096, True), (16384, False), (16384, True))
+
+
+def main(out_path: str, head_dims: tuple[int, ...]) -> None:
     rows = []
-    for H in (64, 128):
-        for T, causal in ((1024, False), (4096, True), (16384, False), (16384, True)):
+    for H in head_dims:
+        for T, causal in shapes(H):
             B, N = 16384 // T, 2048 // H
             ks = jax.random.split(jax.random.PRNGKey(0), 4)
             q, k, v, do = (jax.random.normal(x, (B, T, N, H), jnp.bfloat16) for x in ks)
@@ -70,11 +114,20 @@ def main(out_path: str) -> None:
             )
             flops = 4 * B * N * T * T * H / (2 if causal else 1)
             _, lse2 = forward.forward(
-                q, k, v, None, None, None, None, statics=statics, config=FWD[0], interpret=False
+                q,
+                k,
+                v,
+                None,
+                None,
+                None,
+                None,
+                statics=statics,
+                config=candidates(H)[0][1][0],
+                interpret=False,
             )
             delta = jnp.zeros_like(lse2) + 0.1
             ops = (q, k, v, do, lse2, delta, None, None, None, None)
-            for kind, cands in (("fwd", FWD), ("dkdv", DKDV), ("dq", DQ)):
+            for kind, cands in candidates(H):
                 for c in cands:
                     if kind == "fwd":
                         f = jax.jit(
@@ -136,4 +189,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], tuple(int(h) for h in sys.argv[2:]) or (64, 128))

@@ -224,7 +224,10 @@ def online_softmax_step(
     """
     m_new = jnp.maximum(m_prev, jnp.max(s2, axis=-1))
     m_use = safe_max(m_new)
-    alpha = jnp.exp2(safe_max(m_prev) - m_use)
+    # m_use is finite, so a row with nothing visible before this tile (m_prev = -inf) gets
+    # alpha = 0 exactly. (Subtracting a stand-in for m_prev instead overflows to inf once the
+    # row's logits are below -128 in base 2, and inf * 0 is NaN.)
+    alpha = jnp.exp2(m_prev - m_use)
     p = jnp.exp2(s2 - m_use[..., None])
     l_new = alpha * l_prev + jnp.sum(p, axis=-1)
     return p, m_new, l_new, alpha

@@ -30,6 +30,7 @@ CASES = [
     Case(B=2, T=50, S=77, N=4, K=2, H=64, features=("softcap", "bias")),
     Case(B=2, T=50, S=77, N=4, K=4, H=64, features=("rowbias",)),
     Case(B=2, T=70, S=70, N=4, K=2, H=64, features=("segments", "causal")),
+    Case(B=2, T=70, S=70, N=4, K=2, H=64, features=("large", "segments", "causal")),
     Case(B=2, T=60, S=90, N=2, K=1, H=64, features=("lengths", "mask")),
     Case(B=2, T=60, S=90, N=4, K=2, H=64, features=("lengths",)),
     Case(B=1, T=64, S=64, N=2, K=2, H=64, features=("dropout",)),
@@ -82,6 +83,21 @@ def test_row_without_visible_key_outputs_zero(impl: str) -> None:
     assert np.all(np.isneginf(lse[0, 3])) and np.all(np.isneginf(lse[0, 15:]))
     assert np.all(np.isfinite(dq)) and np.all(dq[0, 3] == 0) and np.all(dq[0, 15:] == 0)
     assert np.all(np.isfinite(dk)) and np.all(np.isfinite(dv))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softmax_is_shift_invariant(impl: str) -> None:
+    """A constant bias of -1000 (every logit far below exp's underflow) changes nothing."""
+    case = Case(B=1, T=40, S=40, N=2, K=2, H=64, dtype="float32")
+    q, k, v, dout, _ = make_inputs(case)
+    plain = run(impl, q, k, v, dout, dict(is_causal=True))
+    shifted = run(impl, q, k, v, dout, dict(is_causal=True, bias=jnp.full((40, 40), -1000.0)))
+    for name, a, b in zip(
+        ("out", "dq", "dk", "dv"), plain[:1] + plain[2:], shifted[:1] + shifted[2:]
+    ):
+        # float32 logits near -1000 carry ~1e-4 absolute rounding; the old overflow gave NaN.
+        np.testing.assert_allclose(b, a, atol=1e-3 * np.abs(a).max(), err_msg=f"{impl} {name}")
+    np.testing.assert_allclose(shifted[1], plain[1] - 1000.0, rtol=1e-6, err_msg=f"{impl} lse")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

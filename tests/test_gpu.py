@@ -30,6 +30,7 @@ CASES = [
     Case(B=2, T=900, S=1100, N=4, K=4, H=64, features=("softcap", "bias")),
     Case(B=2, T=1024, S=1024, N=4, K=2, H=128, features=("rowbias", "causal")),
     Case(B=2, T=1024, S=1024, N=4, K=2, H=64, features=("segments", "causal")),
+    Case(B=2, T=1024, S=1024, N=4, K=2, H=64, features=("large", "segments", "causal")),
     Case(B=2, T=1000, S=1300, N=4, K=1, H=128, features=("lengths", "mask")),
     Case(B=2, T=1024, S=1024, N=4, K=4, H=64, features=("dropout", "causal")),
     Case(B=1, T=1024, S=1024, N=4, K=4, H=128, dtype="float16", features=("causal",)),
