@@ -39,13 +39,18 @@ K = KernelConfig
 # sweep is benchmarks/results/2026-11-21-h200-tile-sweep.json). 64x64 tiles with 4 warps won the
 # backward everywhere (the FA2 tutorial's 64x128 / 128x64 with 8 warps were 1.2-1.8x slower); the
 # forward likes 128x128 with 8 warps at head dim 128 and 64x64 with 4 warps at 64.
-# Head dim 256 is not swept yet: tiles sized to fit shared memory (checked on the H200).
+# Head dim 256: `python benchmarks/tune.py OUT 256` on the H200 (2026-11-22; T in {4k causal, 16k};
+# benchmarks/results/2026-11-22-h200-tile-sweep-d256.json). dK/dV and dQ: the sweep's winners at
+# both shapes (1.6x / 2.1x faster than the first fit-only tiles at 16k). Forward: the winner, 128x64
+# with 2 stages, would be cut to 1 stage by `stages_that_fit` (its estimate charges max(block_q,
+# block_k) per streamed tile), 1.16-1.30x slower than the runner-up 64x32 with 2 stages (1.7x the
+# fit-only 64x64), which is the entry.
 _TABLE: dict[tuple[str, int], AttentionConfig] = {
     ("sm90", 16): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm90", 32): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm90", 64): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm90", 128): AttentionConfig(K(128, 128, 8, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
-    ("sm90", 256): AttentionConfig(K(64, 64, 8, 2), K(32, 64, 8, 1), K(64, 32, 8, 1)),
+    ("sm90", 256): AttentionConfig(K(64, 32, 4, 2), K(64, 32, 4, 2), K(128, 32, 8, 1)),
     # Ampere-class (not measured: no such GPU here): 164 KiB of shared memory, so smaller tiles.
     ("sm80", 16): AttentionConfig(K(128, 64, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm80", 32): AttentionConfig(K(128, 64, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 2)),
