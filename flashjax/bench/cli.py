@@ -37,9 +37,10 @@ timed: jitted, warmed up, median of repeated timed batches. A backend that raise
 memory or fails the check becomes a row saying so; the sweep goes on.
 
 Defaults on a GPU (the standard sweep): bf16, batch*seq = 16384 tokens, heads*head_dim = 2048,
-seq 512..16k, head dims 64 and 128, causal and not, modes fwd, bwd (fwd+bwd minus fwd) and fwd+bwd,
-and a bf16 8192^3 matmul for the machine's ceiling. On a CPU: a small sweep (seq 128..512, head
-dim 64, 1024 tokens, hidden 128, interpreted kernels) whose numbers are labeled as CPU numbers.
+seq 512..16k, head dims 64, 128 and 256, causal and not, modes fwd, bwd (fwd+bwd minus fwd) and
+fwd+bwd, and a bf16 8192^3 matmul for the machine's ceiling (about 10 minutes on an H200). On a
+CPU: a small sweep (seq 128..512, head dim 64, 1024 tokens, hidden 128, interpreted kernels) whose
+numbers are labeled as CPU numbers.
 
 FLOPs: forward 4*B*N*T*S*H, half of it for causal, the visible fraction for a window; backward
 2.5x forward. Results: bench.json, bench.csv and bench.png (with matplotlib) in --out, written
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seqlens", type=parse_ints, metavar="LIST", help="sequence lengths, e.g. 512,1k,16k"
     )
     shapes.add_argument(
-        "--head-dims", type=parse_ints, metavar="LIST", help="head dims (default 64,128; 256 works)"
+        "--head-dims", type=parse_ints, metavar="LIST", help="head dims (GPU default 64,128,256)"
     )
     shapes.add_argument(
         "--causal",
@@ -337,7 +338,7 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
     """Fill the platform-dependent defaults."""
     if on_gpu:
         seqlens = GPU_QUICK_SEQLENS if args.quick else GPU_SEQLENS
-        head_dims = (128,) if args.quick else (64, 128)
+        head_dims = (128,) if args.quick else (64, 128, 256)
         batch_tokens, hidden = 16384, 2048
     else:
         seqlens = CPU_QUICK_SEQLENS if args.quick else CPU_SEQLENS
