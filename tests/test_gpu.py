@@ -26,6 +26,8 @@ CASES = [
     Case(B=1, T=1903, S=777, N=8, K=2, H=40, features=("causal",)),
     Case(B=1, T=2048, S=2048, N=8, K=1, H=128, features=("causal", "window")),
     Case(B=1, T=1024, S=1024, N=4, K=4, H=256, features=("causal",)),
+    Case(B=1, T=1000, S=1100, N=4, K=2, H=256, features=("bias", "softcap", "dropout")),
+    Case(B=2, T=1024, S=1024, N=4, K=1, H=256, features=("segments", "causal", "window")),
     Case(B=1, T=1000, S=1200, N=4, K=2, H=96, features=("window",)),
     Case(B=2, T=900, S=1100, N=4, K=4, H=64, features=("softcap", "bias")),
     Case(B=2, T=1024, S=1024, N=4, K=2, H=128, features=("rowbias", "causal")),
