@@ -17,7 +17,7 @@ import pytest
 
 from flashjax.__main__ import main as flashjax_main
 from flashjax.bench import cli, hbm, ncu, report, sweep, timing
-from flashjax.bench.backends import Backend, JaxBackend, Runner, _flashjax
+from flashjax.bench.backends import Backend, JaxBackend, Runner, dpa_call
 from flashjax.bench.cases import Case, reference_slice, sweep_cases
 from flashjax.bench.flops import attention_flops, normalize_window, visible_fraction, visible_pairs
 
@@ -186,7 +186,7 @@ def test_tiny_sweep_writes_json_csv_png(tmp_path, capsys, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-_good = _flashjax("xla_chunked")  # a real backend: flashjax's blockwise XLA path
+_good = dpa_call("flashjax", "xla_chunked")  # a real backend: flashjax's blockwise XLA path
 
 
 def _raises(q, k, v, case):

@@ -4,8 +4,9 @@
     y = attn(x, mask=SegmentMask(segment_ids, segment_ids), is_causal=True)
 
 Backends:
-  - "flashjax": `flashjax.dot_product_attention` (Pallas Triton kernels on a GPU, the chunked XLA
-    path elsewhere), with `q_segment_ids` / `kv_segment_ids`: nothing of size T x S is built.
+  - "flashjax": `flashjax.flax_attention_fn`, the library's Flax swap-in (Pallas Triton kernels on
+    a GPU, the chunked XLA path elsewhere), with `q_segment_ids` / `kv_segment_ids`: nothing of
+    size T x S is built.
   - "xla": `jax.nn.dot_product_attention(implementation="xla")`, the standard attention that Flax's
     own `dot_product_attention` calls.
   - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused attention.
@@ -121,32 +122,40 @@ class AttentionFn:
         """Attention of `Float[Array, "B T N H"]` queries over `Float[Array, "B S K H"]` keys and
         values; returns `Float[Array, "B T N H"]`.
 
-        `mask` is a boolean `(B | 1, N | 1, T, S)` array or a `SegmentMask`. Attention dropout and
-        `sow_weights` are not supported (the GPT-2 here uses neither).
+        `mask` is a boolean `(B | 1, N | 1, T, S)` array or a `SegmentMask`. flashjax goes through
+        the library's own Flax swap-in, `flashjax.flax_attention_fn`; for jax.nn, attention
+        dropout and `sow_weights` are not supported (the GPT-2 here uses neither).
         """
+        segments = mask if isinstance(mask, SegmentMask) else None
+        dense = None if segments is not None else mask
+        args = attention_arguments(self.backend, segments)
+        if self.backend == "flashjax":
+            return flashjax.flax_attention_fn(
+                query,
+                key,
+                value,
+                bias,
+                dense,
+                broadcast_dropout,
+                dropout_rng,
+                dropout_rate,
+                deterministic,
+                dtype,
+                precision,
+                module,
+                is_causal,
+                implementation=self.implementation,  # type: ignore[arg-type]
+                **args,
+            )
         del broadcast_dropout, dropout_rng, precision
         if dropout_rate > 0.0 and not deterministic:
-            raise NotImplementedError("attention dropout is not supported by this attention_fn")
+            raise NotImplementedError("attention dropout is not supported with jax.nn here")
         if module is not None:
             raise NotImplementedError("sow_weights=True: the attention weights are not formed")
         if query.ndim != 4:
             raise ValueError(f"query must be (B, T, N, H), got shape {query.shape}")
         if dtype is not None:
             query, key, value = (x.astype(dtype) for x in (query, key, value))
-        segments = mask if isinstance(mask, SegmentMask) else None
-        dense = None if segments is not None else mask
-        args = attention_arguments(self.backend, segments)
-        if self.backend == "flashjax":
-            return flashjax.dot_product_attention(
-                query,
-                key,
-                value,
-                bias,
-                dense,
-                is_causal=is_causal,
-                implementation=self.implementation,  # type: ignore[arg-type]
-                **args,
-            )
         return jax.nn.dot_product_attention(
             query,
             key,

@@ -527,6 +527,21 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _ladder_rungs(speed: list[dict[str, Any]], backend: str, plan: Plan) -> list[dict[str, Any]]:
+    """`backend`'s speed records of `plan.config` with segments at the ladder's lengths, by seq."""
+    return sorted(
+        (
+            r
+            for r in speed
+            if r["backend"] == backend
+            and r.get("config") == plan.config
+            and r.get("segments", True)
+            and r["seq"] in plan.ladder
+        ),
+        key=lambda r: r["seq"],
+    )
+
+
 def analyze(records: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
     """Group the raw records: throughput table, longest sequence per backend, parity verdict,
     validation run."""
@@ -534,17 +549,7 @@ def analyze(records: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
     speed = [r for r in records if r["kind"] in ("throughput", "ladder")]
     ladder: dict[str, Any] = {}
     for backend in sorted({r["backend"] for r in speed}):
-        rungs = sorted(
-            (
-                r
-                for r in speed
-                if r["backend"] == backend
-                and r.get("config") == plan.config
-                and r.get("segments", True)
-                and r["seq"] in plan.ladder
-            ),
-            key=lambda r: r["seq"],
-        )
+        rungs = _ladder_rungs(speed, backend, plan)
         ok = [r for r in rungs if r["status"] == "ok"]
         failed = [r for r in rungs if r["status"] in ("oom", "error")]
         best = max(ok, key=lambda r: r["seq"]) if ok else None
@@ -742,17 +747,7 @@ def make_plots(result: dict[str, Any], plan: Plan, out: Path, prefix: str) -> li
             ax.legend()
         ax = axes[2]
         for backend in backends:
-            rungs = sorted(
-                (
-                    r
-                    for r in a["speed"]
-                    if r["backend"] == backend
-                    and r.get("config") == plan.config
-                    and r.get("segments", True)
-                    and r["seq"] in plan.ladder
-                ),
-                key=lambda r: r["seq"],
-            )
+            rungs = _ladder_rungs(a["speed"], backend, plan)
             ok = [r for r in rungs if r["status"] == "ok"]
             ax.plot(
                 [r["seq"] for r in ok],

@@ -323,41 +323,13 @@ def _torch_cuda() -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _flashjax(implementation: str) -> AttentionFn:
+def dpa_call(module: str, implementation: str) -> AttentionFn:
+    """`module.dot_product_attention` (flashjax, jax.nn and tokamax share jax.nn's signature),
+    imported at call time so that a missing package only disables its own backend."""
+
     def attention(q: jax.Array, k: jax.Array, v: jax.Array, case: Case) -> jax.Array:
-        import flashjax
-
-        return flashjax.dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=case.causal,
-            local_window_size=case.window,
-            implementation=implementation,
-        )
-
-    return attention
-
-
-def _jax_nn(implementation: str) -> AttentionFn:
-    def attention(q: jax.Array, k: jax.Array, v: jax.Array, case: Case) -> jax.Array:
-        return jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=case.causal,
-            local_window_size=case.window,
-            implementation=implementation,
-        )
-
-    return attention
-
-
-def _tokamax_fn(implementation: str) -> AttentionFn:
-    def attention(q: jax.Array, k: jax.Array, v: jax.Array, case: Case) -> jax.Array:
-        import tokamax
-
-        return tokamax.dot_product_attention(
+        op = importlib.import_module(module).dot_product_attention
+        return op(
             q,
             k,
             v,
@@ -387,27 +359,34 @@ def all_backends(xla_max_bytes: int = DEFAULT_XLA_MAX_BYTES) -> list[Backend]:
     return [
         JaxBackend(
             "flashjax",
-            _flashjax("triton"),
+            dpa_call("flashjax", "triton"),
             "flashjax Pallas kernels (Triton lowering; interpreted on CPU)",
             _flashjax_triton,
         ),
         JaxBackend(
             "flashjax_chunked",
-            _flashjax("xla_chunked"),
+            dpa_call("flashjax", "xla_chunked"),
             "flashjax pure-JAX blockwise (lax.scan)",
             compile_lane="serial",
         ),
-        JaxBackend("jax_cudnn", _jax_nn("cudnn"), "jax.nn.dot_product_attention cuDNN", _gpu),
+        JaxBackend(
+            "jax_cudnn", dpa_call("jax.nn", "cudnn"), "jax.nn.dot_product_attention cuDNN", _gpu
+        ),
         JaxBackend(
             "jax_xla",
-            _jax_nn("xla"),
+            dpa_call("jax.nn", "xla"),
             "jax.nn.dot_product_attention XLA (standard attention)",
             limit=_xla_limit(xla_max_bytes),
             compile_lane="serial",
         ),
-        JaxBackend("tokamax_triton", _tokamax_fn("triton"), "tokamax Pallas Triton", _tokamax),
         JaxBackend(
-            "tokamax_mosaic", _tokamax_fn("mosaic"), "tokamax Pallas Mosaic GPU", _tokamax_mosaic
+            "tokamax_triton", dpa_call("tokamax", "triton"), "tokamax Pallas Triton", _tokamax
+        ),
+        JaxBackend(
+            "tokamax_mosaic",
+            dpa_call("tokamax", "mosaic"),
+            "tokamax Pallas Mosaic GPU",
+            _tokamax_mosaic,
         ),
         TorchBackend("torch_cudnn", "CUDNN_ATTENTION", "torch SDPA cuDNN"),
         TorchBackend("torch_flash", "FLASH_ATTENTION", "torch SDPA FlashAttention-2"),

@@ -282,7 +282,7 @@ def flashjax_tiles(config: Any) -> Callable:
 def standard_attention() -> Callable:
     """The baseline's `AttentionFn`: `jax.nn.dot_product_attention(implementation="xla")`."""
 
-    return backends._jax_nn("xla")
+    return backends.dpa_call("jax.nn", "xla")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,12 +96,12 @@ def implementations(on_gpu: bool) -> list[Implementation]:
 
     flash = "triton" if on_gpu else "xla_chunked"
     return [
-        Implementation("flashjax", flash, backends._flashjax(flash)),
-        Implementation("jax_xla", "xla", backends._jax_nn("xla")),
+        Implementation("flashjax", flash, backends.dpa_call("flashjax", flash)),
+        Implementation("jax_xla", "xla", backends.dpa_call("jax.nn", "xla")),
         Implementation(
             "jax_cudnn",
             "cudnn",
-            backends._jax_nn("cudnn"),
+            backends.dpa_call("jax.nn", "cudnn"),
             None if on_gpu else "needs a GPU",
         ),
     ]
