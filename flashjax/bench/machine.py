@@ -27,21 +27,15 @@ def _version(dist: str) -> str | None:
 
 def git_commit(repo: Path = REPO_ROOT) -> str:
     """`HEAD`'s short hash, with "-dirty" if the work tree has changes; "unknown" outside git."""
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(repo), *args]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")

@@ -137,24 +137,23 @@ def breakdown(compiled: Any) -> dict[str, int] | None:
     return parts
 
 
-def device_limit() -> int | None:
-    """The bytes JAX's allocator may use on the default device (None where it does not say)."""
-
+def _memory_stat(name: str) -> int | None:
+    """One of the default device's `memory_stats()` (None where it does not say)."""
     try:
         stats = jax.devices()[0].memory_stats()
     except Exception:
         return None
-    return None if not stats else stats.get("bytes_limit")
+    return None if not stats else stats.get(name)
+
+
+def device_limit() -> int | None:
+    """The bytes JAX's allocator may use on the default device."""
+    return _memory_stat("bytes_limit")
 
 
 def peak_bytes() -> int | None:
-    """JAX's process-wide peak bytes in use on the default device, if it says."""
-
-    try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:
-        return None
-    return None if not stats else stats.get("peak_bytes_in_use")
+    """JAX's process-wide peak bytes in use on the default device."""
+    return _memory_stat("peak_bytes_in_use")
 
 
 def _base_row(cfg: MemoryConfig, seq: int, impl: Implementation) -> Row:
