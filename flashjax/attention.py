@@ -1,51 +1,24 @@
 """`flashjax.dot_product_attention`: validate and normalize the arguments, pick an implementation.
 
-Every implementation consumes the same normalized operands:
-  q (B, T, N, H), k / v (B, S, K, H), bias (Bb, Nb, Tb, Sb) float32 with -inf for hidden elements,
-  q_segments (B, T) / kv_segments (B, S) int32 (sequence lengths folded in), seeds (2,) uint32,
-  and a static `AttentionStatics` (scale, window, soft-cap, dropout).
+Validation raises before anything is traced, naming the argument. The arguments then become one
+`Operands` record (pallas_kernels/operands.py), which the registry (flashjax/backends) hands to
+the first implementation that serves it; every implementation returns `(out, logsumexp)`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashjax import chunked, masks, reference
-from pallas_kernels import common
-from pallas_kernels.triton import api as triton_api
+from flashjax import backends, masks
+from flashjax.block_mask import BlockMask
+from pallas_kernels.operands import AttentionStatics, Operands
 
 Implementation = Literal["triton", "xla_chunked", "xla"]
-IMPLEMENTATIONS: tuple[str, ...] = ("triton", "xla_chunked", "xla")
 MAX_HEAD_DIM = 256
-_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-
-
-@dataclasses.dataclass(frozen=True)
-class Operands:
-    """The normalized operands of one call (a pytree: arrays are leaves, `statics` is static)."""
-
-    q: jax.Array
-    k: jax.Array
-    v: jax.Array
-    bias: jax.Array | None
-    q_segments: jax.Array | None
-    kv_segments: jax.Array | None
-    seeds: jax.Array | None
-    statics: common.AttentionStatics
-
-
-jax.tree_util.register_dataclass(
-    Operands,
-    data_fields=["q", "k", "v", "bias", "q_segments", "kv_segments", "seeds"],
-    meta_fields=["statics"],
-)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,8 +52,8 @@ def _check_qkv(query, key, value) -> None:
         raise ValueError(f"query and key must have the same batch size, got {q[0]} and {k[0]}")
     if q[3] != k[3]:
         raise ValueError(f"query and key must have the same head dim, got {q[3]} and {k[3]}")
-    if q[3] > MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be at most {MAX_HEAD_DIM}, got query shape {q}")
+    if not 1 <= q[3] <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got query shape {q}")
     if q[1] < 1 or k[1] < 1:
         raise ValueError(f"sequence lengths must be >= 1, got query {q} and key {k}")
     if k[2] < 1 or q[2] % k[2]:
@@ -141,109 +114,46 @@ def _check_dropout(dropout_rate, dropout_rng) -> None:
         raise ValueError("dropout_rng must be a JAX PRNG key when dropout_rate > 0")
 
 
-def _check_float(name: str, x) -> None:
+def _check_softcap(x) -> None:
     if x is None:
         return
     if not isinstance(x, (int, float, np.floating, np.integer)) or isinstance(x, bool) or x <= 0:
-        raise ValueError(f"{name} must be a positive float, got {x!r}")
+        raise ValueError(f"logits_soft_cap must be a positive float, got {x!r}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Implementations
-# --------------------------------------------------------------------------------------------------
+def _static_scale(scale, head_dim: int) -> float | None:
+    """The scale as a Python float, or None when it is a traced scalar (then an operand)."""
+    if scale is None:
+        return float(head_dim**-0.5)
+    if isinstance(scale, (int, float, np.floating, np.integer)) and not isinstance(scale, bool):
+        value = float(scale)
+    elif hasattr(scale, "shape") and hasattr(scale, "dtype") and scale.shape == ():
+        if not jnp.issubdtype(scale.dtype, jnp.floating):
+            raise TypeError(f"scale must be a float scalar, got dtype {scale.dtype}")
+        if isinstance(scale, jax.core.Tracer):
+            return None
+        value = float(scale)
+    else:
+        raise ValueError(f"scale must be a finite float or a float scalar array, got {scale!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"scale must be finite, got {value!r}")
+    return value
 
 
-def _backend() -> str:
-    return jax.devices()[0].platform
-
-
-def _unsupported(impl: str, ops: Operands) -> str | None:
-    """Why `impl` cannot serve this call, or None if it can."""
-    if impl == "triton":
-        if jnp.dtype(ops.q.dtype) not in _KERNEL_DTYPES:
-            return f"dtype {ops.q.dtype} (the kernels take bfloat16, float16 and float32)"
-        if _backend() not in ("gpu", "cpu"):
-            return (
-                f"backend {_backend()!r} (Triton kernels need an NVIDIA GPU; CPU interprets them)"
-            )
-    return None
-
-
-def _choose(implementation: str | None, ops: Operands) -> str:
-    if implementation is not None:
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
-            )
-        why = _unsupported(implementation, ops)
-        if why is not None:
-            raise ValueError(f"implementation={implementation!r} cannot serve this call: {why}")
-        return implementation
-    if _backend() == "gpu" and _unsupported("triton", ops) is None:
-        return "triton"
-    return "xla_chunked"
-
-
-def _xla(ops: Operands) -> tuple[jax.Array, jax.Array]:
-    return reference.attention(
-        ops.q, ops.k, ops.v, ops.bias, ops.q_segments, ops.kv_segments, ops.seeds, ops.statics
-    )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _triton(statics: common.AttentionStatics, q, k, v, bias, q_segments, kv_segments, seeds):
-    """The kernels as one differentiable function: residuals (out, lse2), recompute backward."""
-    return triton_api.forward(q, k, v, q_segments, kv_segments, bias, seeds, statics)
-
-
-def _triton_fwd(statics, q, k, v, bias, q_segments, kv_segments, seeds):
-    out, lse2 = _triton(statics, q, k, v, bias, q_segments, kv_segments, seeds)
-    return (out, lse2), (q, k, v, bias, q_segments, kv_segments, seeds, out, lse2)
-
-
-def _triton_bwd(statics, residuals, cotangents):
-    q, k, v, bias, q_segments, kv_segments, seeds, out, lse2 = residuals
-    dout, dlse2 = cotangents
-    dq, dk, dv = triton_api.backward(
-        q, k, v, out, lse2, dout, dlse2, q_segments, kv_segments, bias, seeds, statics
-    )
-    dbias = None
-    if bias is not None:
-        # d bias = dS: computed blockwise in XLA, only where a caller differentiates the bias
-        # (XLA removes it otherwise).
-        lse, dlse = (jnp.transpose(x, (0, 2, 1)) for x in (lse2 * common.LN2, dlse2 * common.LOG2E))
-        dbias = chunked.bias_grad(
-            q, k, v, bias, q_segments, kv_segments, seeds, statics, out, lse, dout, dlse
+def _check_mask(mask) -> None:
+    if mask is not None and jnp.dtype(mask.dtype) != jnp.bool_:
+        raise TypeError(
+            f"mask must be a bool array (True = attend), got dtype {mask.dtype}; pass an additive "
+            "float mask as bias= instead (0 = attend, -inf = hide)"
         )
-    return dq, dk, dv, dbias, _int_zero(q_segments), _int_zero(kv_segments), _int_zero(seeds)
 
 
-def _int_zero(x):
-    return None if x is None else np.zeros(x.shape, jax.dtypes.float0)
-
-
-_triton.defvjp(_triton_fwd, _triton_bwd)
-
-
-def _run_triton(ops: Operands) -> tuple[jax.Array, jax.Array]:
-    bias = None if ops.bias is None else ops.bias.astype(jnp.float32)
-    out, lse2 = _triton(
-        ops.statics, ops.q, ops.k, ops.v, bias, ops.q_segments, ops.kv_segments, ops.seeds
-    )
-    return out, jnp.transpose(lse2, (0, 2, 1)) * common.LN2
-
-
-def _run_chunked(ops: Operands) -> tuple[jax.Array, jax.Array]:
-    return chunked.attention(
-        ops.q, ops.k, ops.v, ops.bias, ops.q_segments, ops.kv_segments, ops.seeds, ops.statics
-    )
-
-
-_RUNNERS: dict[str, Callable[[Operands], tuple[jax.Array, jax.Array]]] = {
-    "triton": _run_triton,
-    "xla_chunked": _run_chunked,
-    "xla": _xla,
-}
+def _check_block_mask(block_mask, shape: tuple[int, int, int, int]) -> None:
+    if block_mask is None:
+        return
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a flashjax.BlockMask, got {type(block_mask).__name__}")
+    block_mask.check_call(*shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,7 +168,7 @@ def dot_product_attention(
     bias: jax.Array | None = None,
     mask: jax.Array | None = None,
     *,
-    scale: float | None = None,
+    scale: float | jax.Array | None = None,
     is_causal: bool = False,
     query_seq_lengths: jax.Array | None = None,
     key_value_seq_lengths: jax.Array | None = None,
@@ -266,6 +176,9 @@ def dot_product_attention(
     logits_soft_cap: float | None = None,
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    q_offsets: jax.Array | int | None = None,
+    kv_offsets: jax.Array | int | None = None,
+    block_mask: BlockMask | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     dropout_broadcast: bool = False,
@@ -282,19 +195,27 @@ def dot_product_attention(
       key: `Float[Array, "B S K H"]` (or `"S K H"`), N a multiple of K (GQA / MQA; repeated K/V
         are never materialized).
       value: same shape and dtype as key. Dtypes: bfloat16, float16, float32 (float64 on the XLA
-        paths). Head dims 1..256, any T, S >= 1.
+        paths, computed in float64). Head dims 1..256, any T, S >= 1, B >= 0.
       bias: float, broadcastable to `(B, N, T, S)`; added to the logits after soft-capping.
-        Differentiable.
-      mask: bool or float, broadcastable to `(B, N, T, S)`; nonzero / True = attend.
-      scale: multiplier of `q . k`; default `H ** -0.5`.
-      is_causal: query i sees key j <= i (aligned top-left, as in jax.nn).
-      query_seq_lengths: `Int[Array, "B"]`; queries past the length output 0.
-      key_value_seq_lengths: `Int[Array, "B"]`; keys past the length are invisible.
-      local_window_size: `(left, right)`: query i sees keys i - left .. i + right; an int w means
-        (w, w). Combined with `is_causal`, right is capped at 0.
+        Differentiable. An additive mask (0 / -inf) goes here.
+      mask: bool, broadcastable to `(B, N, T, S)`; True = attend.
+      scale: multiplier of `q . k`, any finite float; default `H ** -0.5`. A traced scalar (a
+        learnable temperature) works on the XLA paths, which return its gradient.
+      is_causal: query i sees key j <= i (aligned top-left, as in jax.nn; with offsets, positions
+        are compared).
+      query_seq_lengths: `Int[Array, "B"]`; queries past the length see nothing and output 0.
+      key_value_seq_lengths: `Int[Array, "B"]`; keys past the length are invisible, never read.
+      local_window_size: `(left, right)`: query at position p sees keys p - left .. p + right; an
+        int w means (w, w). Combined with `is_causal`, right is capped at 0.
       logits_soft_cap: c > 0: logits = c * tanh(scale * q.k / c), before the bias.
-      q_segment_ids: `Int[Array, "B T"]`, ids >= 0; with kv_segment_ids (`Int[Array, "B S"]`),
-        query and key interact only within the same segment (packed documents).
+      q_segment_ids: `Int[Array, "B T"]`; with kv_segment_ids (`Int[Array, "B S"]`), query and
+        key interact only within the same segment (packed documents). Sorted (packed) ids let
+        the kernels skip whole tiles.
+      q_offsets, kv_offsets: `Int[Array, "B"]` or int: the positions of query row 0 and key 0
+        (default 0). Causal and windows compare positions: `q_offsets = S - T` aligns causal
+        bottom-right (new tokens at the end of a cache).
+      block_mask: a `flashjax.BlockMask` (block-sparse attention): only its non-empty blocks are
+        computed, forward and backward.
       dropout_rate: in [0, 1): inverted dropout on the attention weights.
       dropout_rng: a JAX PRNG key (required when dropout_rate > 0). The same key gives the same
         mask; the backward regenerates it from a counter-based hash instead of storing it.
@@ -302,17 +223,20 @@ def dot_product_attention(
         `broadcast_dropout`).
       return_residual: also return the logsumexp, natural log, float32, `(B, T, N)`. It is
         differentiable.
-      implementation: None picks the fastest that serves the call on the current backend
-        ("triton" on NVIDIA GPUs, "xla_chunked" elsewhere); "triton": the Pallas kernels (in
-        interpret mode on CPU); "xla_chunked": pure-JAX blockwise online softmax; "xla": the naive
-        reference that builds the full score matrix.
+      implementation: None picks the first of the registry (`flashjax.backends`) that serves the
+        call on this platform ("triton" on NVIDIA GPUs, "xla_chunked" elsewhere); "triton": the
+        Pallas kernels (in interpret mode on CPU); "xla_chunked": pure-JAX loops over the visible
+        tiles; "xla": the naive reference that builds the full score matrix. A named
+        implementation that cannot serve the call raises, naming the feature.
 
     Returns:
       `out` with query's shape and dtype, or `(out, logsumexp)` if `return_residual`.
 
     A query row that sees no key (every key masked, or a query past its sequence length) outputs 0
     and has logsumexp -inf; jax.nn's XLA path instead averages the values of the masked keys there.
-    NaN inputs propagate to the rows they touch.
+    Keys past `key_value_seq_lengths` never reach an output or a gradient (NaN there is harmless).
+    A NaN inside the visible range reaches the rows that see it, and may reach other rows of the
+    same kernel tile through the tile's matmul (0 * NaN), as in FlashAttention-2 and cuDNN.
     """
     _check_qkv(query, key, value)
     three_d = query.ndim == 3
@@ -324,49 +248,74 @@ def dot_product_attention(
     _check_broadcast("mask", mask, (batch, num_heads, seq_q, seq_k))
     if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
         raise TypeError(f"bias must have a floating dtype, got {bias.dtype}")
-    _check_int_array("query_seq_lengths", query_seq_lengths, (batch,))
-    _check_int_array("key_value_seq_lengths", key_value_seq_lengths, (batch,))
+    _check_mask(mask)
+    for name, x in (
+        ("query_seq_lengths", query_seq_lengths),
+        ("key_value_seq_lengths", key_value_seq_lengths),
+    ):
+        _check_int_array(name, x, (batch,))
     _check_int_array("q_segment_ids", q_segment_ids, (batch, seq_q))
     _check_int_array("kv_segment_ids", kv_segment_ids, (batch, seq_k))
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    q_offsets = _offsets("q_offsets", q_offsets, batch)
+    kv_offsets = _offsets("kv_offsets", kv_offsets, batch)
     _check_window(local_window_size)
-    _check_float("logits_soft_cap", logits_soft_cap)
-    _check_float("scale", scale)
+    _check_softcap(logits_soft_cap)
+    static_scale = _static_scale(scale, head_dim)
     _check_dropout(dropout_rate, dropout_rng)
+    _check_block_mask(block_mask, (batch, num_heads, seq_q, seq_k))
+    if implementation is not None and implementation not in backends.NAMES:
+        raise ValueError(
+            f"implementation must be one of {backends.NAMES} or None, got {implementation!r}"
+        )
 
-    q_segments, kv_segments = masks.fold_lengths(
-        q_segment_ids,
-        kv_segment_ids,
-        query_seq_lengths,
-        key_value_seq_lengths,
-        batch,
-        seq_q,
-        seq_k,
-    )
-    statics = common.AttentionStatics(
-        scale=float(head_dim**-0.5 if scale is None else scale),
+    if batch == 0:  # nothing to attend: empty results, as jax.nn
+        out = jnp.zeros(query.shape, query.dtype)
+        lse = jnp.zeros((0, seq_q, num_heads), jnp.float32)
+        out, lse = (out[0], lse[0]) if three_d else (out, lse)
+        return (out, lse) if return_residual else out
+
+    statics = AttentionStatics(
+        scale=static_scale,
         window=masks.window_of(is_causal, local_window_size),
         softcap=None if logits_soft_cap is None else float(logits_soft_cap),
         dropout_rate=float(dropout_rate),
         dropout_broadcast=bool(dropout_broadcast),
-        kv_len=seq_k,
-        has_segments=q_segments is not None,
+        mask_block=None if block_mask is None else block_mask.block_size,
+        mask_fn=None if block_mask is None else block_mask.mask_fn,
     )
-    seeds = None
-    if dropout_rate > 0.0:
-        seeds = jax.random.bits(dropout_rng, (2,), jnp.uint32)
     ops = Operands(
-        query,
-        key,
-        value,
-        masks.combine_bias(bias, mask),
-        q_segments,
-        kv_segments,
-        seeds,
-        statics,
+        q=query,
+        k=key,
+        v=value,
+        statics=statics,
+        bias=masks.combine_bias(bias, mask),
+        q_segments=_int32(q_segment_ids),
+        kv_segments=_int32(kv_segment_ids),
+        q_lengths=_int32(query_seq_lengths),
+        kv_lengths=_int32(key_value_seq_lengths),
+        q_offsets=q_offsets,
+        kv_offsets=kv_offsets,
+        block_states=None if block_mask is None else block_mask.states,
+        seeds=jax.random.bits(dropout_rng, (2,), jnp.uint32) if dropout_rate > 0.0 else None,
+        scale=None if static_scale is not None else jnp.asarray(scale),
     )
-    out, lse = _RUNNERS[_choose(implementation, ops)](ops)
+    out, lse = backends.choose(implementation, ops).run(ops)
     if three_d:
         out, lse = out[0], lse[0]
     return (out, lse.astype(jnp.float32)) if return_residual else out
+
+
+def _int32(x: jax.Array | None) -> jax.Array | None:
+    return None if x is None else jnp.asarray(x).astype(jnp.int32)
+
+
+def _offsets(name: str, x, batch: int) -> jax.Array | None:
+    """An offset argument as `(B,)` int32 (an int is broadcast), or None."""
+    if x is None:
+        return None
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return jnp.full((batch,), int(x), jnp.int32)
+    _check_int_array(name, x, (batch,))
+    return x.astype(jnp.int32)

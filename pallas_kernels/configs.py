@@ -61,9 +61,9 @@ _TABLE: dict[tuple[str, int], AttentionConfig] = {
 # CPU interpret mode: speed is irrelevant, coverage of block boundaries is what matters.
 _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 
-# The pure-XLA chunked path (flashjax.chunked): keys per lax.scan step. Its per-step scores are
-# (B, N, T, 512) float32; 512 amortizes the loop on CPU without a large tile (not tuned yet).
-CHUNKED_BLOCK_K = 512
+# The pure-XLA chunked path (flashjax/backends/chunked.py): the largest tile, queries and keys, of
+# its loops; its per-step scores are (G, 512, 512). 512 amortizes the loop on CPU (not tuned).
+CHUNKED_BLOCK = 512
 
 # A full (T, S) bias is read as float32 tiles as large as the score tile: with 3 pipeline stages the
 # forward at head dim 64 asked for 241 KiB of shared memory on the H200 (limit 227 KiB). Stages are

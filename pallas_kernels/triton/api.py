@@ -1,9 +1,11 @@
-"""Host-side entry points of the Triton-lowered kernels: fit the tiles, pad, launch, unpad.
+"""Host side of the Triton-lowered kernels: fit the tiles, pad, build each launch's `Refs`, unpad.
 
 Any T, S >= 1 and head dims 1..256 are accepted: sequences are zero-padded to a multiple of the
-tiles (padded keys are masked through `AttentionStatics.kv_len`; padded queries are sliced off) and
-the head dim to a power of two (zeros change no dot product). Inputs whose shapes already fit are
-passed through untouched.
+tiles (padded rows and keys lie past the real lengths, which the visibility rule hides) and the
+head dim to a power of two (zeros change no dot product). Inputs whose shapes already fit are
+passed through untouched. With segment ids or a block mask, each kernel gets visit lists at its
+own tiles (`visibility.block_states` -> `visit_lists`; transposed for dK/dV); otherwise the kernels
+compute their ranges in place.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import common, configs
+from pallas_kernels import configs, visibility
+from pallas_kernels.operands import Operands
 from pallas_kernels.triton import backward as _backward
 from pallas_kernels.triton import forward as _forward
+from pallas_kernels.triton.tiles import Refs
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Tiles fitted to one call's shapes, and the padded lengths they imply."""
+    """Tiles fitted to one call's shapes, and the padded lengths they imply (kernel state)."""
 
     config: configs.AttentionConfig
     seq_q: int
@@ -38,9 +42,10 @@ def plan(
     bias_shape: tuple[int, ...] | None = None,
     itemsize: int = 2,
     config: configs.AttentionConfig | None = None,
+    mask_block: tuple[int, int] | None = None,
 ) -> Plan:
     """Fit the config of `target` (default: the current device; or an explicit `config`) to a
-    call's shapes."""
+    call's shapes, and to the block mask's block size (tiles divide it)."""
     target = target or configs.gpu_target()
     base = config or configs.get_config(head_dim, target)
     full_bias = bias_shape is not None and bias_shape[2] > 1 and bias_shape[3] > 1
@@ -48,8 +53,8 @@ def plan(
     def fit(c: configs.KernelConfig) -> configs.KernelConfig:
         return dataclasses.replace(
             c,
-            block_q=configs.fit_block(c.block_q, seq_q),
-            block_k=configs.fit_block(c.block_k, seq_k),
+            block_q=visibility.mask_tile(mask_block, configs.fit_block(c.block_q, seq_q), 0),
+            block_k=visibility.mask_tile(mask_block, configs.fit_block(c.block_k, seq_k), 1),
             num_stages=configs.stages_that_fit(
                 c, configs.head_dim_bucket(head_dim), itemsize, full_bias
             ),
@@ -68,18 +73,17 @@ def plan(
     )
 
 
-def _prepare(q, k, bias, statics, target, config) -> tuple[Plan, common.AttentionStatics]:
-    """The plan of one call, and its statics with the real key count filled in."""
-    p = plan(
-        q.shape[1],
-        k.shape[1],
-        q.shape[3],
+def plan_of(ops: Operands, target: str | None = None, config=None) -> Plan:
+    return plan(
+        ops.seq_q,
+        ops.seq_k,
+        ops.head_dim,
         target,
-        bias_shape=None if bias is None else tuple(bias.shape),
-        itemsize=q.dtype.itemsize,
+        bias_shape=None if ops.bias is None else tuple(ops.bias.shape),
+        itemsize=ops.q.dtype.itemsize,
         config=config,
+        mask_block=ops.statics.mask_block,
     )
-    return p, dataclasses.replace(statics, kv_len=k.shape[1])
 
 
 def _pad_axis(x: jax.Array | None, axis: int, size: int) -> jax.Array | None:
@@ -90,101 +94,91 @@ def _pad_axis(x: jax.Array | None, axis: int, size: int) -> jax.Array | None:
     return jnp.pad(x, widths)
 
 
-def _pad_operands(p: Plan, q, k, v, q_segments, kv_segments, bias):
-    q = _pad_axis(_pad_axis(q, 1, p.seq_q), 3, p.head_dim)
-    k = _pad_axis(_pad_axis(k, 1, p.seq_k), 3, p.head_dim)
-    v = _pad_axis(_pad_axis(v, 1, p.seq_k), 3, p.head_dim)
-    q_segments = _pad_axis(q_segments, 1, p.seq_q)
-    kv_segments = _pad_axis(kv_segments, 1, p.seq_k)
+def _refs(p: Plan, ops: Operands) -> Refs:
+    """The padded operands every kernel of the call reads (no visit lists yet)."""
+    bias = ops.bias
     if bias is not None:
+        bias = bias.astype(jnp.float32)
         if bias.shape[2] > 1:
             bias = _pad_axis(bias, 2, p.seq_q)
         if bias.shape[3] > 1:
             bias = _pad_axis(bias, 3, p.seq_k)
-    return q, k, v, q_segments, kv_segments, bias
+    return Refs(
+        q=_pad_axis(_pad_axis(ops.q, 1, p.seq_q), 3, p.head_dim),
+        k=_pad_axis(_pad_axis(ops.k, 1, p.seq_k), 3, p.head_dim),
+        v=_pad_axis(_pad_axis(ops.v, 1, p.seq_k), 3, p.head_dim),
+        seq=ops.seq_info(),
+        bias=bias,
+        q_segments=_pad_axis(ops.q_segments, 1, p.seq_q),
+        kv_segments=_pad_axis(ops.kv_segments, 1, p.seq_k),
+        seeds=ops.seeds,
+    )
+
+
+def _with_lists(
+    r: Refs, p: Plan, ops: Operands, c: configs.KernelConfig, *, transposed: bool = False
+) -> Refs:
+    """`r` with the visit lists of a kernel with tiles `c` (key-major for dK/dV), when the call
+    needs lists (segments or a block mask)."""
+    if not (ops.has_segments or ops.has_block_mask):
+        return r
+    states = visibility.block_states(
+        ops, c.block_q, c.block_k, p.seq_q // c.block_q, p.seq_k // c.block_k
+    )
+    if transposed:
+        states = jnp.swapaxes(states, -1, -2)
+    full, partial = visibility.visit_lists(states)
+    return r.replace(full=full, partial=partial)
 
 
 def forward(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_segments: jax.Array | None,
-    kv_segments: jax.Array | None,
-    bias: jax.Array | None,
-    seeds: jax.Array | None,
-    statics: common.AttentionStatics,
-    target: str | None = None,
-    config: configs.AttentionConfig | None = None,
+    ops: Operands, target: str | None = None, config: configs.AttentionConfig | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Attention forward.
-
-    Args:
-      q: `(B, T, N, H)`; k, v: `(B, S, K, H)` with N a multiple of K; one float dtype.
-      q_segments / kv_segments: int32 `(B, T)` / `(B, S)`, or None (then `statics.has_segments`
-        is False).
-      bias: float32 `(Bb, Nb, Tb, Sb)`, each axis 1 or full; -inf hides an element.
-      seeds: uint32 `(2,)` when `statics.dropout_rate > 0`, else None.
-      statics: the static description of the call; `kv_len` is filled in here.
-      target / config: override the device target or the tiles (tuning, tests).
-    Returns:
-      `out (B, T, N, H)` in q's dtype and base-2 logsumexp `lse2 (B, N, T)` float32.
-    """
-    seq_q, head_dim = q.shape[1], q.shape[3]
-    p, statics = _prepare(q, k, bias, statics, target, config)
-    operands = _pad_operands(p, q, k, v, q_segments, kv_segments, bias)
-    out, lse2 = _forward.forward(
-        *operands, seeds, statics=statics, config=p.config.fwd, interpret=p.interpret
-    )
-    return out[:, :seq_q, :, :head_dim], lse2[:, :, :seq_q]
+    """Attention forward: `out (B, T, N, H)` in q's dtype and base-2 logsumexp `lse2 (B, N, T)`
+    float32. `target` / `config` override the device target or the tiles (tuning, tests)."""
+    p = plan_of(ops, target, config)
+    r = _with_lists(_refs(p, ops), p, ops, p.config.fwd)
+    out, lse2 = _forward.forward(r, statics=ops.statics, config=p.config.fwd, interpret=p.interpret)
+    return out[:, : ops.seq_q, :, : ops.head_dim], lse2[:, :, : ops.seq_q]
 
 
 def backward(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    ops: Operands,
     out: jax.Array,
     lse2: jax.Array,
     dout: jax.Array,
-    dlse2: jax.Array | None,
-    q_segments: jax.Array | None,
-    kv_segments: jax.Array | None,
-    bias: jax.Array | None,
-    seeds: jax.Array | None,
-    statics: common.AttentionStatics,
+    dlse: jax.Array | None,
     target: str | None = None,
     config: configs.AttentionConfig | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients (dq, dk, dv) of `forward`'s outputs; arguments as there, plus the residuals.
+    """Gradients (dq, dk, dv) of `forward`'s outputs, from its residuals (out, lse2).
 
-    `dlse2` is the cotangent of the base-2 logsumexp (None if unused): since d lse / d logits = P,
-    it enters as `delta -= dlse` (in natural-log units).
+    `dlse` is the cotangent of the natural-log logsumexp `(B, T, N)` (None if unused): since
+    d lse / d logits = P, it enters as `delta -= dlse`.
     """
-    seq_q, head_dim = q.shape[1], q.shape[3]
-    p, statics = _prepare(q, k, bias, statics, target, config)
+    p = plan_of(ops, target, config)
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
-    if dlse2 is not None:
-        delta = delta - dlse2 * common.LOG2E
-    q_, k_, v_, q_segments, kv_segments, bias = _pad_operands(
-        p, q, k, v, q_segments, kv_segments, bias
+    if dlse is not None:
+        delta = delta - jnp.swapaxes(dlse, 1, 2).astype(jnp.float32)
+    if ops.q_lengths is not None:  # rows past the length take no cotangent (NaN-proof)
+        real = jnp.arange(ops.seq_q)[None, None, :] < ops.q_lengths[:, None, None]
+        delta = jnp.where(real, delta, 0.0)
+    r = _refs(p, ops).replace(
+        do=_pad_axis(_pad_axis(dout.astype(ops.q.dtype), 1, p.seq_q), 3, p.head_dim),
+        lse2=jnp.pad(lse2, ((0, 0), (0, 0), (0, p.seq_q - ops.seq_q)), constant_values=-jnp.inf),
+        delta=_pad_axis(delta, 2, p.seq_q),
     )
-    do_ = _pad_axis(_pad_axis(dout.astype(q.dtype), 1, p.seq_q), 3, p.head_dim)
-    lse_ = _pad_axis(lse2, 2, p.seq_q)
-    delta = _pad_axis(delta, 2, p.seq_q)
-    dq, dk, dv = _backward.backward(
-        q_,
-        k_,
-        v_,
-        do_,
-        lse_,
-        delta,
-        q_segments,
-        kv_segments,
-        bias,
-        seeds,
-        statics=statics,
-        dkdv_config=p.config.dkdv,
-        dq_config=p.config.dq,
+    dk, dv = _backward.dkdv(
+        _with_lists(r, p, ops, p.config.dkdv, transposed=True),
+        statics=ops.statics,
+        config=p.config.dkdv,
         interpret=p.interpret,
     )
-    seq_k = k.shape[1]
-    return dq[:, :seq_q, :, :head_dim], dk[:, :seq_k, :, :head_dim], dv[:, :seq_k, :, :head_dim]
+    dq = _backward.dq(
+        _with_lists(r, p, ops, p.config.dq),
+        statics=ops.statics,
+        config=p.config.dq,
+        interpret=p.interpret,
+    )
+    t, s, h = ops.seq_q, ops.seq_k, ops.head_dim
+    return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h]

@@ -2,10 +2,12 @@
 
 `delta = rowsum(dO * O)` comes from the caller (one fused XLA reduction). Two kernels then recompute
 the scores tile by tile from (q, k, lse2), never storing the (T, S) matrices:
-- dK/dV: one program per (key block, batch, KV head). It loops over the query heads of its GQA group
-  and over the query blocks that can see its keys, accumulating dK and dV on chip, so repeated K/V
-  are never materialized and the group sum costs nothing.
-- dQ: one program per (query block, batch, query head), looping over visible key blocks.
+- dK/dV: one program per (key tile, batch, KV head). It loops over the query heads of its GQA group
+  and over the query tiles that can see its keys (the visibility rule's transposed form),
+  accumulating dK and dV on chip, so repeated K/V are never materialized and the group sum costs
+  nothing.
+- dQ: one program per (query tile, batch, query head), walking the visible key tiles.
+The caller (api.py) passes one record of the two kernels' operands.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import common
+from pallas_kernels import common, visibility
 from pallas_kernels.configs import KernelConfig
+from pallas_kernels.operands import AttentionStatics
 from pallas_kernels.triton import tiles
 
 
@@ -33,27 +35,16 @@ def _tile_grads(
     rows,
     cols,
     *,
-    statics: common.AttentionStatics,
-    masked: bool,
+    statics: AttentionStatics,
+    mask,
     bias,
-    q_segments,
-    kv_segments,
     stream,
 ):
-    """Recompute one (query block x key block) tile: returns (p_dropped, ds_qk) in float32.
+    """Recompute one (query tile x key tile): returns (p_dropped, ds_qk) in float32.
 
     `p_dropped` multiplies dO into dV; `ds_qk * scale` multiplies K into dQ and Q into dK.
     """
-    s2, tanh = common.tile_scores(
-        tiles.dot(q, k, trans_b=True),
-        statics,
-        rows,
-        cols,
-        masked=masked,
-        bias=bias,
-        row_segments=q_segments,
-        col_segments=kv_segments,
-    )
+    s2, tanh = common.scores(tiles.dot(q, k, trans_b=True), statics.scale, statics, bias, mask)
     p = common.probs_from_lse(s2, lse2)
     dp = tiles.dot(do, v, trans_b=True)
     if stream is not None:
@@ -66,67 +57,65 @@ def _tile_grads(
 
 
 def _dkdv_kernel(
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    qseg_ref,
-    kseg_ref,
-    bias_ref,
-    seeds_ref,
+    r: tiles.Refs,
     dk_ref,
     dv_ref,
     *,
-    statics: common.AttentionStatics,
+    statics: AttentionStatics,
     block_q: int,
     num_heads: int,
 ):
-    block_k, head_dim = k_ref.shape
-    seq_q, group = q_ref.shape[0], q_ref.shape[1]
+    block_k, head_dim = r.k.shape
+    group = r.q.shape[1]
     kb, b, kh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     k0 = kb * block_k
     cols = k0 + jnp.arange(block_k, dtype=jnp.int32)
-    k = k_ref[...]
-    v = v_ref[...]
-    kv_segments = None if kseg_ref is None else kseg_ref[pl.ds(k0, block_k)]
-    blocks = common.block_range(
-        k0, block_k, block_q, seq_q, seq_q, statics.transposed(), n_rows=statics.kv_len
-    )
+    seq = visibility.seq_row(r.seq)
+    k = tiles.zero_past(r.k[...], cols, seq[3])
+    v = tiles.zero_past(r.v[...], cols, seq[3])
+    kv_segments = None if r.kv_segments is None else r.kv_segments[pl.ds(k0, block_k)]
 
     def head_body(g, carry):
-        stream = tiles.head_stream(statics, seeds_ref, b, kh * group + g, num_heads)
+        head = kh * group + g
+        stream = None
+        if statics.has_dropout:
+            stream = common.head_stream(statics, r.seeds, b, head, num_heads)
 
         def body(qb, carry, *, masked: bool):
             dk, dv = carry
             q0 = qb * block_q
             rows = q0 + jnp.arange(block_q, dtype=jnp.int32)
-            q = q_ref[pl.ds(q0, block_q), g, :]
-            do = do_ref[pl.ds(q0, block_q), g, :]
+            q = r.q[pl.ds(q0, block_q), g, :]
+            do = r.do[pl.ds(q0, block_q), g, :]
+            mask = None
+            if masked:
+                q_segments = None if r.q_segments is None else r.q_segments[pl.ds(q0, block_q)]
+                mask = tiles.tile_mask(statics, rows, cols, seq, q_segments, kv_segments, b, head)
+                q, do = tiles.zero_past(q, rows, seq[2]), tiles.zero_past(do, rows, seq[2])
+            bias = None if r.bias is None else tiles.load_bias(r.bias, g, q0, block_q, k0, block_k)
             p_dropped, ds = _tile_grads(
                 q,
                 k,
                 v,
                 do,
-                lse_ref[g, pl.ds(q0, block_q)],
-                delta_ref[g, pl.ds(q0, block_q)],
+                r.lse2[g, pl.ds(q0, block_q)],
+                r.delta[g, pl.ds(q0, block_q)],
                 rows,
                 cols,
                 statics=statics,
-                masked=masked,
-                bias=None
-                if bias_ref is None
-                else tiles.load_bias(bias_ref, g, q0, block_q, k0, block_k),
-                q_segments=None if qseg_ref is None else qseg_ref[pl.ds(q0, block_q)],
-                kv_segments=kv_segments,
+                mask=mask,
+                bias=bias,
                 stream=stream,
             )
             dv = dv + tiles.dot(p_dropped.astype(do.dtype), do, trans_a=True)
             dk = dk + tiles.dot(ds.astype(q.dtype), q, trans_a=True)
             return dk, dv
 
-        return tiles.visit_blocks(body, carry, blocks, statics.has_segments)
+        lists_head = g if r.full is not None and r.full.shape[0] > 1 else 0
+        where = tiles.visits(
+            r, statics, k0, block_k, block_q, seq, transposed=True, head=lists_head
+        )
+        return tiles.walk(body, carry, **where)
 
     zeros = jnp.zeros((block_k, head_dim), jnp.float32)
     dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
@@ -135,192 +124,142 @@ def _dkdv_kernel(
 
 
 def _dq_kernel(
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    qseg_ref,
-    kseg_ref,
-    bias_ref,
-    seeds_ref,
+    r: tiles.Refs,
     dq_ref,
     *,
-    statics: common.AttentionStatics,
+    statics: AttentionStatics,
     block_k: int,
     num_heads: int,
 ):
-    block_q, head_dim = q_ref.shape
-    seq_k = k_ref.shape[0]
-    q0, rows, q_segments = tiles.query_block(block_q, qseg_ref)
-    q = q_ref[...]
-    do = do_ref[...]
-    lse2 = lse_ref[...]
-    delta = delta_ref[...]
-    stream = tiles.head_stream(statics, seeds_ref, pl.program_id(1), pl.program_id(2), num_heads)
+    block_q, head_dim = r.q.shape
+    qb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q0 = qb * block_q
+    rows = q0 + jnp.arange(block_q, dtype=jnp.int32)
+    seq = visibility.seq_row(r.seq)
+    q_segments = None if r.q_segments is None else r.q_segments[pl.ds(q0, block_q)]
+    q = tiles.zero_past(r.q[...], rows, seq[2])
+    do = tiles.zero_past(r.do[...], rows, seq[2])
+    lse2 = r.lse2[...]
+    delta = r.delta[...]
+    stream = None
+    if statics.has_dropout:
+        stream = common.head_stream(statics, r.seeds, b, h, num_heads)
 
     def body(kb, dq, *, masked: bool):
         k0 = kb * block_k
         cols = k0 + jnp.arange(block_k, dtype=jnp.int32)
-        k = k_ref[pl.ds(k0, block_k), :]
+        k = r.k[pl.ds(k0, block_k), :]
+        v = r.v[pl.ds(k0, block_k), :]
+        mask = None
+        if masked:
+            kv_segments = None if r.kv_segments is None else r.kv_segments[pl.ds(k0, block_k)]
+            mask = tiles.tile_mask(statics, rows, cols, seq, q_segments, kv_segments, b, h)
+            k, v = tiles.zero_past(k, cols, seq[3]), tiles.zero_past(v, cols, seq[3])
+        bias = None if r.bias is None else tiles.load_bias(r.bias, 0, q0, block_q, k0, block_k)
         _, ds = _tile_grads(
             q,
             k,
-            v_ref[pl.ds(k0, block_k), :],
+            v,
             do,
             lse2,
             delta,
             rows,
             cols,
             statics=statics,
-            masked=masked,
-            bias=None
-            if bias_ref is None
-            else tiles.load_bias(bias_ref, 0, q0, block_q, k0, block_k),
-            q_segments=q_segments,
-            kv_segments=None if kseg_ref is None else kseg_ref[pl.ds(k0, block_k)],
+            mask=mask,
+            bias=bias,
             stream=stream,
         )
         return dq + tiles.dot(ds.astype(k.dtype), k)
 
-    blocks = common.block_range(q0, block_q, block_k, seq_k, statics.kv_len, statics.window)
-    dq = tiles.visit_blocks(
-        body, jnp.zeros((block_q, head_dim), jnp.float32), blocks, statics.has_segments
-    )
+    dq = jnp.zeros((block_q, head_dim), jnp.float32)
+    dq = tiles.walk(body, dq, **tiles.visits(r, statics, q0, block_q, block_k, seq))
     dq_ref[...] = (dq * statics.scale).astype(dq_ref.dtype)
 
 
-def _operand_specs(q, k, q_segments, kv_segments, bias, seeds, *, grid_head_of, heads_per_program):
-    """Specs of the trailing operands (segments, bias, seeds) common to both backward kernels."""
-    seq_q, seq_k = q.shape[1], k.shape[1]
+def _common_specs(r: tiles.Refs, *, row_of) -> dict:
+    """Specs of the operands both backward kernels read whole per batch row: `row_of(*grid_ids)`
+    is the batch row."""
 
-    def seg_spec(x, length):
-        return None if x is None else pl.BlockSpec((None, length), lambda i, b, h: (b, 0))
+    def per_batch(x):
+        return pl.BlockSpec((None, x.shape[1]), lambda *ids: (row_of(*ids), 0))
 
-    return [
-        seg_spec(q_segments, seq_q),
-        seg_spec(kv_segments, seq_k),
-        tiles.bias_spec(bias, heads_per_program, grid_head_of),
-        None if seeds is None else pl.BlockSpec((2,), lambda i, b, h: (0,)),
-    ]
+    return dict(
+        seq=pl.BlockSpec((None, 4), lambda *ids: (row_of(*ids), 0)),
+        q_segments=None if r.q_segments is None else per_batch(r.q_segments),
+        kv_segments=None if r.kv_segments is None else per_batch(r.kv_segments),
+        seeds=pl.BlockSpec((2,), lambda *ids: (0,)),
+    )
 
 
 def dkdv(
-    q,
-    k,
-    v,
-    do,
-    lse2,
-    delta,
-    q_segments,
-    kv_segments,
-    bias,
-    seeds,
-    *,
-    statics: common.AttentionStatics,
-    config: KernelConfig,
-    interpret: bool,
+    r: tiles.Refs, *, statics: AttentionStatics, config: KernelConfig, interpret: bool
 ) -> tuple[jax.Array, jax.Array]:
-    """dK, dV: grid (key block, batch, KV head); a program reads its whole GQA group of queries."""
-    batch, seq_q, num_heads, head_dim = q.shape
-    seq_k, num_kv_heads = k.shape[1], k.shape[2]
+    """dK, dV: grid (key tile, batch, KV head); a program reads its whole GQA group of queries."""
+    batch, seq_q, num_heads, head_dim = r.q.shape
+    seq_k, num_kv_heads = r.k.shape[1], r.k.shape[2]
     group = num_heads // num_kv_heads
     bq, bk = config.block_q, config.block_k
     q_group = pl.BlockSpec((None, seq_q, group, head_dim), lambda i, b, g: (b, 0, g, 0))
     kv_tile = pl.BlockSpec((None, bk, None, head_dim), lambda i, b, g: (b, i, g, 0))
     row_stats = pl.BlockSpec((None, group, seq_q), lambda i, b, g: (b, g, 0))
-    specs = _operand_specs(
-        q,
-        k,
-        q_segments,
-        kv_segments,
-        bias,
-        seeds,
-        grid_head_of=lambda i, b, g: (b, g),
-        heads_per_program=group,
+    specs = r.specs(
+        q=q_group,
+        k=kv_tile,
+        v=kv_tile,
+        do=q_group,
+        lse2=row_stats,
+        delta=row_stats,
+        bias=tiles.bias_spec(r.bias, group, lambda i, b, g: (b, g)),
+        full=tiles.lists_spec(r.full, group, lambda i, b, g: (i, b, g)),
+        partial=tiles.lists_spec(r.partial, group, lambda i, b, g: (i, b, g)),
+        **_common_specs(r, row_of=lambda i, b, g: b),
     )
     return pl.pallas_call(
         functools.partial(_dkdv_kernel, statics=statics, block_q=bq, num_heads=num_heads),
         grid=(seq_k // bk, batch, num_kv_heads),
-        in_specs=[q_group, kv_tile, kv_tile, q_group, row_stats, row_stats, *specs],
+        in_specs=(specs,),
         out_specs=[kv_tile, kv_tile],
-        out_shape=[tiles.out_shape(q, k.shape, k.dtype), tiles.out_shape(q, v.shape, v.dtype)],
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
+        out_shape=[
+            tiles.out_shape(r.q, r.k.shape, r.k.dtype),
+            tiles.out_shape(r.q, r.v.shape, r.v.dtype),
+        ],
+        compiler_params=tiles.compiler_params(config),
         interpret=interpret,
         name="flashjax_bwd_dkdv",
-    )(q, k, v, do, lse2, delta, q_segments, kv_segments, bias, seeds)
+    )(r)
 
 
 def dq(
-    q,
-    k,
-    v,
-    do,
-    lse2,
-    delta,
-    q_segments,
-    kv_segments,
-    bias,
-    seeds,
-    *,
-    statics: common.AttentionStatics,
-    config: KernelConfig,
-    interpret: bool,
+    r: tiles.Refs, *, statics: AttentionStatics, config: KernelConfig, interpret: bool
 ) -> jax.Array:
-    """dQ: grid (query block, batch, query head), like the forward."""
-    batch, seq_q, num_heads, head_dim = q.shape
-    seq_k, num_kv_heads = k.shape[1], k.shape[2]
+    """dQ: grid (query tile, batch, query head), like the forward."""
+    batch, seq_q, num_heads, head_dim = r.q.shape
+    seq_k, num_kv_heads = r.k.shape[1], r.k.shape[2]
     group = num_heads // num_kv_heads
     bq, bk = config.block_q, config.block_k
     q_tile = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
     kv_full = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
     row_tile = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    specs = _operand_specs(
-        q,
-        k,
-        q_segments,
-        kv_segments,
-        bias,
-        seeds,
-        grid_head_of=lambda i, b, h: (b, h),
-        heads_per_program=1,
+    specs = r.specs(
+        q=q_tile,
+        k=kv_full,
+        v=kv_full,
+        do=q_tile,
+        lse2=row_tile,
+        delta=row_tile,
+        bias=tiles.bias_spec(r.bias, 1, lambda i, b, h: (b, h)),
+        full=tiles.lists_spec(r.full, 1, lambda i, b, h: (i, b, h)),
+        partial=tiles.lists_spec(r.partial, 1, lambda i, b, h: (i, b, h)),
+        **_common_specs(r, row_of=lambda i, b, h: b),
     )
     return pl.pallas_call(
         functools.partial(_dq_kernel, statics=statics, block_k=bk, num_heads=num_heads),
         grid=(seq_q // bq, batch, num_heads),
-        in_specs=[q_tile, kv_full, kv_full, q_tile, row_tile, row_tile, *specs],
+        in_specs=(specs,),
         out_specs=q_tile,
-        out_shape=tiles.out_shape(q, q.shape, q.dtype),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
+        out_shape=tiles.out_shape(r.q, r.q.shape, r.q.dtype),
+        compiler_params=tiles.compiler_params(config),
         interpret=interpret,
         name="flashjax_bwd_dq",
-    )(q, k, v, do, lse2, delta, q_segments, kv_segments, bias, seeds)
-
-
-def backward(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    do: jax.Array,
-    lse2: jax.Array,
-    delta: jax.Array,
-    q_segments: jax.Array | None,
-    kv_segments: jax.Array | None,
-    bias: jax.Array | None,
-    seeds: jax.Array | None,
-    *,
-    statics: common.AttentionStatics,
-    dkdv_config: KernelConfig,
-    dq_config: KernelConfig,
-    interpret: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Padded operands (see tiles.py) -> (dq, dk, dv) in the operands' padded shapes and dtypes."""
-    operands = (q, k, v, do, lse2, delta, q_segments, kv_segments, bias, seeds)
-    dk_, dv_ = dkdv(*operands, statics=statics, config=dkdv_config, interpret=interpret)
-    dq_ = dq(*operands, statics=statics, config=dq_config, interpret=interpret)
-    return dq_, dk_, dv_
+    )(r)

@@ -1,8 +1,9 @@
 """FlashAttention forward on Pallas' Triton lowering.
 
-Grid: one program per (query block, batch, query head). A program keeps its query tile on chip,
-walks the key blocks that `block_range` says it can see (boundary blocks with the element mask,
-interior blocks without), and writes its output tile and base-2 logsumexp once.
+Grid: one program per (query tile, batch, query head). A program keeps its query tile on chip,
+walks the key tiles the visibility rule lets it see (interior tiles without the element mask,
+boundary and partial tiles with it; `tiles.walk`), and writes its output tile and base-2 logsumexp
+once.
 """
 
 from __future__ import annotations
@@ -12,51 +13,46 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import common
+from pallas_kernels import common, visibility
 from pallas_kernels.configs import KernelConfig
+from pallas_kernels.operands import AttentionStatics
 from pallas_kernels.triton import tiles
 
 
 def _forward_kernel(
-    q_ref,
-    k_ref,
-    v_ref,
-    qseg_ref,
-    kseg_ref,
-    bias_ref,
-    seeds_ref,
+    r: tiles.Refs,
     o_ref,
     lse_ref,
     *,
-    statics: common.AttentionStatics,
+    statics: AttentionStatics,
     block_k: int,
     num_heads: int,
 ):
-    block_q, head_dim = q_ref.shape
-    seq_k = k_ref.shape[0]
-    q0, rows, q_segments = tiles.query_block(block_q, qseg_ref)
-    q = q_ref[...]
-    stream = tiles.head_stream(statics, seeds_ref, pl.program_id(1), pl.program_id(2), num_heads)
+    block_q, head_dim = r.q.shape
+    qb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q0 = qb * block_q
+    rows = q0 + jnp.arange(block_q, dtype=jnp.int32)
+    seq = visibility.seq_row(r.seq)
+    q_segments = None if r.q_segments is None else r.q_segments[pl.ds(q0, block_q)]
+    q = r.q[...]
+    stream = None
+    if statics.has_dropout:
+        stream = common.head_stream(statics, r.seeds, b, h, num_heads)
 
     def body(kb, carry, *, masked: bool):
         acc, m, l = carry
         k0 = kb * block_k
         cols = k0 + jnp.arange(block_k, dtype=jnp.int32)
-        k = k_ref[pl.ds(k0, block_k), :]
-        v = v_ref[pl.ds(k0, block_k), :]
-        bias = None if bias_ref is None else tiles.load_bias(bias_ref, 0, q0, block_q, k0, block_k)
-        s2, _ = common.tile_scores(
-            tiles.dot(q, k, trans_b=True),
-            statics,
-            rows,
-            cols,
-            masked=masked,
-            bias=bias,
-            row_segments=q_segments,
-            col_segments=None if kseg_ref is None else kseg_ref[pl.ds(k0, block_k)],
-        )
+        k = r.k[pl.ds(k0, block_k), :]
+        v = r.v[pl.ds(k0, block_k), :]
+        mask = None
+        if masked:
+            kv_segments = None if r.kv_segments is None else r.kv_segments[pl.ds(k0, block_k)]
+            mask = tiles.tile_mask(statics, rows, cols, seq, q_segments, kv_segments, b, h)
+            k, v = tiles.zero_past(k, cols, seq[3]), tiles.zero_past(v, cols, seq[3])
+        bias = None if r.bias is None else tiles.load_bias(r.bias, 0, q0, block_q, k0, block_k)
+        s2, _ = common.scores(tiles.dot(q, k, trans_b=True), statics.scale, statics, bias, mask)
         p, m, l, alpha = common.online_softmax_step(s2, m, l)
         if stream is not None:
             p = p * common.dropout_scale(statics, stream, rows, cols)
@@ -68,60 +64,48 @@ def _forward_kernel(
         jnp.full((block_q,), -jnp.inf, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    blocks = common.block_range(q0, block_q, block_k, seq_k, statics.kv_len, statics.window)
-    carry = tiles.visit_blocks(body, carry, blocks, statics.has_segments)
+    carry = tiles.walk(body, carry, **tiles.visits(r, statics, q0, block_q, block_k, seq))
     out, lse2 = common.finalize(*carry)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse2
 
 
 def forward(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_segments: jax.Array | None,
-    kv_segments: jax.Array | None,
-    bias: jax.Array | None,
-    seeds: jax.Array | None,
-    *,
-    statics: common.AttentionStatics,
-    config: KernelConfig,
-    interpret: bool,
+    r: tiles.Refs, *, statics: AttentionStatics, config: KernelConfig, interpret: bool
 ) -> tuple[jax.Array, jax.Array]:
     """Padded operands (see tiles.py) -> (out (B, Tp, N, Hp), lse2 (B, N, Tp) float32)."""
-    batch, seq_q, num_heads, head_dim = q.shape
-    seq_k, num_kv_heads = k.shape[1], k.shape[2]
+    batch, seq_q, num_heads, head_dim = r.q.shape
+    seq_k, num_kv_heads = r.k.shape[1], r.k.shape[2]
     group = num_heads // num_kv_heads
     bq, bk = config.block_q, config.block_k
     grid = (seq_q // bq, batch, num_heads)
-    kv_spec = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
-    in_specs = [
-        pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0)),
-        kv_spec,
-        kv_spec,
-        None if q_segments is None else pl.BlockSpec((None, seq_q), lambda i, b, h: (b, 0)),
-        None if kv_segments is None else pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0)),
-        tiles.bias_spec(bias, 1, lambda i, b, h: (b, h)),
-        None if seeds is None else pl.BlockSpec((2,), lambda i, b, h: (0,)),
-    ]
-    out_specs = [
-        pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0)),
-        pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
-    ]
+    q_tile = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    kv_full = pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
+    specs = r.specs(
+        q=q_tile,
+        k=kv_full,
+        v=kv_full,
+        seq=pl.BlockSpec((None, 4), lambda i, b, h: (b, 0)),
+        bias=tiles.bias_spec(r.bias, 1, lambda i, b, h: (b, h)),
+        q_segments=pl.BlockSpec((None, seq_q), lambda i, b, h: (b, 0)),
+        kv_segments=pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0)),
+        full=tiles.lists_spec(r.full, 1, lambda i, b, h: (i, b, h)),
+        partial=tiles.lists_spec(r.partial, 1, lambda i, b, h: (i, b, h)),
+        seeds=pl.BlockSpec((2,), lambda i, b, h: (0,)),
+    )
+    out_specs = [q_tile, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
     out_shape = [
-        tiles.out_shape(q, q.shape, q.dtype),
-        tiles.out_shape(q, (batch, num_heads, seq_q), jnp.float32),
+        tiles.out_shape(r.q, r.q.shape, r.q.dtype),
+        tiles.out_shape(r.q, (batch, num_heads, seq_q), jnp.float32),
     ]
     kernel = functools.partial(_forward_kernel, statics=statics, block_k=bk, num_heads=num_heads)
     return pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=in_specs,
+        in_specs=(specs,),
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
+        compiler_params=tiles.compiler_params(config),
         interpret=interpret,
         name="flashjax_fwd",
-    )(q, k, v, q_segments, kv_segments, bias, seeds)
+    )(r)

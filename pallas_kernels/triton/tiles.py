@@ -1,17 +1,25 @@
-"""Operands of the Triton-lowered kernels: how each array is blocked and how its tiles are loaded.
+"""What the Triton-lowered kernels share: their operand record, how its tiles are loaded, masked
+and walked.
 
-All three kernels (forward, dK/dV, dQ) see the same padded layout, prepared by `api.py`:
-  q, out, dout    (B, Tp, N, Hp)          k, v  (B, Sp, K, Hp)
-  lse2, delta     (B, N, Tp) float32       q_segments (B, Tp), kv_segments (B, Sp) int32
+All three kernels (forward, dK/dV, dQ) take one `Refs` record, prepared by `api.py` (padded):
+  q, do           (B, Tp, N, Hp)           k, v  (B, Sp, K, Hp)
+  seq             (B, 4) int32: q_offset, kv_offset, q_len, kv_len (`Operands.seq_info`)
   bias            (Bb, Nb, Tb, Sb) float32, Bb in {1, B}, Nb in {1, N}, Tb in {1, Tp}, Sb in {1, Sp}
+  q_segments      (B, Tp), kv_segments (B, Sp) int32
+  full, partial   visit lists (Bt, Nt, rows tiles, 1 + column tiles) int32, when the call has
+                  segments or a block mask (`visibility.visit_lists`); else the kernels compute
+                  their ranges from `seq` (`visibility.block_range`)
   seeds           (2,) uint32
-Tp, Sp are multiples of the block sizes and Hp is a power of two (zero padding).
-A broadcast bias is read with broadcasting: a (1, 1, T, S) bias is never expanded.
+  lse2, delta     (B, N, Tp) float32 (backward)
+Tp, Sp are multiples of the tiles and Hp a power of two (zero padding; padded rows and keys lie past
+the lengths, so the visibility rule hides them). A broadcast bias is read with broadcasting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +27,44 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import common
+from pallas_kernels import visibility
+from pallas_kernels.operands import AttentionStatics
+
+
+@dataclasses.dataclass(frozen=True)
+class Refs:
+    """The operands of one kernel launch: arrays outside the kernel, refs inside, BlockSpecs for
+    `pallas_call` (one record, so a new operand is one field)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    seq: jax.Array
+    bias: jax.Array | None = None
+    q_segments: jax.Array | None = None
+    kv_segments: jax.Array | None = None
+    full: jax.Array | None = None
+    partial: jax.Array | None = None
+    seeds: jax.Array | None = None
+    do: jax.Array | None = None
+    lse2: jax.Array | None = None
+    delta: jax.Array | None = None
+
+    def replace(self, **changes) -> Refs:
+        return dataclasses.replace(self, **changes)
+
+    def specs(self, **spec_of) -> Refs:
+        """A record of BlockSpecs: `spec_of[name]` for each field that is present."""
+        fields = {}
+        for f in dataclasses.fields(self):
+            x = getattr(self, f.name)
+            fields[f.name] = None if x is None else spec_of[f.name]
+        return Refs(**fields)
+
+
+jax.tree_util.register_dataclass(
+    Refs, data_fields=[f.name for f in dataclasses.fields(Refs)], meta_fields=[]
+)
 
 
 def dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
@@ -46,6 +91,21 @@ def bias_spec(bias: jax.Array | None, heads_per_program: int, head_of) -> pl.Blo
     return pl.BlockSpec((None, hb, tb, sb), index)
 
 
+def lists_spec(lists: jax.Array | None, heads_per_program: int, head_of) -> pl.BlockSpec | None:
+    """BlockSpec of visit lists `(Bt, Nt, R, 1 + C)`: a program sees its row tile's lists for its
+    batch row and its head(s). `head_of(*grid_ids) -> (row tile, batch, head block)`."""
+    if lists is None:
+        return None
+    bt, nt, _, width = lists.shape
+    hb = heads_per_program if nt > 1 else 1
+
+    def index(*ids):
+        r, b, h = head_of(*ids)
+        return (b if bt > 1 else 0, h if nt > 1 else 0, r, 0)
+
+    return pl.BlockSpec((None, hb, None, width), index)
+
+
 def load_bias(
     bias_ref, head: jax.Array | int, q0: jax.Array, bq: int, k0: jax.Array, bk: int
 ) -> jax.Array:
@@ -62,30 +122,77 @@ def out_shape(like: jax.Array, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeS
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
-def head_stream(
-    statics: common.AttentionStatics, seeds_ref, batch: jax.Array, head: jax.Array, num_heads: int
-) -> jax.Array | None:
-    """The dropout stream of one (batch, query head), or None without dropout."""
-    if not statics.has_dropout:
-        return None
-    bh = 0 if statics.dropout_broadcast else batch * num_heads + head
-    return common.dropout_stream(seeds_ref[0], seeds_ref[1], bh)
+def tile_mask(
+    statics: AttentionStatics,
+    rows: jax.Array,
+    cols: jax.Array,
+    seq: visibility.Seq,
+    q_segments: jax.Array | None,
+    kv_segments: jax.Array | None,
+    batch: jax.Array,
+    head: jax.Array,
+) -> jax.Array:
+    """The element mask `(bq, bk)` of a boundary tile: query rows x key cols."""
+    segments = {}
+    if q_segments is not None:
+        segments = dict(q_segments=q_segments[:, None], kv_segments=kv_segments[None, :])
+    return visibility.element_visible(
+        statics, rows[:, None], cols[None, :], seq, batch=batch, head=head, **segments
+    )
 
 
-def query_block(block_q: int, qseg_ref) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """For a program whose grid axis 0 is the query block: (first row, row indices, segment ids)."""
-    q0 = pl.program_id(0) * block_q
-    q_segments = None if qseg_ref is None else qseg_ref[pl.ds(q0, block_q)]
-    return q0, q0 + jnp.arange(block_q, dtype=jnp.int32), q_segments
+def zero_past(x: jax.Array, index: jax.Array, length: jax.Array) -> jax.Array:
+    """Rows of a loaded tile at or past `length` set to 0, so garbage there (NaN in a padded cache)
+    never reaches an output through the tile's matmul."""
+    return jnp.where((index < length)[:, None], x, jnp.zeros_like(x))
 
 
-def visit_blocks(body, carry, block_range, has_segments: bool):
-    """Run `body(i, carry, masked=...)` over the blocks of `common.block_range`'s
-    `(lo, full_lo, full_hi, hi)`: boundary blocks with the element mask, interior ones without.
-    With segment ids every block is masked."""
-    lo, full_lo, full_hi, hi = block_range
-    if has_segments:
-        return lax.fori_loop(lo, hi, functools.partial(body, masked=True), carry)
+def walk(
+    body: Callable,
+    carry,
+    *,
+    ranges: tuple[jax.Array, ...] | None = None,
+    lists: tuple[Callable, Callable] | None = None,
+):
+    """Run `body(block, carry, masked=...)` over the column blocks a row tile visits.
+
+    `ranges`: `visibility.block_range`'s `(lo, full_lo, full_hi, hi)`: boundary blocks with the
+    element mask, interior ones without. `lists`: `(full, partial)` readers of the visit lists,
+    `reader(j)` giving entry j (entry 0 the count): full tiles unmasked, then partial ones masked.
+    """
+    if lists is not None:
+        full, partial = lists
+        carry = lax.fori_loop(0, full(0), lambda i, c: body(full(1 + i), c, masked=False), carry)
+        return lax.fori_loop(
+            0, partial(0), lambda i, c: body(partial(1 + i), c, masked=True), carry
+        )
+    lo, full_lo, full_hi, hi = ranges
     carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
     return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+def visits(
+    r: Refs,
+    statics: AttentionStatics,
+    row0,
+    block_rows: int,
+    block_cols: int,
+    seq,
+    *,
+    transposed: bool = False,
+    head=0,
+) -> dict:
+    """The `walk` keyword of a row tile: its visit lists (`head`: which of the program's heads)
+    when the launch has them, else the ranges of `visibility.block_range`."""
+    if r.full is not None:
+        return dict(lists=(lambda j: r.full[head, j], lambda j: r.partial[head, j]))
+    return dict(
+        ranges=visibility.block_range(
+            statics, row0, block_rows, block_cols, seq, transposed=transposed
+        )
+    )
+
+
+def compiler_params(config) -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)

@@ -1,0 +1,167 @@
+"""The one operand record every implementation takes, and the static meaning of a call.
+
+`flashjax.dot_product_attention` validates the user's arguments and builds one `Operands`; the
+registry hands it whole to a backend, which hands it whole to its kernels. A new operand is one
+new field here (and its use where it matters), never a new positional argument in twenty
+signatures.
+
+Shapes (B batch, T queries, S keys, N query heads, K key/value heads, H head dim):
+  q (B, T, N, H); k, v (B, S, K, H), N a multiple of K; one float dtype.
+  bias (Bb, Nb, Tb, Sb) float32 (float64 with float64 inputs), each axis 1 or full; -inf hides.
+  q_segments (B, T), kv_segments (B, S) int32: query i and key j interact iff their ids are equal.
+  q_lengths, kv_lengths (B,) int32: rows / keys at or past the length are invisible.
+  q_offsets, kv_offsets (B,) int32: the position of row 0 / key 0 (query row i sits at position
+    q_offsets[b] + i); causal and window compare positions, so a shard of a longer sequence or the
+    tail of a KV cache is exact.
+  block_states (Bm, Nm, Tm, Sm) int8, the block mask summarized per mask block (0 empty, 1 partial,
+    2 full), Bm in {1, B}, Nm in {1, N}; its block size and element rule are static.
+  seeds (2,) uint32, when dropout is on.
+  scale () float, only when the scale is traced (a learnable temperature); else static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# A block mask's element rule: mask_fn(batch, head, q_index, kv_index) -> bool, on broadcast int32
+# arrays (PyTorch FlexAttention's mask_mod). None: the block states themselves are the mask.
+MaskFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+EMPTY, PARTIAL, FULL = 0, 1, 2  # block states, ordered: the state of an AND is the minimum
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionStatics:
+    """What the user asked for that is static (traced away at compile time).
+
+    Attributes:
+      scale: multiplier of `q . k`, or None when the scale is a traced operand (`Operands.scale`).
+      window: `(left, right)`, each an int >= 0 or None (unbounded): query at position p sees keys
+        at positions p - left .. p + right. Causal is right = 0.
+      softcap: `c` in `c * tanh(logits / c)`, or None.
+      dropout_rate: probability of dropping an attention weight, in [0, 1).
+      dropout_broadcast: same dropout mask for every batch element and head (Flax's default).
+      mask_block: `(bq, bk)` of the block mask, or None without one.
+      mask_fn: the block mask's element rule (see `MaskFn`), or None.
+    """
+
+    scale: float | None
+    window: tuple[int | None, int | None] = (None, None)
+    softcap: float | None = None
+    dropout_rate: float = 0.0
+    dropout_broadcast: bool = False
+    mask_block: tuple[int, int] | None = None
+    mask_fn: MaskFn | None = None
+
+    @property
+    def has_dropout(self) -> bool:
+        return self.dropout_rate > 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Operands:
+    """The normalized operands of one call (a pytree: arrays are leaves, `statics` is static)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    statics: AttentionStatics
+    bias: jax.Array | None = None
+    q_segments: jax.Array | None = None
+    kv_segments: jax.Array | None = None
+    q_lengths: jax.Array | None = None
+    kv_lengths: jax.Array | None = None
+    q_offsets: jax.Array | None = None
+    kv_offsets: jax.Array | None = None
+    block_states: jax.Array | None = None
+    seeds: jax.Array | None = None
+    scale: jax.Array | None = None
+
+    # Shapes, read off the arrays.
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def seq_q(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def seq_k(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def has_segments(self) -> bool:
+        return self.q_segments is not None
+
+    @property
+    def has_block_mask(self) -> bool:
+        return self.block_states is not None
+
+    def replace(self, **changes) -> Operands:
+        return dataclasses.replace(self, **changes)
+
+    def scale_value(self) -> float | jax.Array:
+        """The scale: the static float, or the traced operand."""
+        return self.statics.scale if self.scale is None else self.scale
+
+    def seq_info(self) -> jax.Array:
+        """`(B, 4)` int32 rows `[q_offset, kv_offset, q_length, kv_length]`, defaults filled in
+        (offsets 0, lengths T and S): what a kernel reads per batch row."""
+        b = self.batch
+
+        def col(x, default):
+            return jnp.full((b,), default, jnp.int32) if x is None else x.astype(jnp.int32)
+
+        return jnp.stack(
+            [
+                col(self.q_offsets, 0),
+                col(self.kv_offsets, 0),
+                col(self.q_lengths, self.seq_q),
+                col(self.kv_lengths, self.seq_k),
+            ],
+            axis=1,
+        )
+
+
+_DATA_FIELDS = [f.name for f in dataclasses.fields(Operands) if f.name != "statics"]
+jax.tree_util.register_dataclass(Operands, data_fields=_DATA_FIELDS, meta_fields=["statics"])
+
+
+def cotangent(ops: Operands, **grads: jax.Array | None) -> Operands:
+    """The cotangent of `ops` for a custom_vjp backward: `grads` for the float operands named
+    (q, k, v, bias, scale), float0 zeros for the integer ones, None where `ops` has None."""
+
+    def zero(x):
+        if x is None:
+            return None
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.zeros(x.shape, x.dtype)
+        return np.zeros(x.shape, jax.dtypes.float0)
+
+    fields = {name: zero(getattr(ops, name)) for name in _DATA_FIELDS}
+    for name, g in grads.items():
+        if getattr(ops, name) is not None:
+            fields[name] = g
+    return Operands(statics=ops.statics, **fields)
