@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 import jax
@@ -80,6 +82,39 @@ def test_sampler_is_a_function_of_the_step() -> None:
         np.testing.assert_array_equal(a.batch(step).inputs, b.batch(step).inputs)
     assert sorted(a._permutation(0).tolist()) == list(range(a.num_rows))
     assert not np.array_equal(a._permutation(0), a._permutation(1))
+
+
+@pytest.mark.parametrize("docs_per_row", [1, 4, 8])
+def test_cut_documents_gives_each_row_n_documents(docs_per_row: int) -> None:
+    """With documents cut to `seq // N` tokens every row holds exactly N documents, each opened by
+    a BOS with positions 0, 1, ...; the pieces are the documents' own bytes in order, and a
+    document's short tail (or a short document) is dropped."""
+    lengths = [5, 400, 31, 130, 64, 1000, 7, 95]
+    docs, seq = _docs(lengths, seed=5), 128
+    doc_len = data.doc_len_for(seq, docs_per_row)
+    stream = data.cut_documents(data.pack_documents(docs), doc_len)
+    width = doc_len - 1
+    expected = [d[i : i + width] for d in docs for i in range(0, len(d) - width + 1, width)]
+    pieces = stream.reshape(-1, doc_len)
+    assert stream.dtype == np.uint16 and np.all(pieces[:, 0] == data.ByteTokenizer.BOS)
+    np.testing.assert_array_equal(pieces[:, 1:], np.stack(expected))
+    sampler = data.BatchSampler(stream, seq, batch_size=2)
+    batch = data.make_batch(sampler.rows(np.arange(sampler.num_rows)))
+    per_row = np.arange(seq) // doc_len
+    np.testing.assert_array_equal(
+        batch.segment_ids, np.broadcast_to(per_row + 1, (len(batch.inputs), seq))
+    )
+    np.testing.assert_array_equal(
+        batch.positions, np.broadcast_to(np.arange(seq) % doc_len, batch.inputs.shape)
+    )
+    # seq not a multiple of N: rows hold N or N + 1 documents, segments and positions consistent.
+    odd = data.make_batch(data.BatchSampler(stream, seq + 5, 2).rows(np.arange(3)))
+    counts = odd.segment_ids.max(axis=-1) - odd.segment_ids.min(axis=-1) + 1
+    assert set(counts.tolist()) <= {docs_per_row, docs_per_row + 1}
+    restarts = odd.positions[:, 1:] == 0
+    np.testing.assert_array_equal(restarts, np.diff(odd.segment_ids, axis=-1) == 1)
+    with pytest.raises(ValueError, match="docs_per_row"):
+        data.doc_len_for(seq, seq)
 
 
 def test_corpus_is_offline_text_split_by_path(corpus: data.Corpus) -> None:
@@ -311,8 +346,27 @@ def test_checkpoint_resume_continues_the_same_trajectory(
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
+def test_progress_never_shows_nan_speed(
+    corpus: data.Corpus, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the first timed interval (the first one holds the compilation) the progress shows
+    `-- tok/s`, not `nan tok/s`; afterwards a number. With tqdm's bar and with plain lines."""
+    trainer = _trainer(3)
+    sampler = data.BatchSampler(corpus.train, 64, 8)
+    for bar in ("tqdm", "lines"):
+        if bar == "lines":
+            monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` fails.
+        train.train(trainer, sampler, log_every=1)
+        out = capsys.readouterr().out
+        assert not re.search(r"\bnan\b", out, re.IGNORECASE), out
+        assert "-- tok/s" in out and re.search(r"\d tok/s", out), out
+    assert out.splitlines()[0].startswith("step      1/3 |") and "-- tok/s" in out.splitlines()[0]
+    assert train.speed_text(math.nan) == "-- tok/s" and train.speed_text(1234.5) == "1,234 tok/s"
+
+
 def test_command_line_runs_a_few_steps(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """`python -m examples.gpt2.train` on CPU: tiny, a few steps, a checkpoint, a summary line."""
+    """`python -m examples.gpt2.train` on CPU: tiny, a few steps, a checkpoint, a summary line, and
+    no `nan` in the output."""
     result = train.main(
         [
             "--steps",
@@ -333,7 +387,33 @@ def test_command_line_runs_a_few_steps(tmp_path: Path, capsys: pytest.CaptureFix
     )
     assert len(result.train_losses) == 3
     assert train.latest_checkpoint(tmp_path / "ckpt") is not None
-    assert "done: train loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "done: train loss" in out and not re.search(r"\bnan\b", out, re.IGNORECASE), out
+
+
+def test_eval_every_default_is_what_help_says(
+    corpus: data.Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without `--eval-every` the validation loss comes at the interval `--help` states."""
+    help_text = " ".join(train._parser().format_help().split())
+    found = re.search(r"--eval-every EVAL_EVERY default: every (\d+)% of the run", help_text)
+    assert found, help_text
+    monkeypatch.setattr(train.data, "load_corpus", lambda *args, **kwargs: corpus)
+    args = ["--steps", "10", "--seq-len", "32", "--eval-batches", "1", "--log-every", "5"]
+    result = train.main(args)
+    every = 10 * int(found[1]) // 100
+    assert [step for step, _ in result.val_losses] == list(range(every, 11, every))
+
+
+def test_command_line_docs_per_row(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--docs-per-row N` trains on documents cut so that each row holds N of them."""
+    args = ["--steps", "2", "--seq-len", "32", "--max-corpus-mb", "1", "--eval-batches", "1"]
+    args += ["--data-cache", str(tmp_path / "data"), "--docs-per-row", "4"]
+    result = train.main(args)
+    assert len(result.train_losses) == 2 and all(math.isfinite(x) for _, x in result.train_losses)
+    assert "4 documents of 8 tokens per row" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="docs-per-row"):
+        train.main([*args[:-1], "17"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,7 +423,8 @@ def test_command_line_runs_a_few_steps(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_bench_report_handles_every_outcome(tmp_path: Path) -> None:
     """Analysis, tables and plots of the benchmark work with ok, out-of-memory, error and skipped
-    records, and the parity verdict uses twice the bf16-vs-fp32 gap as tolerance."""
+    records, and the parity verdict uses twice the bf16-vs-fp32 gap as tolerance. Packed-documents
+    rows (`docs_per_row`) go into the table, not into the longest-sequence ladder."""
     plan = bench.Plan()
 
     def speed(backend: str, config: str, seq: int, status: str = "ok", **kw) -> dict:
@@ -371,6 +452,8 @@ def test_bench_report_handles_every_outcome(tmp_path: Path) -> None:
         dict(speed("xla", "small", 2048), kind="ladder"),
         speed("cudnn", "small", 1024, "error", error="cuDNN is not detected"),
         dict(speed("cudnn", "small", 1024), segments=False),
+        dict(speed("flashjax", "small", 4096), docs_per_row=8, docs_per_row_mean=8.0),
+        dict(speed("flashjax", "small", 4096, "oom", error="Out of memory"), docs_per_row=16),
         {"backend": "xla", "kind": "parity", "dtype": "bfloat16", "losses": losses},
         {
             "backend": "xla",
@@ -407,6 +490,32 @@ def test_bench_report_handles_every_outcome(tmp_path: Path) -> None:
     result["analysis"] = analysis
     text = bench.summary_markdown(result, plan)
     assert "| small | 4096 | xla | - | - | - | - | oom |" in text and "**agree**" in text
+    assert "| small (8 docs/row) | 4096 | flashjax | 25,000 |" in text
+    assert "| small (16 docs/row) | 4096 | flashjax | - | - | - | - | oom |" in text
     assert bench._device_name(analysis["hello"]) == "h100"
     written = bench.make_plots(result, plan, tmp_path, "x")
     assert len(written) == 3 and all((tmp_path / name).stat().st_size > 0 for name in written)
+
+
+@pytest.mark.slow
+def test_bench_packed_documents_quick(tmp_path: Path) -> None:
+    """`bench --quick --only packed` on CPU: each backend measures the tiny model with rows of N
+    documents for each N of the quick plan, as throughput records with `docs_per_row`, listed in
+    the summary table; the default run has no packed task."""
+    default = bench._worker_plans(bench.Plan(), ["xla", "cudnn", "flashjax"])
+    assert all(t["kind"] != "packed" for _, tasks, _ in default for t in tasks)
+    args = ["--out", str(tmp_path), "--quick", "--only", "packed", "--backends", "flashjax,xla"]
+    result = bench.main([*args, "--data-cache", str(tmp_path / "data"), "--budget-s", "120"])
+    assert result is not None
+    rows = [r for r in result["records"] if r["kind"] == "throughput"]
+    assert {(r["backend"], r["docs_per_row"]) for r in rows} == {
+        (b, n) for b in ("flashjax", "xla") for n in bench.QUICK.packed_docs
+    }
+    for r in rows:
+        assert r["status"] == "ok" and r["seq"] == bench.QUICK.packed_seq, r
+        assert r["config"] == "tiny" and r["tokens_per_s"] > 0 and "plan_peak_bytes" in r
+        assert r["docs_per_row_min"] == r["docs_per_row_max"] == r["docs_per_row"]
+    summary = next(tmp_path.glob("*-summary.md")).read_text()
+    for n in bench.QUICK.packed_docs:
+        assert f"| tiny ({n} docs/row) | {bench.QUICK.packed_seq} | flashjax |" in summary
+    assert result["analysis"]["ladder"]["flashjax"]["max_seq"] is None

@@ -18,6 +18,15 @@ attention) and cudnn (jax.nn with implementation="cudnn"), with the same batch, 
    this very run), and the measured largest flashjax - xla gap is checked against it.
 4. A longer flashjax run (the time left) showing the validation loss falling.
 
+On request only (`--only packed`, or `packed` among other kinds; never in the default run):
+throughput of `small` at seq 4096, batch 8, with the documents cut so that each row holds 8 and 16
+of them (`data.cut_documents`; `--packed-docs` sets the counts). Its records are throughput records
+with `docs_per_row` set; the summary table lists them as `small (N docs/row)`. Budgeted to end
+within 3 minutes (estimated from the default run's compile and step times; not yet run on a GPU):
+
+    PYTHONPATH=. python -m examples.gpt2.bench --out OUT/gpt2-packed --only packed --budget-s 170 \
+        --grace-s 10
+
 Each backend runs in its own subprocess (one device user at a time; a crash or an out-of-memory
 cannot take the others down; its peak-memory counter starts fresh), with a deadline. Every
 measurement is appended to a JSON-lines file as soon as it is made, so a killed worker loses
@@ -76,6 +85,8 @@ class Plan:
     val_eval_batches: int = 16
     val_max_s: float = 300.0
     min_task_s: float = 25.0
+    packed_seq: int = 4096
+    packed_docs: tuple[int, ...] = (8, 16)
 
 
 QUICK = Plan(
@@ -94,6 +105,8 @@ QUICK = Plan(
     val_eval_batches=4,
     val_max_s=15.0,
     min_task_s=3.0,
+    packed_seq=128,
+    packed_docs=(4, 8),
 )
 
 
@@ -102,6 +115,7 @@ def _plan_from_dict(d: dict[str, Any]) -> Plan:
     d = {k: v for k, v in d.items() if k in fields}
     d["throughput"] = tuple(tuple(x) for x in d["throughput"])
     d["ladder"] = tuple(d["ladder"])
+    d["packed_docs"] = tuple(d["packed_docs"])
     return Plan(**d)
 
 
@@ -152,7 +166,7 @@ class Worker:
             f.flush()
             os.fsync(f.fileno())
         status = record.get("status", "")
-        keys = ("kind", "config", "seq", "dtype", "segments", "device_kind")
+        keys = ("kind", "config", "seq", "docs_per_row", "dtype", "segments", "device_kind")
         text = " ".join(f"{k}={record[k]}" for k in keys if k in record)
         extra = ""
         if "plan_peak_bytes" in record:
@@ -195,14 +209,25 @@ class Worker:
             seed=self.seed,
         )
 
-    def sampler(self, seq: int) -> data.BatchSampler:
-        """Training batches (the same for every backend: same corpus, seed, order)."""
-        return data.BatchSampler(self.corpus.train, seq, self.plan.batch, self.seed)
+    def sampler(self, seq: int, docs_per_row: int | None = None) -> data.BatchSampler:
+        """Training batches (the same for every backend: same corpus, seed, order); with
+        `docs_per_row`, of documents cut to `seq // docs_per_row` tokens."""
+        stream = self.corpus.train
+        if docs_per_row is not None:
+            stream = data.cut_documents(stream, data.doc_len_for(seq, docs_per_row))
+        return data.BatchSampler(stream, seq, self.plan.batch, self.seed)
 
     # -- measurements -----------------------------------------------------------------------------
 
     def _speed(
-        self, kind: str, config: str, seq: int, warmup: int, timed: int, segments: bool = True
+        self,
+        kind: str,
+        config: str,
+        seq: int,
+        warmup: int,
+        timed: int,
+        segments: bool = True,
+        docs_per_row: int | None = None,
     ) -> dict[str, Any]:
         from examples.gpt2.train import device_memory
 
@@ -215,12 +240,23 @@ class Worker:
             "dtype": "bfloat16",
             "segments": segments,
         }
+        if docs_per_row is not None:
+            record["docs_per_row"] = docs_per_row
         trainer = None
         try:
             trainer = self.trainer(config, seq, segments=segments)
             state = trainer.init_state(self.schedule(seq, 1000, 10))
-            sampler = self.sampler(seq)
-            batches = [trainer.device_batch(sampler.batch(i)) for i in range(warmup + timed)]
+            sampler = self.sampler(seq, docs_per_row)
+            host = [sampler.batch(i) for i in range(warmup + timed)]
+            batches = [trainer.device_batch(b) for b in host]
+            # Documents (segments) per row of the batches measured.
+            counts = [1 + np.count_nonzero(np.diff(b.segment_ids, axis=-1), axis=-1) for b in host]
+            docs = np.concatenate(counts)
+            record.update(
+                docs_per_row_mean=float(docs.mean()),
+                docs_per_row_min=int(docs.min()),
+                docs_per_row_max=int(docs.max()),
+            )
             step = trainer.compiled_step(state, batches[0])
             stats = next(iter(trainer.compile_stats.values()))
             times = []
@@ -259,7 +295,7 @@ class Worker:
                 self.trainers.pop((config, seq, "bfloat16", segments), None)
             del trainer
             gc.collect()
-        if segments:
+        if segments and docs_per_row is None:
             self.measured[(config, seq)] = record
         return record
 
@@ -276,6 +312,20 @@ class Worker:
                 segments,
             )
         )
+
+    def packed(self, task: dict[str, Any]) -> None:
+        """Tokens/s and memory of `plan.config` at `plan.packed_seq`, batch `plan.batch`, with each
+        row holding N documents, for each N of `task["docs_per_row"]`. One task: the step compiled
+        for the first N serves the others (same shapes), so they need only half the usual margin
+        before the deadline."""
+        config, seq = self.plan.config, self.plan.packed_seq
+        for i, n in enumerate(task["docs_per_row"]):
+            if i and self.remaining() < self.plan.min_task_s / 2:
+                record = {"kind": "throughput", "config": config, "seq": seq, "docs_per_row": n}
+                self.emit({**record, "status": "skipped"})
+                continue
+            warmup, timed = self.plan.warmup_steps, self.plan.timed_steps
+            self.emit(self._speed("throughput", config, seq, warmup, timed, docs_per_row=n))
 
     def parity(self, task: dict[str, Any]) -> None:
         """`plan.parity_steps` training steps of `plan.config` from the shared initialization; the
@@ -441,10 +491,12 @@ def _bin_curve(points: Sequence[tuple[int, float]], bins: int) -> list[tuple[flo
 # --------------------------------------------------------------------------------------------------
 
 
-def _worker_plans(plan: Plan, backends: Sequence[str]) -> list[tuple[str, list[dict], float]]:
+def _worker_plans(
+    plan: Plan, backends: Sequence[str], packed: bool = False
+) -> list[tuple[str, list[dict], float]]:
     """(backend, tasks, share of the budget) in running order, each backend's tasks by priority;
     the last worker (flashjax) gets whatever time is left and spends the rest of it on the
-    validation run."""
+    validation run. With `packed`, every backend ends with the packed-documents task."""
     speed = [{"kind": "throughput", "config": c, "seq": s} for c, s in plan.throughput]
     no_seg = {"kind": "throughput", "config": plan.config, "seq": plan.parity_seq}
     no_seg["segments"] = False
@@ -456,7 +508,8 @@ def _worker_plans(plan: Plan, backends: Sequence[str]) -> list[tuple[str, list[d
     }
     shares = {"xla": 0.32, "cudnn": 0.22, "flashjax": 1.0}
     order = [b for b in ("xla", "cudnn", "flashjax") if b in backends]
-    return [(b, tasks[b], shares[b]) for b in order]
+    extra = [{"kind": "packed", "docs_per_row": list(plan.packed_docs)}] if packed else []
+    return [(b, tasks[b] + extra, shares[b]) for b in order]
 
 
 def _run_worker(
@@ -536,6 +589,7 @@ def _ladder_rungs(speed: list[dict[str, Any]], backend: str, plan: Plan) -> list
             if r["backend"] == backend
             and r.get("config") == plan.config
             and r.get("segments", True)
+            and "docs_per_row" not in r
             and r["seq"] in plan.ladder
         ),
         key=lambda r: r["seq"],
@@ -636,10 +690,18 @@ def summary_markdown(result: dict[str, Any], plan: Plan) -> str:
     ]
     rows = sorted(
         (r for r in a["speed"] if r["kind"] == "throughput"),
-        key=lambda r: (not r.get("segments", True), r["config"], r["seq"], r["backend"]),
+        key=lambda r: (
+            not r.get("segments", True),
+            r.get("docs_per_row", 0),
+            r["config"],
+            r["seq"],
+            r["backend"],
+        ),
     )
     for r in rows:
         seg = "" if r.get("segments", True) else " (no segments)"
+        if "docs_per_row" in r:
+            seg = f" ({r['docs_per_row']} docs/row)"
         head = f"| {r['config']}{seg} | {r['seq']} | {r['backend']} |"
         if r["status"] == "ok":
             lines.append(
@@ -648,6 +710,19 @@ def summary_markdown(result: dict[str, Any], plan: Plan) -> str:
             )
         else:
             lines.append(f"{head} - | - | - | - | {r['status']} |")
+    measured = [r for r in rows if "docs_per_row_mean" in r and r.get("segments", True)]
+    cut = {r["docs_per_row"]: r["docs_per_row_mean"] for r in measured if "docs_per_row" in r}
+    if cut:
+        whole = {r["seq"]: r["docs_per_row_mean"] for r in measured if "docs_per_row" not in r}
+        text = ", ".join(f"{n}: {m:.1f}" for n, m in sorted(cut.items()))
+        if plan.packed_seq in whole:
+            text += f"; whole documents at seq {plan.packed_seq}: {whole[plan.packed_seq]:.1f}"
+        lines += [
+            "",
+            "`(N docs/row)`: the documents cut into pieces of seq / N tokens, each opened by a BOS "
+            f"with positions restarting, so that every row holds N of them (documents per row of "
+            f"the measured batches, mean: {text}).",
+        ]
     lines += [
         "",
         f"Longest sequence of `{plan.config}` at batch {plan.batch} (doubling "
@@ -720,7 +795,10 @@ def make_plots(result: dict[str, Any], plan: Plan, out: Path, prefix: str) -> li
             recs = {
                 (r["config"], r["seq"]): r
                 for r in a["speed"]
-                if r["backend"] == backend and r["kind"] == "throughput" and r.get("segments", True)
+                if r["backend"] == backend
+                and r["kind"] == "throughput"
+                and r.get("segments", True)
+                and "docs_per_row" not in r
             }
             for metric, ax in (("tokens_per_s", axes[0]), ("plan_peak_bytes", axes[1])):
                 for i, g in enumerate(groups):
@@ -842,7 +920,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model, short run (CPU smoke test)")
     p.add_argument("--backends", default="flashjax,xla,cudnn")
     p.add_argument(
-        "--only", help="comma-separated task kinds to run: throughput,parity,ladder,val_run"
+        "--only",
+        help="comma-separated task kinds to run: throughput,parity,ladder,val_run,packed (packed: "
+        "documents cut to seq / N tokens; run only when named here)",
+    )
+    p.add_argument(
+        "--packed-docs", help="documents per row for `packed`, comma-separated (default 8,16)"
     )
     p.add_argument("--flash-impl", help="flashjax implementation (default: fastest)")
     p.add_argument("--data-cache", type=Path, default=DEFAULT_CACHE)
@@ -869,6 +952,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         raise SystemExit("--out is required")
     t0 = time.time()
     plan = QUICK if args.quick else Plan()
+    if args.packed_docs:
+        plan = dataclasses.replace(
+            plan, packed_docs=tuple(int(n) for n in args.packed_docs.split(",") if n.strip())
+        )
+    try:
+        for n in plan.packed_docs:
+            data.doc_len_for(plan.packed_seq, n)
+    except ValueError as e:
+        raise SystemExit(f"--packed-docs: {e}") from None
     budget = args.budget_s or (150.0 if args.quick else 500.0)
     end = t0 + budget - 15.0  # Time to analyze and plot.
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -885,7 +977,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     results = workdir / "records.jsonl"
     workers = []
     only = {k.strip() for k in args.only.split(",") if k.strip()} if args.only else None
-    for backend, tasks, share in _worker_plans(plan, backends):
+    packed = only is not None and "packed" in only
+    for backend, tasks, share in _worker_plans(plan, backends, packed):
         tasks = [t for t in tasks if only is None or t["kind"] in only]
         if not tasks:
             continue

@@ -14,6 +14,10 @@ of real text written by people, on any machine that runs this example.
   document boundary, and `positions` restart at 0 at every BOS (the learned position embedding
   sees where each document starts). The target of a document's last byte is the next BOS: the
   model learns where documents end.
+- Short documents (`cut_documents`): most files are long (from Python 3.12's standard library, a
+  row of 4096 tokens holds 1.2 documents on average). To measure attention over many segments per
+  row, the documents can be cut into pieces of exactly `doc_len = seq_len // N` tokens (each opened
+  by a BOS, its positions restarting), so that every row holds N documents.
 
 This module uses numpy only: the benchmark's parent process prepares the data without touching the
 accelerator.
@@ -92,6 +96,42 @@ def pack_documents(docs: Sequence[np.ndarray], bos: int = ByteTokenizer.BOS) -> 
         parts.append(np.asarray([bos], np.uint16))
         parts.append(np.asarray(doc, np.uint16))
     return np.concatenate(parts)
+
+
+def doc_len_for(seq_len: int, docs_per_row: int) -> int:
+    """The document length (BOS included) at which rows of `seq_len` tokens hold `docs_per_row`
+    documents: `seq_len // docs_per_row`, which must be at least 2 (a BOS and one byte)."""
+    if docs_per_row < 1 or seq_len // docs_per_row < 2:
+        raise ValueError(
+            f"docs_per_row must be between 1 and seq_len // 2 = {seq_len // 2}, got {docs_per_row}"
+        )
+    return seq_len // docs_per_row
+
+
+def cut_documents(stream: np.ndarray, doc_len: int, bos: int = ByteTokenizer.BOS) -> np.ndarray:
+    """The packed `stream` with every document cut into pieces of exactly `doc_len` tokens.
+
+    Each piece is `[bos, doc_len - 1 bytes]`: the first opens with the document's own BOS, the
+    others with a new one, so segment ids and positions restart at each piece. A document's last
+    piece shorter than `doc_len` (and so a whole document shorter than `doc_len`) is dropped, as are
+    tokens before the stream's first BOS. Rows of `seq_len = N * doc_len` tokens cut at stride
+    `seq_len` (`BatchSampler`) then hold exactly N documents each; with `doc_len = seq_len // N`
+    (`doc_len_for`) and `seq_len` not a multiple of N, N or N + 1.
+
+    Returns:
+      `Int[ndarray, "P*doc_len"]` of the stream's dtype: the P pieces, concatenated in order.
+    """
+    if doc_len < 2:
+        raise ValueError(f"doc_len must be at least 2 (a BOS and one byte), got {doc_len}")
+    stream = np.asarray(stream)
+    width = doc_len - 1
+    bodies = []
+    for doc in np.split(stream, np.flatnonzero(stream == bos))[1:]:
+        body = doc[1:]
+        bodies.append(body[: len(body) // width * width].reshape(-1, width))
+    pieces = np.concatenate(bodies) if bodies else np.zeros((0, width), stream.dtype)
+    bos_column = np.full((len(pieces), 1), bos, stream.dtype)
+    return np.concatenate([bos_column, pieces], axis=1).reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,8 @@ DEFAULT_CACHE = Path(os.environ.get("GPT2_DATA_CACHE", Path.home() / ".cache" / 
 # `_LOSS_CHUNK` tokens with the logits recomputed in the backward pass (see `cross_entropy`).
 _AUTO_CHUNK_BYTES = 8 * 2**30
 _LOSS_CHUNK = 8192
+# The command line evaluates the validation loss every this many percent of the run by default.
+EVAL_PERCENT = 20
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,6 +470,12 @@ def _gib(x: float) -> str:
     return f"{x / 2**30:.2f}GiB"
 
 
+def speed_text(tokens_per_s: float) -> str:
+    """Throughput for display; `-- tok/s` while it is unknown (NaN: before the first timed
+    interval, the first one holding the compilation)."""
+    return f"{tokens_per_s:,.0f} tok/s" if math.isfinite(tokens_per_s) else "-- tok/s"
+
+
 def memory_text() -> str:
     """Peak device memory (or host RSS on CPU) for the progress bar."""
     mem = device_memory()
@@ -518,7 +526,7 @@ class Progress:
 
 @dataclasses.dataclass
 class RunResult:
-    """What a training run measured."""
+    """What a training run measured (`tokens_per_s`: NaN if no interval was timed)."""
 
     train_losses: list[tuple[int, float]]
     val_losses: list[tuple[int, float]]
@@ -575,11 +583,13 @@ def train(
                 timed_s += now - mark[0]
                 timed_tokens += (done - mark[1]) * tokens_per_step
             mark = (now, done)
-            speed = timed_tokens / timed_s if timed_s else float("nan")
+            speed = timed_tokens / timed_s if timed_s else math.nan
             if on_log is not None:
                 on_log(done, losses[-1][1])
             if bar is not None:
-                bar.update(done, f"loss {losses[-1][1]:.4f} | {speed:,.0f} tok/s | {memory_text()}")
+                bar.update(
+                    done, f"loss {losses[-1][1]:.4f} | {speed_text(speed)} | {memory_text()}"
+                )
         if val_batches and ((eval_every and done % eval_every == 0) or done == end):
             val_losses.append((done, trainer.evaluate(state, val_batches)))
             if bar is not None:
@@ -592,7 +602,7 @@ def train(
             break
     if bar is not None:
         bar.close()
-    speed = timed_tokens / timed_s if timed_s else float("nan")
+    speed = timed_tokens / timed_s if timed_s else math.nan
     return RunResult(train_losses, val_losses, speed, state)
 
 
@@ -614,6 +624,12 @@ def _parser() -> argparse.ArgumentParser:
         help="flashjax implementation (default: the fastest for the device)",
     )
     p.add_argument("--no-segments", action="store_true", help="let documents attend across")
+    p.add_argument(
+        "--docs-per-row",
+        type=int,
+        metavar="N",
+        help="cut the documents into pieces of seq-len // N tokens, so each row holds N of them",
+    )
     p.add_argument("--seq-len", type=int, help="default: 128 on CPU, 1024 on GPU")
     p.add_argument("--batch-size", type=int, help="rows per step; default 8 (CPU), 16 (GPU)")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -625,7 +641,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
     p.add_argument("--vocab-size", type=int, help="override the config's vocab rows (>= 257)")
-    p.add_argument("--eval-every", type=int, help="default: every 10%% of the run")
+    p.add_argument("--eval-every", type=int, help=f"default: every {EVAL_PERCENT}%% of the run")
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-dir", type=Path, help="save checkpoints here (and resume from here)")
@@ -667,17 +683,26 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
     attention = AttentionFn(args.attention, args.flash_impl)
     max_bytes = None if args.max_corpus_mb is None else int(args.max_corpus_mb * 2**20)
     corpus = data.load_corpus(args.data_cache, max_bytes=max_bytes, seed=args.seed)
-    sampler = data.BatchSampler(corpus.train, seq_len, train_config.batch_size, args.seed)
-    val = data.eval_batches(corpus.val, seq_len, train_config.micro_batch, args.eval_batches)
+    train_stream, val_stream, rows_text = corpus.train, corpus.val, ""
+    if args.docs_per_row is not None:
+        try:
+            doc_len = data.doc_len_for(seq_len, args.docs_per_row)
+        except ValueError as e:
+            raise SystemExit(f"--docs-per-row: {e}") from None
+        train_stream = data.cut_documents(corpus.train, doc_len)
+        val_stream = data.cut_documents(corpus.val, doc_len)
+        rows_text = f" | {args.docs_per_row} documents of {doc_len} tokens per row"
+    sampler = data.BatchSampler(train_stream, seq_len, train_config.batch_size, args.seed)
+    val = data.eval_batches(val_stream, seq_len, train_config.micro_batch, args.eval_batches)
     if not val:
         print("note: the validation split is too small for one batch; no validation loss")
     trainer = Trainer(model_config, train_config, attention, use_segments=not args.no_segments)
     print(
         f"GPT-2 {name} ({model_config.num_params() / 1e6:.1f}M params, {model_config.dtype}) | "
         f"attention {args.attention} | {jax.devices()[0].device_kind} | seq {seq_len} x batch "
-        f"{train_config.batch_size} (accum {train_config.grad_accum}) | corpus "
-        f"{corpus.meta['bytes'] / 2**20:.1f} MiB, {len(corpus.train):,} train / "
-        f"{len(corpus.val):,} val tokens",
+        f"{train_config.batch_size} (accum {train_config.grad_accum}){rows_text} | corpus "
+        f"{corpus.meta['bytes'] / 2**20:.1f} MiB, {len(train_stream):,} train / "
+        f"{len(val_stream):,} val tokens",
         flush=True,
     )
     state = None
@@ -695,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
         sampler,
         val,
         state=state,
-        eval_every=args.eval_every or max(1, steps // 5),
+        eval_every=args.eval_every or max(1, steps * EVAL_PERCENT // 100),
         log_every=args.log_every,
         ckpt_dir=args.ckpt_dir,
         ckpt_every=args.ckpt_every,
@@ -707,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
     val_text = f"{vals[0][1]:.4f} -> {vals[-1][1]:.4f}" if vals else "n/a"
     print(
         f"done: train loss {first:.4f} -> {last:.4f} | val loss {val_text} | "
-        f"{result.tokens_per_s:,.0f} tokens/s | {memory_text()}",
+        f"{speed_text(result.tokens_per_s)} | {memory_text()}",
         flush=True,
     )
     return result
