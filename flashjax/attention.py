@@ -242,6 +242,68 @@ def dot_product_attention(
     three_d = query.ndim == 3
     if three_d:
         query, key, value = query[None], key[None], value[None]
+    if implementation is not None and implementation not in backends.NAMES:
+        raise ValueError(
+            f"implementation must be one of {backends.NAMES} or None, got {implementation!r}"
+        )
+    ops = operands(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        logits_soft_cap=logits_soft_cap,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        q_offsets=q_offsets,
+        kv_offsets=kv_offsets,
+        block_mask=block_mask,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        dropout_broadcast=dropout_broadcast,
+    )
+    if ops.batch == 0:  # nothing to attend: empty results, as jax.nn
+        out = jnp.zeros(query.shape, query.dtype)
+        lse = jnp.zeros((0, ops.seq_q, ops.num_heads), jnp.float32)
+    else:
+        out, lse = backends.choose(implementation, ops).run(ops)
+    if three_d:
+        out, lse = out[0], lse[0]
+    return (out, lse.astype(jnp.float32)) if return_residual else out
+
+
+def operands(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    scale: float | jax.Array | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_offsets: jax.Array | int | None = None,
+    kv_offsets: jax.Array | int | None = None,
+    block_mask: BlockMask | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    dropout_broadcast: bool = False,
+) -> Operands:
+    """Validate `dot_product_attention`'s arguments (rank-4 q, k, v) and build the one operand
+    record the implementations take. Raises, naming the argument, before anything is traced."""
+    _check_qkv(query, key, value)
+    if query.ndim != 4:
+        raise ValueError(f"operands takes rank-4 (B, T, N, H) inputs, got {query.shape}")
     batch, seq_q, num_heads, head_dim = query.shape
     seq_k = key.shape[1]
     _check_broadcast("bias", bias, (batch, num_heads, seq_q, seq_k))
@@ -265,17 +327,6 @@ def dot_product_attention(
     static_scale = _static_scale(scale, head_dim)
     _check_dropout(dropout_rate, dropout_rng)
     _check_block_mask(block_mask, (batch, num_heads, seq_q, seq_k))
-    if implementation is not None and implementation not in backends.NAMES:
-        raise ValueError(
-            f"implementation must be one of {backends.NAMES} or None, got {implementation!r}"
-        )
-
-    if batch == 0:  # nothing to attend: empty results, as jax.nn
-        out = jnp.zeros(query.shape, query.dtype)
-        lse = jnp.zeros((0, seq_q, num_heads), jnp.float32)
-        out, lse = (out[0], lse[0]) if three_d else (out, lse)
-        return (out, lse) if return_residual else out
-
     statics = AttentionStatics(
         scale=static_scale,
         window=masks.window_of(is_causal, local_window_size),
@@ -301,10 +352,7 @@ def dot_product_attention(
         seeds=jax.random.bits(dropout_rng, (2,), jnp.uint32) if dropout_rate > 0.0 else None,
         scale=None if static_scale is not None else jnp.asarray(scale),
     )
-    out, lse = backends.choose(implementation, ops).run(ops)
-    if three_d:
-        out, lse = out[0], lse[0]
-    return (out, lse.astype(jnp.float32)) if return_residual else out
+    return ops
 
 
 def _int32(x: jax.Array | None) -> jax.Array | None:

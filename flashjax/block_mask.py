@@ -50,7 +50,7 @@ def _block_size(block_size) -> tuple[int, int]:
     return int(block_size[0]), int(block_size[1])
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared (and hashed) by identity
 class BlockMask:
     """Which `(bq, bk)` blocks of the score matrix exist (a pytree; `states` is its leaf).
 

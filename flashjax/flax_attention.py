@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from flashjax.attention import Implementation, dot_product_attention
+from flashjax.block_mask import BlockMask
 
 
 def _promote(
@@ -67,6 +68,12 @@ def _flatten_batch(
     return x.reshape((math.prod(batch), *rest))
 
 
+def _bool_mask(mask: jax.Array | None) -> jax.Array | None:
+    """Flax's masks are bool or float 0/1 (`nn.make_causal_mask` returns float32), nonzero =
+    attend; the public op takes bool only."""
+    return None if mask is None else mask.astype(bool)
+
+
 def flax_attention_fn(
     query: jax.Array,
     key: jax.Array,
@@ -84,6 +91,7 @@ def flax_attention_fn(
     *,
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    block_mask: BlockMask | None = None,
     implementation: Implementation | None = None,
 ) -> jax.Array:
     """Flax's `dot_product_attention`, computed by `flashjax.dot_product_attention`.
@@ -114,6 +122,8 @@ def flax_attention_fn(
       is_causal: query i sees key j <= i (top-left aligned), without building a mask.
       q_segment_ids / kv_segment_ids: int32 `(*B, T)` / `(*B, S)`: packed documents, no dense
         mask (Flax's modules do not forward them: bind them with `functools.partial`).
+      block_mask: a `flashjax.BlockMask` (block-sparse attention), ANDed with everything else; its
+        batch axis (if any) is the flattened batch.
       implementation: as in `flashjax.dot_product_attention`: None (fastest available),
         "triton", "xla_chunked" or "xla".
 
@@ -148,13 +158,14 @@ def flax_attention_fn(
         key.reshape((flat, *key.shape[-3:])),
         value.reshape((flat, *value.shape[-3:])),
         _flatten_batch("bias", bias, batch, rank),
-        _flatten_batch("mask", mask, batch, rank),
+        _bool_mask(_flatten_batch("mask", mask, batch, rank)),
         is_causal=is_causal,
         q_segment_ids=None if q_segment_ids is None else q_segment_ids.reshape(flat, -1),
         kv_segment_ids=None if kv_segment_ids is None else kv_segment_ids.reshape(flat, -1),
         dropout_rate=float(dropout_rate) if apply_dropout else 0.0,
         dropout_rng=dropout_rng if apply_dropout else None,
         dropout_broadcast=bool(broadcast_dropout),
+        block_mask=block_mask,
         implementation=implementation,
     )
     return out.reshape(query.shape)

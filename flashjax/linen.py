@@ -18,6 +18,7 @@ import jax
 from flax import linen as nn
 
 from flashjax.attention import Implementation
+from flashjax.block_mask import BlockMask
 from flashjax.flax_attention import flax_attention_fn
 
 
@@ -54,14 +55,16 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
         single query sits at the cache index, not at position 0).
       implementation: which flashjax implementation computes attention (None: the fastest
         available; "triton", "xla_chunked", "xla").
+      block_mask: a `flashjax.BlockMask`: block-sparse attention, ANDed with everything else.
 
-    Both are bound into `attention_fn` (as keywords, so a custom `attention_fn` must accept
+    They are bound into `attention_fn` (as keywords, so a custom `attention_fn` must accept
     them when they are set). `sow_weights=True` sows nothing: the weights are never materialized.
     """
 
     attention_fn: Callable[..., jax.Array] = flax_attention_fn
     is_causal: bool = False
     implementation: Implementation | None = None
+    block_mask: BlockMask | None = None
 
     def __post_init__(self) -> None:
         fn: Any = self.attention_fn
@@ -72,6 +75,8 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
             bound["is_causal"] = True
         if self.implementation is not None:
             bound["implementation"] = self.implementation
+        if self.block_mask is not None:
+            bound["block_mask"] = self.block_mask
         if bound:
             configured = _Configured(fn, **bound)
             configured.original = fn

@@ -18,16 +18,20 @@ import jax
 from flax import nnx
 
 from flashjax.attention import Implementation
+from flashjax.block_mask import BlockMask
 from flashjax.flax_attention import flax_attention_fn
 
 
 @functools.cache
-def attention_fn_for(implementation: Implementation | None) -> Callable[..., jax.Array]:
-    """`flax_attention_fn` with `implementation` bound; one object per value, so modules built
-    with the same implementation have equal graph definitions (no retracing under `nnx.jit`)."""
-    if implementation is None:
-        return flax_attention_fn
-    return functools.partial(flax_attention_fn, implementation=implementation)
+def attention_fn_for(
+    implementation: Implementation | None, block_mask: BlockMask | None = None
+) -> Callable[..., jax.Array]:
+    """`flax_attention_fn` with `implementation` (and `block_mask`) bound; one object per value,
+    so modules built with the same arguments have equal graph definitions (no retracing under
+    `nnx.jit`; a BlockMask counts as the same value only when it is the same object)."""
+    bound = {"implementation": implementation, "block_mask": block_mask}
+    bound = {name: value for name, value in bound.items() if value is not None}
+    return functools.partial(flax_attention_fn, **bound) if bound else flax_attention_fn
 
 
 class MultiHeadAttention(nnx.MultiHeadAttention):
@@ -39,6 +43,8 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     Args:
       implementation: which flashjax implementation computes attention (None: the fastest
         available; "triton", "xla_chunked", "xla"). Used only when `attention_fn` is not given.
+      block_mask: a `flashjax.BlockMask`: block-sparse attention, ANDed with the call's mask and
+        causality. Used only when `attention_fn` is not given.
 
     Inputs are `[batch..., length, features]`; `__call__(..., is_causal=True)` reaches flashjax as
     `is_causal` (no mask is built), `mask=` is `[batch..., num_heads | 1, T, S]` as in Flax.
@@ -50,10 +56,11 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         *args: Any,
         attention_fn: Callable[..., jax.Array] | None = None,
         implementation: Implementation | None = None,
+        block_mask: BlockMask | None = None,
         **kwargs: Any,
     ) -> None:
         if attention_fn is None:
-            attention_fn = attention_fn_for(implementation)
-        elif implementation is not None:
-            raise ValueError("pass either attention_fn or implementation, not both")
+            attention_fn = attention_fn_for(implementation, block_mask)
+        elif implementation is not None or block_mask is not None:
+            raise ValueError("pass either attention_fn or implementation / block_mask, not both")
         super().__init__(*args, attention_fn=attention_fn, **kwargs)

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashjax import dot_product_attention
+from flashjax import BlockMask, backends, dot_product_attention
+from flashjax.attention import operands
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +79,38 @@ def make_inputs(case: Case, salt: str = ""):
         elif f == "dropout":
             kw["dropout_rate"] = 0.2
             kw["dropout_rng"] = jax.random.PRNGKey(seed_of(case.id))
+        elif f == "offsets":  # positions of row 0 / key 0 per batch row (decode, ring shards)
+            kw["q_offsets"] = jnp.asarray(rng.integers(0, 40, case.B), jnp.int32)
+            kw["kv_offsets"] = jnp.asarray(rng.integers(0, 40, case.B), jnp.int32)
+        elif f == "blocks":  # a random (B, N, Tb, Sb) block mask of 16 x 32 blocks
+            shape = (case.B, case.N, -(-case.T // 16), -(-case.S // 32))
+            kw["block_mask"] = BlockMask.from_blocks(jnp.asarray(rng.random(shape) < 0.6), (16, 32))
+        elif f == "maskfn":  # an element rule per head, classified into 32 x 16 blocks
+            kw["block_mask"] = BlockMask.from_mask_fn(
+                _mask_fn, case.T, case.S, block_size=(32, 16), heads=case.N
+            )
+        elif f == "garbage":  # NaN past the lengths (a padded cache): must reach nothing
+            q_len, kv_len = kw["query_seq_lengths"], kw["key_value_seq_lengths"]
+            q = jnp.where(
+                jnp.arange(case.T)[None, :, None, None] < q_len[:, None, None, None], q, jnp.nan
+            )
+            past = jnp.arange(case.S)[None, :, None, None] >= kv_len[:, None, None, None]
+            k, v = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.inf, v)
         else:
             raise ValueError(f)
     return q, k, v, dout, kw
+
+
+def _mask_fn(b, h, i, j):
+    """A FlexAttention-style element rule: a causal band whose width depends on the head, with
+    holes (so blocks come out empty, partial and full)."""
+    return (j <= i + 8 * h) & (j >= i - 40) & ((i + 2 * j) % 7 != 0)
+
+
+def cannot_serve(impl: str, q, k, v, kw) -> str | None:
+    """Why the registered backend `impl` cannot serve this call (None if it can)."""
+    call = {n: x for n, x in kw.items()}
+    return backends.REGISTRY[impl].unsupported(operands(q, k, v, **call))
 
 
 def run(impl: str, q, k, v, dout, kw):
@@ -99,7 +129,8 @@ def run_reference64(q, k, v, dout, kw):
     with jax.enable_x64(True):
         up = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, dout)]
         kw64 = {
-            n: (jnp.asarray(np.asarray(x, np.float64)) if n == "bias" else x) for n, x in kw.items()
+            n: (jnp.asarray(np.asarray(x, np.float64)) if n in ("bias", "scale") else x)
+            for n, x in kw.items()
         }
         return [np.asarray(x, np.float64) for x in run("xla", *up, kw64)]
 

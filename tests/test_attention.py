@@ -1,177 +1,22 @@
-"""The op against the float64 reference, for every implementation and feature (CPU tier).
-
-The Pallas kernels run here in interpret mode (the same kernel code the GPU compiles); the tile
-sizes for interpret mode are small (configs.py) so these shapes cross several blocks.
-"""
+"""The public op's own behaviour: the registry's choice, the merge, offsets, scale, dropout bits."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import Case, assert_close, make_inputs, run, run_reference64
+from helpers import Case, make_inputs
 
 import flashjax
-from flashjax import dot_product_attention
-
-IMPLS = ("triton", "xla_chunked")
-
-CASES = [
-    Case(),
-    Case(B=1, T=1, S=17, N=2, K=2, H=64),
-    Case(B=1, T=1, S=1, N=3, K=1, H=8),
-    Case(B=1, T=17, S=1, N=2, K=1, H=64, features=("causal",)),
-    Case(B=1, T=113, S=113, N=4, K=1, H=72, features=("causal",)),
-    Case(B=2, T=203, S=113, N=4, K=4, H=64, features=("causal",)),
-    Case(B=1, T=96, S=128, N=2, K=2, H=128, features=("window",)),
-    Case(B=1, T=113, S=113, N=8, K=2, H=40, features=("causal", "window")),
-    Case(B=1, T=64, S=80, N=2, K=2, H=256),
-    Case(B=2, T=50, S=77, N=4, K=2, H=64, features=("softcap", "bias")),
-    Case(B=2, T=50, S=77, N=4, K=4, H=64, features=("rowbias",)),
-    Case(B=2, T=70, S=70, N=4, K=2, H=64, features=("segments", "causal")),
-    Case(B=2, T=70, S=70, N=4, K=2, H=64, features=("large", "segments", "causal")),
-    Case(B=2, T=60, S=90, N=2, K=1, H=64, features=("lengths", "mask")),
-    Case(B=2, T=60, S=90, N=4, K=2, H=64, features=("lengths",)),
-    Case(B=1, T=64, S=64, N=2, K=2, H=64, features=("dropout",)),
-    Case(B=1, T=64, S=96, N=4, K=1, H=64, features=("dropout", "causal", "bias")),
-    Case(B=1, T=45, S=45, N=2, K=2, H=64, dtype="float16", features=("causal",)),
-    Case(B=1, T=45, S=61, N=2, K=1, H=96, dtype="float32", features=("window", "softcap")),
-]
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_float64_reference(case: Case, impl: str) -> None:
-    q, k, v, dout, kw = make_inputs(case)
-    got = run(impl, q, k, v, dout, kw)
-    naive = run("xla", q, k, v, dout, kw)
-    ref64 = run_reference64(q, k, v, dout, kw)
-    assert got[0].dtype == q.dtype and got[0].shape == q.shape
-    assert got[1].dtype == jnp.float32 and got[1].shape == (case.B, case.T, case.N)
-    assert_close(got, naive, ref64, label=f"{impl} {case.id}")
-
-
-def test_bias_gradient_matches_reference() -> None:
-    """d bias for a full and a broadcast bias, kernels vs the reference's autodiff."""
-    case = Case(B=2, T=40, S=56, N=4, K=2, H=64, dtype="float32")
-    q, k, v, dout, _ = make_inputs(case)
-    rng = np.random.default_rng(1)
-    for shape in ((1, 4, 40, 56), (2, 1, 1, 56), (1, 4, 40, 1)):
-        bias = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-
-        def loss(bias, impl):
-            out = dot_product_attention(q, k, v, bias, implementation=impl, logits_soft_cap=4.0)
-            return jnp.sum(out * dout)
-
-        want = jax.grad(loss)(bias, "xla")
-        for impl in IMPLS:
-            got = jax.grad(loss)(bias, impl)
-            assert got.shape == shape
-            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=f"{impl} {shape}")
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_row_without_visible_key_outputs_zero(impl: str) -> None:
-    """A query with no visible key outputs 0 and logsumexp -inf, with finite, zero gradients."""
-    case = Case(B=1, T=20, S=30, N=2, K=2, H=64, dtype="float32")
-    q, k, v, dout, _ = make_inputs(case)
-    mask = jnp.ones((20, 30), bool).at[3].set(False)
-    kw = dict(mask=mask, key_value_seq_lengths=jnp.array([30]), query_seq_lengths=jnp.array([15]))
-    out, lse, dq, dk, dv = run(impl, q, k, v, dout, kw)
-    assert np.all(out[0, 3] == 0) and np.all(out[0, 15:] == 0)
-    assert np.all(np.isneginf(lse[0, 3])) and np.all(np.isneginf(lse[0, 15:]))
-    assert np.all(np.isfinite(dq)) and np.all(dq[0, 3] == 0) and np.all(dq[0, 15:] == 0)
-    assert np.all(np.isfinite(dk)) and np.all(np.isfinite(dv))
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_softmax_is_shift_invariant(impl: str) -> None:
-    """A constant bias of -1000 (every logit far below exp's underflow) changes nothing."""
-    case = Case(B=1, T=40, S=40, N=2, K=2, H=64, dtype="float32")
-    q, k, v, dout, _ = make_inputs(case)
-    plain = run(impl, q, k, v, dout, dict(is_causal=True))
-    shifted = run(impl, q, k, v, dout, dict(is_causal=True, bias=jnp.full((40, 40), -1000.0)))
-    for name, a, b in zip(
-        ("out", "dq", "dk", "dv"), plain[:1] + plain[2:], shifted[:1] + shifted[2:]
-    ):
-        # float32 logits near -1000 carry ~1e-4 absolute rounding; the old overflow gave NaN.
-        np.testing.assert_allclose(b, a, atol=1e-3 * np.abs(a).max(), err_msg=f"{impl} {name}")
-    np.testing.assert_allclose(shifted[1], plain[1] - 1000.0, rtol=1e-6, err_msg=f"{impl} lse")
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_nan_propagates_to_its_row_only(impl: str) -> None:
-    case = Case(B=1, T=40, S=40, N=2, K=2, H=64, dtype="float32")
-    q, k, v, _, _ = make_inputs(case)
-    q = q.at[0, 7, 1, 5].set(jnp.nan)
-    out = dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    assert np.all(np.isnan(out[0, 7, 1]))
-    bad = np.isnan(np.asarray(out))
-    bad[0, 7, 1] = False
-    assert not bad.any()
-
-
-@pytest.mark.parametrize("impl", (*IMPLS, "xla"))
-def test_agrees_with_jax_nn(impl: str) -> None:
-    """Independent check of the API semantics: jax.nn's own XLA attention on shared features."""
-    case = Case(B=2, T=48, S=48, N=4, K=2, H=32, dtype="float32")
-    q, k, v, _, _ = make_inputs(case)
-    rng = np.random.default_rng(0)
-    bias = jnp.asarray(rng.standard_normal((1, 4, 48, 48)), jnp.float32)
-    mask = jnp.asarray(rng.random((2, 1, 48, 48)) > 0.2)
-    lengths = jnp.array([48, 31], jnp.int32)
-    for kw in (
-        dict(is_causal=True),
-        dict(local_window_size=(5, 2)),
-        dict(local_window_size=3, is_causal=True),
-        dict(bias=bias, mask=mask),
-        dict(key_value_seq_lengths=lengths),
-        dict(scale=0.3, is_causal=True),
-    ):
-        want = jax.nn.dot_product_attention(q, k, v, implementation="xla", **kw)
-        got = dot_product_attention(q, k, v, implementation=impl, **kw)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(kw))
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_three_d_inputs_and_float_mask(impl: str) -> None:
-    """`(T, N, H)` inputs like jax.nn, and Flax's float32 0/1 masks."""
-    case = Case(B=1, T=33, S=33, N=2, K=2, H=64, dtype="float32")
-    q, k, v, _, _ = make_inputs(case)
-    fmask = jnp.tril(jnp.ones((33, 33), jnp.float32))
-    got = dot_product_attention(q[0], k[0], v[0], mask=fmask, implementation=impl)
-    want = dot_product_attention(q, k, v, is_causal=True, implementation="xla")[0]
-    assert got.shape == q[0].shape
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_dropout_is_reproducible_and_regenerated(impl: str) -> None:
-    """Same key: same output; another key: another mask; the kernels' bits equal the reference's."""
-    case = Case(B=1, T=64, S=64, N=2, K=2, H=64, dtype="float32")
-    q, k, v, _, _ = make_inputs(case)
-
-    def f(key, impl=impl, **kw):
-        return dot_product_attention(
-            q, k, v, dropout_rate=0.3, dropout_rng=key, implementation=impl, **kw
-        )
-
-    a, b = f(jax.random.PRNGKey(1)), f(jax.random.PRNGKey(1))
-    np.testing.assert_array_equal(a, b)
-    assert not np.allclose(a, f(jax.random.PRNGKey(2)))
-    np.testing.assert_allclose(a, f(jax.random.PRNGKey(1), impl="xla"), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(
-        f(jax.random.key(3), dropout_broadcast=True),
-        f(jax.random.key(3), impl="xla", dropout_broadcast=True),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+from flashjax import backends, dot_product_attention, merge_attention
+from flashjax.attention import operands
+from pallas_kernels import common
 
 
 def test_dropout_keeps_the_right_fraction() -> None:
-    from pallas_kernels import common
-
     statics = common.AttentionStatics(scale=1.0, dropout_rate=0.25)
     rows = jnp.arange(512, dtype=jnp.int32)
     keep = common.dense_dropout_scale(jnp.array([7, 9], jnp.uint32), statics, 2, 4, rows, rows)
@@ -181,17 +26,94 @@ def test_dropout_keeps_the_right_fraction() -> None:
 
 
 def test_default_implementation_on_cpu_is_chunked(monkeypatch) -> None:
-    from flashjax import attention
-
     case = Case(B=1, T=8, S=8, N=1, K=1, H=16, dtype="float32")
     q, k, v, _, _ = make_inputs(case)
+    assert backends.choose(None, operands(q, k, v)).name == "xla_chunked"
     seen = []
-    monkeypatch.setitem(
-        attention._RUNNERS, "xla_chunked", lambda ops: seen.append(1) or attention._xla(ops)
-    )
+    chunked = backends.REGISTRY["xla_chunked"]
+    spy = dataclasses.replace(chunked, run=lambda ops: seen.append(1) or chunked.run(ops))
+    monkeypatch.setitem(backends.REGISTRY, "xla_chunked", spy)
     dot_product_attention(q, k, v)
     assert seen == [1]
 
 
+def test_named_implementation_that_cannot_serve_names_the_feature() -> None:
+    case = Case(B=1, T=8, S=8, N=1, K=1, H=16, dtype="float32")
+    q, k, v, _, _ = make_inputs(case)
+    with pytest.raises(ValueError, match="'triton' cannot serve this call: a traced scale"):
+        jax.grad(lambda s: dot_product_attention(q, k, v, scale=s, implementation="triton").sum())(
+            0.5
+        )
+
+
 def test_public_names() -> None:
-    assert "dot_product_attention" in flashjax.__all__
+    for name in ("dot_product_attention", "BlockMask", "block_masks", "merge_attention"):
+        assert name in flashjax.__all__
+
+
+@pytest.mark.parametrize("split", [0, 13, 40, 64])
+def test_merge_equals_attention_over_the_union(split: int) -> None:
+    """Attention over keys [0, split) merged with keys [split, S) is attention over all keys, and
+    so are its gradients (an empty part drops out exactly)."""
+    case = Case(B=2, T=24, S=64, N=4, K=2, H=32, dtype="float32")
+    q, k, v, dout, _ = make_inputs(case)
+
+    def part(q, k, v, lo, hi):
+        lengths = jnp.full((case.B,), hi - lo, jnp.int32)
+        ks = jnp.roll(k, -lo, axis=1)
+        vs = jnp.roll(v, -lo, axis=1)
+        return dot_product_attention(q, ks, vs, key_value_seq_lengths=lengths, return_residual=True)
+
+    def merged(q, k, v):
+        return merge_attention(*part(q, k, v, 0, split), *part(q, k, v, split, case.S))[0]
+
+    def whole(q, k, v):
+        return dot_product_attention(q, k, v)
+
+    np.testing.assert_allclose(merged(q, k, v), whole(q, k, v), rtol=1e-5, atol=1e-5)
+    g_merged = jax.grad(lambda *a: jnp.sum(merged(*a) * dout), argnums=(0, 1, 2))(q, k, v)
+    g_whole = jax.grad(lambda *a: jnp.sum(whole(*a) * dout), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_merged, g_whole):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_of_two_empty_parts_is_empty() -> None:
+    out = jnp.zeros((1, 3, 2, 4))
+    lse = jnp.full((1, 3, 2), -jnp.inf)
+    o, l = merge_attention(out, lse, out, lse)
+    assert np.all(o == 0) and np.all(np.isneginf(l))
+
+
+def test_offsets_align_causal_bottom_right() -> None:
+    """q_offsets = S - T puts the T queries at the end of the keys (new tokens of a cache): the
+    same as the last T rows of full causal attention."""
+    case = Case(B=2, T=5, S=40, N=4, K=2, H=32, dtype="float32")
+    q, k, v, _, _ = make_inputs(case)
+    qfull = jnp.concatenate([jnp.ones((2, 35, 4, 32)), q], axis=1)
+    want = dot_product_attention(qfull, k, v, is_causal=True, implementation="xla")[:, 35:]
+    for impl in backends.NAMES:
+        got = dot_product_attention(q, k, v, is_causal=True, q_offsets=35, implementation=impl)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=impl)
+
+
+@pytest.mark.parametrize("impl", backends.NAMES)
+def test_traced_scale_is_differentiable(impl: str) -> None:
+    """A learnable temperature: d loss / d scale matches the reference's autodiff (or the backend
+    says it cannot serve a traced scale)."""
+    case = Case(B=1, T=20, S=30, N=2, K=1, H=16, dtype="float32")
+    q, k, v, dout, _ = make_inputs(case)
+
+    def loss(scale, impl):
+        return jnp.sum(dot_product_attention(q, k, v, scale=scale, implementation=impl) * dout)
+
+    if impl == "triton":
+        with pytest.raises(ValueError, match="traced scale"):
+            jax.grad(loss)(0.37, impl)
+        return
+    got = jax.grad(loss)(0.37, impl)
+    want = jax.grad(loss)(0.37, "xla")
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    np.testing.assert_allclose(
+        jax.jit(loss, static_argnums=1)(0.37, impl), loss(0.37, "xla"), rtol=1e-5
+    )

@@ -35,7 +35,7 @@ BAD = {
             value=jnp.ones((2, 12, 2, 300)),
         ),
         ValueError,
-        "at most 256",
+        "head dim must be in 1..256",
     ),
     "dropout-rate": (dict(dropout_rate=1.0, dropout_rng=RNG), ValueError, "dropout_rate"),
     "dropout-no-key": (dict(dropout_rate=0.1), ValueError, "dropout_rng"),
@@ -68,6 +68,18 @@ BAD = {
     "mask-shape": (dict(mask=jnp.ones((8, 13), bool)), ValueError, "mask must be broadcastable"),
     "softcap": (dict(logits_soft_cap=-1.0), ValueError, "logits_soft_cap"),
     "scale": (dict(scale="big"), ValueError, "scale"),
+    "scale-inf": (dict(scale=float("inf")), ValueError, "scale must be finite"),
+    "head-dim-0": (
+        dict(
+            query=jnp.ones((2, 8, 4, 0)), key=jnp.ones((2, 12, 2, 0)), value=jnp.ones((2, 12, 2, 0))
+        ),
+        ValueError,
+        "head dim must be in 1..256",
+    ),
+    "mask-float": (dict(mask=jnp.ones((8, 12))), TypeError, "mask must be a bool array"),
+    "q-offsets": (dict(q_offsets=jnp.ones((2,), jnp.float32)), TypeError, "q_offsets"),
+    "kv-offsets-shape": (dict(kv_offsets=jnp.ones((3,), jnp.int32)), ValueError, "kv_offsets"),
+    "block-mask-type": (dict(block_mask="x"), TypeError, "block_mask must be a flashjax.BlockMask"),
     "implementation": (dict(implementation="cudnn"), ValueError, "implementation must be one of"),
     "triton-float64": (dict(implementation="triton"), ValueError, "cannot serve this call: dtype"),
 }
