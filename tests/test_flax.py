@@ -362,12 +362,12 @@ def test_nnx_attention_fn_and_jit() -> None:
     ours = fnnx.MultiHeadAttention(2, 8, decode=False, attention_fn=fn, rngs=nnx.Rngs(0))
     x = _normal(10, (2, 5, 8))
     _assert_close(nnx.jit(lambda m, x: m(x))(ours, x), flax_mha(x))
-    a = fnnx.MultiHeadAttention(2, 8, implementation=IMPL, rngs=nnx.Rngs(0))
-    b = fnnx.MultiHeadAttention(2, 8, implementation=IMPL, rngs=nnx.Rngs(1))
+    a = fnnx.MultiHeadAttention(2, 8, implementation="xla_chunked", rngs=nnx.Rngs(0))
+    b = fnnx.MultiHeadAttention(2, 8, implementation="xla_chunked", rngs=nnx.Rngs(1))
     assert a.attention_fn is b.attention_fn
     assert fnnx.MultiHeadAttention(2, 8, rngs=nnx.Rngs(0)).attention_fn is flax_attention_fn
     with pytest.raises(ValueError, match="either"):
-        fnnx.MultiHeadAttention(2, 8, attention_fn=fn, implementation=IMPL, rngs=nnx.Rngs(0))
+        fnnx.MultiHeadAttention(2, 8, attention_fn=fn, implementation="xla_chunked", rngs=nnx.Rngs(0))
 
 
 def test_nnx_dropout() -> None:
@@ -498,12 +498,12 @@ def test_linen_fields_rebind_on_clone() -> None:
     """`clone()` rebinds `is_causal` / `implementation` instead of stacking them; decode mode
     drops `is_causal` (the cache mask already keeps decoding causal); equal modules stay equal;
     a user's `attention_fn` keeps its own keywords."""
-    ours = flinen.MultiHeadDotProductAttention(num_heads=2, is_causal=True, implementation=IMPL)
-    assert ours.attention_fn.keywords == {"is_causal": True, "implementation": IMPL}
+    ours = flinen.MultiHeadDotProductAttention(num_heads=2, is_causal=True, implementation="xla_chunked")
+    assert ours.attention_fn.keywords == {"is_causal": True, "implementation": "xla_chunked"}
     assert ours.clone() == ours and hash(ours.clone()) == hash(ours)
-    assert ours.clone(is_causal=False).attention_fn.keywords == {"implementation": IMPL}
+    assert ours.clone(is_causal=False).attention_fn.keywords == {"implementation": "xla_chunked"}
     assert ours.clone(is_causal=False, implementation=None).attention_fn is flax_attention_fn
-    assert ours.clone(decode=True).attention_fn.keywords == {"implementation": IMPL}
+    assert ours.clone(decode=True).attention_fn.keywords == {"implementation": "xla_chunked"}
     user = functools.partial(flax_attention_fn, implementation="xla")
     custom = flinen.MultiHeadDotProductAttention(num_heads=2, attention_fn=user, is_causal=True)
     assert custom.attention_fn.keywords == {"implementation": "xla", "is_causal": True}
