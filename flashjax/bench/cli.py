@@ -408,7 +408,7 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
     """`--io`: model, ncu and runtime per sequence length and tile size (see flashjax.bench.hbm)."""
     import jax
 
-    from flashjax.bench import hbm, machine
+    from flashjax.bench import hbm, hbm_report, machine
     from flashjax.bench import ncu as ncu_mod
 
     started = time.perf_counter()
@@ -446,7 +446,7 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
         "ncu": cfg.ncu,
         "ncu_metrics": list(ncu_mod.METRICS),
         "reps": args.reps or (5 if on_gpu else 2),
-        "model": "flashjax/bench/hbm.py: standard = 2e(T+S)H + (8+2e)TS bytes per head; "
+        "model": "flashjax/bench/hbm_model.py: standard = 2e(T+S)H + (8+2e)TS bytes per head; "
         "flashjax = Q, O, lse once + K, V once per visited key block per query block",
         "timing": "median of timed batches after warm-up, outside ncu",
         "argv": argv,
@@ -463,13 +463,14 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
         policy,
         out_dir,
         log=lambda line: print(line, flush=True),
-        on_progress=lambda rows: hbm.write(out_dir, meta, rows, with_plot=False),
+        on_progress=lambda rows: hbm_report.write(out_dir, meta, rows, with_plot=False),
     )
-    return _finish(hbm, out_dir, meta, rows, started, plot=not args.no_plot)
+    return _finish(hbm_report, out_dir, meta, rows, started, plot=not args.no_plot)
 
 
 def _finish(mode: Any, out_dir: Any, meta: dict, rows: list, started: float, plot: bool) -> int:
-    """Write a single-shape mode's results (`mode`: bench.hbm or bench.memory) and its table."""
+    """Write a single-shape mode's results (`mode`: bench.hbm_report or bench.memory) and its
+    table."""
     meta["seconds"] = round(time.perf_counter() - started, 1)
     paths = mode.write(out_dir, meta, rows, with_plot=plot)
     print()
