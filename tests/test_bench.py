@@ -184,6 +184,18 @@ def test_tiny_sweep_writes_json_csv_png(tmp_path, capsys, monkeypatch):
     data = json.loads((out / "bench.json").read_text())
     meta, rows = data["meta"], data["rows"]
     assert meta["platform"] == "cpu" and meta["ceiling"]["tflops"] > 0
+    # The start's ceiling is announced as provisional; the summary names the one that counts.
+    ceiling = meta["ceiling"]
+    start_line = next(line for line in printed.splitlines() if line.startswith("ceiling: "))
+    assert "provisional" in start_line
+    assert f"{ceiling['start_tflops']:.4g} TFLOP/s" in start_line
+    assert ceiling["tflops"] == max(ceiling["start_tflops"], ceiling["end_tflops"])
+    assert not ceiling["provisional"]
+    said = f"{ceiling['tflops']:.4g} TFLOP/s"
+    summary = f"measured at the {ceiling['measured']} of the run"
+    assert f"ceiling that counts: {said}" in printed
+    table_head = next(line for line in printed.splitlines() if line.startswith("TFLOP/s on"))
+    assert said in table_head and summary in table_head and "higher" in table_head
     assert len(rows) == 2 * 2 * 3  # seqs x backends x modes
     assert {r["status"] for r in rows} == {"ok"}, [r["error"] for r in rows]
     for r in rows:
@@ -211,6 +223,53 @@ def test_tiny_sweep_writes_json_csv_png(tmp_path, capsys, monkeypatch):
     assert "vs_jax_xla" in table[0]
     pytest.importorskip("matplotlib")
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ceiling_that_counts_is_the_higher_and_says_so():
+    from flashjax.bench import machine
+
+    start = {"tflops": 400.0, "ms": 2.0, "what": "bf16 8192x8192x8192 jnp.dot, best timed batch"}
+    end = dict(start, tflops=700.0)
+    early = machine.provisional_ceiling(start)
+    assert "provisional" in machine.describe_ceiling(early)
+    for first, last, measured in (
+        (early, end, "end"),
+        (machine.provisional_ceiling(end), start, "start"),
+    ):
+        final = machine.final_ceiling(first, last)
+        assert final["tflops"] == 700.0 and final["measured"] == measured
+        text = machine.describe_ceiling(final)
+        assert text.startswith("700 TFLOP/s") and f"measured at the {measured}" in text
+        assert "start 400" in text or "start 700" in text
+        assert "provisional" not in text
+
+
+def test_cpu_default_includes_the_chunked_path(tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["--seqlens=32", "--causal=no", "--head-dims=16", "--batch-tokens=32", "--hidden=16"]
+    argv += ["--modes=fwd", "--reps=1", "--no-plot", f"--out={out}"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"flashjax", "flashjax_chunked", "jax_xla"}
+    assert set(cli.CPU_BACKENDS) == {"flashjax", "flashjax_chunked", "jax_xla"}
+    # On a CPU the table's ratios are those of the path CPU users get.
+    assert "flashjax_chunked's speed over X's" in printed
+    assert "/jax_xla" in printed and "/flashjax" in printed
+
+
+def test_default_out_dir_is_outside_the_repository():
+    import tempfile
+
+    from flashjax.bench import machine
+
+    meta = {"device": "NVIDIA H200"}
+    folder = cli.default_out_dir(meta, "-sparsity")
+    assert folder.is_relative_to(tempfile.gettempdir())
+    assert not folder.resolve().is_relative_to(machine.REPO_ROOT)
+    assert folder.name.endswith("-nvidia-h200-sparsity") and folder.parent.name == "flashjax-bench"
+    args = cli.build_parser().parse_args([])
+    assert cli._out_dir(args, meta) == cli.default_out_dir(meta)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import datetime
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,9 @@ GPU_QUICK_SEQLENS = (1024, 4096, 16384)
 CPU_SEQLENS = (128, 256, 512)
 CPU_QUICK_SEQLENS = (128, 256)
 CPU_HEAD_DIMS = (64,)
+# The CPU sweep's backends: the kernels (interpreted), the path CPU users get (implementation=None
+# runs xla_chunked there) and standard attention.
+CPU_BACKENDS = ("flashjax", "flashjax_chunked", "jax_xla")
 # --io (one forward shape, tiles swept) and --memory (forward+backward, lengths up to 64k).
 IO_GPU = {
     "seqlens": (1024, 2048, 4096, 8192),
@@ -38,13 +42,16 @@ memory or fails the check becomes a row saying so; the sweep goes on.
 
 Defaults on a GPU (the standard sweep): bf16, batch*seq = 16384 tokens, heads*head_dim = 2048,
 seq 512..16k, head dims 64, 128 and 256, causal and not, modes fwd, bwd (fwd+bwd minus fwd) and
-fwd+bwd, and a bf16 8192^3 matmul for the machine's ceiling (about 10 minutes on an H200). On a
-CPU: a small sweep (seq 128..512, head dim 64, 1024 tokens, hidden 128, interpreted kernels) whose
+fwd+bwd, and a bf16 8192^3 matmul for the machine's ceiling, timed at the start (provisional) and
+at the end of the run, the higher counting (about 10 minutes on an H200). On a CPU: a small sweep
+(seq 128..512, head dim 64, 1024 tokens, hidden 128) of flashjax's interpreted kernels,
+flashjax_chunked (what implementation=None runs on a CPU; the table's ratios are its) and XLA, whose
 numbers are labeled as CPU numbers.
 
 FLOPs: forward 4*B*N*T*S*H, half of it for causal, the visible fraction for a window; backward
-2.5x forward. Results: bench.json, bench.csv and bench.png (with matplotlib) in --out, written
-after every shape, and a table on stdout at the end.
+2.5x forward. Results: bench.json, bench.csv and bench.png (with matplotlib) in --out (default: a
+folder under the system's temporary directory, outside the repository; printed at the start and
+the end), written after every shape, and a table on stdout at the end.
 
 Two other measurements replace the sweep:
 
@@ -318,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         metavar="DIR",
-        help="results folder (default benchmarks/results/<date>-<device>[-quick])",
+        help="results folder (default <tmp>/flashjax-bench/<date>-<device>[-mode], outside the "
+        "repository)",
     )
     out.add_argument("--no-plot", action="store_true", help="skip the PNG")
     out.add_argument(
@@ -369,13 +377,18 @@ def _policy(on_gpu: bool, reps: int) -> Any:
     )
 
 
-def _out_dir(args: argparse.Namespace, meta: dict[str, Any], suffix: str = "") -> Path:
-    """--out, or benchmarks/results/<date>-<device><suffix>."""
+def default_out_dir(meta: dict[str, Any], suffix: str = "") -> Path:
+    """`<tmp>/flashjax-bench/<date>-<device><suffix>`: outside the repository, so results never
+    show up in `git status` (commit the ones worth keeping under benchmarks/results/ by hand)."""
     from flashjax.bench import machine
 
-    return args.out or Path("benchmarks/results") / (
-        f"{datetime.date.today().isoformat()}-{machine.slug(meta['device'])}{suffix}"
-    )
+    name = f"{datetime.date.today().isoformat()}-{machine.slug(meta['device'])}{suffix}"
+    return Path(tempfile.gettempdir()) / "flashjax-bench" / name
+
+
+def _out_dir(args: argparse.Namespace, meta: dict[str, Any], suffix: str = "") -> Path:
+    """--out, or `default_out_dir`."""
+    return args.out or default_out_dir(meta, suffix)
 
 
 def _one_shape(
@@ -582,9 +595,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not on_gpu:
         print("NOTE: " + report.CPU_NOTE + ".", flush=True)
 
+    wanted = args.backends or (None if on_gpu else CPU_BACKENDS)
     chosen, unavailable = [], {}
     for b in registry:
-        if args.backends is not None and b.name not in args.backends:
+        if wanted is not None and b.name not in wanted:
             continue
         why = b.unavailable()
         if why is None:
@@ -596,8 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no backend available", file=sys.stderr)
         return 1
 
-    ceiling = machine.matmul_ceiling(policy)
-    print(f"ceiling: {ceiling['tflops']:.4g} TFLOP/s ({ceiling['what']})", flush=True)
+    ceiling = machine.provisional_ceiling(machine.matmul_ceiling(policy))
+    print(f"ceiling: {machine.describe_ceiling(ceiling)}", flush=True)
     cases = cases_mod.sweep_cases(
         cfg["seqlens"],
         cfg["head_dims"],
@@ -649,17 +663,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_case_done=save_partial,
         deadline=None if args.max_minutes is None else started + 60 * args.max_minutes,
     )
-    end = machine.matmul_ceiling(policy)
-    meta["ceiling_end"] = end
-    if end["tflops"] > ceiling["tflops"]:
-        meta["ceiling"] = ceiling = end | {"measured": "end of run (the higher of start and end)"}
+    meta["ceiling"] = machine.final_ceiling(ceiling, machine.matmul_ceiling(policy))
+    print(f"ceiling that counts: {machine.describe_ceiling(meta['ceiling'])}", flush=True)
     meta["seconds"] = round(time.perf_counter() - started, 1)
     meta["shapes_run"] = len({(r["seq_q"], r["head_dim"], r["causal"]) for r in rows})
     meta["shapes_planned"] = len(cases)
     final = report.finalize(rows, meta)
     paths = report.write_all(out_dir, meta, final, with_plot=not args.no_plot)
     print()
-    print(report.format_table(final, meta))
+    print(
+        report.format_table(final, meta, report.table_subject(meta["platform"], meta["backends"]))
+    )
     print()
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['seconds']:.0f} s")
     return 0
