@@ -14,6 +14,9 @@ Modules:
   hbm_report  --io's table, plot and files
   ncu       Nsight Compute: its command line, its CSV, profiler ranges and call markers
   memory    --memory: XLA temp memory of forward+backward against sequence length
+  sparsity  --sparsity: block-sparse time against density, the bar, the longest that fits
+  sparsity_backends  flashjax, chunked, XLA (dense mask), FlexAttention with one block pattern
+  sparsity_report    --sparsity's table, plot and files
   cli       the command line
 """
 
