@@ -129,6 +129,26 @@ def test_failures_become_rows():
     assert by["flashjax_chunked", "butterfly"]["verdict"] in ("pass", "fail")
 
 
+def test_programs_compiled_ahead_in_threads():
+    """The kernels' dense and masked programs compile side by side; each serves its patterns."""
+    flash = sparsity_backends.all_backends()[0]
+    assert flash.name == "flashjax" and flash.compile_lane == "parallel"
+    rows = sparsity.run(TINY, [flash], FAST, workers=4, log=lambda line: None)
+    assert [r["label"] for r in rows] == ["dense", "butterfly", "random-25%"]
+    for r in rows:
+        assert r["status"] == "ok" and r["rel_err"] < 1e-5, r
+
+
+def test_flex_limit_and_registry():
+    limit = sparsity_backends.flex_limit((128,))
+    assert limit(Case(1, 4096, 16, 128, False)) is None
+    assert "--flex-head-dims" in limit(Case(1, 4096, 32, 64, False))
+    assert sparsity_backends.flex_limit(None)(Case(1, 4096, 32, 64, False)) is None
+    names = [b.name for b in sparsity_backends.all_backends()]
+    assert names == ["flashjax", "flashjax_chunked", "jax_xla", "torch_flex"]
+    assert "needs a GPU" in sparsity_backends.all_backends()[3].unavailable()  # this is a CPU
+
+
 def test_time_budget_skips_shapes_with_rows():
     cfg = sparsity.SparsityConfig(**{**TINY.__dict__, "seqlens": (32, 64)})
     chosen = [sparsity_backends.all_backends()[1]]

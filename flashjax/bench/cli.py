@@ -40,7 +40,9 @@ SPARSITY_GPU = {
     "block": 128,
     "longest_from": 65536,
     "longest_max": 1 << 24,
-    "longest_minutes": 1.5,
+    "longest_minutes": 1.0,
+    "max_minutes": 4.5,
+    "flex_head_dims": (128,),
 }
 SPARSITY_GPU_QUICK = SPARSITY_GPU | {"seqlens": (4096, 16384), "head_dims": (128,)}
 SPARSITY_CPU = {
@@ -51,6 +53,8 @@ SPARSITY_CPU = {
     "longest_from": 512,
     "longest_max": 4096,
     "longest_minutes": 0.5,
+    "max_minutes": None,
+    "flex_head_dims": None,
 }
 SPARSITY_CPU_QUICK = SPARSITY_CPU | {"seqlens": (256,), "longest_from": None}
 
@@ -93,9 +97,11 @@ Two other measurements replace the sweep:
             visible pairs / T*S), TFLOP/s on visible pairs, time / dense time against the bar
             1.15*density + 0.03 (pass/fail). Beside flashjax with the same pattern: jax.nn XLA
             with the dense mask (skipped past --xla-max-gib), torch FlexAttention (torch with
-            CUDA); tokamax has no block-sparse attention (dense mask only): skipped, saying so.
-            Then butterfly fwd+bwd from 64k, doubling until out of memory (--longest-minutes).
-            About 5 minutes on an H200. CPU: seq 256, 512, interpreted kernels, the chunked
+            CUDA; head dim 128, --flex-head-dims); tokamax has no block-sparse attention (dense
+            mask only): skipped, saying so. Then butterfly fwd+bwd from 64k, doubling until out
+            of memory. About 5 minutes on an H200: no shape starts after 4.5 minutes
+            (--max-minutes; shapes left out become rows saying so), then 1 minute for the
+            doubling (--longest-minutes). CPU: seq 256, 512, interpreted kernels, the chunked
             path and XLA. sparsity.json, sparsity.csv, sparsity.png.
 """
 
@@ -361,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--sparsity: first length of the longest-sequence search (default 64k; 512 on CPU)",
     )
     other.add_argument(
+        "--flex-head-dims",
+        type=parse_ints,
+        metavar="LIST",
+        help="--sparsity: head dims FlexAttention runs at (default 128 on GPU: each shape costs "
+        "it two torch.compile runs)",
+    )
+    other.add_argument(
         "--longest-minutes",
         type=float,
         metavar="M",
@@ -391,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-minutes",
         type=float,
         metavar="M",
-        help="start no new shape after M minutes (longest sequences run first); then report",
+        help="start no new shape after M minutes (longest sequences run first); then report "
+        "(default: none; --sparsity on a GPU 4.5)",
     )
     what.add_argument(
         "--xla-max-gib",
@@ -643,16 +657,19 @@ def main_memory(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     return _finish(memory, out_dir, meta, rows, started, plot=not args.no_plot)
 
 
+def _sparsity_defaults(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
+    if on_gpu:
+        return SPARSITY_GPU_QUICK if args.quick else SPARSITY_GPU
+    return SPARSITY_CPU_QUICK if args.quick else SPARSITY_CPU
+
+
 def _sparsity_config(
     p: argparse.ArgumentParser, args: argparse.Namespace, on_gpu: bool
 ) -> tuple[Any, float]:
     """The `SparsityConfig` of --sparsity and the longest-search budget in seconds."""
     from flashjax.bench import sparsity
 
-    if on_gpu:
-        defaults = SPARSITY_GPU_QUICK if args.quick else SPARSITY_GPU
-    else:
-        defaults = SPARSITY_CPU_QUICK if args.quick else SPARSITY_CPU
+    defaults = _sparsity_defaults(args, on_gpu)
     modes = args.modes or sparsity.MODES
     if "bwd" in modes:
         p.error("--sparsity times fwd and fwd+bwd; leave out bwd")
@@ -682,7 +699,8 @@ def _sparsity_backends(
     """The --sparsity backends that run here, and why the others do not."""
     from flashjax.bench import sparsity_backends
 
-    registry = sparsity_backends.all_backends(int(args.xla_max_gib * 2**30))
+    flex_dims = args.flex_head_dims or _sparsity_defaults(args, on_gpu)["flex_head_dims"]
+    registry = sparsity_backends.all_backends(int(args.xla_max_gib * 2**30), flex_dims)
     default = sparsity_backends.GPU_DEFAULT if on_gpu else sparsity_backends.CPU_DEFAULT
     wanted = args.backends or default
     if unknown := [b for b in wanted if b not in sparsity_backends.NAMES]:
@@ -718,6 +736,7 @@ def main_sparsity(p: argparse.ArgumentParser, args: argparse.Namespace, argv: li
         print("no backend available", file=sys.stderr)
         return 1
     reps = args.reps or 3
+    max_minutes = args.max_minutes or _sparsity_defaults(args, on_gpu)["max_minutes"]
     meta |= {
         "mode": "sparsity",
         "dtype": cfg.dtype,
@@ -734,6 +753,7 @@ def main_sparsity(p: argparse.ArgumentParser, args: argparse.Namespace, argv: li
         "reps": reps,
         "longest_from": cfg.longest_from,
         "longest_budget_s": longest_s,
+        "max_minutes": max_minutes,
         "timing": "median of timed batches after warm-up",
         "flops": "4*B*N*H*visible pairs (exact, flops.visible_pairs), x3.5 for fwd+bwd",
         "bar": f"time / dense time <= {sparsity.BAR_SLOPE} * rel + {sparsity.BAR_OFFSET}, rel = "
@@ -755,7 +775,7 @@ def main_sparsity(p: argparse.ArgumentParser, args: argparse.Namespace, argv: li
         chosen,
         _policy(on_gpu, reps),
         workers=args.compile_workers or (min(8, os.cpu_count() or 1) if on_gpu else 1),
-        deadline=None if args.max_minutes is None else started + 60 * args.max_minutes,
+        deadline=None if max_minutes is None else started + 60 * max_minutes,
         log=lambda line: print(line, flush=True),
         on_progress=save,
     )

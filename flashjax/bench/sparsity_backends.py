@@ -124,9 +124,11 @@ class JaxSparseRunner(SparseRunner):
         return (q, k, v) if kind == "fwd" else (q, k, v, do)
 
     def prepare(self, kind: str, pattern: Pattern) -> None:
+        """Safe to call from several threads at once (for different keys): the operand it
+        lowers with is its own, not the cached one `program` uses."""
         key = (kind, pattern.mask is not None)
         if key not in self._compiled:
-            mask = self._mask(pattern)
+            mask = self._operand(pattern, self._case)
             lowered = jax.jit(self._fn(kind)).lower(*self._args(kind), mask)
             self._compiled[key] = lowered.compile()
 
@@ -202,47 +204,50 @@ def jax_backend(name: str, implementation: str, description: str, **kw) -> Spars
 # --------------------------------------------------------------------------------------------------
 
 
+FLEX_RECOMPILE_LIMIT = 64  # torch.compile's default (8) would fall back to eager mid-run
+
+
 @functools.cache
 def _compiled_flex() -> Callable:
     """`flex_attention` under `torch.compile`, specialized to each shape (`dynamic=False`)."""
     import torch
     from torch.nn.attention.flex_attention import flex_attention
 
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, FLEX_RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _mask_mod(blocks: Any, block: int, causal: bool) -> Callable:
-    """FlexAttention's `mask_mod`: the block pattern `blocks` `(Tb, Sb)` bool (None: every
-    block), ANDed with the causal rule."""
+def _mask_mod(blocks: Any, causal: Any, block: int) -> Callable:
+    """FlexAttention's `mask_mod`: the block pattern `blocks` `(Tb, Sb)` bool, ANDed with the
+    causal rule where the 0-d bool tensor `causal` holds. Both are tensors the function closes
+    over, so every pattern, causal or not, of one shape runs one compiled kernel."""
 
     def mask_mod(b, h, q_idx, kv_idx):
-        keep = q_idx >= kv_idx if causal else q_idx == q_idx
-        if blocks is not None:
-            keep = keep & blocks[q_idx // block, kv_idx // block]
-        return keep
+        return blocks[q_idx // block, kv_idx // block] & ((q_idx >= kv_idx) | ~causal)
 
     return mask_mod
 
 
 def flex_block_mask(pattern: Pattern, case: Case) -> Any:
-    """The torch `BlockMask` of `pattern` (None for dense non-causal attention)."""
+    """The torch `BlockMask` of `pattern` at `case`'s length; dense is every block kept (its
+    blocks are all full, so the element rule never runs there)."""
     import torch
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if pattern.blocks is None and not case.causal:
-        return None
-    blocks = None if pattern.blocks is None else torch.as_tensor(pattern.blocks, device="cuda")
-    block = pattern.block
-    return create_block_mask(
-        _mask_mod(blocks, block, case.causal),
-        None,
-        None,
-        case.seq,
-        case.seq,
-        device="cuda",
-        BLOCK_SIZE=block,
-        _compile=True,
+    n = -(-case.seq // pattern.block)
+    blocks = np.ones((n, n), bool) if pattern.blocks is None else pattern.blocks
+    mask_mod = _mask_mod(
+        torch.as_tensor(blocks, device="cuda"),
+        torch.tensor(case.causal, device="cuda"),
+        pattern.block,
     )
+    shape = dict(B=None, H=None, Q_LEN=case.seq, KV_LEN=case.seq, device="cuda")
+    try:
+        return create_block_mask(mask_mod, **shape, BLOCK_SIZE=pattern.block, _compile=True)
+    except TypeError:  # a torch without the `_compile` argument
+        return create_block_mask(mask_mod, **shape, BLOCK_SIZE=pattern.block)
 
 
 class FlexRunner(SparseRunner):
@@ -296,7 +301,23 @@ class FlexRunner(SparseRunner):
 # --------------------------------------------------------------------------------------------------
 
 
-def all_backends(xla_max_bytes: int = backends.DEFAULT_XLA_MAX_BYTES) -> list[SparseBackend]:
+def flex_limit(head_dims: tuple[int, ...] | None) -> Callable[[Case], str | None]:
+    """Run FlexAttention only at `head_dims` (None: all): each new shape costs it a
+    `torch.compile` of the forward and of the backward."""
+
+    def limit(case: Case) -> str | None:
+        if head_dims is None or case.head_dim in head_dims:
+            return None
+        dims = ",".join(map(str, head_dims))
+        return f"FlexAttention runs at head dims {dims} only (--flex-head-dims)"
+
+    return limit
+
+
+def all_backends(
+    xla_max_bytes: int = backends.DEFAULT_XLA_MAX_BYTES,
+    flex_head_dims: tuple[int, ...] | None = None,
+) -> list[SparseBackend]:
     """Every backend `--sparsity` knows, in table order (available here or not)."""
     return [
         jax_backend(
@@ -322,6 +343,7 @@ def all_backends(xla_max_bytes: int = backends.DEFAULT_XLA_MAX_BYTES) -> list[Sp
             "PyTorch FlexAttention, create_block_mask from the same block pattern, torch.compile",
             FlexRunner,
             unavailable=backends.torch_cuda,
+            limit=flex_limit(flex_head_dims),
         ),
     ]
 
