@@ -236,18 +236,29 @@ def finalize(rows: Sequence[Row]) -> list[Row]:
 
 
 class Check:
-    """The float32 reference outputs of one shape, per pattern, computed on first use."""
+    """The float32 reference outputs of one shape, per pattern, computed on first use; disabled
+    past `REFERENCE_MAX_SEQ`."""
 
     def __init__(self, case: Case, inputs: tuple, enabled: bool) -> None:
         self.case, self.inputs, self.enabled = case, inputs, enabled
         self._outputs: dict[str, np.ndarray] = {}
 
-    def rel_err(self, pattern: Pattern, got: np.ndarray) -> float | None:
+    def rel_err(self, pattern: Pattern, output: Callable[[], np.ndarray]) -> float | None:
+        """`output()`'s relative L2 error, or None (not run) when the check is disabled."""
         if not self.enabled:
             return None
         if pattern.label not in self._outputs:
             self._outputs[pattern.label] = reference_output(pattern, self.case, self.inputs)
-        return sweep.rel_l2(got, self._outputs[pattern.label])
+        return sweep.rel_l2(output(), self._outputs[pattern.label])
+
+
+def _failed_rows(
+    base: Row, backend: str, modes: Sequence[str], error: BaseException | str, status="skipped"
+) -> list[Row]:
+    """One row per mode saying why nothing was measured (`error`: an exception or a reason)."""
+    if isinstance(error, BaseException):
+        status, error = sweep.describe_error(error)
+    return [measured(base, backend, m, status, error) for m in modes]
 
 
 def _compile_ahead(
@@ -276,14 +287,12 @@ def _measure_pattern(
     """Check the forward against the reference, then time each mode; failures become rows."""
     tol = sweep.TOLERANCES.get(row["dtype"], sweep.TOLERANCES["float32"])[0]
     try:
-        rel_err = check.rel_err(pattern, runner.output(pattern))
+        rel_err = check.rel_err(pattern, lambda: runner.output(pattern))
     except Exception as e:
-        return [measured(row, backend, m, *sweep.describe_error(e)) for m in modes]
+        return _failed_rows(row, backend, modes, e)
     if rel_err is not None and not rel_err <= tol:
         why = f"out rel L2 err {rel_err:.3g} > {tol:g}"
-        return [
-            measured(row, backend, m, "check_failed", error=why, rel_err=rel_err) for m in modes
-        ]
+        return [measured(row, backend, m, "check_failed", why, rel_err=rel_err) for m in modes]
     status = "ok" if rel_err is not None else "unchecked"
     rows = []
     for mode in modes:
@@ -309,20 +318,11 @@ def measure_backend(
 ) -> list[Row]:
     """Every (pattern, mode) row of one backend on one shape."""
     if (why := backend.limit(case)) is not None:
-        return [
-            measured(base[p.label], backend.name, m, "skipped", error=why)
-            for p in found
-            for m in modes
-        ]
+        return [r for p in found for r in _failed_rows(base[p.label], backend.name, modes, why)]
     try:
         runner = backend.bind(case, inputs)
     except Exception as e:
-        status, error = sweep.describe_error(e)
-        return [
-            measured(base[p.label], backend.name, m, status, error=error)
-            for p in found
-            for m in modes
-        ]
+        return [r for p in found for r in _failed_rows(base[p.label], backend.name, modes, e)]
     try:
         kinds = [KIND_OF_MODE[m] for m in modes]
         failures = {}
@@ -331,17 +331,16 @@ def measure_backend(
         rows = []
         for p in found:
             failed = [
-                failures[(k, p.mask is not None)]
+                failures[k, p.mask is not None]
                 for k in kinds
                 if (k, p.mask is not None) in failures
             ]
             if failed:
-                status, error = sweep.describe_error(failed[0])
-                rows += [
-                    measured(base[p.label], backend.name, m, status, error=error) for m in modes
-                ]
-                continue
-            rows += _measure_pattern(runner, backend.name, base[p.label], p, modes, check, policy)
+                rows += _failed_rows(base[p.label], backend.name, modes, failed[0])
+            else:
+                rows += _measure_pattern(
+                    runner, backend.name, base[p.label], p, modes, check, policy
+                )
         return rows
     finally:
         runner.close()
@@ -452,10 +451,10 @@ def skipped_rows(
 ) -> list[Row]:
     """Rows for a shape the time budget left out (no pair counts: nothing was computed)."""
     return [
-        measured(base_row(case, p, None, "grid"), b.name, m, "skipped", error=why)
+        row
         for p in patterns(case.seq, cfg)
         for b in chosen
-        for m in cfg.modes
+        for row in _failed_rows(base_row(case, p, None, "grid"), b.name, cfg.modes, why)
     ]
 
 

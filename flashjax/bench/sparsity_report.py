@@ -116,7 +116,12 @@ def longest_lines(rows: Sequence[Row]) -> list[str]:
         error = f" {r['error']}" if r["error"] else ""
         lines.append(f"  T={report.seq_label(r['seq_q'])}: {r['status'].upper()}{ms}{tf}{error}")
     fit = sparsity.longest_fit(rows)
-    lines.append(f"  longest that fits: {'none' if fit is None else report.seq_label(fit)}")
+    if fit is None:
+        lines.append("  longest that fits: none")
+    elif steps[-1]["status"] == "ok":  # stopped by the time budget or the length cap
+        lines.append(f"  longest that fits: at least {report.seq_label(fit)} (no call failed)")
+    else:
+        lines.append(f"  longest that fits: {report.seq_label(fit)}")
     return lines
 
 
