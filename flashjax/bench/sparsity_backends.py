@@ -211,6 +211,7 @@ FLEX_RECOMPILE_LIMIT = 64  # torch.compile's default (8) would fall back to eage
 def _compiled_flex() -> Callable:
     """`flex_attention` under `torch.compile`, specialized to each shape (`dynamic=False`)."""
     import torch
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
     for name in ("cache_size_limit", "recompile_limit"):
