@@ -1,6 +1,9 @@
 """Tile sweep for the Triton-lowered kernels: times each kernel alone (forward, dK/dV, dQ) for
 candidate configs at the standard shapes (bf16, B*T = 16k tokens, N*H = 2048) and prints the best.
-Usage on the GPU: python benchmarks/tune.py OUT_JSON [HEAD_DIM ...]   (default head dims 64 128)"""
+Usage on the GPU: python benchmarks/tune.py OUT_JSON [HEAD_DIM ...]   (default head dims 64 128)
+
+Each kernel gets the one operand record the kernels share (`pallas_kernels.triton.tiles.Refs`),
+built from an `Operands` record; the shapes are multiples of every tile, so nothing is padded."""
 
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import common
 from pallas_kernels.configs import KernelConfig as K
+from pallas_kernels.operands import AttentionStatics, Operands
 from pallas_kernels.triton import backward, forward
+from pallas_kernels.triton.tiles import Refs
 
 FWD = [
     K(128, 64, 4, 3),
@@ -102,59 +106,62 @@ def shapes(head_dim: int) -> tuple[tuple[int, bool], ...]:
     return ((1024, False), (4096, True), (16384, False), (16384, True))
 
 
+def operands(T: int, H: int, causal: bool) -> tuple[Operands, jax.Array]:
+    """The standard shape's operands (B*T = 16k, N*H = 2048) and a random output cotangent."""
+    B, N = 16384 // T, 2048 // H
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k, v, do = (jax.random.normal(x, (B, T, N, H), jnp.bfloat16) for x in ks)
+    statics = AttentionStatics(scale=H**-0.5, window=(None, 0 if causal else None))
+    return Operands(q=q, k=k, v=v, statics=statics), do
+
+
+def kernel_call(kind: str, c: K, statics: AttentionStatics):
+    """One kernel with config `c` as a jitted function of its `Refs`."""
+    if kind == "fwd":
+        fn = forward.forward
+    else:
+        fn = backward.dkdv if kind == "dkdv" else backward.dq
+    return jax.jit(lambda r: fn(r, statics=statics, config=c, interpret=False))
+
+
+def kernel_refs(ops: Operands, do: jax.Array, H: int) -> tuple[Refs, Refs]:
+    """The forward's `Refs`, and the backward's (with dO, the forward's lse2 and a delta)."""
+    r = Refs(q=ops.q, k=ops.k, v=ops.v, seq=ops.seq_info())
+    _, lse2 = kernel_call("fwd", candidates(H)[0][1][0], ops.statics)(r)
+    return r, r.replace(do=do, lse2=lse2, delta=jnp.zeros_like(lse2) + 0.1)
+
+
+def best_lines(rows: list[dict], H: int, T: int, causal: bool) -> list[str]:
+    """The four fastest configs of each kernel at one shape."""
+    lines = []
+    for kind in ("fwd", "dkdv", "dq"):
+        rs = [
+            r
+            for r in rows
+            if (r["H"], r["T"], r["causal"], r["kernel"]) == (H, T, causal, kind)
+            and r["status"] == "ok"
+        ]
+        rs.sort(key=lambda r: r["ms"])
+        lines.append(
+            f"H={H} T={T} causal={causal} {kind}: "
+            + "  ".join(f"{r['cfg']} {r['ms']:.3f}ms" for r in rs[:4])
+        )
+    return lines
+
+
 def main(out_path: str, head_dims: tuple[int, ...]) -> None:
     rows = []
     for H in head_dims:
         for T, causal in shapes(H):
-            B, N = 16384 // T, 2048 // H
-            ks = jax.random.split(jax.random.PRNGKey(0), 4)
-            q, k, v, do = (jax.random.normal(x, (B, T, N, H), jnp.bfloat16) for x in ks)
-            statics = common.AttentionStatics(
-                scale=H**-0.5, window=(None, 0 if causal else None), kv_len=T
-            )
+            ops, do = operands(T, H, causal)
+            B, N = ops.batch, ops.num_heads
             flops = 4 * B * N * T * T * H / (2 if causal else 1)
-            _, lse2 = forward.forward(
-                q,
-                k,
-                v,
-                None,
-                None,
-                None,
-                None,
-                statics=statics,
-                config=candidates(H)[0][1][0],
-                interpret=False,
-            )
-            delta = jnp.zeros_like(lse2) + 0.1
-            ops = (q, k, v, do, lse2, delta, None, None, None, None)
+            fwd_refs, bwd_refs = kernel_refs(ops, do, H)
             for kind, cands in candidates(H):
+                refs = fwd_refs if kind == "fwd" else bwd_refs
                 for c in cands:
-                    if kind == "fwd":
-                        f = jax.jit(
-                            lambda q, k, v, c=c, statics=statics: forward.forward(
-                                q,
-                                k,
-                                v,
-                                None,
-                                None,
-                                None,
-                                None,
-                                statics=statics,
-                                config=c,
-                                interpret=False,
-                            )
-                        )
-                        args = (q, k, v)
-                    else:
-                        fn = backward.dkdv if kind == "dkdv" else backward.dq
-                        f = jax.jit(
-                            lambda *a, c=c, fn=fn, statics=statics: fn(
-                                *a, statics=statics, config=c, interpret=False
-                            )
-                        )
-                        args = ops
                     try:
-                        t = timeit(f, *args)
+                        t = timeit(kernel_call(kind, c, ops.statics), refs)
                         status = "ok"
                     except Exception as e:  # noqa: BLE001
                         t, status = float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
@@ -169,22 +176,8 @@ def main(out_path: str, head_dims: tuple[int, ...]) -> None:
                         tflops=flops / t / 1e12 if status == "ok" else None,
                     )
                     rows.append(row)
-            for kind in ("fwd", "dkdv", "dq"):
-                rs = [
-                    r
-                    for r in rows
-                    if r["H"] == H
-                    and r["T"] == T
-                    and r["causal"] == causal
-                    and r["kernel"] == kind
-                    and r["status"] == "ok"
-                ]
-                rs.sort(key=lambda r: r["ms"])
-                print(
-                    f"H={H} T={T} causal={causal} {kind}: "
-                    + "  ".join(f"{r['cfg']} {r['ms']:.3f}ms" for r in rs[:4]),
-                    flush=True,
-                )
+            for line in best_lines(rows, H, T, causal):
+                print(line, flush=True)
     json.dump(rows, open(out_path, "w"), indent=1)
 
 

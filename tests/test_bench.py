@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from flashjax.__main__ import main as flashjax_main
-from flashjax.bench import cli, hbm, ncu, report, sweep, timing
+from flashjax.bench import cli, hbm, hbm_model, hbm_profile, ncu, report, sweep, timing
 from flashjax.bench.backends import Backend, JaxBackend, Runner, dpa_call
 from flashjax.bench.cases import Case, reference_slice, sweep_cases
 from flashjax.bench.flops import attention_flops, normalize_window, visible_fraction, visible_pairs
@@ -58,6 +58,38 @@ def test_visible_pairs_causal_and_window():
     assert flops == 4 * 2 * 21 * 16
     with pytest.raises(ValueError):
         normalize_window((-1, 0), causal=False)
+
+
+def test_visible_pairs_are_exact_past_float32():
+    # The rule's own count is float32; the bench's stays exact where float32 stops counting.
+    n = 65536
+    assert visible_pairs(n, n, causal=True) == n * (n + 1) // 2
+    assert n * (n + 1) // 2 > 2**24 and visible_pairs(n + 1, n + 1, causal=True) % 2 == 1
+
+
+def test_visible_pairs_of_block_masks_match_the_dense_mask():
+    from flashjax import block_masks
+    from flashjax.block_mask import BlockMask
+
+    bm = block_masks.butterfly(1000, block_size=128)
+    dense = np.asarray(bm.to_dense(1000, 1000))[0, 0]
+    assert visible_pairs(1000, 1000, block_mask=bm) == dense.sum()
+    assert visible_pairs(1000, 1000, causal=True, block_mask=bm) == np.tril(dense).sum()
+    i, j = np.arange(1000)[:, None], np.arange(1000)[None, :]
+    in_window = (j >= i - 200) & (j <= i + 50)
+    assert visible_pairs(1000, 1000, window=(200, 50), block_mask=bm) == (dense & in_window).sum()
+
+    # A mask function that depends on the head: counted over the mask's heads.
+    def fn(b, h, q, k):
+        return ((q + k) % 3 == 0) | (h == 1)
+
+    by_fn = BlockMask.from_mask_fn(fn, 200, 300, block_size=(32, 48), heads=2)
+    elements = np.asarray(by_fn.to_dense())
+    assert visible_pairs(200, 300, block_mask=by_fn) == elements.sum()
+    assert visible_pairs(200, 300, causal=True, block_mask=by_fn) == np.tril(elements).sum()
+    assert visible_fraction(200, 300, block_mask=by_fn) == elements.sum() / (2 * 200 * 300)
+    flops = attention_flops(1, 2, 1000, 1000, 64, block_mask=bm, mode="fwd+bwd")
+    assert flops == pytest.approx(4 * 2 * dense.sum() * 64 * 3.5)
 
 
 def test_sweep_cases_hold_tokens_and_hidden_fixed():
@@ -152,6 +184,18 @@ def test_tiny_sweep_writes_json_csv_png(tmp_path, capsys, monkeypatch):
     data = json.loads((out / "bench.json").read_text())
     meta, rows = data["meta"], data["rows"]
     assert meta["platform"] == "cpu" and meta["ceiling"]["tflops"] > 0
+    # The start's ceiling is announced as provisional; the summary names the one that counts.
+    ceiling = meta["ceiling"]
+    start_line = next(line for line in printed.splitlines() if line.startswith("ceiling: "))
+    assert "provisional" in start_line
+    assert f"{ceiling['start_tflops']:.4g} TFLOP/s" in start_line
+    assert ceiling["tflops"] == max(ceiling["start_tflops"], ceiling["end_tflops"])
+    assert not ceiling["provisional"]
+    said = f"{ceiling['tflops']:.4g} TFLOP/s"
+    summary = f"measured at the {ceiling['measured']} of the run"
+    assert f"ceiling that counts: {said}" in printed
+    table_head = next(line for line in printed.splitlines() if line.startswith("TFLOP/s on"))
+    assert said in table_head and summary in table_head and "higher" in table_head
     assert len(rows) == 2 * 2 * 3  # seqs x backends x modes
     assert {r["status"] for r in rows} == {"ok"}, [r["error"] for r in rows]
     for r in rows:
@@ -179,6 +223,53 @@ def test_tiny_sweep_writes_json_csv_png(tmp_path, capsys, monkeypatch):
     assert "vs_jax_xla" in table[0]
     pytest.importorskip("matplotlib")
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ceiling_that_counts_is_the_higher_and_says_so():
+    from flashjax.bench import machine
+
+    start = {"tflops": 400.0, "ms": 2.0, "what": "bf16 8192x8192x8192 jnp.dot, best timed batch"}
+    end = dict(start, tflops=700.0)
+    early = machine.provisional_ceiling(start)
+    assert "provisional" in machine.describe_ceiling(early)
+    for first, last, measured in (
+        (early, end, "end"),
+        (machine.provisional_ceiling(end), start, "start"),
+    ):
+        final = machine.final_ceiling(first, last)
+        assert final["tflops"] == 700.0 and final["measured"] == measured
+        text = machine.describe_ceiling(final)
+        assert text.startswith("700 TFLOP/s") and f"measured at the {measured}" in text
+        assert "start 400" in text or "start 700" in text
+        assert "provisional" not in text
+
+
+def test_cpu_default_includes_the_chunked_path(tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["--seqlens=32", "--causal=no", "--head-dims=16", "--batch-tokens=32", "--hidden=16"]
+    argv += ["--modes=fwd", "--reps=1", "--no-plot", f"--out={out}"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"flashjax", "flashjax_chunked", "jax_xla"}
+    assert set(cli.CPU_BACKENDS) == {"flashjax", "flashjax_chunked", "jax_xla"}
+    # On a CPU the table's ratios are those of the path CPU users get.
+    assert "flashjax_chunked's speed over X's" in printed
+    assert "/jax_xla" in printed and "/flashjax" in printed
+
+
+def test_default_out_dir_is_outside_the_repository():
+    import tempfile
+
+    from flashjax.bench import machine
+
+    meta = {"device": "NVIDIA H200"}
+    folder = cli.default_out_dir(meta, "-sparsity")
+    assert folder.is_relative_to(tempfile.gettempdir())
+    assert not folder.resolve().is_relative_to(machine.REPO_ROOT)
+    assert folder.name.endswith("-nvidia-h200-sparsity") and folder.parent.name == "flashjax-bench"
+    args = cli.build_parser().parse_args([])
+    assert cli._out_dir(args, meta) == cli.default_out_dir(meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,47 +446,49 @@ def test_deadline_stops_before_the_next_shape():
 def test_standard_attention_bytes_by_hand():
     # T = S = 4, H = 2, bf16 (2 bytes): reads Q, K, V 16 bytes each, float32 scores 64,
     # bf16 probabilities 32; writes scores 64, probabilities 32, output 16.
-    t = hbm.standard_forward_bytes(1, 1, 4, 4, 2, 2)
+    t = hbm_model.standard_forward_bytes(1, 1, 4, 4, 2, 2)
     assert (t.read, t.write, t.total) == (16 + 16 + 64 + 32 + 16, 64 + 32 + 16, 256)
     # The closed form of the docstring: 2e(T + S)H + (8 + 2e)TS per (batch, head).
-    assert hbm.standard_forward_bytes(2, 3, 64, 96, 32, 2).total == 6 * (
+    assert hbm_model.standard_forward_bytes(2, 3, 64, 96, 32, 2).total == 6 * (
         2 * 2 * (64 + 96) * 32 + 12 * 64 * 96
     )
     # Quadratic in the sequence length once N >> d.
-    small, large = (hbm.standard_forward_bytes(1, 16, n, n, 64, 2).total for n in (8192, 16384))
+    small, large = (
+        hbm_model.standard_forward_bytes(1, 16, n, n, 64, 2).total for n in (8192, 16384)
+    )
     assert 3.9 < large / small <= 4.0
 
 
 def test_flash_forward_bytes_by_hand():
     # T = S = 64, H = 16, bf16, 32x16 tiles: 2 query blocks, each visits all 4 key blocks.
     # Q 64*16*2 = 2048, K and V 8 visits * 16*16*2 = 4096 each, O 2048, logsumexp 64*4 = 256.
-    t = hbm.flash_forward_bytes(1, 1, 64, 64, 16, 2, 32, 16)
+    t = hbm_model.flash_forward_bytes(1, 1, 64, 64, 16, 2, 32, 16)
     assert t.reads == {"q": 2048, "k": 4096, "v": 4096}
     assert t.writes == {"out": 2048, "lse": 256}
     assert t.total == 12544
     # Causal: the first query block sees key blocks 0-1, the second 0-3: 6 visits.
-    assert list(hbm.visited_key_blocks(64, 64, 32, 16, causal=True)) == [2, 4]
-    assert hbm.flash_forward_bytes(1, 1, 64, 64, 16, 2, 32, 16, causal=True).total == 10496
+    assert list(hbm_model.visited_key_blocks(64, 64, 32, 16, causal=True)) == [2, 4]
+    assert hbm_model.flash_forward_bytes(1, 1, 64, 64, 16, 2, 32, 16, causal=True).total == 10496
     # Padding as the kernel pads: T = 50 -> 64 rows, H = 24 -> 32 columns.
-    padded = hbm.flash_forward_bytes(1, 1, 50, 50, 24, 2, 32, 16)
+    padded = hbm_model.flash_forward_bytes(1, 1, 50, 50, 24, 2, 32, 16)
     assert padded.reads["q"] == 64 * 32 * 2 and padded.writes["lse"] == 64 * 4
-    assert hbm.tile_bytes(32, 16, 24, 2) == (32 + 2 * 16) * 32 * 2
+    assert hbm_model.tile_bytes(32, 16, 24, 2) == (32 + 2 * 16) * 32 * 2
 
 
 def test_flash_bytes_fall_as_block_q_grows():
     def kv(block_q, block_k=64, seq=4096):
-        t = hbm.flash_forward_bytes(1, 16, seq, seq, 64, 2, block_q, block_k)
+        t = hbm_model.flash_forward_bytes(1, 16, seq, seq, 64, 2, block_q, block_k)
         return t.reads["k"] + t.reads["v"]
 
     blocks = (16, 32, 64, 128, 256)
-    totals = [hbm.flash_forward_bytes(1, 16, 4096, 4096, 64, 2, b, 64).total for b in blocks]
+    totals = [hbm_model.flash_forward_bytes(1, 16, 4096, 4096, 64, 2, b, 64).total for b in blocks]
     assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)
     # Theorem 2: K, V traffic * block_q is constant (Theta(N^2 d^2 / M) with block_q ~ M / d) ...
     assert len({kv(b) * b for b in blocks}) == 1
     # ... and block_k only changes how finely K, V are streamed, not how often.
     assert kv(64, 16) == kv(64, 128)
     # Far below standard attention's bytes at long sequences.
-    standard = hbm.standard_forward_bytes(1, 16, 4096, 4096, 64, 2).total
+    standard = hbm_model.standard_forward_bytes(1, 16, 4096, 4096, 64, 2).total
     assert totals[blocks.index(128)] < standard / 5
 
 
@@ -561,9 +654,9 @@ def test_io_profile_attributes_ncu_bytes(tmp_path, monkeypatch):
     # A worker that profiled nothing, and a count of bracketed calls that does not match.
     rows = [hbm.model_row(cfg, e) for e in hbm.plan_entries(cfg)]
     entries = hbm.plan_entries(cfg)
-    status = hbm.attribute(entries[:1], rows, NCU_SAMPLE, {"profiled": []}, False)
+    status = hbm_profile.attribute(entries[:1], rows, NCU_SAMPLE, {"profiled": []}, False)
     assert status == "no call profiled"
-    status = hbm.attribute(entries[:1], rows, NCU_SAMPLE, {"profiled": [0]}, False)
+    status = hbm_profile.attribute(entries[:1], rows, NCU_SAMPLE, {"profiled": [0]}, False)
     assert status == "2 bracketed calls in ncu's output for 1 profiled"
 
 
@@ -586,8 +679,8 @@ def test_io_worker_runs_each_call_between_markers(tmp_path, monkeypatch):
     entries = hbm.plan_entries(cfg)
     broken = dataclasses.replace(entries[1], id=2, seq=-1)  # no such shape: raises
     spec, result = tmp_path / "spec.json", tmp_path / "result.json"
-    spec.write_text(hbm.worker_spec(cfg, [*entries, broken]))
-    assert hbm.main([str(spec), str(result)]) == 0
+    spec.write_text(hbm_profile.worker_spec(cfg, [*entries, broken]))
+    assert hbm_profile.main([str(spec), str(result)]) == 0
     done = json.loads(result.read_text())
     assert done["profiled"] == [0, 1] and list(done["errors"]) == ["2"]
     assert ranges == ["start", "stop"] * 2
@@ -613,7 +706,7 @@ def test_io_end_to_end_on_cpu(tmp_path, capsys):
     for r in rows:
         assert r["status"] == "ok" and r["ms"] > 0 and r["ncu_status"] == "cpu"
         assert r["ncu_bytes"] is None and r["device"] == "cpu"
-    assert rows[0]["model_bytes"] == hbm.standard_forward_bytes(1, 1, 32, 32, 16, 2).total
+    assert rows[0]["model_bytes"] == hbm_model.standard_forward_bytes(1, 1, 32, 32, 16, 2).total
     assert rows[1]["model_bytes"] > rows[2]["model_bytes"]
     assert all(r["rel_err"] < 2e-2 for r in rows[1:])
     with (out / "io.csv").open() as f:

@@ -177,6 +177,19 @@ class JaxBackend(Backend):
 # --------------------------------------------------------------------------------------------------
 
 
+def to_torch(x: jax.Array) -> Any:
+    """A `(B, T, N, H)` JAX array as a contiguous `(B, N, T, H)` CUDA tensor (torch's layout),
+    shared through DLPack where it can be."""
+    import torch
+
+    try:
+        t = torch.from_dlpack(x)
+    except Exception:  # fall back to a host round trip (only at setup)
+        dtype = getattr(torch, jnp.dtype(x.dtype).name)
+        t = torch.from_numpy(np.asarray(x.astype(jnp.float32))).to("cuda", dtype=dtype)
+    return t.transpose(1, 2).contiguous()
+
+
 class TorchRunner(Runner):
     """torch SDPA on `(B, N, T, H)` copies of the JAX inputs (shared through DLPack)."""
 
@@ -189,19 +202,10 @@ class TorchRunner(Runner):
         self._sdpa = F.scaled_dot_product_attention
         self._context = lambda: sdpa_kernel(getattr(SDPBackend, sdp_backend))
         self._causal = case.causal
-        q, k, v, do = (self._to_torch(x) for x in inputs)
+        q, k, v, do = (to_torch(x) for x in inputs)
         self._q, self._k, self._v = (x.requires_grad_(True) for x in (q, k, v))
         self._do = do
         torch.cuda.synchronize()
-
-    def _to_torch(self, x: jax.Array) -> Any:
-        torch = self._torch
-        try:
-            t = torch.from_dlpack(x)
-        except Exception:  # fall back to a host round trip (only at setup)
-            dtype = getattr(torch, jnp.dtype(x.dtype).name)
-            t = torch.from_numpy(np.asarray(x.astype(jnp.float32))).to("cuda", dtype=dtype)
-        return t.transpose(1, 2).contiguous()  # (B, T, N, H) -> (B, N, T, H)
 
     def _run(self, kind: str) -> tuple:
         torch = self._torch
@@ -248,7 +252,7 @@ class TorchBackend(Backend):
     description: str = ""
 
     def unavailable(self) -> str | None:
-        return _torch_cuda()
+        return torch_cuda()
 
     def unsupported(self, case: Case) -> str | None:
         if case.window is not None:
@@ -284,7 +288,8 @@ def _sm90() -> str | None:
     return None if major >= 9 else f"needs sm90+ (compute capability {capability})"
 
 
-def _flashjax_triton() -> str | None:
+def flashjax_triton() -> str | None:
+    """Why flashjax's Triton kernels cannot run here, or None (on a CPU they are interpreted)."""
     return None if platform() in ("gpu", "cpu") else f"no Triton kernels on {platform()}"
 
 
@@ -306,7 +311,8 @@ def _tokamax_mosaic() -> str | None:
 
 
 @functools.cache
-def _torch_cuda() -> str | None:
+def torch_cuda() -> str | None:
+    """Why torch with a CUDA device is not usable here, or None."""
     if (why := _gpu()) is not None:
         return why
     if (why := _module("torch")) is not None:
@@ -361,7 +367,7 @@ def all_backends(xla_max_bytes: int = DEFAULT_XLA_MAX_BYTES) -> list[Backend]:
             "flashjax",
             dpa_call("flashjax", "triton"),
             "flashjax Pallas kernels (Triton lowering; interpreted on CPU)",
-            _flashjax_triton,
+            flashjax_triton,
         ),
         JaxBackend(
             "flashjax_chunked",

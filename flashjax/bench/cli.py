@@ -7,6 +7,7 @@ import datetime
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,9 @@ GPU_QUICK_SEQLENS = (1024, 4096, 16384)
 CPU_SEQLENS = (128, 256, 512)
 CPU_QUICK_SEQLENS = (128, 256)
 CPU_HEAD_DIMS = (64,)
+# The CPU sweep's backends: the kernels (interpreted), the path CPU users get (implementation=None
+# runs xla_chunked there) and standard attention.
+CPU_BACKENDS = ("flashjax", "flashjax_chunked", "jax_xla")
 # --io (one forward shape, tiles swept) and --memory (forward+backward, lengths up to 64k).
 IO_GPU = {
     "seqlens": (1024, 2048, 4096, 8192),
@@ -27,6 +31,32 @@ IO_GPU = {
 IO_CPU = {"seqlens": (64, 128), "blocks": (16, 32, 64), "heads": 2, "head_dim": 32}
 MEMORY_GPU = {"seqlens": tuple(1024 << i for i in range(7)), "heads": 16, "head_dim": 128}
 MEMORY_CPU = {"seqlens": (256, 512, 1024, 2048), "heads": 2, "head_dim": 32}
+# --sparsity: block-sparse time against density. GPU: heads * head_dim = 2048 (N=32 at D=64, N=16
+# at D=128, the sweep's protocol), B=1, mask block 128; the longest-sequence search from 64k.
+SPARSITY_GPU = {
+    "seqlens": (4096, 16384, 65536),
+    "head_dims": (64, 128),
+    "hidden": 2048,
+    "block": 128,
+    "longest_from": 65536,
+    "longest_max": 1 << 24,
+    "longest_minutes": 1.0,
+    "max_minutes": 4.5,
+    "flex_head_dims": (128,),
+}
+SPARSITY_GPU_QUICK = SPARSITY_GPU | {"seqlens": (4096, 16384), "head_dims": (128,)}
+SPARSITY_CPU = {
+    "seqlens": (256, 512),
+    "head_dims": (32,),
+    "hidden": 64,
+    "block": 16,
+    "longest_from": 512,
+    "longest_max": 4096,
+    "longest_minutes": 0.5,
+    "max_minutes": None,
+    "flex_head_dims": None,
+}
+SPARSITY_CPU_QUICK = SPARSITY_CPU | {"seqlens": (256,), "longest_from": None}
 
 DESCRIPTION = """\
 Benchmark attention implementations on the protocol of FlashAttention's papers.
@@ -38,13 +68,16 @@ memory or fails the check becomes a row saying so; the sweep goes on.
 
 Defaults on a GPU (the standard sweep): bf16, batch*seq = 16384 tokens, heads*head_dim = 2048,
 seq 512..16k, head dims 64, 128 and 256, causal and not, modes fwd, bwd (fwd+bwd minus fwd) and
-fwd+bwd, and a bf16 8192^3 matmul for the machine's ceiling (about 10 minutes on an H200). On a
-CPU: a small sweep (seq 128..512, head dim 64, 1024 tokens, hidden 128, interpreted kernels) whose
+fwd+bwd, and a bf16 8192^3 matmul for the machine's ceiling, timed at the start (provisional) and
+at the end of the run, the higher counting (about 10 minutes on an H200). On a CPU: a small sweep
+(seq 128..512, head dim 64, 1024 tokens, hidden 128) of flashjax's interpreted kernels,
+flashjax_chunked (what implementation=None runs on a CPU; the table's ratios are its) and XLA, whose
 numbers are labeled as CPU numbers.
 
 FLOPs: forward 4*B*N*T*S*H, half of it for causal, the visible fraction for a window; backward
-2.5x forward. Results: bench.json, bench.csv and bench.png (with matplotlib) in --out, written
-after every shape, and a table on stdout at the end.
+2.5x forward. Results: bench.json, bench.csv and bench.png (with matplotlib) in --out (default: a
+folder under the system's temporary directory, outside the repository; printed at the start and
+the end), written after every shape, and a table on stdout at the end.
 
 Two other measurements replace the sweep:
 
@@ -57,6 +90,19 @@ Two other measurements replace the sweep:
             (bf16, B=1, N=16, H=128): flashjax, standard attention and cuDNN, compiled only and
             compared with the device's memory ("would not fit"); flashjax also run at each
             length to confirm that it fits. memory.json, memory.csv, memory.png.
+  --sparsity  block-sparse attention time against density (FlashAttention's Fig. 2, right):
+            bf16, B=1, heads*head_dim=2048, seq 4k, 16k, 64k, head dims 64 and 128, causal and
+            not, fwd and fwd+bwd; patterns dense (the reference), butterfly and random (seeded,
+            diagonal kept) at 5, 10, 25, 50% of 128x128 blocks. Per row: ms, density (exact
+            visible pairs / T*S), TFLOP/s on visible pairs, time / dense time against the bar
+            1.15*density + 0.03 (pass/fail). Beside flashjax with the same pattern: jax.nn XLA
+            with the dense mask (skipped past --xla-max-gib), torch FlexAttention (torch with
+            CUDA; head dim 128, --flex-head-dims); tokamax has no block-sparse attention (dense
+            mask only): skipped, saying so. Then butterfly fwd+bwd from 64k, doubling until out
+            of memory. About 5 minutes on an H200: no shape starts after 4.5 minutes
+            (--max-minutes; shapes left out become rows saying so), then 1 minute for the
+            doubling (--longest-minutes). CPU: seq 256, 512, interpreted kernels, the chunked
+            path and XLA. sparsity.json, sparsity.csv, sparsity.png.
 """
 
 EPILOG = """\
@@ -69,6 +115,7 @@ backends (each runs only where available; `--list-backends` says which):
   tokamax_mosaic    tokamax.dot_product_attention(implementation="mosaic")
   torch_cudnn       torch SDPA, cuDNN backend (needs torch with CUDA)
   torch_flash       torch SDPA, FlashAttention-2 backend
+  torch_flex        torch FlexAttention with a block mask (--sparsity only)
 
 examples:
   python -m flashjax bench                                  # the standard sweep
@@ -79,6 +126,8 @@ examples:
   python -m flashjax bench --io --blocks 64,128 --vary q --causal yes
   python -m flashjax bench --memory                         # memory vs seq, up to 64k
   python -m flashjax bench --memory --no-run --seqlens 16k,32k
+  python -m flashjax bench --sparsity                       # block-sparse time vs density
+  python -m flashjax bench --sparsity --seqlens 8k,32k --head-dims 128 --max-minutes 3
 """
 
 
@@ -116,18 +165,38 @@ def parse_modes(text: str) -> tuple[str, ...]:
 
 
 def parse_backends(text: str) -> tuple[str, ...] | None:
-    """A comma list of backend names, or None for "all"."""
+    """A comma list of backend names (of the sweep or of --sparsity), or None for "all"."""
     from flashjax.bench.backends import BACKEND_NAMES
+    from flashjax.bench.sparsity_backends import NAMES
 
+    known = tuple(dict.fromkeys((*BACKEND_NAMES, *NAMES)))
     names = [b.strip() for b in text.split(",") if b.strip()]
     if not names or "all" in names:
         return None
-    unknown = [b for b in names if b not in BACKEND_NAMES]
+    unknown = [b for b in names if b not in known]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(BACKEND_NAMES)}"
+            f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(known)}"
         )
     return tuple(dict.fromkeys(names))
+
+
+def parse_percents(text: str) -> tuple[float, ...]:
+    """ "5,10,25.5" -> (0.05, 0.1, 0.255): percentages in (0, 100]."""
+    values = []
+    for part in (p.strip().rstrip("%") for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {part!r}") from None
+        if not 0 < value <= 100:
+            raise argparse.ArgumentTypeError(f"a percentage in (0, 100]: {part!r}")
+        values.append(value / 100)
+    if not values:
+        raise argparse.ArgumentTypeError("empty list")
+    return tuple(values)
 
 
 def parse_dtype(text: str) -> str:
@@ -217,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         "other measurements (each replaces the sweep)",
         "--seqlens, --head-dims (one), --dtype, --causal, --batch and --heads set their shape; "
         "--reps, --seed and the output options apply too; --memory takes --backends among "
-        "flashjax, jax_xla, jax_cudnn.",
+        "flashjax, jax_xla, jax_cudnn. --sparsity takes several --head-dims, --hidden, --modes "
+        "fwd and fwd+bwd, --max-minutes, --xla-max-gib and --backends among flashjax, "
+        "flashjax_chunked, jax_xla, torch_flex.",
     )
     which = other.add_mutually_exclusive_group()
     which.add_argument(
@@ -231,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="memory of forward+backward against sequence length, 1k..64k (head dim 128): "
         "flashjax, standard attention, cuDNN",
+    )
+    which.add_argument(
+        "--sparsity",
+        action="store_true",
+        help="block-sparse attention time against density (butterfly and random block patterns "
+        "vs dense), beside XLA with the dense mask and torch FlexAttention; then the longest "
+        "butterfly fwd+bwd that fits",
     )
     other.add_argument(
         "--blocks",
@@ -270,6 +348,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GIB",
         help="--memory: the memory to compare with (default: the device's bytes_limit)",
     )
+    other.add_argument(
+        "--densities",
+        type=parse_percents,
+        metavar="LIST",
+        help="--sparsity: block densities of the random patterns, in percent (default 5,10,25,50)",
+    )
+    other.add_argument(
+        "--mask-block",
+        type=int,
+        metavar="N",
+        help="--sparsity: the block mask's block size (default 128; 16 on CPU)",
+    )
+    other.add_argument(
+        "--longest-from",
+        type=parse_ints,
+        metavar="T",
+        help="--sparsity: first length of the longest-sequence search (default 64k; 512 on CPU)",
+    )
+    other.add_argument(
+        "--flex-head-dims",
+        type=parse_ints,
+        metavar="LIST",
+        help="--sparsity: head dims FlexAttention runs at (default 128 on GPU: each shape costs "
+        "it two torch.compile runs)",
+    )
+    other.add_argument(
+        "--longest-minutes",
+        type=float,
+        metavar="M",
+        help="--sparsity: time for the longest-sequence search, 0 to skip it (default 1.5)",
+    )
     what = p.add_argument_group("what to run")
     what.add_argument(
         "--modes",
@@ -295,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-minutes",
         type=float,
         metavar="M",
-        help="start no new shape after M minutes (longest sequences run first); then report",
+        help="start no new shape after M minutes (longest sequences run first); then report "
+        "(default: none; --sparsity on a GPU 4.5)",
     )
     what.add_argument(
         "--xla-max-gib",
@@ -318,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         metavar="DIR",
-        help="results folder (default benchmarks/results/<date>-<device>[-quick])",
+        help="results folder (default <tmp>/flashjax-bench/<date>-<device>[-mode], outside the "
+        "repository)",
     )
     out.add_argument("--no-plot", action="store_true", help="skip the PNG")
     out.add_argument(
@@ -369,13 +480,18 @@ def _policy(on_gpu: bool, reps: int) -> Any:
     )
 
 
-def _out_dir(args: argparse.Namespace, meta: dict[str, Any], suffix: str = "") -> Path:
-    """--out, or benchmarks/results/<date>-<device><suffix>."""
+def default_out_dir(meta: dict[str, Any], suffix: str = "") -> Path:
+    """`<tmp>/flashjax-bench/<date>-<device><suffix>`: outside the repository, so results never
+    show up in `git status` (commit the ones worth keeping under benchmarks/results/ by hand)."""
     from flashjax.bench import machine
 
-    return args.out or Path("benchmarks/results") / (
-        f"{datetime.date.today().isoformat()}-{machine.slug(meta['device'])}{suffix}"
-    )
+    name = f"{datetime.date.today().isoformat()}-{machine.slug(meta['device'])}{suffix}"
+    return Path(tempfile.gettempdir()) / "flashjax-bench" / name
+
+
+def _out_dir(args: argparse.Namespace, meta: dict[str, Any], suffix: str = "") -> Path:
+    """--out, or `default_out_dir`."""
+    return args.out or default_out_dir(meta, suffix)
 
 
 def _one_shape(
@@ -408,7 +524,7 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
     """`--io`: model, ncu and runtime per sequence length and tile size (see flashjax.bench.hbm)."""
     import jax
 
-    from flashjax.bench import hbm, machine
+    from flashjax.bench import hbm, hbm_report, machine
     from flashjax.bench import ncu as ncu_mod
 
     started = time.perf_counter()
@@ -446,7 +562,7 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
         "ncu": cfg.ncu,
         "ncu_metrics": list(ncu_mod.METRICS),
         "reps": args.reps or (5 if on_gpu else 2),
-        "model": "flashjax/bench/hbm.py: standard = 2e(T+S)H + (8+2e)TS bytes per head; "
+        "model": "flashjax/bench/hbm_model.py: standard = 2e(T+S)H + (8+2e)TS bytes per head; "
         "flashjax = Q, O, lse once + K, V once per visited key block per query block",
         "timing": "median of timed batches after warm-up, outside ncu",
         "argv": argv,
@@ -463,13 +579,14 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
         policy,
         out_dir,
         log=lambda line: print(line, flush=True),
-        on_progress=lambda rows: hbm.write(out_dir, meta, rows, with_plot=False),
+        on_progress=lambda rows: hbm_report.write(out_dir, meta, rows, with_plot=False),
     )
-    return _finish(hbm, out_dir, meta, rows, started, plot=not args.no_plot)
+    return _finish(hbm_report, out_dir, meta, rows, started, plot=not args.no_plot)
 
 
 def _finish(mode: Any, out_dir: Any, meta: dict, rows: list, started: float, plot: bool) -> int:
-    """Write a single-shape mode's results (`mode`: bench.hbm or bench.memory) and its table."""
+    """Write the results of a mode other than the sweep (`mode`: bench.hbm_report,
+    bench.memory or bench.sparsity_report) and its table."""
     meta["seconds"] = round(time.perf_counter() - started, 1)
     paths = mode.write(out_dir, meta, rows, with_plot=plot)
     print()
@@ -540,6 +657,134 @@ def main_memory(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     return _finish(memory, out_dir, meta, rows, started, plot=not args.no_plot)
 
 
+def _sparsity_defaults(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
+    if on_gpu:
+        return SPARSITY_GPU_QUICK if args.quick else SPARSITY_GPU
+    return SPARSITY_CPU_QUICK if args.quick else SPARSITY_CPU
+
+
+def _sparsity_config(
+    p: argparse.ArgumentParser, args: argparse.Namespace, on_gpu: bool
+) -> tuple[Any, float]:
+    """The `SparsityConfig` of --sparsity and the longest-search budget in seconds."""
+    from flashjax.bench import sparsity
+
+    defaults = _sparsity_defaults(args, on_gpu)
+    modes = args.modes or sparsity.MODES
+    if "bwd" in modes:
+        p.error("--sparsity times fwd and fwd+bwd; leave out bwd")
+    minutes = defaults["longest_minutes"] if args.longest_minutes is None else args.longest_minutes
+    longest_from = defaults["longest_from"] if args.longest_from is None else args.longest_from[0]
+    cfg = sparsity.SparsityConfig(
+        seqlens=args.seqlens or defaults["seqlens"],
+        head_dims=args.head_dims or defaults["head_dims"],
+        causal={"both": (False, True), "yes": (True,), "no": (False,)}[args.causal or "both"],
+        densities=args.densities or sparsity.SparsityConfig.densities,
+        block=args.mask_block or defaults["block"],
+        modes=modes,
+        batch=args.batch or 1,
+        hidden=args.hidden or defaults["hidden"],
+        dtype=args.dtype,
+        seed=args.seed,
+        longest_from=None if minutes <= 0 else longest_from,
+        longest_max=defaults["longest_max"],
+        longest_budget_s=60 * minutes,
+    )
+    return cfg, 60 * minutes
+
+
+def _sparsity_backends(
+    p: argparse.ArgumentParser, args: argparse.Namespace, on_gpu: bool
+) -> tuple[list, dict[str, str]]:
+    """The --sparsity backends that run here, and why the others do not."""
+    from flashjax.bench import sparsity_backends
+
+    flex_dims = args.flex_head_dims or _sparsity_defaults(args, on_gpu)["flex_head_dims"]
+    registry = sparsity_backends.all_backends(int(args.xla_max_gib * 2**30), flex_dims)
+    default = sparsity_backends.GPU_DEFAULT if on_gpu else sparsity_backends.CPU_DEFAULT
+    wanted = args.backends or default
+    if unknown := [b for b in wanted if b not in sparsity_backends.NAMES]:
+        p.error(
+            f"--sparsity compares {', '.join(sparsity_backends.NAMES)}; not {', '.join(unknown)}"
+        )
+    chosen, unavailable = [], {"tokamax": sparsity_backends.TOKAMAX_SKIPPED}
+    for b in registry:
+        if b.name in wanted:
+            why = b.unavailable()
+            if why is None:
+                chosen.append(b)
+            else:
+                unavailable[b.name] = why
+    return chosen, unavailable
+
+
+def main_sparsity(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    """`--sparsity`: block-sparse time against density (see flashjax.bench.sparsity)."""
+    import jax
+
+    from flashjax.bench import machine, sparsity, sparsity_report
+
+    started = time.perf_counter()
+    on_gpu = jax.devices()[0].platform == "gpu"
+    cfg, longest_s = _sparsity_config(p, args, on_gpu)
+    chosen, unavailable = _sparsity_backends(p, args, on_gpu)
+    meta = machine.describe(args.commit)
+    _header(meta, "--sparsity")
+    for name, why in unavailable.items():
+        print(f"skip {name}: {why}", flush=True)
+    if not chosen:
+        print("no backend available", file=sys.stderr)
+        return 1
+    reps = args.reps or 3
+    max_minutes = args.max_minutes or _sparsity_defaults(args, on_gpu)["max_minutes"]
+    meta |= {
+        "mode": "sparsity",
+        "dtype": cfg.dtype,
+        "batch": cfg.batch,
+        "hidden": cfg.hidden,
+        "block": cfg.block,
+        "seqlens": list(cfg.seqlens),
+        "head_dims": list(cfg.head_dims),
+        "causal": list(cfg.causal),
+        "densities": list(cfg.densities),
+        "modes": list(cfg.modes),
+        "backends": [b.name for b in chosen],
+        "unavailable": unavailable,
+        "reps": reps,
+        "longest_from": cfg.longest_from,
+        "longest_budget_s": longest_s,
+        "max_minutes": max_minutes,
+        "timing": "median of timed batches after warm-up",
+        "flops": "4*B*N*H*visible pairs (exact, flops.visible_pairs), x3.5 for fwd+bwd",
+        "bar": f"time / dense time <= {sparsity.BAR_SLOPE} * rel + {sparsity.BAR_OFFSET}, rel = "
+        "visible pairs / the dense call's visible pairs",
+        "argv": argv,
+    }
+    out_dir = _out_dir(args, meta, "-sparsity")
+    print(
+        f"{len(cfg.cases())} shapes x {len(cfg.densities) + 2} patterns x "
+        f"{', '.join(meta['backends'])}; modes {', '.join(cfg.modes)}; results in {out_dir}",
+        flush=True,
+    )
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        sparsity_report.write(out_dir, meta, sparsity.finalize(rows), with_plot=False)
+
+    rows = sparsity.run(
+        cfg,
+        chosen,
+        _policy(on_gpu, reps),
+        workers=args.compile_workers or (min(8, os.cpu_count() or 1) if on_gpu else 1),
+        deadline=None if max_minutes is None else started + 60 * max_minutes,
+        log=lambda line: print(line, flush=True),
+        on_progress=save,
+    )
+    meta["longest_fit"] = sparsity.longest_fit(rows)
+    return _finish(
+        sparsity_report, out_dir, meta, sparsity.finalize(rows), started, not args.no_plot
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep (or --io / --memory); returns the process exit code (0 even if some
     backends failed)."""
@@ -553,6 +798,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_io(parser, args, argv)
     if args.memory:
         return main_memory(parser, args, argv)
+    if args.sparsity:
+        return main_sparsity(parser, args, argv)
 
     import jax
 
@@ -581,9 +828,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not on_gpu:
         print("NOTE: " + report.CPU_NOTE + ".", flush=True)
 
+    wanted = args.backends or (None if on_gpu else CPU_BACKENDS)
     chosen, unavailable = [], {}
     for b in registry:
-        if args.backends is not None and b.name not in args.backends:
+        if wanted is not None and b.name not in wanted:
             continue
         why = b.unavailable()
         if why is None:
@@ -595,8 +843,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no backend available", file=sys.stderr)
         return 1
 
-    ceiling = machine.matmul_ceiling(policy)
-    print(f"ceiling: {ceiling['tflops']:.4g} TFLOP/s ({ceiling['what']})", flush=True)
+    ceiling = machine.provisional_ceiling(machine.matmul_ceiling(policy))
+    print(f"ceiling: {machine.describe_ceiling(ceiling)}", flush=True)
     cases = cases_mod.sweep_cases(
         cfg["seqlens"],
         cfg["head_dims"],
@@ -648,17 +896,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_case_done=save_partial,
         deadline=None if args.max_minutes is None else started + 60 * args.max_minutes,
     )
-    end = machine.matmul_ceiling(policy)
-    meta["ceiling_end"] = end
-    if end["tflops"] > ceiling["tflops"]:
-        meta["ceiling"] = ceiling = end | {"measured": "end of run (the higher of start and end)"}
+    meta["ceiling"] = machine.final_ceiling(ceiling, machine.matmul_ceiling(policy))
+    print(f"ceiling that counts: {machine.describe_ceiling(meta['ceiling'])}", flush=True)
     meta["seconds"] = round(time.perf_counter() - started, 1)
     meta["shapes_run"] = len({(r["seq_q"], r["head_dim"], r["causal"]) for r in rows})
     meta["shapes_planned"] = len(cases)
     final = report.finalize(rows, meta)
     paths = report.write_all(out_dir, meta, final, with_plot=not args.no_plot)
     print()
-    print(report.format_table(final, meta))
+    print(
+        report.format_table(final, meta, report.table_subject(meta["platform"], meta["backends"]))
+    )
     print()
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['seconds']:.0f} s")
     return 0

@@ -92,3 +92,43 @@ def matmul_ceiling(policy: timing.TimingPolicy | None = None) -> dict[str, Any]:
         "median_tflops": 2.0 * n**3 / t.seconds / 1e12,
         "what": f"{jnp.dtype(dtype).name} {n}x{n}x{n} jnp.dot, best timed batch",
     }
+
+
+CEILING_RULE = (
+    "the higher of the start and end measurements counts: a lower one ran before the clocks "
+    "ramped up or while they were throttled, and a ceiling is the best the machine does"
+)
+
+
+def provisional_ceiling(start: dict[str, Any]) -> dict[str, Any]:
+    """The ceiling measured at the start of a run, marked provisional (partial results use it
+    until `final_ceiling` picks the one that counts)."""
+    return start | {"measured": "start", "provisional": True, "start_tflops": start["tflops"]}
+
+
+def final_ceiling(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
+    """The ceiling that counts: the higher of the start and end measurements (`CEILING_RULE`),
+    saying which it was and what both read."""
+    chosen, measured = (end, "end") if end["tflops"] > start["tflops"] else (start, "start")
+    return chosen | {
+        "measured": measured,
+        "provisional": False,
+        "start_tflops": start["tflops"],
+        "end_tflops": end["tflops"],
+        "rule": CEILING_RULE,
+    }
+
+
+def describe_ceiling(ceiling: dict[str, Any]) -> str:
+    """One sentence on a ceiling: its value, what was timed, and when it was measured, for the
+    start-of-run line and the summary alike."""
+    text = f"{ceiling['tflops']:.4g} TFLOP/s ({ceiling.get('what', '?')})"
+    if ceiling.get("provisional", False):
+        return text + ", measured at the start: provisional, re-measured at the end of the run"
+    if "end_tflops" not in ceiling:
+        return text
+    return (
+        f"{text}, measured at the {ceiling['measured']} of the run "
+        f"(start {ceiling['start_tflops']:.4g}, end {ceiling['end_tflops']:.4g} TFLOP/s; "
+        f"{CEILING_RULE})"
+    )

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flashjax.bench import machine
 from flashjax.bench.backends import BACKEND_NAMES
 from flashjax.bench.flops import MODES
 
@@ -36,7 +37,7 @@ CSV_FIELDS = (
     "flops",
     "error",
 )
-# The anchors the table compares flashjax with, in order of interest (the first MAX_RATIO_COLUMNS
+# The anchors the table compares its subject with, in order of interest (the first MAX_RATIO_COLUMNS
 # present get a column; the JSON and CSV have the ratios to every backend).
 ANCHORS = (
     "jax_cudnn",
@@ -46,10 +47,19 @@ ANCHORS = (
     "torch_flash",
     "jax_xla",
     "flashjax_chunked",
+    "flashjax",
 )
 MAX_RATIO_COLUMNS = 4
 CPU_NOTE = "CPU numbers: Pallas kernels interpreted, XLA on the host; they say nothing about GPUs"
 FILE_STEM = "bench"
+
+
+def table_subject(platform: str, backends: Sequence[str]) -> str:
+    """The backend whose speed the table's ratio columns give: flashjax's kernels on a GPU; on a
+    CPU the chunked path (what `implementation=None` runs there) when it ran."""
+    if platform != "gpu" and "flashjax_chunked" in backends:
+        return "flashjax_chunked"
+    return "flashjax"
 
 
 def _shape_key(row: Row) -> tuple:
@@ -274,10 +284,10 @@ def format_table(rows: Sequence[Row], meta: dict[str, Any], subject: str = "flas
         if a in backends and a != subject and any(r["backend"] == a and r["tflops"] for r in rows)
     ]
     anchors = anchors[:MAX_RATIO_COLUMNS] if subject in backends else []
-    ceiling = meta.get("ceiling") or {}
+    ceiling = meta.get("ceiling")
+    ceiling_text = "not measured" if not ceiling else machine.describe_ceiling(ceiling)
     lines = [
-        f"TFLOP/s on {meta.get('device')} ({meta.get('dtype')}); ceiling "
-        f"{ceiling.get('tflops', float('nan')):.4g} TFLOP/s ({ceiling.get('what', '?')}).",
+        f"TFLOP/s on {meta.get('device')} ({meta.get('dtype')}); ceiling {ceiling_text}.",
         "Cells: TFLOP/s; OOM = out of memory, err = raised, WRONG = failed the reference check, "
         "- = skipped, ? = unchecked.",
         "tk = tokamax, th = torch SDPA, fj = flashjax"
