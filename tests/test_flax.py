@@ -367,7 +367,9 @@ def test_nnx_attention_fn_and_jit() -> None:
     assert a.attention_fn is b.attention_fn
     assert fnnx.MultiHeadAttention(2, 8, rngs=nnx.Rngs(0)).attention_fn is flax_attention_fn
     with pytest.raises(ValueError, match="either"):
-        fnnx.MultiHeadAttention(2, 8, attention_fn=fn, implementation="xla_chunked", rngs=nnx.Rngs(0))
+        fnnx.MultiHeadAttention(
+            2, 8, attention_fn=fn, implementation="xla_chunked", rngs=nnx.Rngs(0)
+        )
 
 
 def test_nnx_dropout() -> None:
@@ -498,7 +500,9 @@ def test_linen_fields_rebind_on_clone() -> None:
     """`clone()` rebinds `is_causal` / `implementation` instead of stacking them; decode mode
     drops `is_causal` (the cache mask already keeps decoding causal); equal modules stay equal;
     a user's `attention_fn` keeps its own keywords."""
-    ours = flinen.MultiHeadDotProductAttention(num_heads=2, is_causal=True, implementation="xla_chunked")
+    ours = flinen.MultiHeadDotProductAttention(
+        num_heads=2, is_causal=True, implementation="xla_chunked"
+    )
     assert ours.attention_fn.keywords == {"is_causal": True, "implementation": "xla_chunked"}
     assert ours.clone() == ours and hash(ours.clone()) == hash(ours)
     assert ours.clone(is_causal=False).attention_fn.keywords == {"implementation": "xla_chunked"}

@@ -23,13 +23,16 @@ Run = Callable[[Operands], tuple[jax.Array, jax.Array]]
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """One implementation. `platforms`: where `implementation=None` may pick it."""
+    """One implementation. `platforms`: where `implementation=None` may pick it. `kernels`: it runs
+    Pallas kernels, so the GPU tier runs the shared suite through it compiled (the XLA paths run
+    the same code on CPU and GPU, and the CPU tier covers them)."""
 
     name: str
     run: Run
     unsupported: Callable[[Operands], str | None]
     platforms: tuple[str, ...]
     description: str
+    kernels: bool = False
 
 
 # Preference order for implementation=None: the first that runs on the platform and serves the

@@ -64,4 +64,5 @@ BACKEND = Backend(
     unsupported=_unsupported,
     platforms=("gpu",),
     description="Pallas kernels on the Triton lowering (FA2), interpret mode on CPU",
+    kernels=True,
 )
