@@ -116,17 +116,23 @@ def operands(T: int, H: int, causal: bool) -> tuple[Operands, jax.Array]:
 
 
 def kernel_call(kind: str, c: K, statics: AttentionStatics):
-    """One kernel with config `c` as a jitted function of its `Refs`."""
+    """One kernel with config `c` as a jitted function of its `Refs` (no lengths or offsets: the
+    static sequence info of the padded-free standard shape)."""
     if kind == "fwd":
         fn = forward.forward
     else:
         fn = backward.dkdv if kind == "dkdv" else backward.dq
-    return jax.jit(lambda r: fn(r, statics=statics, config=c, interpret=False))
+
+    def call(r: Refs):
+        seq = (0, 0, r.q.shape[1], r.k.shape[1])
+        return fn(r, statics=statics, config=c, interpret=False, static_seq=seq)
+
+    return jax.jit(call)
 
 
 def kernel_refs(ops: Operands, do: jax.Array, H: int) -> tuple[Refs, Refs]:
     """The forward's `Refs`, and the backward's (with dO, the forward's lse2 and a delta)."""
-    r = Refs(q=ops.q, k=ops.k, v=ops.v, seq=ops.seq_info())
+    r = Refs(q=ops.q, k=ops.k, v=ops.v)
     _, lse2 = kernel_call("fwd", candidates(H)[0][1][0], ops.statics)(r)
     return r, r.replace(do=do, lse2=lse2, delta=jnp.zeros_like(lse2) + 0.1)
 

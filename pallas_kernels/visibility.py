@@ -139,7 +139,12 @@ def block_range(
         row_off, col_off, n_rows, n_cols = q_off, kv_off, q_len, kv_len
     zero = jnp.int32(0)
     r0 = jnp.asarray(row_start, jnp.int32)
-    r_end = jnp.minimum(r0 + block_rows, n_rows)  # rows past the length see nothing
+    # A static length that is a multiple of the row block: every row block is whole (no masks
+    # for padded rows), and the bounds stay compile-time constants where the window allows.
+    whole_rows = isinstance(seq_rows := (seq[3] if transposed else seq[2]), int) and (
+        seq_rows % block_rows == 0
+    )
+    r_end = r0 + block_rows if whole_rows else jnp.minimum(r0 + block_rows, n_rows)
     first = r0 + row_off - col_off  # positions, shifted into column indices
     last = r_end - 1 + row_off - col_off
 
@@ -148,13 +153,15 @@ def block_range(
     c_hi = n_cols if right is None else jnp.clip(last + right + 1, zero, n_cols)
     lo = _div(c_lo, block_cols)
     hi = jnp.maximum(_cdiv(c_hi, block_cols), lo)
-    hi = jnp.where(r_end > r0, hi, lo)
+    if not whole_rows:
+        hi = jnp.where(r_end > r0, hi, lo)  # rows all past the length: nothing
     # Columns every row sees: [last - left, first + right], within [0, n_cols).
     f_lo = zero if left is None else jnp.maximum(last - left, zero)
     f_hi = n_cols if right is None else jnp.clip(first + right + 1, zero, n_cols)
     full_lo = jnp.clip(_cdiv(f_lo, block_cols), lo, hi)
     full_hi = jnp.clip(_div(f_hi, block_cols), full_lo, hi)
-    full_hi = jnp.where(r0 + block_rows <= n_rows, full_hi, full_lo)  # padded rows need the mask
+    if not whole_rows:
+        full_hi = jnp.where(r0 + block_rows <= n_rows, full_hi, full_lo)  # padded rows: masked
     return lo, full_lo, full_hi, hi
 
 

@@ -107,12 +107,23 @@ def _refs(p: Plan, ops: Operands) -> Refs:
         q=_pad_axis(_pad_axis(ops.q, 1, p.seq_q), 3, p.head_dim),
         k=_pad_axis(_pad_axis(ops.k, 1, p.seq_k), 3, p.head_dim),
         v=_pad_axis(_pad_axis(ops.v, 1, p.seq_k), 3, p.head_dim),
-        seq=ops.seq_info(),
+        seq=ops.seq_info() if _has_seq(ops) else None,
         bias=bias,
         q_segments=_pad_axis(ops.q_segments, 1, p.seq_q),
         kv_segments=_pad_axis(ops.kv_segments, 1, p.seq_k),
         seeds=ops.seeds,
     )
+
+
+def _has_seq(ops: Operands) -> bool:
+    """Whether the call has lengths or offsets (else the kernels use the static (0, 0, T, S))."""
+    fields = (ops.q_offsets, ops.kv_offsets, ops.q_lengths, ops.kv_lengths)
+    return any(x is not None for x in fields)
+
+
+def _launch(ops: Operands, p: Plan) -> dict:
+    """The keywords every kernel launch of the call shares."""
+    return dict(statics=ops.statics, interpret=p.interpret, static_seq=(0, 0, ops.seq_q, ops.seq_k))
 
 
 def _with_lists(
@@ -138,7 +149,7 @@ def forward(
     float32. `target` / `config` override the device target or the tiles (tuning, tests)."""
     p = plan_of(ops, target, config)
     r = _with_lists(_refs(p, ops), p, ops, p.config.fwd)
-    out, lse2 = _forward.forward(r, statics=ops.statics, config=p.config.fwd, interpret=p.interpret)
+    out, lse2 = _forward.forward(r, config=p.config.fwd, **_launch(ops, p))
     return out[:, : ops.seq_q, :, : ops.head_dim], lse2[:, :, : ops.seq_q]
 
 
@@ -170,15 +181,9 @@ def backward(
     )
     dk, dv = _backward.dkdv(
         _with_lists(r, p, ops, p.config.dkdv, transposed=True),
-        statics=ops.statics,
         config=p.config.dkdv,
-        interpret=p.interpret,
+        **_launch(ops, p),
     )
-    dq = _backward.dq(
-        _with_lists(r, p, ops, p.config.dq),
-        statics=ops.statics,
-        config=p.config.dq,
-        interpret=p.interpret,
-    )
+    dq = _backward.dq(_with_lists(r, p, ops, p.config.dq), config=p.config.dq, **_launch(ops, p))
     t, s, h = ops.seq_q, ops.seq_k, ops.head_dim
     return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import common, visibility
+from pallas_kernels import common
 from pallas_kernels.configs import KernelConfig
 from pallas_kernels.operands import AttentionStatics
 from pallas_kernels.triton import tiles
@@ -64,13 +64,14 @@ def _dkdv_kernel(
     statics: AttentionStatics,
     block_q: int,
     num_heads: int,
+    static_seq: tuple[int, int, int, int],
 ):
     block_k, head_dim = r.k.shape
     group = r.q.shape[1]
     kb, b, kh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     k0 = kb * block_k
     cols = k0 + jnp.arange(block_k, dtype=jnp.int32)
-    seq = visibility.seq_row(r.seq)
+    seq = tiles.seq_of(r, static_seq)
     k = tiles.zero_past(r.k[...], cols, seq[3])
     v = tiles.zero_past(r.v[...], cols, seq[3])
     kv_segments = None if r.kv_segments is None else r.kv_segments[pl.ds(k0, block_k)]
@@ -130,12 +131,13 @@ def _dq_kernel(
     statics: AttentionStatics,
     block_k: int,
     num_heads: int,
+    static_seq: tuple[int, int, int, int],
 ):
     block_q, head_dim = r.q.shape
     qb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q0 = qb * block_q
     rows = q0 + jnp.arange(block_q, dtype=jnp.int32)
-    seq = visibility.seq_row(r.seq)
+    seq = tiles.seq_of(r, static_seq)
     q_segments = None if r.q_segments is None else r.q_segments[pl.ds(q0, block_q)]
     q = tiles.zero_past(r.q[...], rows, seq[2])
     do = tiles.zero_past(r.do[...], rows, seq[2])
@@ -185,7 +187,7 @@ def _common_specs(r: tiles.Refs, *, row_of) -> dict:
         return pl.BlockSpec((None, x.shape[1]), lambda *ids: (row_of(*ids), 0))
 
     return dict(
-        seq=pl.BlockSpec((None, 4), lambda *ids: (row_of(*ids), 0)),
+        seq=None if r.seq is None else pl.BlockSpec((None, 4), lambda *ids: (row_of(*ids), 0)),
         q_segments=None if r.q_segments is None else per_batch(r.q_segments),
         kv_segments=None if r.kv_segments is None else per_batch(r.kv_segments),
         seeds=pl.BlockSpec((2,), lambda *ids: (0,)),
@@ -193,7 +195,12 @@ def _common_specs(r: tiles.Refs, *, row_of) -> dict:
 
 
 def dkdv(
-    r: tiles.Refs, *, statics: AttentionStatics, config: KernelConfig, interpret: bool
+    r: tiles.Refs,
+    *,
+    statics: AttentionStatics,
+    config: KernelConfig,
+    interpret: bool,
+    static_seq: tuple[int, int, int, int],
 ) -> tuple[jax.Array, jax.Array]:
     """dK, dV: grid (key tile, batch, KV head); a program reads its whole GQA group of queries."""
     batch, seq_q, num_heads, head_dim = r.q.shape
@@ -216,7 +223,13 @@ def dkdv(
         **_common_specs(r, row_of=lambda i, b, g: b),
     )
     return pl.pallas_call(
-        functools.partial(_dkdv_kernel, statics=statics, block_q=bq, num_heads=num_heads),
+        functools.partial(
+            _dkdv_kernel,
+            statics=statics,
+            block_q=bq,
+            num_heads=num_heads,
+            static_seq=static_seq,
+        ),
         grid=(seq_k // bk, batch, num_kv_heads),
         in_specs=(specs,),
         out_specs=[kv_tile, kv_tile],
@@ -231,7 +244,12 @@ def dkdv(
 
 
 def dq(
-    r: tiles.Refs, *, statics: AttentionStatics, config: KernelConfig, interpret: bool
+    r: tiles.Refs,
+    *,
+    statics: AttentionStatics,
+    config: KernelConfig,
+    interpret: bool,
+    static_seq: tuple[int, int, int, int],
 ) -> jax.Array:
     """dQ: grid (query tile, batch, query head), like the forward."""
     batch, seq_q, num_heads, head_dim = r.q.shape
@@ -254,7 +272,13 @@ def dq(
         **_common_specs(r, row_of=lambda i, b, h: b),
     )
     return pl.pallas_call(
-        functools.partial(_dq_kernel, statics=statics, block_k=bk, num_heads=num_heads),
+        functools.partial(
+            _dq_kernel,
+            statics=statics,
+            block_k=bk,
+            num_heads=num_heads,
+            static_seq=static_seq,
+        ),
         grid=(seq_q // bq, batch, num_heads),
         in_specs=(specs,),
         out_specs=q_tile,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import common, visibility
+from pallas_kernels import common
 from pallas_kernels.configs import KernelConfig
 from pallas_kernels.operands import AttentionStatics
 from pallas_kernels.triton import tiles
@@ -28,12 +28,13 @@ def _forward_kernel(
     statics: AttentionStatics,
     block_k: int,
     num_heads: int,
+    static_seq: tuple[int, int, int, int],
 ):
     block_q, head_dim = r.q.shape
     qb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q0 = qb * block_q
     rows = q0 + jnp.arange(block_q, dtype=jnp.int32)
-    seq = visibility.seq_row(r.seq)
+    seq = tiles.seq_of(r, static_seq)
     q_segments = None if r.q_segments is None else r.q_segments[pl.ds(q0, block_q)]
     q = r.q[...]
     stream = None
@@ -71,7 +72,12 @@ def _forward_kernel(
 
 
 def forward(
-    r: tiles.Refs, *, statics: AttentionStatics, config: KernelConfig, interpret: bool
+    r: tiles.Refs,
+    *,
+    statics: AttentionStatics,
+    config: KernelConfig,
+    interpret: bool,
+    static_seq: tuple[int, int, int, int],
 ) -> tuple[jax.Array, jax.Array]:
     """Padded operands (see tiles.py) -> (out (B, Tp, N, Hp), lse2 (B, N, Tp) float32)."""
     batch, seq_q, num_heads, head_dim = r.q.shape
@@ -98,7 +104,13 @@ def forward(
         tiles.out_shape(r.q, r.q.shape, r.q.dtype),
         tiles.out_shape(r.q, (batch, num_heads, seq_q), jnp.float32),
     ]
-    kernel = functools.partial(_forward_kernel, statics=statics, block_k=bk, num_heads=num_heads)
+    kernel = functools.partial(
+        _forward_kernel,
+        statics=statics,
+        block_k=bk,
+        num_heads=num_heads,
+        static_seq=static_seq,
+    )
     return pl.pallas_call(
         kernel,
         grid=grid,

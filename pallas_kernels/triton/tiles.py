@@ -3,7 +3,9 @@ and walked.
 
 All three kernels (forward, dK/dV, dQ) take one `Refs` record, prepared by `api.py` (padded):
   q, do           (B, Tp, N, Hp)           k, v  (B, Sp, K, Hp)
-  seq             (B, 4) int32: q_offset, kv_offset, q_len, kv_len (`Operands.seq_info`)
+  seq             (B, 4) int32: q_offset, kv_offset, q_len, kv_len (`Operands.seq_info`), only
+                  when the call has lengths or offsets; else the kernels take the static
+                  (0, 0, T, S) (`seq_of`), which keeps their loop bounds compile-time constants
   bias            (Bb, Nb, Tb, Sb) float32, Bb in {1, B}, Nb in {1, N}, Tb in {1, Tp}, Sb in {1, Sp}
   q_segments      (B, Tp), kv_segments (B, Sp) int32
   full, partial   visit lists (Bt, Nt, rows tiles, 1 + column tiles) int32, when the call has
@@ -39,7 +41,7 @@ class Refs:
     q: jax.Array
     k: jax.Array
     v: jax.Array
-    seq: jax.Array
+    seq: jax.Array | None = None
     bias: jax.Array | None = None
     q_segments: jax.Array | None = None
     kv_segments: jax.Array | None = None
@@ -141,9 +143,18 @@ def tile_mask(
     )
 
 
+def seq_of(r: Refs, static: tuple[int, int, int, int]) -> visibility.Seq:
+    """The (q_offset, kv_offset, q_len, kv_len) of the program's batch row: loaded from `r.seq`,
+    or the static `(0, 0, T, S)` when the call has no lengths or offsets."""
+    return static if r.seq is None else visibility.seq_row(r.seq)
+
+
 def zero_past(x: jax.Array, index: jax.Array, length: jax.Array) -> jax.Array:
     """Rows of a loaded tile at or past `length` set to 0, so garbage there (NaN in a padded cache)
-    never reaches an output through the tile's matmul."""
+    never reaches an output through the tile's matmul. A static length means the call has no
+    lengths: past it is only the wrapper's zero padding, and nothing needs to be done."""
+    if isinstance(length, int):
+        return x
     return jnp.where((index < length)[:, None], x, jnp.zeros_like(x))
 
 
