@@ -31,15 +31,17 @@ def _forward_kernel(
     static_seq: tuple[int, int, int, int],
 ):
     block_q, head_dim = r.q.shape
-    qb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    q0 = qb * block_q
-    rows = q0 + jnp.arange(block_q, dtype=jnp.int32)
-    seq = tiles.seq_of(r, static_seq)
-    q_segments = None if r.q_segments is None else r.q_segments[pl.ds(q0, block_q)]
+    t = tiles.query_tile(r, statics, block_q, num_heads, static_seq)
+    b, h, q0, rows, seq, q_segments, stream = (
+        t.b,
+        t.h,
+        t.q0,
+        t.rows,
+        t.seq,
+        t.q_segments,
+        t.stream,
+    )
     q = r.q[...]
-    stream = None
-    if statics.has_dropout:
-        stream = common.head_stream(statics, r.seeds, b, h, num_heads)
 
     def body(kb, carry, *, masked: bool):
         acc, m, l = carry

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import visibility
+from pallas_kernels import common, visibility
 from pallas_kernels.operands import AttentionStatics
 
 
@@ -147,6 +147,44 @@ def seq_of(r: Refs, static: tuple[int, int, int, int]) -> visibility.Seq:
     """The (q_offset, kv_offset, q_len, kv_len) of the program's batch row: loaded from `r.seq`,
     or the static `(0, 0, T, S)` when the call has no lengths or offsets."""
     return static if r.seq is None else visibility.seq_row(r.seq)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryTile:
+    """What a program of a query-major kernel (forward, dQ; grid (query tile, batch, head)) knows
+    about its tile: batch row, head, first row, row indices, sequence info, segment ids, dropout
+    stream."""
+
+    b: jax.Array
+    h: jax.Array
+    q0: jax.Array
+    rows: jax.Array
+    seq: visibility.Seq
+    q_segments: jax.Array | None
+    stream: jax.Array | None
+
+
+def query_tile(
+    r: Refs,
+    statics: AttentionStatics,
+    block_q: int,
+    num_heads: int,
+    static_seq: tuple[int, int, int, int],
+) -> QueryTile:
+    qb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q0 = qb * block_q
+    stream = None
+    if statics.has_dropout:
+        stream = common.head_stream(statics, r.seeds, b, h, num_heads)
+    return QueryTile(
+        b=b,
+        h=h,
+        q0=q0,
+        rows=q0 + jnp.arange(block_q, dtype=jnp.int32),
+        seq=seq_of(r, static_seq),
+        q_segments=None if r.q_segments is None else r.q_segments[pl.ds(q0, block_q)],
+        stream=stream,
+    )
 
 
 def zero_past(x: jax.Array, index: jax.Array, length: jax.Array) -> jax.Array:
