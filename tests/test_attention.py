@@ -31,7 +31,7 @@ def test_default_implementation_on_cpu_is_chunked(monkeypatch) -> None:
     assert backends.choose(None, operands(q, k, v)).name == "xla_chunked"
     seen = []
     chunked = backends.REGISTRY["xla_chunked"]
-    spy = dataclasses.replace(chunked, run=lambda ops: seen.append(1) or chunked.run(ops))
+    spy = dataclasses.replace(chunked, forward=lambda ops: seen.append(1) or chunked.forward(ops))
     monkeypatch.setitem(backends.REGISTRY, "xla_chunked", spy)
     dot_product_attention(q, k, v)
     assert seen == [1]
@@ -44,6 +44,22 @@ def test_named_implementation_that_cannot_serve_names_the_feature() -> None:
         jax.grad(lambda s: dot_product_attention(q, k, v, scale=s, implementation="triton").sum())(
             0.5
         )
+
+
+@pytest.mark.parametrize("impl", backends.NAMES)
+def test_grads_alone_equal_the_vjp(impl: str) -> None:
+    """`Backend.grads` (the backward from given residuals, for split-KV and ring attention) gives
+    what jax.vjp of `Backend.run` gives."""
+    case = Case(B=1, T=24, S=40, N=2, K=1, H=16, dtype="float32")
+    q, k, v, dout, _ = make_inputs(case)
+    ops = operands(q, k, v, is_causal=True, bias=jnp.ones((24, 40)))
+    backend = backends.REGISTRY[impl]
+    (out, lse), vjp = jax.vjp(backend.run, ops)
+    dlse = jnp.full(lse.shape, 0.1, lse.dtype)
+    (want,) = vjp((dout, dlse))
+    got = backend.grads(ops, out, lse, dout, dlse)
+    for name in ("q", "k", "v", "bias"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
 
 
 def test_public_names() -> None:

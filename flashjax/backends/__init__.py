@@ -1,16 +1,21 @@
 """The backend registry: every implementation of attention, what it can serve, and the order in
 which `implementation=None` tries them.
 
-A backend is one module here defining `BACKEND = Backend(...)`: a name, a differentiable
-`run(ops) -> (out, logsumexp)` (its own custom_vjp; logsumexp natural log, `(B, T, N)`, float32 or
-float64), and `unsupported(ops) -> str | None` saying why it cannot serve a call (None: it can).
-A new backend is one new module and one line in `_MODULES`; the shared test suite
+A backend is one module here defining `BACKEND = Backend(...)`: a name, its
+`forward(ops) -> (out, logsumexp)` (logsumexp natural log, `(B, T, N)`, float32 or float64) and
+`backward(ops, out, logsumexp, dout, dlogsumexp) -> cotangent of ops` (recomputing from the
+residuals; None: plain autodiff of the forward), and `unsupported(ops) -> str | None` saying why
+it cannot serve a call (None: it can). `Backend.run` is the differentiable op (one custom_vjp for
+every backend, here); `Backend.grads` is the backward alone, for callers that combine partial
+attentions (split-KV, ring attention: the global out and logsumexp are the residuals of every
+part). A new backend is one new module and one line in `_MODULES`; the shared test suite
 (tests/test_suite.py) then runs every case through it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
 
@@ -18,7 +23,8 @@ import jax
 
 from pallas_kernels.operands import Operands
 
-Run = Callable[[Operands], tuple[jax.Array, jax.Array]]
+Forward = Callable[[Operands], tuple[jax.Array, jax.Array]]
+Backward = Callable[[Operands, jax.Array, jax.Array, jax.Array, jax.Array | None], Operands]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,11 +34,43 @@ class Backend:
     the same code on CPU and GPU, and the CPU tier covers them)."""
 
     name: str
-    run: Run
+    forward: Forward
+    backward: Backward | None
     unsupported: Callable[[Operands], str | None]
     platforms: tuple[str, ...]
     description: str
     kernels: bool = False
+
+    def run(self, ops: Operands) -> tuple[jax.Array, jax.Array]:
+        """`(out, logsumexp)`, differentiable: the backward recomputes from (out, logsumexp)."""
+        if self.backward is None:
+            return self.forward(ops)
+        return _attend(self, ops)
+
+    def grads(self, ops: Operands, out, lse, dout, dlse) -> Operands:
+        """The cotangent of `ops` given the residuals `(out, lse)` and their cotangents."""
+        if self.backward is not None:
+            return self.backward(ops, out, lse, dout, dlse)
+        _, vjp = jax.vjp(self.forward, ops)
+        return vjp((dout, dlse))[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(backend: Backend, ops: Operands) -> tuple[jax.Array, jax.Array]:
+    return backend.forward(ops)
+
+
+def _attend_fwd(backend: Backend, ops: Operands):
+    out, lse = backend.forward(ops)
+    return (out, lse), (ops, out, lse)
+
+
+def _attend_bwd(backend: Backend, residuals, cotangents):
+    ops, out, lse = residuals
+    return (backend.backward(ops, out, lse, *cotangents),)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 # Preference order for implementation=None: the first that runs on the platform and serves the

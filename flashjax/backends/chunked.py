@@ -2,8 +2,8 @@
 
 Serves every feature on any platform, never builds the (T, S) matrix, and visits only the tiles
 the visibility rule lists (`visibility.block_states` / `visit_lists`), so causal, windows, padding,
-packed documents and block masks cost only what they let through. Its own `custom_vjp` keeps
-`(out, logsumexp)` and the backward recomputes the weights tile by tile. Accumulates in float32
+packed documents and block masks cost only what they let through. Its backward recomputes the
+weights tile by tile from `(out, logsumexp)`. Accumulates in float32
 (float64 for float64 inputs), and the scale may be traced (its gradient is returned).
 
 Loops: one (batch row, KV head) at a time (`lax.map` / `lax.scan`), its query tiles, and the key
@@ -323,24 +323,9 @@ def _add_bias_plane(total: jax.Array, plane: jax.Array, b, head0) -> jax.Array:
     )
 
 
-@jax.custom_vjp
-def _attention(ops: Operands) -> tuple[jax.Array, jax.Array]:
-    return _forward(ops)
-
-
-def _attention_fwd(ops):
-    out, lse = _forward(ops)
-    return (out, lse), (ops, out, lse)
-
-
-def _attention_bwd(residuals, cotangents):
-    ops, out, lse = residuals
-    dout, dlse = cotangents
+def _grads(ops: Operands, out, lse, dout, dlse) -> Operands:
     dq, dk, dv, dbias, dscale = _backward(ops, out, lse, dout, dlse)
-    return (cotangent(ops, q=dq, k=dk, v=dv, bias=dbias, scale=dscale),)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+    return cotangent(ops, q=dq, k=dk, v=dv, bias=dbias, scale=dscale)
 
 
 def bias_grad(ops: Operands, out, lse, dout, dlse) -> jax.Array:
@@ -355,7 +340,8 @@ def _unsupported(ops: Operands) -> str | None:
 
 BACKEND = Backend(
     name="xla_chunked",
-    run=_attention,
+    forward=_forward,
+    backward=_grads,
     unsupported=_unsupported,
     platforms=("cpu", "tpu", "gpu"),
     description="pure JAX: loops over the visible tiles with the online softmax; any platform",

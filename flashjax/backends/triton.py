@@ -1,7 +1,7 @@
 """`"triton"`: the Pallas kernels on the Triton lowering (pallas_kernels/triton), FA2 forward and
 backward; any NVIDIA GPU >= sm80, and in interpret mode on CPU (tests).
 
-The custom_vjp keeps `(out, lse2)` and the backward recomputes the scores in the kernels. A bias
+The backward recomputes the scores in the kernels from `(out, logsumexp)`. A bias
 that needs a gradient gets it blockwise in XLA (`chunked.bias_grad`; removed by XLA when unused).
 """
 
@@ -18,33 +18,18 @@ from pallas_kernels.triton import api
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
-def _lse(lse2: jax.Array) -> jax.Array:
-    """Base-2 `(B, N, T)` -> natural-log `(B, T, N)`."""
-    return jnp.swapaxes(lse2, 1, 2) * common.LN2
-
-
-@jax.custom_vjp
-def _attention(ops: Operands) -> tuple[jax.Array, jax.Array]:
+def _forward(ops: Operands) -> tuple[jax.Array, jax.Array]:
     out, lse2 = api.forward(ops)
-    return out, _lse(lse2)
+    return out, jnp.swapaxes(lse2, 1, 2) * common.LN2  # base-2 (B, N, T) -> natural (B, T, N)
 
 
-def _attention_fwd(ops):
-    out, lse2 = api.forward(ops)
-    return (out, _lse(lse2)), (ops, out, lse2)
-
-
-def _attention_bwd(residuals, cotangents):
-    ops, out, lse2 = residuals
-    dout, dlse = cotangents
+def _backward(ops: Operands, out, lse, dout, dlse) -> Operands:
+    lse2 = jnp.swapaxes(lse, 1, 2).astype(jnp.float32) * common.LOG2E
     dq, dk, dv = api.backward(ops, out, lse2, dout, dlse)
     dbias = None
     if ops.bias is not None:
-        dbias = chunked.bias_grad(ops, out, _lse(lse2), dout, dlse)
-    return (cotangent(ops, q=dq, k=dk, v=dv, bias=dbias),)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+        dbias = chunked.bias_grad(ops, out, lse, dout, dlse)
+    return cotangent(ops, q=dq, k=dk, v=dv, bias=dbias)
 
 
 def _unsupported(ops: Operands) -> str | None:
@@ -60,7 +45,8 @@ def _unsupported(ops: Operands) -> str | None:
 
 BACKEND = Backend(
     name="triton",
-    run=_attention,
+    forward=_forward,
+    backward=_backward,
     unsupported=_unsupported,
     platforms=("gpu",),
     description="Pallas kernels on the Triton lowering (FA2), interpret mode on CPU",

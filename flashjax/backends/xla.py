@@ -10,7 +10,8 @@ from flashjax.backends import Backend
 
 BACKEND = Backend(
     name="xla",
-    run=reference.attention,
+    forward=reference.attention,
+    backward=None,  # plain autodiff
     unsupported=lambda ops: None,
     platforms=(),
     description="the naive reference: the whole (T, S) score matrix, plain autodiff",
