@@ -61,6 +61,18 @@ _TABLE: dict[tuple[str, int], AttentionConfig] = {
 # CPU interpret mode: speed is irrelevant, coverage of block boundaries is what matters.
 _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 
+# Hopper kernels on Mosaic GPU (pallas_kernels/mosaic): (block_q per consumer warpgroup, block_kv,
+# K/V ring stages) per head dim bucket. NOT MEASURED YET: the starting point of tokamax's and JAX's
+# sm90 kernels (64 rows per warpgroup, 128 keys, 2 stages; 64 keys at head dim 256 to fit shared
+# memory: Q 2x64x256 + K, V 2x2x64x256 bf16 = 192 KiB). To be swept on the H200.
+MOSAIC_FORWARD: dict[int, tuple[int, int, int]] = {
+    64: (64, 128, 2),
+    128: (64, 128, 2),
+    192: (64, 64, 2),
+    256: (64, 64, 2),
+}
+MOSAIC_HEAD_DIM_MULTIPLE = 64  # wgmma tiles the head dim in 64-element (128-byte) swizzled rows
+
 # The pure-XLA chunked path (flashjax/backends/chunked.py): the largest tile, queries and keys, of
 # its loops; its per-step scores are (G, 512, 512). 512 amortizes the loop on CPU (not tuned).
 CHUNKED_BLOCK = 512

@@ -8,6 +8,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from flashjax import BlockMask, backends, dot_product_attention
 from flashjax.attention import operands
@@ -105,6 +106,16 @@ def _mask_fn(b, h, i, j):
     """A FlexAttention-style element rule: a causal band whose width depends on the head, with
     holes (so blocks come out empty, partial and full)."""
     return (j <= i + 8 * h) & (j >= i - 40) & ((i + 2 * j) % 7 != 0)
+
+
+def served(impl: str, q, k, v, **kw) -> bool:
+    """Whether backend `impl` serves this call; if it does not, check that asking it raises the
+    "cannot serve" error (so a test of an unserved feature still asserts something)."""
+    if cannot_serve(impl, q, k, v, kw) is None:
+        return True
+    with pytest.raises(ValueError, match="cannot serve"):
+        dot_product_attention(q, k, v, implementation=impl, **kw)
+    return False
 
 
 def cannot_serve(impl: str, q, k, v, kw) -> str | None:

@@ -75,7 +75,7 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 # Preference order for implementation=None: the first that runs on the platform and serves the
 # call wins. (Explicit names may run anywhere they support, e.g. the kernels interpreted on CPU.)
-_MODULES = ("triton", "chunked", "xla")
+_MODULES = ("mosaic", "triton", "chunked", "xla")
 
 REGISTRY: dict[str, Backend] = {}
 for _module in _MODULES:

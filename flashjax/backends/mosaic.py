@@ -1,0 +1,60 @@
+"""`"mosaic"`: Hopper kernels on Pallas' Mosaic GPU backend (pallas_kernels/mosaic), the FA3
+design: TMA producer warpgroup, two consumer warpgroups, wgmma from shared memory and registers.
+
+Status: the forward kernel runs in Mosaic GPU interpret mode on CPU (race detector on); it has not
+run on a GPU yet, so `implementation=None` does not pick it (platforms=()), and the backward is the
+Triton kernels' (the residuals, out and logsumexp, are the same). Calls with what the forward
+does not serve yet (bias, dropout, soft-cap, segments, lengths, offsets, block masks) go to the
+next backend.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flashjax.backends import Backend
+from flashjax.backends import triton as _triton
+from pallas_kernels import common, configs
+from pallas_kernels.mosaic import api
+from pallas_kernels.operands import Operands
+
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _forward(ops: Operands) -> tuple[jax.Array, jax.Array]:
+    out, lse2 = api.forward(ops)
+    return out, jnp.swapaxes(lse2, 1, 2) * common.LN2
+
+
+def _unsupported(ops: Operands) -> str | None:
+    if jnp.dtype(ops.q.dtype) not in _DTYPES:
+        return f"dtype {ops.q.dtype} (the Mosaic kernels take bfloat16 and float16)"
+    if configs.gpu_target() not in ("sm90", "interpret"):
+        return "a GPU other than Hopper (sm90)"
+    features = {
+        "a bias or mask": ops.bias is not None,
+        "dropout": ops.statics.has_dropout,
+        "soft-capping": ops.statics.softcap is not None,
+        "segment ids": ops.has_segments,
+        "sequence lengths or offsets": any(
+            x is not None for x in (ops.q_lengths, ops.kv_lengths, ops.q_offsets, ops.kv_offsets)
+        ),
+        "a block mask": ops.has_block_mask,
+        "a traced scale": ops.scale is not None,
+    }
+    missing = [name for name, present in features.items() if present]
+    if missing:
+        return ", ".join(missing) + " (not in the Mosaic forward yet)"
+    return None
+
+
+BACKEND = Backend(
+    name="mosaic",
+    forward=_forward,
+    backward=_triton.BACKEND.backward,
+    unsupported=_unsupported,
+    platforms=(),  # not picked by default until it has run on a GPU
+    description="Hopper kernels on Mosaic GPU (FA3 forward; Triton backward for now)",
+    kernels=True,
+)
