@@ -14,6 +14,7 @@ from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interp
 
 from flashjax import dot_product_attention
 
+
 def test_forward_has_no_races() -> None:
     """The race detector watches every shared-memory access of the producer and the two consumer
     warpgroups (TMA copies, wgmma operands, the output staging) across a causal GQA call."""
