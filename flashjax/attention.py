@@ -17,7 +17,7 @@ from flashjax import backends, masks
 from flashjax.block_mask import BlockMask
 from pallas_kernels.operands import AttentionStatics, Operands
 
-Implementation = Literal["triton", "xla_chunked", "xla"]
+Implementation = Literal["triton_decode", "triton", "xla_chunked", "xla"]
 MAX_HEAD_DIM = 256
 
 

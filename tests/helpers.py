@@ -8,6 +8,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from flashjax import BlockMask, backends, dot_product_attention
 from flashjax.attention import operands
@@ -111,6 +112,16 @@ def cannot_serve(impl: str, q, k, v, kw) -> str | None:
     """Why the registered backend `impl` cannot serve this call (None if it can)."""
     call = {n: x for n, x in kw.items()}
     return backends.REGISTRY[impl].unsupported(operands(q, k, v, **call))
+
+
+def served(impl: str, q, k, v, kw) -> bool:
+    """Whether the registered backend `impl` says it serves this call; where it does not, naming
+    it must raise the "cannot serve" error (checked here), and the caller checks nothing else."""
+    if cannot_serve(impl, q, k, v, kw) is None:
+        return True
+    with pytest.raises(ValueError, match="cannot serve"):
+        dot_product_attention(q, k, v, implementation=impl, **kw)
+    return False
 
 
 def run(impl: str, q, k, v, dout, kw):
