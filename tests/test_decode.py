@@ -286,3 +286,90 @@ BAD = [
 def test_bad_input_raises_naming_the_argument(args: dict, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         decode_attention(**args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paged caches
+# --------------------------------------------------------------------------------------------------
+
+# Interpret-mode key blocks are 16 keys: pages of 4 are gathered 4 to a block, a page of 16 is one
+# block, a page of 64 is cut into 4 blocks.
+PAGED = [
+    DecodeCase(B=3, T=1, N=4, K=2, H=32, S=96, page=4),
+    DecodeCase(B=2, T=2, N=8, K=2, H=32, S=96, page=16, dtype="float16", window=30),
+    DecodeCase(B=2, T=3, N=4, K=1, H=24, S=128, page=64, dtype="float32", softcap=5.0),
+]
+
+
+def _garbage_past_lengths(x: Inputs, page: int) -> jax.Array:
+    """The page table with every entry past a row's length replaced by junk ids (-1, huge): the
+    kernel must never read those pages (it clips the ids; nothing past the length is used)."""
+    first_key = jnp.arange(x.table.shape[1])[None, :] * page
+    junk = jnp.where(jnp.arange(x.table.shape[1]) % 2 == 0, -1, 10**6)[None, :]
+    return jnp.where(first_key >= x.lengths[:, None], junk, x.table)
+
+
+@pytest.mark.parametrize("case", PAGED, ids=lambda c: c.id)
+def test_paged_matches_reference(case: DecodeCase) -> None:
+    x = make_inputs(case)
+    x = dataclasses.replace(x, table=_garbage_past_lengths(x, case.page))
+    got = decoded(x, case.kwargs())
+    assert_close(got, reference(x, case.kwargs()), reference64(x, case.kwargs()), label=case.id)
+
+
+def test_paged_gradients_sum_into_shared_pages() -> None:
+    """Gradients w.r.t. the page pools: the kernel path's (backward on the gathered pages, summed
+    back into them) equal autodiff through the gather, also for a page two rows share (a common
+    prompt prefix)."""
+    case = DecodeCase(B=2, T=1, N=4, K=2, H=16, S=64, page=16, dtype="float32", lengths="full")
+    x = make_inputs(case)
+    table = x.table.at[1, 0].set(x.table[0, 0])  # both rows start with the same page
+    kp, vp = x.pools
+
+    def loss(q, kp, vp, impl):
+        out = decode_attention(q, kp, vp, x.lengths, page_table=table, implementation=impl)
+        return jnp.sum(out * x.dout)
+
+    grads = {
+        impl: jax.grad(loss, argnums=(0, 1, 2))(x.q, kp, vp, impl)
+        for impl in ("triton_decode", "xla")
+    }
+    for name, got, want in zip(("dq", "dk", "dv"), grads["triton_decode"], grads["xla"]):
+        np.testing.assert_allclose(got, want, atol=2e-6, err_msg=name)
+    unused = np.setdiff1d(np.arange(kp.shape[0]), np.asarray(table))
+    assert np.all(np.asarray(grads["triton_decode"][1])[unused] == 0)  # NaN pages: untouched
+
+
+def test_paged_page_size_not_a_power_of_two_is_gathered() -> None:
+    """The kernel says it cannot serve pages of 12 keys; the other backends read the gathered
+    copy, so `implementation=None` still answers."""
+    case = DecodeCase(B=2, T=1, N=4, K=2, H=16, S=48, page=12, dtype="float32")
+    x = make_inputs(case)
+    with pytest.raises(ValueError, match="cannot serve this call: page size 12"):
+        decoded(x, {})
+    got = decoded(x, {}, impl=None)
+    np.testing.assert_allclose(got[0], reference(x, {})[0], atol=2e-6)
+
+
+PAGED_BAD = [
+    (dict(page_table=jnp.zeros((2, 4))), TypeError, "page_table must be an int32 array"),
+    (dict(page_table=jnp.zeros((2,), jnp.int32)), ValueError, "page_table must have shape"),
+    (
+        dict(page_table=jnp.zeros((3, 4), jnp.int32)),
+        ValueError,
+        r"page_table must have shape \(2, 4\)",
+    ),
+    (dict(page_table=jnp.zeros((2, 1), jnp.int32)), ValueError, "cache holds at most 8 keys"),
+]
+
+
+@pytest.mark.parametrize("changes,error,message", PAGED_BAD, ids=lambda a: None)
+def test_paged_bad_input_raises_naming_the_argument(
+    changes: dict, error: type, message: str
+) -> None:
+    pools = jnp.zeros((10, 8, 2, 16))
+    args = _bad(key_cache=pools, value_cache=pools, cache_lengths=jnp.array([5, 8], jnp.int32))
+    if "cache holds" in message:
+        args["query"] = jnp.zeros((2, 9, 4, 16))
+    with pytest.raises(error, match=message):
+        decode_attention(**(args | changes))
