@@ -373,3 +373,39 @@ def test_paged_bad_input_raises_naming_the_argument(
         args["query"] = jnp.zeros((2, 9, 4, 16))
     with pytest.raises(error, match=message):
         decode_attention(**(args | changes))
+
+
+# --------------------------------------------------------------------------------------------------
+# dot_product_attention routes decode steps to the decode kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def test_dot_product_attention_routes_decode_steps(monkeypatch) -> None:
+    """On a GPU, `implementation=None` takes the decode kernel for a decode step (jax.nn-style:
+    one query, `key_value_seq_lengths`, no causal mask; or new tokens with offsets and causal)
+    and the training kernels for anything else. Here the platform is patched to "gpu" and the
+    kernels run interpreted."""
+    monkeypatch.setattr(backends, "platform", lambda: "gpu")
+    rng = np.random.default_rng(3)
+    q1, q4, q64 = (jnp.asarray(rng.standard_normal((2, t, 8, 32)), jnp.float32) for t in (1, 4, 64))
+    k, v = (jnp.asarray(rng.standard_normal((2, 80, 2, 32)), jnp.float32) for _ in range(2))
+    lengths = jnp.array([80, 21], jnp.int32)
+    calls = {
+        "jax.nn-style step": (q1, dict(key_value_seq_lengths=lengths)),
+        "speculative step": (
+            q4,
+            dict(key_value_seq_lengths=lengths, q_offsets=lengths - 4, is_causal=True),
+        ),
+        "no lengths": (q1, {}),
+        "prefill": (q64, dict(is_causal=True)),  # 64 queries x 4 heads per KV head
+        "bias": (q1, dict(bias=jnp.zeros((1, 1, 1, 80)))),
+    }
+    want = {"prefill": "triton", "bias": "triton"}
+    for name, (q, kw) in calls.items():
+        ops = flashjax.attention.operands(q, k, v, **kw)
+        assert backends.choose(None, ops).name == want.get(name, "triton_decode"), name
+    q, kw = calls["jax.nn-style step"]
+    got = dot_product_attention(q, k, v, **kw)
+    np.testing.assert_allclose(
+        got, dot_product_attention(q, k, v, **kw, implementation="xla"), atol=2e-6
+    )
