@@ -122,16 +122,18 @@ def test_command_line_samples_from_a_training_checkpoint(
         + ["--data-cache", str(tmp_path / "data"), "--ckpt-dir", str(tmp_path / "ckpt")]
         + ["--dtype", "float32"]
     )
-    record = generate.main(
+    records = generate.main(
         ["--ckpt-dir", str(tmp_path / "ckpt"), "--prompt", "import ", "--new-tokens", "6"]
         + ["--batch-size", "2", "--temperature", "0.9", "--top-k", "20", "--repeats", "1"]
-        + ["--json", str(tmp_path / "gen.json")]
+        + ["--attention", "flashjax,xla", "--json", str(tmp_path / "gen.json")]
     )
     out = capsys.readouterr().out
     assert re.search(r"tiny \| attention flashjax \| .* [\d,]+ tokens/s", out), out
-    assert "'import ' ->" in out
-    assert json.loads((tmp_path / "gen.json").read_text())["tokens_per_s"] == record["tokens_per_s"]
-    assert record["prompt_len"] == 8 and record["new_tokens"] == 6
+    assert "'import ' ->" in out and re.search(r"\| 2 \| xla \| [\d,]+ \| 1.00x \|", out), out
+    saved = json.loads((tmp_path / "gen.json").read_text())
+    assert [r["tokens_per_s"] for r in saved] == [r["tokens_per_s"] for r in records]
+    assert [r["attention"] for r in records] == ["flashjax", "xla"]
+    assert records[0]["prompt_len"] == 8 and records[0]["new_tokens"] == 6
 
 
 def test_same_parameters_as_training() -> None:

@@ -297,6 +297,23 @@ def prompt_tokens(text: str, length: int | None, batch: int) -> np.ndarray:
     return np.tile(tokens.astype(np.int32), (batch, 1))
 
 
+def _backends(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names or any(n not in BACKENDS for n in names):
+        raise argparse.ArgumentTypeError(f"a comma list of {', '.join(BACKENDS)}: {text!r}")
+    return names
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma list of ints: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"a comma list of ints >= 1: {text!r}")
+    return values
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m examples.gpt2.generate",
@@ -309,7 +326,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=sorted(CONFIGS), default="small", help="--random-init")
     p.add_argument("--max-seq-len", type=int, help="--random-init: position embedding rows")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="compute dtype override")
-    p.add_argument("--attention", choices=BACKENDS, default="flashjax")
+    p.add_argument(
+        "--attention",
+        type=_backends,
+        default=("flashjax",),
+        help=f"comma list of {', '.join(BACKENDS)} (default flashjax); several: a comparison",
+    )
     p.add_argument(
         "--flash-impl",
         choices=("triton_decode", "triton", "xla_chunked", "xla"),
@@ -318,7 +340,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="def ", help="prompt text (after a BOS)")
     p.add_argument("--prompt-len", type=int, help="repeat the prompt to this many tokens")
     p.add_argument("--new-tokens", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument(
+        "--batch-size", type=_ints, default=(1,), help="rows (the same prompt); a comma list"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="0: the whole vocabulary")
     p.add_argument("--seed", type=int, default=0)
@@ -343,38 +367,42 @@ def _timed(gen: Generator, params, cache, prompt, key, new_tokens, repeats: int)
     return tokens, first, seconds
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse the command line, generate, print the text and the speed; returns the record."""
-    args = _parser().parse_args(argv)
+def _load(args: argparse.Namespace) -> tuple[GPTConfig, nnx.State, str]:
+    """The model config, parameters and where they came from, per the command line."""
     if args.random_init:
         config = get_config(args.config, max_seq_len=args.max_seq_len, dtype=args.dtype)
-        params, source = random_params(config, args.seed), f"random {args.config}"
-    else:
-        config, params, folder = load_params(args.ckpt_dir)
-        if args.dtype:
-            config = dataclasses.replace(config, dtype=args.dtype)
-        source = str(folder)
-    attention = CacheAttention(args.attention, args.flash_impl)
-    sampling = Sampling(args.temperature, args.top_k)
-    prompt = jnp.asarray(prompt_tokens(args.prompt, args.prompt_len, args.batch_size))
+        return config, random_params(config, args.seed), f"random {args.config}"
+    config, params, folder = load_params(args.ckpt_dir)
+    if args.dtype:
+        config = dataclasses.replace(config, dtype=args.dtype)
+    return config, params, str(folder)
+
+
+def run_one(
+    args: argparse.Namespace, config: GPTConfig, params: nnx.State, backend: str, batch: int
+) -> dict[str, Any]:
+    """Generate with one attention backend at one batch size; print the text and the speed."""
+    flash_impl = args.flash_impl if backend == "flashjax" else None
+    gen = Generator(
+        config, CacheAttention(backend, flash_impl), Sampling(args.temperature, args.top_k)
+    )
+    prompt = jnp.asarray(prompt_tokens(args.prompt, args.prompt_len, batch))
     total = prompt.shape[1] + args.new_tokens
     check_lengths(config, prompt.shape[1], args.new_tokens, total)
-    gen = Generator(config, attention, sampling)
-    cache = KVCache.zeros(config, args.batch_size, total)
+    cache = KVCache.zeros(config, batch, total)
     key = jax.random.key(args.seed)
     tokens, first, seconds = _timed(gen, params, cache, prompt, key, args.new_tokens, args.repeats)
     best = min(seconds) if seconds else first
-    new = args.batch_size * args.new_tokens
     tokenizer = data.ByteTokenizer()
     for row in np.asarray(tokens)[: args.show]:
         print(repr(args.prompt[:60]) + " ->", repr(tokenizer.decode(row)))
+    new = batch * args.new_tokens
     record = {
         "model": config.name,
-        "checkpoint": source,
-        "attention": args.attention,
-        "flash_impl": args.flash_impl,
+        "attention": backend,
+        "flash_impl": flash_impl,
         "device": jax.devices()[0].device_kind,
-        "batch": args.batch_size,
+        "batch": batch,
         "prompt_len": int(prompt.shape[1]),
         "new_tokens": args.new_tokens,
         "first_call_s": first,
@@ -383,16 +411,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "median_tokens_per_s": new / statistics.median(seconds) if seconds else None,
     }
     print(
-        f"{config.name} | attention {args.attention} | {record['device']} | batch "
-        f"{args.batch_size} | prompt {prompt.shape[1]} + {args.new_tokens} new tokens: "
-        f"{record['tokens_per_s']:,.0f} tokens/s (best of {len(seconds)}; {best:.3f} s per "
-        f"generation; first call with compilation {first:.1f} s)",
+        f"{config.name} | attention {backend} | {record['device']} | batch {batch} | prompt "
+        f"{prompt.shape[1]} + {args.new_tokens} new tokens: {record['tokens_per_s']:,.0f} "
+        f"tokens/s (best of {len(seconds)}; {best:.3f} s per generation; first call with "
+        f"compilation {first:.1f} s)",
         flush=True,
     )
+    return record
+
+
+def comparison(records: Sequence[dict[str, Any]]) -> str:
+    """tokens/s per (batch, backend), and each over xla's at the same batch."""
+    xla = {r["batch"]: r["tokens_per_s"] for r in records if r["attention"] == "xla"}
+    lines = ["| batch | attention | tokens/s | vs xla |", "|---:|---|---:|---:|"]
+    for r in records:
+        ratio = f"{r['tokens_per_s'] / xla[r['batch']]:.2f}x" if r["batch"] in xla else "-"
+        lines.append(f"| {r['batch']} | {r['attention']} | {r['tokens_per_s']:,.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Parse the command line, generate with each backend and batch size, print the text and
+    the speed (and a comparison when there are several); returns the records."""
+    args = _parser().parse_args(argv)
+    config, params, source = _load(args)
+    records = [
+        run_one(args, config, params, backend, batch) | {"checkpoint": source}
+        for batch in args.batch_size
+        for backend in args.attention
+    ]
+    if len(records) > 1:
+        print(comparison(records), flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=1))
-    return record
+        args.json.write_text(json.dumps(records, indent=1))
+    return records
 
 
 if __name__ == "__main__":
