@@ -224,9 +224,10 @@ def dot_product_attention(
       return_residual: also return the logsumexp, natural log, float32, `(B, T, N)`. It is
         differentiable.
       implementation: None picks the first of the registry (`flashjax.backends`) that serves the
-        call on this platform: on NVIDIA GPUs "triton_decode" for a decode step (at most 64
-        queries x query heads per KV head, no more queries than keys, no bias, mask, segment
-        ids, block mask or dropout: e.g. one new token with `key_value_seq_lengths`), else
+        call on this platform: on NVIDIA GPUs "triton_decode" for a decode step (at most 16
+        queries and 64 queries x query heads per KV head, no more queries than keys, no bias,
+        mask, segment ids, block mask or dropout: e.g. one new token with
+        `key_value_seq_lengths`), else
         "triton"; "xla_chunked" elsewhere. "triton_decode": the split-KV decode kernel (see
         `flashjax.decode_attention`); "triton": the Pallas kernels (both in interpret mode on
         CPU); "xla_chunked": pure-JAX loops over the visible tiles; "xla": the naive reference

@@ -155,8 +155,10 @@ _DECODE_INTERPRET = D(16, 4, 1, waves=1, min_blocks=1)
 INTERPRET_CORES = 4
 # Streaming multiprocessors when the device does not say (an H100 / H200 has 132).
 DEFAULT_CORES = 132
-# The most query rows (new tokens x query heads per KV head) one decode program packs: beyond it
-# a call is not a decode step, and the training kernels serve it.
+# A decode step: at most this many new tokens (speculative decoding drafts a few), and at most
+# this many query rows (new tokens x query heads per KV head) for one decode program to pack;
+# beyond either, the training kernels serve the call.
+DECODE_MAX_QUERIES = 16
 DECODE_MAX_ROWS = 64
 MAX_SPLITS = 256
 
@@ -166,6 +168,13 @@ def get_decode_config(head_dim: int, target: str) -> DecodeConfig:
     if target == "interpret":
         return _DECODE_INTERPRET
     return _DECODE_TABLE[(target, head_dim_bucket(head_dim))]
+
+
+def decode_stages(config: DecodeConfig, block_k: int, head_dim: int, itemsize: int) -> int:
+    """Pipeline stages of the decode kernel such that its streamed K and V tiles fit
+    `SHARED_MEMORY_BUDGET` (float32 at head dim 256 gets 1)."""
+    per_stage = 2 * block_k * head_dim * itemsize
+    return max(1, min(config.num_stages, SHARED_MEMORY_BUDGET // per_stage))
 
 
 def core_count(device: jax.Device | None = None) -> int:

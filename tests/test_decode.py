@@ -387,7 +387,9 @@ def test_dot_product_attention_routes_decode_steps(monkeypatch) -> None:
     kernels run interpreted."""
     monkeypatch.setattr(backends, "platform", lambda: "gpu")
     rng = np.random.default_rng(3)
-    q1, q4, q64 = (jnp.asarray(rng.standard_normal((2, t, 8, 32)), jnp.float32) for t in (1, 4, 64))
+    q1, q4, q16, q64 = (
+        jnp.asarray(rng.standard_normal((2, t, 8, 32)), jnp.float32) for t in (1, 4, 16, 64)
+    )
     k, v = (jnp.asarray(rng.standard_normal((2, 80, 2, 32)), jnp.float32) for _ in range(2))
     lengths = jnp.array([80, 21], jnp.int32)
     calls = {
@@ -397,7 +399,8 @@ def test_dot_product_attention_routes_decode_steps(monkeypatch) -> None:
             dict(key_value_seq_lengths=lengths, q_offsets=lengths - 4, is_causal=True),
         ),
         "no lengths": (q1, {}),
-        "prefill": (q64, dict(is_causal=True)),  # 64 queries x 4 heads per KV head
+        "16 tokens x 4 heads per KV head: 64 rows, the most": (q16, dict(is_causal=True)),
+        "prefill": (q64, dict(is_causal=True)),
         "bias": (q1, dict(bias=jnp.zeros((1, 1, 1, 80)))),
     }
     want = {"prefill": "triton", "bias": "triton"}
@@ -409,3 +412,35 @@ def test_dot_product_attention_routes_decode_steps(monkeypatch) -> None:
     np.testing.assert_allclose(
         got, dot_product_attention(q, k, v, **kw, implementation="xla"), atol=2e-6
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU tier: the compiled kernel at its real tiles (`pytest -m gpu`)
+# --------------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    DecodeCase(B=3, T=1, N=32, K=8, H=128, S=4096),
+    DecodeCase(B=2, T=4, N=32, K=8, H=128, S=4096, window=700, softcap=30.0),
+    DecodeCase(B=3, T=1, N=32, K=8, H=128, S=4096, page=16),
+    DecodeCase(B=3, T=1, N=32, K=8, H=128, S=4096, page=64),
+    DecodeCase(B=2, T=2, N=16, K=2, H=64, S=4096, page=256, dtype="float16"),
+    DecodeCase(B=2, T=1, N=8, K=1, H=256, S=2048, dtype="float32"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_gpu_kernel_matches_reference(case: DecodeCase) -> None:
+    x = make_inputs(case)
+    kw = case.kwargs()
+    want, want64 = reference(x, kw), reference64(x, kw)
+    for splits in (None, 1, 7):
+        got = decoded(x, kw, num_splits=splits)
+        assert_close(got, want, want64, label=f"{case.id} splits={splits}")
+
+
+@pytest.mark.gpu
+def test_gpu_default_is_the_decode_kernel() -> None:
+    x = make_inputs(DecodeCase(B=1, T=1, N=8, K=2, H=64, S=256))
+    ops = flashjax.decode.decode_operands(x.q, x.k, x.v, x.lengths)
+    assert backends.choose(None, ops).name == "triton_decode"

@@ -66,6 +66,9 @@ GPU_CASES = [
     Case(B=1, T=1000, S=1100, N=4, K=2, H=64, features=("maskfn", "segments", "dropout")),
     Case(B=1, T=1024, S=1024, N=4, K=4, H=128, dtype="float16", features=("causal",)),
     Case(B=1, T=512, S=700, N=4, K=2, H=64, dtype="float32", features=("softcap", "window")),
+    # Decode steps (the decode kernel serves these; the training kernels too).
+    Case(B=3, T=1, S=9000, N=32, K=8, H=128, features=("lengths", "garbage")),
+    Case(B=2, T=4, S=3000, N=16, K=4, H=64, features=("offsets", "lengths", "causal", "window")),
 ]
 
 

@@ -2,10 +2,10 @@
 steps: few queries per KV head against a long KV cache, contiguous or paged.
 
 First in the registry's order: `implementation=None` on a GPU takes it for every call it serves,
-and it serves only decode-shaped calls (at most `configs.DECODE_MAX_ROWS` query rows per KV head,
-no more queries than keys) without a bias, mask, segment ids, block mask or dropout; everything
-else goes on to the training kernels. Offsets, lengths, windows, causality and soft-capping are
-THE visibility rule's, as everywhere.
+and it serves only decode-shaped calls (at most `configs.DECODE_MAX_QUERIES` queries and
+`configs.DECODE_MAX_ROWS` query rows per KV head, no more queries than keys) without a bias,
+mask, segment ids, block mask or dropout; everything else goes on to the training kernels.
+Offsets, lengths, windows, causality and soft-capping are THE visibility rule's, as everywhere.
 
 The forward merges the kernel's splits with the one merge (`flashjax.merge`); the backward is the
 training kernels' (`triton`), which recompute from `(out, logsumexp)`. For a paged cache the
@@ -64,6 +64,11 @@ def unsupported(ops: Operands) -> str | None:
     for name, present in features.items():
         if present:
             return f"{name} (the decode kernel takes lengths, offsets and windows only)"
+    if ops.seq_q > configs.DECODE_MAX_QUERIES:
+        return (
+            f"{ops.seq_q} queries, more than the {configs.DECODE_MAX_QUERIES} new tokens of a "
+            "decode step"
+        )
     rows = ops.seq_q * ops.group
     if rows > configs.DECODE_MAX_ROWS:
         return (

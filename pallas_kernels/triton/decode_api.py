@@ -25,7 +25,7 @@ class DecodePlan:
     """The launch of one call.
 
     Attributes:
-      config: the config table's entry.
+      config: the config table's entry, its stages cut to fit shared memory.
       rows: packed query rows per program, T x G padded to a power of two >= 16.
       block_k: keys per step.
       splits: programs per (batch row, KV head) along the keys.
@@ -69,13 +69,15 @@ def plan(ops: Operands, num_splits: int | None = None, target: str | None = None
     if num_splits is None:
         cores = configs.core_count() if target != "interpret" else configs.INTERPRET_CORES
         num_splits = configs.decode_splits(ops.batch * ops.num_kv_heads, key_blocks, cores, config)
+    head_dim = configs.head_dim_bucket(ops.head_dim)
+    stages = configs.decode_stages(config, block_k, head_dim, ops.q.dtype.itemsize)
     return DecodePlan(
-        config=config,
+        config=dataclasses.replace(config, num_stages=stages),
         rows=max(configs.MIN_BLOCK, _next_pow2(ops.seq_q * ops.group)),
         block_k=block_k,
         splits=num_splits,
         key_blocks=key_blocks,
-        head_dim=configs.head_dim_bucket(ops.head_dim),
+        head_dim=head_dim,
         interpret=target == "interpret",
     )
 
