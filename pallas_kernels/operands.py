@@ -159,12 +159,18 @@ class Operands:
         )
 
 
+def valid_pages(ops: Operands) -> jax.Array:
+    """The page table `(B, P)` int32 with every entry clipped to a valid page id: entries past a
+    row's length may hold anything (-1, stale ids); the keys they give are never visible."""
+    return jnp.clip(ops.page_table.astype(jnp.int32), 0, ops.k.shape[0] - 1)
+
+
 def gather_pages(ops: Operands) -> Operands:
     """`ops` with a paged cache copied into contiguous k, v `(B, P * page_size, K, H)` (what the
     backends without a paged kernel read); `ops` itself when its cache is contiguous."""
     if ops.page_table is None:
         return ops
-    table = ops.page_table
+    table = valid_pages(ops)
 
     def gather(pool: jax.Array) -> jax.Array:
         pages = pool[table]  # (B, P, page_size, K, H)
@@ -176,7 +182,7 @@ def gather_pages(ops: Operands) -> Operands:
 def scatter_pages(ops: Operands, grad: jax.Array) -> jax.Array:
     """The gradient of a page pool from the gradient `(B, S, K, H)` of `gather_pages`' copy:
     summed into each page (a page shared by two rows gets both contributions)."""
-    table = ops.page_table
+    table = valid_pages(ops)
     per_page = grad.reshape(*table.shape, ops.page_size, *grad.shape[2:])
     return jnp.zeros_like(ops.k, grad.dtype).at[table].add(per_page)
 

@@ -342,9 +342,11 @@ def test_paged_gradients_sum_into_shared_pages() -> None:
 
 def test_paged_page_size_not_a_power_of_two_is_gathered() -> None:
     """The kernel says it cannot serve pages of 12 keys; the other backends read the gathered
-    copy, so `implementation=None` still answers."""
+    copy (junk page ids past the lengths clipped as the kernel clips them), so
+    `implementation=None` still answers."""
     case = DecodeCase(B=2, T=1, N=4, K=2, H=16, S=48, page=12, dtype="float32")
     x = make_inputs(case)
+    x = dataclasses.replace(x, table=_garbage_past_lengths(x, case.page))  # gathered: clipped
     with pytest.raises(ValueError, match="cannot serve this call: page size 12"):
         decoded(x, {})
     got = decoded(x, {}, impl=None)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import configs
-from pallas_kernels.operands import Operands
+from pallas_kernels.operands import Operands, valid_pages
 from pallas_kernels.triton import decode as _decode
 from pallas_kernels.triton.api import has_seq, pad_axis
 from pallas_kernels.triton.tiles import Refs
@@ -112,10 +112,10 @@ def unpack_rows(x: jax.Array, seq_q: int) -> jax.Array:
 
 
 def _page_table(ops: Operands, p: DecodePlan) -> jax.Array:
-    """The page table clipped to valid page ids (entries past a row's length may be anything)
-    and padded so that every key block's pages exist."""
+    """The page table with valid page ids (`valid_pages`), padded so that every key block's
+    pages exist."""
     pages_needed = -(-p.key_blocks * p.block_k // ops.page_size)
-    table = jnp.clip(ops.page_table.astype(jnp.int32), 0, ops.k.shape[0] - 1)
+    table = valid_pages(ops)
     return pad_axis(table, 1, max(pages_needed, table.shape[1]))
 
 
