@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -132,7 +133,10 @@ def test_tiny_run_end_to_end(tmp_path, capsys) -> None:
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "skip jax_cudnn: needs a GPU" in out and "read bandwidth that counts" in out
-    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert re.search(r"1x64 +flashjax_nnx +[\d.]+ us/step", out), out  # the Flax study
+    saved = json.loads((tmp_path / "decode.json").read_text())
+    assert [r["module"] for r in saved["meta"]["flax"]] == ["flax_nnx", "flashjax_nnx"]
+    rows = saved["rows"]
     assert [r["backend"] for r in rows] == ["flashjax", "flashjax_paged16", "jax_xla"]
     assert all(r["status"] == "ok" and r["rel_err"] < 1e-2 and r["us"] > 0 for r in rows)
     assert (tmp_path / "decode.csv").exists()

@@ -112,8 +112,11 @@ Two other measurements replace the sweep:
             so dispatch is excluded. flashjax's decode kernel, contiguous and paged (pages of 16
             and 64), its training kernel, jax.nn cuDNN and XLA, JAX's Pallas decode op, tokamax,
             FlashAttention-2 (flash_attn_with_kvcache) and torch SDPA; the bars (>= 90% of the
-            read bandwidth, 1x8k <= 15 us, paged <= 1.1x contiguous) judged per row. About 3
-            minutes on an H200. CPU: a tiny stand-in. decode.json, decode.csv, decode.png.
+            read bandwidth, 1x8k <= 15 us, paged <= 1.1x contiguous) judged per row. Then a
+            Flax study: a decode step of nnx.MultiHeadAttention(decode=True), Flax's attention
+            against flashjax.nnx (the decode kernel), projections included (1x8k, 32x8k).
+            About 4 minutes on an H200. CPU: a tiny stand-in. decode.json, decode.csv,
+            decode.png.
 """
 
 EPILOG = """\
@@ -373,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="--decode: chained steps per timed loop (default: about 20 ms of work)",
     )
+    other.add_argument(
+        "--flax-shapes",
+        type=parse_shapes,
+        metavar="LIST",
+        help="--decode: shapes of the Flax study, nnx.MultiHeadAttention(decode=True) with "
+        "Flax's attention vs flashjax.nnx (default 1x8k,32x8k; CPU 1x64); --no-flax skips it",
+    )
+    other.add_argument("--no-flax", action="store_true", help="--decode: skip the Flax study")
     other.add_argument(
         "--blocks",
         type=parse_ints,
@@ -957,8 +968,22 @@ def main_decode(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         f"{start_read['gbps']:.0f}, end {end_read['gbps']:.0f}; the higher)",
         flush=True,
     )
+    if not args.no_flax:
+        meta["flax"] = _flax_study(args, cfg, on_gpu)
     final = decode.finalize(rows, best["gbps"], on_gpu)
     return _finish(decode_report, out_dir, meta, final, started, not args.no_plot)
+
+
+def _flax_study(args: argparse.Namespace, cfg: Any, on_gpu: bool) -> list[dict[str, Any]]:
+    """--decode's Flax study (flashjax.bench.decode_flax), printed as it finishes."""
+    from flashjax.bench import decode, decode_flax, decode_report
+
+    default = (decode.Shape(1, 8192), decode.Shape(32, 8192)) if on_gpu else (decode.Shape(1, 64),)
+    steps = cfg.steps or 64
+    found = decode_flax.rows(cfg, args.flax_shapes or default, steps)
+    for line in decode_report.flax_lines(found):
+        print(line, flush=True)
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:

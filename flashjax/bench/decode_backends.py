@@ -78,7 +78,7 @@ class DecodeRunner(abc.ABC):
         """The median over `reps` timed runs of `steps` chained steps, per step."""
 
 
-def _median_seconds(run: Callable[[], Any], sync: Callable[[Any], Any], reps: int) -> float:
+def median_seconds(run: Callable[[], Any], sync: Callable[[Any], Any], reps: int) -> float:
     sync(run())  # warm-up
     times = []
     for _ in range(max(1, reps)):
@@ -111,7 +111,7 @@ class JaxRunner(DecodeRunner):
 
         compiled = jax.jit(loop).lower(self.x.q, self.x).compile()
         run = lambda: compiled(self.x.q, self.x)  # noqa: E731
-        return _median_seconds(run, jax.block_until_ready, reps) / steps
+        return median_seconds(run, jax.block_until_ready, reps) / steps
 
 
 class TorchRunner(DecodeRunner):

@@ -86,7 +86,21 @@ def format_table(rows: Sequence[Row], meta: dict[str, Any]) -> str:
         "loop cost per step (in every time above): "
         + ", ".join(f"{s} {us:.2f} us" for s, us in loop.items() if us is not None)
     )
-    return "\n".join(lines)
+    return "\n".join(lines + flax_lines(meta.get("flax", [])))
+
+
+def flax_lines(found: Sequence[Row]) -> list[str]:
+    """The Flax study's lines (`decode_flax.rows`), none without it."""
+    if not found:
+        return []
+    lines = ["Flax decode step (nnx.MultiHeadAttention(decode=True), projections included):"]
+    for r in found:
+        if r["us"] is None:
+            lines.append(f"  {r['shape']:<8} {r['module']:<13} {r['error'][:100]}")
+            continue
+        vs = "" if r["vs_flax"] is None else f"  ({r['vs_flax']:.2f}x Flax's time)"
+        lines.append(f"  {r['shape']:<8} {r['module']:<13} {r['us']:9.2f} us/step{vs}")
+    return lines
 
 
 def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
