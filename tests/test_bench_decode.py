@@ -105,6 +105,13 @@ def test_a_failing_backend_is_a_row() -> None:
     assert row["status"] == "check_failed" and "rel L2 err" in row["error"]
 
 
+def test_shapes_past_the_deadline_are_rows_saying_so() -> None:
+    backend = decode_backends.DecodeBackend("jax_xla", "unused", lambda x: None)
+    rows = decode.run(TINY, [backend], 1.0, deadline=0.0, log=lambda line: None)
+    assert [(r["shape"], r["status"]) for r in rows] == [("1x64", "skipped")]
+    assert "--max-minutes" in rows[0]["error"]
+
+
 def test_report_with_every_outcome(tmp_path) -> None:
     rows = [
         _row((1, 65536), "flashjax", 70.0),

@@ -59,6 +59,8 @@ SPARSITY_CPU = {
     "flex_head_dims": None,
 }
 SPARSITY_CPU_QUICK = SPARSITY_CPU | {"seqlens": (256,), "longest_from": None}
+# --decode on a GPU: no shape starts after this many minutes (one device call is at most 10).
+DECODE_GPU_MAX_MINUTES = 7.0
 
 DESCRIPTION = """\
 Benchmark attention implementations on the protocol of FlashAttention's papers.
@@ -115,8 +117,8 @@ Two other measurements replace the sweep:
             read bandwidth, 1x8k <= 15 us, paged <= 1.1x contiguous) judged per row. Then a
             Flax study: a decode step of nnx.MultiHeadAttention(decode=True), Flax's attention
             against flashjax.nnx (the decode kernel), projections included (1x8k, 32x8k).
-            About 4 minutes on an H200. CPU: a tiny stand-in. decode.json, decode.csv,
-            decode.png.
+            About 4 minutes on an H200 (no shape starts after 7: --max-minutes). CPU: a tiny
+            stand-in. decode.json, decode.csv, decode.png.
 """
 
 EPILOG = """\
@@ -956,8 +958,15 @@ def main_decode(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         final = decode.finalize(rows, meta["read"]["gbps"], on_gpu)
         decode_report.write(out_dir, meta, final, with_plot=False)
 
+    max_minutes = args.max_minutes or (DECODE_GPU_MAX_MINUTES if on_gpu else None)
+    meta["max_minutes"] = max_minutes
     rows = decode.run(
-        cfg, chosen, start_read["gbps"], log=lambda s: print(s, flush=True), on_progress=save
+        cfg,
+        chosen,
+        start_read["gbps"],
+        deadline=None if max_minutes is None else started + 60 * max_minutes,
+        log=lambda s: print(s, flush=True),
+        on_progress=save,
     )
     end_read = decode.read_bandwidth(cfg)
     # The higher counts (as the matmul ceiling's rule): a bar against it is the harder one.

@@ -328,13 +328,19 @@ def run(
     chosen: Sequence[DecodeBackend],
     read_gbps: float,
     *,
+    deadline: float | None = None,
     log: Log = print,
     on_progress: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
-    """Every shape's rows, in order (partial results handed to `on_progress` after each)."""
+    """Every shape's rows, in order (partial results handed to `on_progress` after each); no
+    shape starts after `deadline` (a `time.perf_counter()` value): its rows say so."""
     rows: list[Row] = []
     for shape in cfg.shapes:
         started = time.perf_counter()
+        if deadline is not None and started > deadline:
+            why = "time budget (--max-minutes) spent"
+            rows += [measured(base_row(shape, cfg, b.name), "skipped", why) for b in chosen]
+            continue
         rows += measure_shape(shape, cfg, chosen, read_gbps, log)
         log(f"{shape.label} took {time.perf_counter() - started:.1f} s")
         if on_progress is not None:
