@@ -17,7 +17,7 @@ from flashjax import backends, masks
 from flashjax.block_mask import BlockMask
 from pallas_kernels.operands import AttentionStatics, Operands
 
-Implementation = Literal["triton", "xla_chunked", "xla"]
+Implementation = Literal["triton_decode", "triton", "xla_chunked", "xla"]
 MAX_HEAD_DIM = 256
 
 
@@ -224,10 +224,15 @@ def dot_product_attention(
       return_residual: also return the logsumexp, natural log, float32, `(B, T, N)`. It is
         differentiable.
       implementation: None picks the first of the registry (`flashjax.backends`) that serves the
-        call on this platform ("triton" on NVIDIA GPUs, "xla_chunked" elsewhere); "triton": the
-        Pallas kernels (in interpret mode on CPU); "xla_chunked": pure-JAX loops over the visible
-        tiles; "xla": the naive reference that builds the full score matrix. A named
-        implementation that cannot serve the call raises, naming the feature.
+        call on this platform: on NVIDIA GPUs "triton_decode" for a decode step (at most 16
+        queries and 64 queries x query heads per KV head, no more queries than keys, no bias,
+        mask, segment ids, block mask or dropout: e.g. one new token with
+        `key_value_seq_lengths`), else
+        "triton"; "xla_chunked" elsewhere. "triton_decode": the split-KV decode kernel (see
+        `flashjax.decode_attention`); "triton": the Pallas kernels (both in interpret mode on
+        CPU); "xla_chunked": pure-JAX loops over the visible tiles; "xla": the naive reference
+        that builds the full score matrix. A named implementation that cannot serve the call
+        raises, naming the feature.
 
     Returns:
       `out` with query's shape and dtype, or `(out, logsumexp)` if `return_residual`.

@@ -11,11 +11,24 @@
 module maps that convention, and the semantics of Flax's `dot_product_attention` (any number of
 leading batch dims, dtype promotion, dropout only when not deterministic), onto
 `flashjax.dot_product_attention`. It does not import Flax.
+
+Decode steps: with `decode=True`, Flax's modules write the new token's key and value into their
+cache at `cache_index` and call `attention_fn` with the whole cache and the mask
+`arange(max_length) <= cache_index` (ANDed with the caller's mask, if any). That mask says no more
+than "the cache holds cache_index + 1 keys", which `flashjax.decode_attention` takes as lengths and
+never reads past. Flax gives `attention_fn` no lengths, so flashjax's modules (`flashjax.nnx`,
+`flashjax.linen`) compute them from their cache index and hand them over with `decode_step`
+while the call lasts; `flax_attention_fn` then calls `decode_attention` (the split-KV kernel on a
+GPU) instead of attention over a masked cache. They do so only when the caller passed no mask, so
+Flax's mask is exactly the lengths.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,6 +36,25 @@ import jax.numpy as jnp
 
 from flashjax.attention import Implementation, dot_product_attention
 from flashjax.block_mask import BlockMask
+from flashjax.decode import decode_attention
+
+# The cache lengths of the decode step in progress (see the module docstring), or None.
+_CACHE_LENGTHS: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    "flashjax_cache_lengths", default=None
+)
+
+
+@contextlib.contextmanager
+def decode_step(cache_lengths: jax.Array) -> Iterator[None]:
+    """While active, `flax_attention_fn` computes a decode step: its query holds the newest
+    token(s), its key and value are the whole cache, and the mask it is given is exactly
+    `arange(max_length) < cache_lengths` (scalar or per flattened batch row), so it calls
+    `flashjax.decode_attention(query, key, value, cache_lengths)` instead."""
+    token = _CACHE_LENGTHS.set(cache_lengths)
+    try:
+        yield
+    finally:
+        _CACHE_LENGTHS.reset(token)
 
 
 def _promote(
@@ -130,6 +162,10 @@ def flax_attention_fn(
     Returns:
       `Float[Array, "*B T N H"]` in the promoted dtype.
 
+    Inside `decode_step` (flashjax's modules with `decode=True` and no caller mask) the call is a
+    decode step: `decode_attention` with the step's cache lengths; `mask` is Flax's cache mask,
+    which the lengths already say, and `is_causal` is implied (the new token sees the cache).
+
     Unlike Flax, a query row that sees no key at all (e.g. a padding query under a padding mask)
     outputs 0 instead of the mean of the values; rows that see at least one key agree.
     Keywords that Flax may pass in future versions, or that other wrappers pass (e.g. nnx's
@@ -153,6 +189,17 @@ def flax_attention_fn(
     rank = len(batch) + 3
     flat = math.prod(batch)
     apply_dropout = not deterministic and dropout_rate > 0.0
+    lengths = _CACHE_LENGTHS.get()
+    plain = bias is None and q_segment_ids is None and block_mask is None and not apply_dropout
+    if lengths is not None and plain:
+        out = decode_attention(
+            query.reshape((flat, *query.shape[-3:])),
+            key.reshape((flat, *key.shape[-3:])),
+            value.reshape((flat, *value.shape[-3:])),
+            jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), (flat,)),
+            implementation=implementation,
+        )
+        return out.reshape(query.shape)
     out = dot_product_attention(
         query.reshape((flat, *query.shape[-3:])),
         key.reshape((flat, *key.shape[-3:])),

@@ -19,7 +19,7 @@ from flax import linen as nn
 
 from flashjax.attention import Implementation
 from flashjax.block_mask import BlockMask
-from flashjax.flax_attention import flax_attention_fn
+from flashjax.flax_attention import decode_step, flax_attention_fn
 
 
 class _Configured(functools.partial):
@@ -59,6 +59,10 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
 
     They are bound into `attention_fn` (as keywords, so a custom `attention_fn` must accept
     them when they are set). `sow_weights=True` sows nothing: the weights are never materialized.
+
+    Decoding (`decode=True`, one token per call after the cache exists): without a `mask=`, the
+    step is `flashjax.decode_attention` over the cache with lengths `cache_index + 1` (the
+    split-KV kernel on a GPU), not attention over the whole masked cache.
     """
 
     attention_fn: Callable[..., jax.Array] = flax_attention_fn
@@ -84,3 +88,19 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
         # Fields may still be set here: Module.__post_init__ has not run yet.
         object.__setattr__(self, "attention_fn", fn)
         super().__post_init__()
+
+    def __call__(self, inputs_q: jax.Array, *args: Any, mask: jax.Array | None = None, **kwargs):
+        """Flax's `__call__`; a decode step without a mask goes through `decode_step`."""
+        lengths = self.cache_lengths(mask)
+        if lengths is None:
+            return super().__call__(inputs_q, *args, mask=mask, **kwargs)
+        with decode_step(lengths):
+            return super().__call__(inputs_q, *args, mask=mask, **kwargs)
+
+    def cache_lengths(self, mask: jax.Array | None) -> jax.Array | None:
+        """The keys the cache holds once this call has written its token (`cache_index + 1`, as
+        in Flax's mask `arange(max_length) <= cache_index`); None when the call is not a decode
+        step (no cache yet: the initializing call) or a caller's mask joins Flax's."""
+        if not self.decode or mask is not None or not self.has_variable("cache", "cached_key"):
+            return None
+        return self.get_variable("cache", "cache_index") + 1

@@ -5,7 +5,8 @@
     y = layer(x, is_causal=True)  # causal without a (T, T) mask
 
 Same constructor, same `__call__`, same parameter tree as Flax's class: a checkpoint of one loads
-into the other unchanged.
+into the other unchanged. With `decode=True` (after `init_cache`), each one-token step runs
+`flashjax.decode_attention` over the cache (see `flashjax.flax_attention`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from flax import nnx
 
 from flashjax.attention import Implementation
 from flashjax.block_mask import BlockMask
-from flashjax.flax_attention import flax_attention_fn
+from flashjax.flax_attention import decode_step, flax_attention_fn
 
 
 @functools.cache
@@ -49,6 +50,11 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     Inputs are `[batch..., length, features]`; `__call__(..., is_causal=True)` reaches flashjax as
     `is_causal` (no mask is built), `mask=` is `[batch..., num_heads | 1, T, S]` as in Flax.
     `sow_weights=True` sows nothing (flashjax never materializes the weights).
+
+    Decoding (`decode=True`, `init_cache` first, one token per call, Flax's cache): without a
+    `mask=`, the step is `flashjax.decode_attention` over the cache with lengths
+    `cache_index + 1` (the split-KV kernel on a GPU), not attention over the whole masked cache;
+    `is_causal` is implied (Flax's own `is_causal=True` would let the token see key 0 only).
     """
 
     def __init__(
@@ -64,3 +70,32 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         elif implementation is not None or block_mask is not None:
             raise ValueError("pass either attention_fn or implementation / block_mask, not both")
         super().__init__(*args, attention_fn=attention_fn, **kwargs)
+
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_k: jax.Array | None = None,
+        inputs_v: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        decode: bool | None = None,
+        **kwargs: Any,
+    ) -> jax.Array:
+        """Flax's `__call__`; a decode step without a mask goes through `decode_step`."""
+        call = functools.partial(
+            super().__call__, inputs_q, inputs_k, inputs_v, mask=mask, decode=decode, **kwargs
+        )
+        lengths = self.cache_lengths(mask, decode)
+        if lengths is None:
+            return call()
+        with decode_step(lengths):
+            return call()
+
+    def cache_lengths(self, mask: jax.Array | None, decode: bool | None) -> jax.Array | None:
+        """The keys the cache holds once this call has written its token: Flax writes it at
+        `cache_index` and lets it see keys 0 .. cache_index, so `cache_index + 1`. None when the
+        call is not a decode step, or a caller's mask joins Flax's cache mask."""
+        decode = self.decode if decode is None else decode
+        if not decode or mask is not None or self.cache_index is None:
+            return None
+        return self.cache_index[...] + 1

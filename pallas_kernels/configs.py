@@ -119,3 +119,92 @@ def get_config(head_dim: int, target: str) -> AttentionConfig:
 def fit_block(block: int, length: int) -> int:
     """Shrink a tile to the sequence when the sequence is shorter (keeps powers of two, >= 16)."""
     return max(MIN_BLOCK, min(block, 1 << max(0, (length - 1).bit_length())))
+
+
+# --------------------------------------------------------------------------------------------------
+# Split-KV decoding (pallas_kernels/triton/decode.py)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Tiles and the split rule of the decode kernel.
+
+    Attributes:
+      block_k: keys per step of a program's walk (the packed query rows are the other tile side).
+      num_warps, num_stages: Triton launch parameters.
+      waves: `num_splits=None` asks for about `waves * cores` programs in all.
+      min_blocks: ... and at least this many key blocks of the cache's capacity per split.
+    """
+
+    block_k: int
+    num_warps: int
+    num_stages: int
+    waves: int = 2
+    min_blocks: int = 2
+
+
+D = DecodeConfig
+
+# Not measured yet (2026-12: written without a GPU; benchmarks/results will say what the H200
+# picks). Reasoning: one step reads block_k x head_dim of K and of V; 128 x 128 bf16 is 32 KiB
+# each, so 3 stages fit Hopper's shared memory at head dim <= 128, 2 at 256 with 64-key blocks.
+_DECODE_TABLE: dict[tuple[str, int], DecodeConfig] = {
+    ("sm90", 16): D(128, 4, 3),
+    ("sm90", 32): D(128, 4, 3),
+    ("sm90", 64): D(128, 4, 3),
+    ("sm90", 128): D(128, 4, 3),
+    ("sm90", 256): D(64, 4, 2),
+    ("sm80", 16): D(128, 4, 2),
+    ("sm80", 32): D(128, 4, 2),
+    ("sm80", 64): D(128, 4, 2),
+    ("sm80", 128): D(64, 4, 2),
+    ("sm80", 256): D(32, 4, 2),
+}
+# Interpret mode: small blocks and few "cores", so that tests at small shapes cross several key
+# blocks and several splits.
+_DECODE_INTERPRET = D(16, 4, 1, waves=1, min_blocks=1)
+INTERPRET_CORES = 4
+# Streaming multiprocessors when the device does not say (an H100 / H200 has 132).
+DEFAULT_CORES = 132
+# A decode step: at most this many new tokens (speculative decoding drafts a few), and at most
+# this many query rows (new tokens x query heads per KV head) for one decode program to pack;
+# beyond either, the training kernels serve the call.
+DECODE_MAX_QUERIES = 16
+DECODE_MAX_ROWS = 64
+MAX_SPLITS = 256
+
+
+def get_decode_config(head_dim: int, target: str) -> DecodeConfig:
+    """The decode kernel's config for a head dim on a target (see `gpu_target`)."""
+    if target == "interpret":
+        return _DECODE_INTERPRET
+    return _DECODE_TABLE[(target, head_dim_bucket(head_dim))]
+
+
+def decode_stages(config: DecodeConfig, block_k: int, head_dim: int, itemsize: int) -> int:
+    """Pipeline stages of the decode kernel such that its streamed K and V tiles fit
+    `SHARED_MEMORY_BUDGET` (float32 at head dim 256 gets 1)."""
+    per_stage = 2 * block_k * head_dim * itemsize
+    return max(1, min(config.num_stages, SHARED_MEMORY_BUDGET // per_stage))
+
+
+def core_count(device: jax.Device | None = None) -> int:
+    """Streaming multiprocessors of the device (`INTERPRET_CORES` off-GPU)."""
+    device = device or jax.devices()[0]
+    if device.platform != "gpu":
+        return INTERPRET_CORES
+    return int(getattr(device, "core_count", 0) or DEFAULT_CORES)
+
+
+def decode_splits(programs: int, key_blocks: int, cores: int, config: DecodeConfig) -> int:
+    """How many parts to cut the keys into when the caller does not say (`num_splits=None`).
+
+    `programs` is the number of programs one split launches (batch x KV heads), `key_blocks` the
+    cache's capacity in key blocks. Splits are added until the programs fill `config.waves` waves
+    of the cores, as long as each split keeps `config.min_blocks` blocks (Flash-Decoding's rule:
+    parallelism over the keys only where batch x heads leave cores idle).
+    """
+    wanted = -(-cores * config.waves // max(1, programs))
+    most = max(1, key_blocks // config.min_blocks)
+    return max(1, min(wanted, most, MAX_SPLITS))

@@ -17,6 +17,10 @@ Shapes (B batch, T queries, S keys, N query heads, K key/value heads, H head dim
     2 full), Bm in {1, B}, Nm in {1, N}; its block size and element rule are static.
   seeds (2,) uint32, when dropout is on.
   scale () float, only when the scale is traced (a learnable temperature); else static.
+  page_table (B, P) int32, a paged KV cache (vLLM / FlashInfer layout): k, v are then page pools
+    (num_pages, page_size, K, H), and key j of batch row b is slot j % page_size of page
+    page_table[b, j // page_size] (S = P * page_size). Only `flashjax.decode_attention` builds
+    it; a backend without `Backend.pages` gets `gather_pages(ops)`, the contiguous copy.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class Operands:
     block_states: jax.Array | None = None
     seeds: jax.Array | None = None
     scale: jax.Array | None = None
+    page_table: jax.Array | None = None
 
     # Shapes, read off the arrays.
     @property
@@ -93,6 +98,15 @@ class Operands:
 
     @property
     def seq_k(self) -> int:
+        if self.page_table is not None:
+            return self.page_table.shape[1] * self.page_size
+        return self.k.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        """Keys per page of a paged cache (the pools' axis 1)."""
+        if self.page_table is None:
+            raise ValueError("a contiguous cache has no pages")
         return self.k.shape[1]
 
     @property
@@ -143,6 +157,34 @@ class Operands:
             ],
             axis=1,
         )
+
+
+def valid_pages(ops: Operands) -> jax.Array:
+    """The page table `(B, P)` int32 with every entry clipped to a valid page id: entries past a
+    row's length may hold anything (-1, stale ids); the keys they give are never visible."""
+    return jnp.clip(ops.page_table.astype(jnp.int32), 0, ops.k.shape[0] - 1)
+
+
+def gather_pages(ops: Operands) -> Operands:
+    """`ops` with a paged cache copied into contiguous k, v `(B, P * page_size, K, H)` (what the
+    backends without a paged kernel read); `ops` itself when its cache is contiguous."""
+    if ops.page_table is None:
+        return ops
+    table = valid_pages(ops)
+
+    def gather(pool: jax.Array) -> jax.Array:
+        pages = pool[table]  # (B, P, page_size, K, H)
+        return pages.reshape(table.shape[0], -1, *pool.shape[2:])
+
+    return ops.replace(k=gather(ops.k), v=gather(ops.v), page_table=None)
+
+
+def scatter_pages(ops: Operands, grad: jax.Array) -> jax.Array:
+    """The gradient of a page pool from the gradient `(B, S, K, H)` of `gather_pages`' copy:
+    summed into each page (a page shared by two rows gets both contributions)."""
+    table = valid_pages(ops)
+    per_page = grad.reshape(*table.shape, ops.page_size, *grad.shape[2:])
+    return jnp.zeros_like(ops.k, grad.dtype).at[table].add(per_page)
 
 
 _DATA_FIELDS = [f.name for f in dataclasses.fields(Operands) if f.name != "statics"]

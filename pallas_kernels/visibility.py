@@ -15,7 +15,8 @@ The forms:
 - `block_range`: for a block of rows, the blocks of columns `[lo, hi)` it visits and the sub-range
   `[full_lo, full_hi)` where every pair is visible (no element mask needed). It knows the window,
   offsets and lengths, works on traced scalars inside a kernel and on arrays in XLA, and its
-  `transposed=True` form answers for a block of keys (dK/dV).
+  `transposed=True` form answers for a block of keys (dK/dV). `share_range` cuts it into the
+  parts of split-KV decoding.
 - `block_states`: for every (row tile, column tile) the state EMPTY / PARTIAL / FULL, from
   `block_range`, segment-id ranges and the block mask together; `visit_lists` turns it into, for
   each row tile, the list of FULL column tiles and the list of PARTIAL ones (the kernels walk
@@ -163,6 +164,22 @@ def block_range(
     if not whole_rows:
         full_hi = jnp.where(r0 + block_rows <= n_rows, full_hi, full_lo)  # padded rows: masked
     return lo, full_lo, full_hi, hi
+
+
+def share_range(
+    ranges: tuple[jax.Array, jax.Array, jax.Array, jax.Array], part: jax.Array | int, parts: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Part `part` of `parts` near-equal shares of `block_range`'s visited blocks `[lo, hi)`, in
+    the same `(lo, full_lo, full_hi, hi)` form (split-KV decoding). Cut at run time from the
+    visible range, so a cache shorter than its capacity still spreads over every part; the later
+    parts may be empty."""
+    lo, full_lo, full_hi, hi = ranges
+    per = _cdiv(hi - lo, parts)
+    start = jnp.minimum(lo + jnp.asarray(part, jnp.int32) * per, hi)
+    stop = jnp.minimum(start + per, hi)
+    s_full_lo = jnp.clip(full_lo, start, stop)
+    s_full_hi = jnp.clip(full_hi, s_full_lo, stop)
+    return start, s_full_lo, s_full_hi, stop
 
 
 def _segment_ranges(segments: jax.Array, block: int, n_blocks: int) -> tuple[jax.Array, jax.Array]:

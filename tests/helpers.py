@@ -108,20 +108,20 @@ def _mask_fn(b, h, i, j):
     return (j <= i + 8 * h) & (j >= i - 40) & ((i + 2 * j) % 7 != 0)
 
 
-def served(impl: str, q, k, v, **kw) -> bool:
-    """Whether backend `impl` serves this call; if it does not, check that asking it raises the
-    "cannot serve" error (so a test of an unserved feature still asserts something)."""
+def cannot_serve(impl: str, q, k, v, kw) -> str | None:
+    """Why the registered backend `impl` cannot serve this call (None if it can)."""
+    call = {n: x for n, x in kw.items()}
+    return backends.REGISTRY[impl].unsupported(operands(q, k, v, **call))
+
+
+def served(impl: str, q, k, v, kw) -> bool:
+    """Whether the registered backend `impl` says it serves this call; where it does not, naming
+    it must raise the "cannot serve" error (checked here), and the caller checks nothing else."""
     if cannot_serve(impl, q, k, v, kw) is None:
         return True
     with pytest.raises(ValueError, match="cannot serve"):
         dot_product_attention(q, k, v, implementation=impl, **kw)
     return False
-
-
-def cannot_serve(impl: str, q, k, v, kw) -> str | None:
-    """Why the registered backend `impl` cannot serve this call (None if it can)."""
-    call = {n: x for n, x in kw.items()}
-    return backends.REGISTRY[impl].unsupported(operands(q, k, v, **call))
 
 
 def run(impl: str, q, k, v, dout, kw):

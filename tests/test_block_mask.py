@@ -107,7 +107,7 @@ def test_block_mask_equals_its_dense_mask(impl: str) -> None:
     case = Case(B=2, T=100, S=100, N=4, K=2, H=32, dtype="float32")
     q, k, v, dout, _ = make_inputs(case)
     bm = block_masks.bigbird(100, block_size=32, num_random=1, seed=3)
-    if not served(impl, q, k, v, is_causal=True, block_mask=bm):
+    if not served(impl, q, k, v, dict(block_mask=bm, is_causal=True)):
         return
 
     def loss(q, k, v, impl, **kw):
@@ -128,7 +128,7 @@ def test_a_row_that_sees_nothing_gives_zero_and_finite_gradients(impl: str) -> N
     bm = BlockMask.from_blocks(blocks, 16)
     case = Case(B=1, T=64, S=64, N=2, K=2, H=16, dtype="float32")
     q, k, v, dout, _ = make_inputs(case)
-    if not served(impl, q, k, v, block_mask=bm):
+    if not served(impl, q, k, v, dict(block_mask=bm)):
         return
 
     def f(q, k, v):

@@ -570,3 +570,103 @@ def test_flax_attention_fn_takes_segment_ids_with_extra_batch_dims() -> None:
     dense = (seg[..., :, None] == seg[..., None, :])[..., None, :, :]
     want = flax_attention_fn(q, k, v, mask=dense, is_causal=True, implementation="xla")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding with the cache: steps go through flashjax.decode_attention
+# --------------------------------------------------------------------------------------------------
+
+
+class _DecodeSpy:
+    """Records the cache lengths `flax_attention_fn` hands to `decode_attention` (None under
+    jit, where they are traced)."""
+
+    def __init__(self) -> None:
+        self.lengths: list[list[int] | None] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
+        lengths = args[3]
+        traced = isinstance(lengths, jax.core.Tracer)
+        self.lengths.append(None if traced else np.asarray(lengths).tolist())
+        return flashjax.decode_attention(*args, **kwargs)
+
+
+@pytest.fixture
+def decode_spy(monkeypatch: pytest.MonkeyPatch) -> _DecodeSpy:
+    recorder = _DecodeSpy()
+    monkeypatch.setattr(flashjax.flax_attention, "decode_attention", recorder)
+    return recorder
+
+
+def _nnx_decoders(impl: str | None, **kwargs: Any):
+    """Flax's nnx module and ours in decode mode, same parameters, caches for 8 tokens."""
+    kwargs = dict(num_heads=4, in_features=16, decode=True) | kwargs
+    flax_mha = nnx.MultiHeadAttention(**kwargs, rngs=nnx.Rngs(0))
+    ours = fnnx.MultiHeadAttention(**kwargs, implementation=impl, rngs=nnx.Rngs(0))
+    return flax_mha, ours
+
+
+def test_nnx_decode_steps_run_decode_attention(decode_spy: _DecodeSpy) -> None:
+    """Each one-token step is `decode_attention` over the cache with lengths cache_index + 1
+    (the kernel, interpreted), and equals Flax's own decoding; GQA cache."""
+    flax_mha, ours = _nnx_decoders("triton_decode", num_kv_heads=2)
+    x = _normal(20, (2, 4, 16))
+    for m in (flax_mha, ours):
+        m.init_cache((2, 8, 16))
+    for t in range(x.shape[1]):
+        _assert_close(ours(x[:, t : t + 1]), flax_mha(x[:, t : t + 1]))
+    assert decode_spy.lengths == [[t + 1, t + 1] for t in range(x.shape[1])]
+
+
+def test_nnx_decode_under_jit_with_extra_batch_dims(decode_spy: _DecodeSpy) -> None:
+    """`nnx.jit` steps (one compilation, traced cache index), batch dims (2, 3), default
+    implementation."""
+    flax_mha, ours = _nnx_decoders(None)
+    x = _normal(21, (2, 3, 5, 16))
+    for m in (flax_mha, ours):
+        m.init_cache((2, 3, 8, 16))
+    step = nnx.jit(lambda m, x: m(x))
+    for t in range(x.shape[2]):
+        _assert_close(step(ours, x[:, :, t : t + 1]), step(flax_mha, x[:, :, t : t + 1]))
+    assert decode_spy.lengths == [None]  # traced once
+
+
+def test_nnx_decode_with_a_mask_keeps_the_general_path(decode_spy: _DecodeSpy) -> None:
+    """A caller's mask joins Flax's cache mask: no lengths can say that, so the step stays
+    attention over the masked cache (and still equals Flax)."""
+    flax_mha, ours = _nnx_decoders(None)
+    x = _normal(22, (2, 3, 16))
+    for m in (flax_mha, ours):
+        m.init_cache((2, 8, 16))
+    hide_first = jnp.ones((2, 1, 1, 8), bool).at[:, :, :, 0].set(False)
+    for t in range(x.shape[1]):
+        got, want = (
+            ours(x[:, t : t + 1], mask=hide_first),
+            flax_mha(x[:, t : t + 1], mask=hide_first),
+        )
+        if t > 0:  # at t = 0 the only cached key is hidden: Flax averages, flashjax gives 0
+            _assert_close(got, want)
+    assert decode_spy.lengths == []
+
+
+def test_linen_decode_steps_run_decode_attention(decode_spy: _DecodeSpy) -> None:
+    """Linen's cache (`init` makes it, `apply(..., mutable=["cache"])` steps it): each step is
+    `decode_attention` with lengths cache_index + 1 and equals Flax's decoding."""
+    x = _normal(23, (2, 4, 16))
+    flax_mha = nn.MultiHeadDotProductAttention(num_heads=4, decode=True)
+    ours = flinen.MultiHeadDotProductAttention(
+        num_heads=4, decode=True, implementation="triton_decode"
+    )
+    variables = flax_mha.init(jax.random.key(0), x)
+    params, flax_cache = variables["params"], variables["cache"]
+    assert decode_spy.lengths == []  # the initializing call is not a decode step
+    our_cache = flax_cache
+    for t in range(x.shape[1]):
+        step = x[:, t : t + 1]
+        want, flax_vars = flax_mha.apply(
+            {"params": params, "cache": flax_cache}, step, mutable=["cache"]
+        )
+        got, our_vars = ours.apply({"params": params, "cache": our_cache}, step, mutable=["cache"])
+        flax_cache, our_cache = flax_vars["cache"], our_vars["cache"]
+        _assert_close(got, want)
+    assert decode_spy.lengths == [[t + 1, t + 1] for t in range(x.shape[1])]

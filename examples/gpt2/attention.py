@@ -165,3 +165,44 @@ class AttentionFn:
             is_causal=is_causal,
             implementation=self.backend,  # type: ignore[arg-type]
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheAttention:
+    """The two attentions of generation with a KV cache, per backend: the prompt's causal
+    attention (prefill) and the new token's attention over the cache (a decode step).
+
+    Attributes:
+      backend: "flashjax", "xla" or "cudnn".
+      implementation: for "flashjax" only, `flashjax.decode_attention`'s `implementation` for
+        the decode steps (None: the fastest available, "triton_decode" on NVIDIA GPUs); the
+        prefill takes `dot_product_attention`'s default.
+    """
+
+    backend: Backend = "flashjax"
+    implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.implementation is not None and self.backend != "flashjax":
+            raise ValueError("implementation applies to the flashjax backend only")
+
+    def prefill(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """Causal attention of the prompt: `Float[Array, "B T N H"]` q, k, v -> out."""
+        if self.backend == "flashjax":
+            return flashjax.dot_product_attention(q, k, v, is_causal=True)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.backend)
+
+    def step(
+        self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array
+    ) -> jax.Array:
+        """One new token per row, `Float[Array, "B 1 N H"]`, over caches `Float[Array, "B S N H"]`
+        holding `Int[Array, "B"]` keys (the token's own included)."""
+        if self.backend == "flashjax":
+            return flashjax.decode_attention(
+                q, k_cache, v_cache, lengths, implementation=self.implementation
+            )
+        return jax.nn.dot_product_attention(
+            q, k_cache, v_cache, key_value_seq_lengths=lengths, implementation=self.backend
+        )

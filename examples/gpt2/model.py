@@ -117,7 +117,10 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, segments: SegmentMask | None) -> jax.Array:
         """`Float[Array, "B T D"]` float32 residual stream in and out."""
         h = self.attn(self.ln1(x), mask=segments, is_causal=True)
-        x = x + h.astype(jnp.float32)
+        return self.mlp(x + h.astype(jnp.float32))
+
+    def mlp(self, x: jax.Array) -> jax.Array:
+        """The block's second half, `x + mlp(ln2(x))`, on the float32 residual stream."""
         h = self.proj(jax.nn.gelu(self.fc(self.ln2(x)), approximate=True))
         return x + h.astype(jnp.float32)
 
@@ -173,7 +176,7 @@ class GPT(nnx.Module):
             )
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq_len), tokens.shape)
-        x = (self.wte(tokens) + self.wpe(positions)).astype(jnp.float32)
+        x = self.embed(tokens, positions)
         segments = None if segment_ids is None else SegmentMask(segment_ids, segment_ids)
 
         def body(x: jax.Array, block: Block) -> jax.Array:
@@ -183,6 +186,11 @@ class GPT(nnx.Module):
             body = nnx.remat(body)
         x = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
         return self.ln_f(x)
+
+    def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """The float32 residual stream `Float[Array, "B T D"]` of `Int[Array, "B T"]` tokens at
+        `Int[Array, "B T"]` positions: token plus position embedding."""
+        return (self.wte(tokens) + self.wpe(positions)).astype(jnp.float32)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """`Float[Array, "... V"]` float32 logits of `Float[Array, "... D"]` hidden states (tied

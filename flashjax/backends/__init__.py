@@ -40,6 +40,7 @@ class Backend:
     platforms: tuple[str, ...]
     description: str
     kernels: bool = False
+    pages: bool = False  # reads a paged KV cache (Operands.page_table) itself; else gathered
 
     def run(self, ops: Operands) -> tuple[jax.Array, jax.Array]:
         """`(out, logsumexp)`, differentiable: the backward recomputes from (out, logsumexp)."""
@@ -75,7 +76,7 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 # Preference order for implementation=None: the first that runs on the platform and serves the
 # call wins. (Explicit names may run anywhere they support, e.g. the kernels interpreted on CPU.)
-_MODULES = ("mosaic", "triton", "chunked", "xla")
+_MODULES = ("decode", "mosaic", "triton", "chunked", "xla")
 
 REGISTRY: dict[str, Backend] = {}
 for _module in _MODULES:

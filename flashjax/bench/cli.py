@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -57,6 +59,8 @@ SPARSITY_CPU = {
     "flex_head_dims": None,
 }
 SPARSITY_CPU_QUICK = SPARSITY_CPU | {"seqlens": (256,), "longest_from": None}
+# --decode on a GPU: no shape starts after this many minutes (one device call is at most 10).
+DECODE_GPU_MAX_MINUTES = 7.0
 
 DESCRIPTION = """\
 Benchmark attention implementations on the protocol of FlashAttention's papers.
@@ -103,6 +107,18 @@ Two other measurements replace the sweep:
             (--max-minutes; shapes left out become rows saying so), then 1 minute for the
             doubling (--longest-minutes). CPU: seq 256, 512, interpreted kernels, the chunked
             path and XLA. sparsity.json, sparsity.csv, sparsity.png.
+  --decode  a decode step's attention (one new token per row over a full KV cache) against the
+            device's read bandwidth, measured in the same run (a sum over 4 GiB): bf16, 32 query
+            heads / 8 KV heads, head dim 128, B x S = 1x8k, 1x64k, 8x16k, 32x8k, 64x4k; each
+            backend timed over many chained steps inside one jitted loop (CUDA graph for torch),
+            so dispatch is excluded. flashjax's decode kernel, contiguous and paged (pages of 16
+            and 64), its training kernel, jax.nn cuDNN and XLA, JAX's Pallas decode op, tokamax,
+            FlashAttention-2 (flash_attn_with_kvcache) and torch SDPA; the bars (>= 90% of the
+            read bandwidth, 1x8k <= 15 us, paged <= 1.1x contiguous) judged per row. Then a
+            Flax study: a decode step of nnx.MultiHeadAttention(decode=True), Flax's attention
+            against flashjax.nnx (the decode kernel), projections included (1x8k, 32x8k).
+            About 4 minutes on an H200 (no shape starts after 7: --max-minutes). CPU: a tiny
+            stand-in. decode.json, decode.csv, decode.png.
 """
 
 EPILOG = """\
@@ -128,6 +144,8 @@ examples:
   python -m flashjax bench --memory --no-run --seqlens 16k,32k
   python -m flashjax bench --sparsity                       # block-sparse time vs density
   python -m flashjax bench --sparsity --seqlens 8k,32k --head-dims 128 --max-minutes 3
+  python -m flashjax bench --decode                         # decode GB/s vs read bandwidth
+  python -m flashjax bench --decode --shapes 1x8k,16x32k --page-sizes 16 --backends flashjax
 """
 
 
@@ -165,12 +183,16 @@ def parse_modes(text: str) -> tuple[str, ...]:
 
 
 def parse_backends(text: str) -> tuple[str, ...] | None:
-    """A comma list of backend names (of the sweep or of --sparsity), or None for "all"."""
+    """A comma list of backend names (of the sweep, --sparsity or --decode), or None for
+    "all"."""
+    from flashjax.bench import decode_backends
     from flashjax.bench.backends import BACKEND_NAMES
     from flashjax.bench.sparsity_backends import NAMES
 
-    known = tuple(dict.fromkeys((*BACKEND_NAMES, *NAMES)))
+    decode = (n for n in decode_backends.names() if not n.startswith("flashjax_paged"))
+    known = tuple(dict.fromkeys((*BACKEND_NAMES, *NAMES, *decode)))
     names = [b.strip() for b in text.split(",") if b.strip()]
+    known += tuple(b for b in names if re.fullmatch(r"flashjax_paged\d+", b))
     if not names or "all" in names:
         return None
     unknown = [b for b in names if b not in known]
@@ -197,6 +219,23 @@ def parse_percents(text: str) -> tuple[float, ...]:
     if not values:
         raise argparse.ArgumentTypeError("empty list")
     return tuple(values)
+
+
+def parse_shapes(text: str) -> tuple:
+    """ "1x8k,64x4k" -> (Shape(1, 8192), Shape(64, 4096)): B x S of --decode."""
+    from flashjax.bench.decode import Shape
+
+    shapes = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if not part:
+            continue
+        batch, sep, seq = part.partition("x")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"a shape is BxS, e.g. 8x16k: {part!r}")
+        shapes.append(Shape(parse_ints(batch)[0], parse_ints(seq)[0]))
+    if not shapes:
+        raise argparse.ArgumentTypeError("empty list")
+    return tuple(shapes)
 
 
 def parse_dtype(text: str) -> str:
@@ -280,7 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--heads",
         type=int,
         metavar="N",
-        help="heads of --io and --memory (default 16; 2 on CPU)",
+        help="heads of --io and --memory (default 16; 2 on CPU); query heads of --decode "
+        "(default 32; 4 on CPU)",
+    )
+    shapes.add_argument(
+        "--kv-heads", type=int, metavar="K", help="--decode: KV heads (default 8; 2 on CPU)"
+    )
+    shapes.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        metavar="LIST",
+        help="--decode: B x S shapes (default 1x8k,1x64k,8x16k,32x8k,64x4k; CPU 1x256,2x128)",
     )
     other = p.add_argument_group(
         "other measurements (each replaces the sweep)",
@@ -310,6 +359,33 @@ def build_parser() -> argparse.ArgumentParser:
         "vs dense), beside XLA with the dense mask and torch FlexAttention; then the longest "
         "butterfly fwd+bwd that fits",
     )
+    which.add_argument(
+        "--decode",
+        action="store_true",
+        help="decode-step attention (one new token over a KV cache) in GB/s against the read "
+        "bandwidth: flashjax contiguous and paged, jax.nn, JAX's Pallas decode op, tokamax, "
+        "FlashAttention-2",
+    )
+    other.add_argument(
+        "--page-sizes",
+        type=parse_ints,
+        metavar="LIST",
+        help="--decode: page sizes of the paged flashjax rows (default 16,64)",
+    )
+    other.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="--decode: chained steps per timed loop (default: about 20 ms of work)",
+    )
+    other.add_argument(
+        "--flax-shapes",
+        type=parse_shapes,
+        metavar="LIST",
+        help="--decode: shapes of the Flax study, nnx.MultiHeadAttention(decode=True) with "
+        "Flax's attention vs flashjax.nnx (default 1x8k,32x8k; CPU 1x64); --no-flax skips it",
+    )
+    other.add_argument("--no-flax", action="store_true", help="--decode: skip the Flax study")
     other.add_argument(
         "--blocks",
         type=parse_ints,
@@ -785,6 +861,140 @@ def main_sparsity(p: argparse.ArgumentParser, args: argparse.Namespace, argv: li
     )
 
 
+def _decode_config(p: argparse.ArgumentParser, args: argparse.Namespace, on_gpu: bool) -> Any:
+    """The `DecodeBench` of --decode: the platform's defaults with the options given."""
+    from flashjax.bench import decode
+
+    base = decode.DecodeBench() if on_gpu else decode.CPU_BENCH
+    if args.head_dims is not None and len(args.head_dims) != 1:
+        p.error(f"--decode takes one head dim, got --head-dims {args.head_dims}")
+    changes = {
+        "shapes": args.shapes,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "head_dim": None if args.head_dims is None else args.head_dims[0],
+        "page_sizes": args.page_sizes,
+        "reps": args.reps,
+        "steps": args.steps,
+        "seed": args.seed,
+        "dtype": args.dtype,
+    }
+    cfg = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+    if cfg.kv_heads < 1 or cfg.heads % cfg.kv_heads:
+        p.error(f"--heads ({cfg.heads}) must be a multiple of --kv-heads ({cfg.kv_heads})")
+    return cfg
+
+
+def _decode_backends(
+    args: argparse.Namespace, page_sizes: tuple[int, ...], on_gpu: bool
+) -> tuple[list, dict[str, str]]:
+    """The --decode backends that run here, and why the others do not."""
+    from flashjax.bench import decode_backends
+
+    registry = decode_backends.all_backends(page_sizes)
+    default = [b.name for b in registry]
+    if not on_gpu:  # the interpreted kernels and XLA
+        default = [n for n in default if n.startswith("flashjax") or n == "jax_xla"]
+        default.remove("flashjax_triton")
+    wanted = args.backends or default
+    chosen, unavailable = [], {}
+    for b in registry:
+        if b.name in wanted:
+            why = b.unavailable()
+            if why is None:
+                chosen.append(b)
+            else:
+                unavailable[b.name] = why
+    for name in wanted:
+        if name not in {b.name for b in registry}:
+            unavailable[name] = "not a --decode backend (or a page size not in --page-sizes)"
+    return chosen, unavailable
+
+
+def main_decode(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    """`--decode`: decode-step GB/s against the read bandwidth (see flashjax.bench.decode)."""
+    import jax
+
+    from flashjax.bench import decode, decode_report, machine
+
+    started = time.perf_counter()
+    on_gpu = jax.devices()[0].platform == "gpu"
+    cfg = _decode_config(p, args, on_gpu)
+    chosen, unavailable = _decode_backends(args, cfg.page_sizes, on_gpu)
+    meta = machine.describe(args.commit)
+    _header(meta, "--decode")
+    for name, why in unavailable.items():
+        print(f"skip {name}: {why}", flush=True)
+    if not chosen:
+        print("no backend available", file=sys.stderr)
+        return 1
+    start_read = decode.read_bandwidth(cfg)
+    print(f"read bandwidth (start): {start_read['gbps']:.0f} GB/s ({start_read['what']})")
+    meta |= {
+        "mode": "decode",
+        "dtype": cfg.dtype,
+        "heads": cfg.heads,
+        "kv_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "shapes": [s.label for s in cfg.shapes],
+        "page_sizes": list(cfg.page_sizes),
+        "backends": [b.name for b in chosen],
+        "unavailable": unavailable,
+        "reps": cfg.reps,
+        "read": start_read,
+        "timing": "chained steps (each query depends on the previous output) in one jitted "
+        "lax.fori_loop, CUDA graph for torch; median of reps runs / steps",
+        "gbps": "cache bytes (2 * B * S * K * H * itemsize) / time per step",
+        "bars": f"flashjax >= {decode.BANDWIDTH_BAR:.0%} of read at "
+        f"{', '.join(f'{b}x{s}' for b, s in decode.BANDWIDTH_SHAPES)}; "
+        f"{decode.LATENCY_BARS_US}; paged <= {decode.PAGED_BAR}x contiguous",
+        "argv": argv,
+    }
+    out_dir = _out_dir(args, meta, "-decode")
+    names = ", ".join(meta["backends"])
+    print(f"{len(cfg.shapes)} shapes x {names}; results in {out_dir}", flush=True)
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        final = decode.finalize(rows, meta["read"]["gbps"], on_gpu)
+        decode_report.write(out_dir, meta, final, with_plot=False)
+
+    max_minutes = args.max_minutes or (DECODE_GPU_MAX_MINUTES if on_gpu else None)
+    meta["max_minutes"] = max_minutes
+    rows = decode.run(
+        cfg,
+        chosen,
+        start_read["gbps"],
+        deadline=None if max_minutes is None else started + 60 * max_minutes,
+        log=lambda s: print(s, flush=True),
+        on_progress=save,
+    )
+    end_read = decode.read_bandwidth(cfg)
+    # The higher counts (as the matmul ceiling's rule): a bar against it is the harder one.
+    best = max((start_read, end_read), key=lambda r: r["gbps"])
+    meta["read"] = best | {"start_gbps": start_read["gbps"], "end_gbps": end_read["gbps"]}
+    print(
+        f"read bandwidth that counts: {best['gbps']:.0f} GB/s (start "
+        f"{start_read['gbps']:.0f}, end {end_read['gbps']:.0f}; the higher)",
+        flush=True,
+    )
+    if not args.no_flax:
+        meta["flax"] = _flax_study(args, cfg, on_gpu)
+    final = decode.finalize(rows, best["gbps"], on_gpu)
+    return _finish(decode_report, out_dir, meta, final, started, not args.no_plot)
+
+
+def _flax_study(args: argparse.Namespace, cfg: Any, on_gpu: bool) -> list[dict[str, Any]]:
+    """--decode's Flax study (flashjax.bench.decode_flax), printed as it finishes."""
+    from flashjax.bench import decode, decode_flax, decode_report
+
+    default = (decode.Shape(1, 8192), decode.Shape(32, 8192)) if on_gpu else (decode.Shape(1, 64),)
+    steps = cfg.steps or 64
+    found = decode_flax.rows(cfg, args.flax_shapes or default, steps)
+    for line in decode_report.flax_lines(found):
+        print(line, flush=True)
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep (or --io / --memory); returns the process exit code (0 even if some
     backends failed)."""
@@ -800,6 +1010,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_memory(parser, args, argv)
     if args.sparsity:
         return main_sparsity(parser, args, argv)
+    if args.decode:
+        return main_decode(parser, args, argv)
 
     import jax
 

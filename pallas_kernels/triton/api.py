@@ -86,7 +86,7 @@ def plan_of(ops: Operands, target: str | None = None, config=None) -> Plan:
     )
 
 
-def _pad_axis(x: jax.Array | None, axis: int, size: int) -> jax.Array | None:
+def pad_axis(x: jax.Array | None, axis: int, size: int) -> jax.Array | None:
     if x is None or x.shape[axis] == size:
         return x
     widths = [(0, 0)] * x.ndim
@@ -100,22 +100,22 @@ def _refs(p: Plan, ops: Operands) -> Refs:
     if bias is not None:
         bias = bias.astype(jnp.float32)
         if bias.shape[2] > 1:
-            bias = _pad_axis(bias, 2, p.seq_q)
+            bias = pad_axis(bias, 2, p.seq_q)
         if bias.shape[3] > 1:
-            bias = _pad_axis(bias, 3, p.seq_k)
+            bias = pad_axis(bias, 3, p.seq_k)
     return Refs(
-        q=_pad_axis(_pad_axis(ops.q, 1, p.seq_q), 3, p.head_dim),
-        k=_pad_axis(_pad_axis(ops.k, 1, p.seq_k), 3, p.head_dim),
-        v=_pad_axis(_pad_axis(ops.v, 1, p.seq_k), 3, p.head_dim),
-        seq=ops.seq_info() if _has_seq(ops) else None,
+        q=pad_axis(pad_axis(ops.q, 1, p.seq_q), 3, p.head_dim),
+        k=pad_axis(pad_axis(ops.k, 1, p.seq_k), 3, p.head_dim),
+        v=pad_axis(pad_axis(ops.v, 1, p.seq_k), 3, p.head_dim),
+        seq=ops.seq_info() if has_seq(ops) else None,
         bias=bias,
-        q_segments=_pad_axis(ops.q_segments, 1, p.seq_q),
-        kv_segments=_pad_axis(ops.kv_segments, 1, p.seq_k),
+        q_segments=pad_axis(ops.q_segments, 1, p.seq_q),
+        kv_segments=pad_axis(ops.kv_segments, 1, p.seq_k),
         seeds=ops.seeds,
     )
 
 
-def _has_seq(ops: Operands) -> bool:
+def has_seq(ops: Operands) -> bool:
     """Whether the call has lengths or offsets (else the kernels use the static (0, 0, T, S))."""
     fields = (ops.q_offsets, ops.kv_offsets, ops.q_lengths, ops.kv_lengths)
     return any(x is not None for x in fields)
@@ -175,9 +175,9 @@ def backward(
         real = jnp.arange(ops.seq_q)[None, None, :] < ops.q_lengths[:, None, None]
         delta = jnp.where(real, delta, 0.0)
     r = _refs(p, ops).replace(
-        do=_pad_axis(_pad_axis(dout.astype(ops.q.dtype), 1, p.seq_q), 3, p.head_dim),
+        do=pad_axis(pad_axis(dout.astype(ops.q.dtype), 1, p.seq_q), 3, p.head_dim),
         lse2=jnp.pad(lse2, ((0, 0), (0, 0), (0, p.seq_q - ops.seq_q)), constant_values=-jnp.inf),
-        delta=_pad_axis(delta, 2, p.seq_q),
+        delta=pad_axis(delta, 2, p.seq_q),
     )
     dk, dv = _backward.dkdv(
         _with_lists(r, p, ops, p.config.dkdv, transposed=True),

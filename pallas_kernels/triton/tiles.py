@@ -13,6 +13,7 @@ All three kernels (forward, dK/dV, dQ) take one `Refs` record, prepared by `api.
                   their ranges from `seq` (`visibility.block_range`)
   seeds           (2,) uint32
   lse2, delta     (B, N, Tp) float32 (backward)
+  page_table      (B, Pp) int32: the decode kernel's paged cache (k, v are then page pools)
 Tp, Sp are multiples of the tiles and Hp a power of two (zero padding; padded rows and keys lie past
 the lengths, so the visibility rule hides them). A broadcast bias is read with broadcasting.
 """
@@ -51,6 +52,7 @@ class Refs:
     do: jax.Array | None = None
     lse2: jax.Array | None = None
     delta: jax.Array | None = None
+    page_table: jax.Array | None = None
 
     def replace(self, **changes) -> Refs:
         return dataclasses.replace(self, **changes)

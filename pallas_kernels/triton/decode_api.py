@@ -1,0 +1,153 @@
+"""Host side of the decode kernel: plan the tiles and splits, pack the queries, launch.
+
+`forward_parts(ops)` returns the kernel's per-split partial results in the packed row layout;
+the caller merges the splits (flashjax.merge) and unpacks the rows (`unpack_rows`). Nothing here
+copies a cache whose shapes already fit: a contiguous cache is padded only when its length is
+not a multiple of 16, either cache only when its head dim is not a power of two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import configs
+from pallas_kernels.operands import Operands, valid_pages
+from pallas_kernels.triton import decode as _decode
+from pallas_kernels.triton.api import has_seq, pad_axis
+from pallas_kernels.triton.tiles import Refs
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """The launch of one call.
+
+    Attributes:
+      config: the config table's entry, its stages cut to fit shared memory.
+      rows: packed query rows per program, T x G padded to a power of two >= 16.
+      block_k: keys per step.
+      splits: programs per (batch row, KV head) along the keys.
+      key_blocks: blocks of `block_k` keys covering the cache's capacity.
+      head_dim: the padded head dim.
+      interpret: run in interpret mode (CPU).
+    """
+
+    config: configs.DecodeConfig
+    rows: int
+    block_k: int
+    splits: int
+    key_blocks: int
+    head_dim: int
+    interpret: bool
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _dividing_block(block: int, length: int) -> int:
+    """The largest power of two <= `block` (and not above the length's) that divides `length`,
+    at least `configs.MIN_BLOCK` (the length is padded when even that does not divide it)."""
+    b = configs.fit_block(block, length)
+    while b > configs.MIN_BLOCK and length % b:
+        b //= 2
+    return b
+
+
+def plan(ops: Operands, num_splits: int | None = None, target: str | None = None) -> DecodePlan:
+    """Fit the config of `target` (default: the current device) to a call; `num_splits` None
+    lets `configs.decode_splits` choose from the batch, KV heads, capacity and core count."""
+    target = target or configs.gpu_target()
+    config = configs.get_decode_config(ops.head_dim, target)
+    if ops.page_table is None:
+        block_k = _dividing_block(config.block_k, ops.seq_k)
+    else:  # pages and blocks are powers of two: one divides the other
+        block_k = configs.fit_block(config.block_k, ops.seq_k)
+    key_blocks = -(-ops.seq_k // block_k)
+    if num_splits is None:
+        cores = configs.core_count() if target != "interpret" else configs.INTERPRET_CORES
+        num_splits = configs.decode_splits(ops.batch * ops.num_kv_heads, key_blocks, cores, config)
+    head_dim = configs.head_dim_bucket(ops.head_dim)
+    stages = configs.decode_stages(config, block_k, head_dim, ops.q.dtype.itemsize)
+    return DecodePlan(
+        config=dataclasses.replace(config, num_stages=stages),
+        rows=max(configs.MIN_BLOCK, _next_pow2(ops.seq_q * ops.group)),
+        block_k=block_k,
+        splits=num_splits,
+        key_blocks=key_blocks,
+        head_dim=head_dim,
+        interpret=target == "interpret",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The packed row layout: row r = t * G + g of KV head kh is query head kh * G + g of token t
+# --------------------------------------------------------------------------------------------------
+
+
+def pack_rows(q: jax.Array, num_kv_heads: int) -> jax.Array:
+    """`(B, T, N, H)` -> `(B, K, T * G, H)`."""
+    b, t, n, h = q.shape
+    g = n // num_kv_heads
+    q = q.reshape(b, t, num_kv_heads, g, h).transpose(0, 2, 1, 3, 4)
+    return q.reshape(b, num_kv_heads, t * g, h)
+
+
+def unpack_rows(x: jax.Array, seq_q: int) -> jax.Array:
+    """`(B, K, T * G, ...)` -> `(B, T, N, ...)`: the inverse of `pack_rows` (on outputs with a
+    trailing head dim, or on logsumexps without one)."""
+    b, k, rows = x.shape[:3]
+    tail = x.shape[3:]
+    g = rows // seq_q
+    x = x.reshape(b, k, seq_q, g, *tail)
+    x = jnp.moveaxis(x, 2, 1)  # (B, T, K, G, ...)
+    return x.reshape(b, seq_q, k * g, *tail)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch
+# --------------------------------------------------------------------------------------------------
+
+
+def _page_table(ops: Operands, p: DecodePlan) -> jax.Array:
+    """The page table with valid page ids (`valid_pages`), padded so that every key block's
+    pages exist."""
+    pages_needed = -(-p.key_blocks * p.block_k // ops.page_size)
+    table = valid_pages(ops)
+    return pad_axis(table, 1, max(pages_needed, table.shape[1]))
+
+
+def _refs(ops: Operands, p: DecodePlan) -> Refs:
+    q = pad_axis(pad_axis(pack_rows(ops.q, ops.num_kv_heads), 2, p.rows), 3, p.head_dim)
+    if ops.page_table is None:
+        k, v = (
+            pad_axis(pad_axis(x, 1, p.key_blocks * p.block_k), 3, p.head_dim)
+            for x in (ops.k, ops.v)
+        )
+        table = None
+    else:
+        k, v = (pad_axis(x, 3, p.head_dim) for x in (ops.k, ops.v))
+        table = _page_table(ops, p)
+    return Refs(q=q, k=k, v=v, seq=ops.seq_info() if has_seq(ops) else None, page_table=table)
+
+
+def forward_parts(
+    ops: Operands, num_splits: int | None = None, target: str | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """The kernel's partial results: `out (splits, B, K, T * G, H)` float32, normalized over each
+    split's keys, and base-2 `lse2 (splits, B, K, T * G)` (-inf where a split saw no key)."""
+    p = plan(ops, num_splits, target)
+    out, lse2 = _decode.decode(
+        _refs(ops, p),
+        statics=ops.statics,
+        config=p.config,
+        block_k=p.block_k,
+        splits=p.splits,
+        group=ops.group,
+        interpret=p.interpret,
+        static_seq=(0, 0, ops.seq_q, ops.seq_k),
+    )
+    rows = ops.seq_q * ops.group
+    return out[..., :rows, : ops.head_dim], lse2[..., :rows]
