@@ -5,6 +5,7 @@ from flashjax.attention import dot_product_attention
 from flashjax.block_mask import BlockMask
 from flashjax.flax_attention import flax_attention_fn
 from flashjax.merge import merge_attention
+from flashjax.ring import ring_attention, zigzag_permute, zigzag_unpermute
 
 __all__ = [
     "BlockMask",
@@ -12,4 +13,7 @@ __all__ = [
     "dot_product_attention",
     "flax_attention_fn",
     "merge_attention",
+    "ring_attention",
+    "zigzag_permute",
+    "zigzag_unpermute",
 ]
