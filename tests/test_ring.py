@@ -323,8 +323,9 @@ def test_errors_name_the_problem() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 def test_ring_on_two_gpus(layout) -> None:
-    """bf16, the Triton kernels compiled, 2 GPUs: against the whole sequence on one GPU, within
-    bf16 tolerance (the ring rounds each pair's output to bf16 before merging in float32)."""
+    """bf16, the Triton kernels compiled, 2 GPUs: against the whole sequence on one GPU. The ring
+    rounds each pair's output and gradients to bf16 before summing in float32, the whole-sequence
+    kernel rounds once: relative L2 errors within bf16 rounding."""
     if jax.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     case = Case(
@@ -333,4 +334,6 @@ def test_ring_on_two_gpus(layout) -> None:
     q, k, v, dout, kw = make_inputs(case)
     got = value_and_vjp(sharded(ring_attention, mesh_of(2), layout, kw), q, k, v, dout)
     want = value_and_vjp(whole(kw, "triton"), q, k, v, dout)
-    assert_matches(got, want, rtol=2e-2, atol=2e-2)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        g, w = (np.asarray(x, np.float32) for x in (g, w))
+        assert np.linalg.norm(g - w) <= 1e-2 * np.linalg.norm(w), name
