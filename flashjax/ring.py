@@ -28,19 +28,23 @@ shard in flight, `out`, `lse` and float32 dQ, dK, dV buffers: linear in the shar
 Overlap of the transfer with the compute. Step t+1's K/V shard is sent with `lax.ppermute` at
 the top of step t, before step t's kernels, and nothing in step t reads it: the collective's
 operand is the loop carry and its result is only the next carry. In the backward, the dK/dV
-buffer arrives one step behind its K/V shard (`acc_in = ppermute(acc)` at the top of the step,
-read only by the add after the step's kernels), so that transfer too is independent of the
+buffer arrives one step behind its K/V shard (`dkv_in = ring.shift(dkv)` at the top of the step,
+read only by the adds after the step's kernels), so that transfer too is independent of the
 step's compute. XLA's GPU backend lowers each `ppermute` to an asynchronous
 `collective-permute-start` / `collective-permute-done` pair and its latency-hiding scheduler puts
 the start before the independent kernels and the done after them, so NCCL's send/receive runs
 on its own stream while the attention kernels run. Only the last dK/dV hand-off (after the last
 step) is exposed. To check it on a GPU:
-  - the schedule: `jax.jit(f).lower(*args).compile().as_text()`; in the while loop's body the
-    kernels' custom-calls sit between `collective-permute-start` and `collective-permute-done`
-    (`python -m flashjax bench --ring` records this per case: `flashjax.bench.ring_run.overlap`);
-  - the timeline: `jax.profiler.trace(dir)` around a few steps (or `nsys profile`), then in
-    Perfetto / Nsight Systems the NCCL `SendRecv` kernel runs on its own stream during the
-    Triton attention kernels of the same step instead of between them.
+  - the schedule: `jax.jit(f).lower(*args).compile().as_text()`: between each
+    `collective-permute-start` and its `collective-permute-done` lie the step's kernels (Triton
+    custom-calls inside the `conditional`s of `lax.switch`), in the while loop's body for the
+    middle steps and in the entry computation for steps 0 and n - 1 (all of them when n = 2).
+    `python -m flashjax bench --ring` counts this per program (`flashjax.bench.ring.overlap`).
+    If nothing lies between them, the latency-hiding scheduler is off:
+    `XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true`.
+  - the timeline: `jax.profiler.trace(dir)` around a few calls (or `nsys profile`), then in
+    Perfetto / Nsight Systems the NCCL `SendRecv` kernel of step t+1's shard runs on its own
+    stream during step t's attention kernels instead of between them.
 
 Steps are one `lax.scan` (the loop body is compiled once, whatever n); step 0 (no transfer to
 wait for, the diagonal pairs) and the last step (nothing left to prefetch) are peeled off.
@@ -158,17 +162,19 @@ class Ring:
 
 @dataclasses.dataclass(frozen=True)
 class _Queries:
-    """One query piece of this device and what the ring needs of it (`Float "B C N H"` etc.)."""
+    """One query piece of this device: q `(B, C, N, H)`, segment ids `(B, C)` or None, the global
+    position of its row 0 (int32 scalar) and which piece of the shard it is."""
 
     q: jax.Array
     segments: jax.Array | None
-    start: jax.Array  # global position of its row 0, int32 scalar
-    index: int  # which piece of the shard
+    start: jax.Array
+    index: int
 
 
 @dataclasses.dataclass(frozen=True)
 class _Keys:
-    """One key piece of the K/V shard held at some step."""
+    """One key piece of the K/V shard held at some step: k, v `(B, C, K, H)`, segment ids
+    `(B, C)` or None, the global position of its key 0 and its index in the shard."""
 
     k: jax.Array
     v: jax.Array
@@ -186,6 +192,7 @@ def _split(x: jax.Array | None, count: int) -> list[jax.Array | None]:
 
 
 def _queries(ring: Ring, ops: Operands) -> list[_Queries]:
+    """This device's query pieces, at their global positions."""
     shard = lax.axis_index(ring.axis_name)
     size = ops.seq_q // ring.pieces
     return [
@@ -201,6 +208,7 @@ KV = tuple[jax.Array, jax.Array, jax.Array | None]
 
 
 def _keys(ring: Ring, kv: KV, step) -> list[_Keys]:
+    """The key pieces of the K/V shard held at `step` (device r - step's), at their positions."""
     shard = ring.source(step)
     k, v, seg = (_split(x, ring.pieces) for x in kv)
     size = kv[0].shape[1] // ring.pieces
@@ -210,11 +218,11 @@ def _keys(ring: Ring, kv: KV, step) -> list[_Keys]:
     ]
 
 
-def _pair(ops: Operands, q: _Queries, kv: _Keys, aligned: bool) -> Operands:
-    """The operands of one (query piece, key piece) pair: its positions as offsets (none when
-    the pieces are known to start at the same position)."""
+def _pair(ops: Operands, q: _Queries, kv: _Keys, positional: bool) -> Operands:
+    """The operands of one (query piece, key piece) pair, with its positions as offsets when
+    `positional` (else the kernels' bounds stay compile-time constants)."""
     offsets = {}
-    if not aligned:
+    if positional:
         batch = ops.batch
         offsets = dict(
             q_offsets=jnp.full((batch,), q.start, jnp.int32),
@@ -263,13 +271,14 @@ def _visit(ops: Operands, carry, update: Callable[[Operands, object], object]):
 
 
 def _pairs(ops: Operands, queries: Sequence[_Queries], keys: Sequence[_Keys], first: bool):
-    """Every (query piece, key piece) of a step with its operands. On the first step a piece
-    meets itself (same shard, same index): it needs no offsets when queries and keys have one
-    length."""
+    """Every (query piece, key piece) of a step with its operands. Positions matter only through
+    a window (causal included); on the first step a piece meets itself (same shard, same index)
+    and, when queries and keys have one length, both start at one position: no offsets needed."""
+    windowed = ops.statics.window != (None, None)
     for q in queries:
         for key in keys:
             aligned = first and q.index == key.index and ops.seq_q == ops.seq_k
-            yield q, key, _pair(ops, q, key, aligned)
+            yield q, key, _pair(ops, q, key, positional=windowed and not aligned)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,15 +451,18 @@ def _ring_backend(implementation: str | None, ops: Operands) -> backends.Backend
     return backend
 
 
-def _check_call(query, layout: str, ops: Operands | None = None) -> None:
+def _check_call(query, layout: str) -> None:
+    """Before the operands are built: the layout and the rank (the sequence is axis 1)."""
     _check_layout(layout)
     if getattr(query, "ndim", None) != 4:
         raise ValueError(
             "ring attention takes rank-4 (B, T, N, H) shards, the sequence on axis 1; got query "
             f"shape {getattr(query, 'shape', None)}"
         )
-    if ops is None:
-        return
+
+
+def _check_ops(ops: Operands, layout: str) -> None:
+    """After: a static scale, and shards that split into the layout's pieces."""
     if ops.scale is not None:
         raise ValueError("ring attention takes a static scale (a Python float or None)")
     pieces = pieces_per_shard(layout)
@@ -516,7 +528,7 @@ def ring_attention(
         q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids,
     )
-    _check_call(query, layout, ops)
+    _check_ops(ops, layout)
     ring = Ring(axis_name, _axis_size(axis_name), layout, _ring_backend(implementation, ops))
     return _ring_attention(ring, ops)
 
