@@ -62,7 +62,7 @@ GPU_DEFAULTS: dict[str, Any] = {
     "bandwidth_mib": (16, 64, 256, 1024),
     "single_max_seq": 1 << 19,
     "once_from": 1 << 20,
-    "max_minutes": 9.0,
+    "max_minutes": 7.0,
     "model_seqs": (2048, 4096, 8192, 16384, 32768, 131072),
 }
 CPU_DEFAULTS: dict[str, Any] = {
@@ -694,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-minutes",
         type=float,
-        help="start no shape after this many minutes (GPU default 9; CPU none)",
+        help="start no shape after this many minutes (GPU default 7; CPU none)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="results folder (default: under the temp dir)")
