@@ -357,19 +357,24 @@ def _backward_step(
     res: Sequence[_Residuals],
     dq,
     kv: KV,
-    dkv: tuple[jax.Array, jax.Array],
+    dkv_in: tuple[jax.Array, jax.Array] | None,
     step,
     first=False,
 ):
-    """Add every pair's gradients of `step`: dQ into `dq` (per query piece), dK/dV into `dkv`,
-    the buffer of the K/V shard held at `step`."""
+    """Add every pair's gradients of `step`: dQ into `dq` (per query piece); dK/dV of the K/V
+    shard held at `step` into fresh buffers, and those into `dkv_in` (the shard's buffer so far,
+    None on step 0) only after every kernel of the step, so that its transfer overlaps them."""
     dq = list(dq)
-    dk, dv = (_split(x, ring.pieces) for x in dkv)
+    acc = common.acc_dtype(ops.q.dtype)
+    dk, dv = ([jnp.zeros_like(x, acc) for x in _split(y, ring.pieces)] for y in kv[:2])
     for q, key, pair in _pairs(ops, queries, _keys(ring, kv, step), first):
         i, j = q.index, key.index
         update = functools.partial(_add_grads, ring.backend, res[i])
         dq[i], dk[j], dv[j] = _visit(pair, (dq[i], dk[j], dv[j]), update)
-    return dq, (jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1))
+    dkv = (jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1))
+    if dkv_in is not None:
+        dkv = (dkv_in[0] + dkv[0], dkv_in[1] + dkv[1])
+    return dq, dkv
 
 
 def ring_backward(
@@ -382,17 +387,16 @@ def ring_backward(
     acc = common.acc_dtype(ops.q.dtype)
     dq = [jnp.zeros_like(q.q, acc) for q in queries]
     kv: KV = (ops.k, ops.v, ops.kv_segments)
-    dkv = (jnp.zeros_like(ops.k, acc), jnp.zeros_like(ops.v, acc))
     step = functools.partial(_backward_step, ring, ops, queries, res)
     if ring.size > 1:
         nxt = ring.shift(kv)
-    dq, dkv = step(dq, kv, dkv, 0, first=True)
+    dq, dkv = step(dq, kv, None, 0, first=True)
     if ring.size > 2:
 
         def body(carry, t):
             dq, kv, dkv = carry
             nxt = ring.shift(kv)
-            # The buffer of the shard held now, one hop behind it: read only after the kernels.
+            # The buffer of the shard held now, one hop behind it: added after the kernels.
             dkv_in = ring.shift(dkv)
             dq, dkv = step(dq, kv, dkv_in, t)
             return (dq, nxt, dkv), None

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import Case, make_inputs
+from jax.extend.core import Literal
 from jax.sharding import Mesh, PartitionSpec
 
 import flashjax
@@ -237,10 +238,23 @@ def _loop_bodies(jaxpr):
         yield from _loop_bodies(sub)
 
 
+def _kernels_reading(jaxpr, sources: set) -> list:
+    """The `cond`s (the pairs under `lax.switch`) of `jaxpr` that read, directly or through other
+    equations, any of the variables `sources`."""
+    tainted, found = set(sources), []
+    for eqn in jaxpr.eqns:
+        if tainted.intersection(x for x in eqn.invars if not isinstance(x, Literal)):
+            tainted.update(eqn.outvars)
+            if eqn.primitive.name == "cond":
+                found.append(eqn)
+    return found
+
+
 def test_transfers_are_loop_carries_that_no_kernel_reads() -> None:
     """In each ring loop body (forward, backward) every ppermute reads the loop carry only, so
-    XLA may start it before the step's kernels; the K/V prefetch is read by no equation of the
-    body (it only becomes the next carry)."""
+    XLA may start it before the step's kernels, and no kernel (the `cond`s of `lax.switch`) reads
+    what a ppermute receives, so XLA may finish it after them: the K/V prefetch only becomes the
+    next carry, the incoming dK/dV buffer is added after the kernels."""
     case = F32(B=1, T=64, N=2, K=1, H=16, features=("causal",))
     q, k, v, _, kw = make_inputs(case)
     f = sharded(ring_attention, mesh_of(4), "zigzag", kw, implementation="xla_chunked")
@@ -248,14 +262,13 @@ def test_transfers_are_loop_carries_that_no_kernel_reads() -> None:
     bodies = [b for b in _loop_bodies(jaxpr) if any(e.primitive.name == "ppermute" for e in b.eqns)]
     assert len(bodies) == 2, "one ring loop forward, one backward"
     for body in bodies:
-        carries = set(body.invars)
         permutes = [e for e in body.eqns if e.primitive.name == "ppermute"]
-        assert all(x in carries for e in permutes for x in e.invars)
-        prefetch = permutes[0]  # the K/V shard of the next step, sent first
-        read = {
-            x for e in body.eqns for x in e.invars if not isinstance(x, jax.extend.core.Literal)
-        }
-        assert not read.intersection(prefetch.outvars)
+        received = {x for e in permutes for x in e.outvars}
+        assert all(x in set(body.invars) for e in permutes for x in e.invars)
+        assert any(e.primitive.name == "cond" for e in body.eqns), "pairs under lax.switch"
+        assert not _kernels_reading(body, received)
+        read = {x for e in body.eqns for x in e.invars if not isinstance(x, Literal)}
+        assert not read.intersection(permutes[0].outvars)  # the K/V prefetch
 
 
 # --------------------------------------------------------------------------------------------------
