@@ -77,6 +77,23 @@ def test_overlap_reads_the_compiled_schedule() -> None:
     }
 
 
+def test_trace_overlap_measures_nccl_time_under_kernels() -> None:
+    """Device 1: NCCL 0-10 us, kernels 2-4 and 3-8 us (union 2-8): 6 of 10 us overlapped.
+    Device 2: NCCL alone. Host events and other names are ignored."""
+    events = [
+        {"ph": "X", "pid": 1, "tid": 7, "ts": 0, "dur": 10, "name": "ncclDevKernel_SendRecv"},
+        {"ph": "X", "pid": 1, "tid": 8, "ts": 2, "dur": 2, "name": "flashjax_fwd"},
+        {"ph": "X", "pid": 1, "tid": 8, "ts": 3, "dur": 5, "name": "flashjax_bwd_dq"},
+        {"ph": "X", "pid": 1, "tid": 8, "ts": 0, "dur": 10, "name": "fusion.3"},
+        {"ph": "X", "pid": 2, "tid": 7, "ts": 0, "dur": 4, "name": "ncclKernel_SendRecv"},
+        {"ph": "M", "pid": 1, "name": "process_name"},
+    ]
+    got = ring.trace_overlap(events)
+    assert got["nccl_ms"] == pytest.approx(0.014) and got["overlapped_ms"] == pytest.approx(0.006)
+    assert got["overlapped_fraction"] == pytest.approx(6 / 14)
+    assert ring.trace_overlap([])["overlapped_fraction"] is None
+
+
 def test_ring_bench_runs_end_to_end_on_cpu(tmp_path) -> None:
     """A tiny run on 2 host devices: every kind of row, errors near float32 rounding, a model
     prediction beside each measured ring row, the files and plots."""

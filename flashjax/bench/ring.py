@@ -23,6 +23,9 @@ Measures, on the devices of this host (n = `--devices`, default all; on a CPU, 4
              crossover rows per device where a step's transfer starts to hide behind its compute,
              and the model's prediction beside each measured ring row (`model_ms`).
 
+  profile    (`--profile`) a jax.profiler trace of two ring fwd+bwd calls, and how much of the
+             NCCL kernels' time some flashjax kernel ran beside (`trace_overlap`).
+
 Outputs in --out (default: a folder under the system's temporary directory): ring.json (meta +
 every row), ring.csv (scaling rows), ring.png (TFLOP/s per device against total sequence),
 ring-memory.png (memory per device against total sequence), ring-model.png (modeled efficiency
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
+import json
 import os
 import re
 import sys
@@ -572,6 +577,68 @@ def finalize(cfg: RingConfig, rows: Sequence[Row], platform: str) -> tuple[list[
     return rows + extra, inputs_
 
 
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def trace_overlap(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """From a Chrome-format trace's events (`jax.profiler`'s trace.json): per device (`pid`), the
+    time NCCL kernels ran ("nccl" in the name) and how much of it some flashjax kernel
+    ("flashjax" in the name: the Pallas kernels' names) was running too, on any stream."""
+    by_pid: dict[Any, dict[str, list]] = {}
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        name = str(e.get("name", "")).lower()
+        kind = "nccl" if "nccl" in name else "kernel" if "flashjax" in name else None
+        if kind:
+            span = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+            by_pid.setdefault(e.get("pid"), {"nccl": [], "kernel": []})[kind].append(span)
+    nccl = covered = 0.0
+    for spans in by_pid.values():
+        kernels = _union(spans["kernel"])
+        for a, b in _union(spans["nccl"]):
+            nccl += b - a
+            covered += sum(max(0.0, min(b, d) - max(a, c)) for c, d in kernels)
+    return {
+        "nccl_ms": nccl / 1e3,
+        "overlapped_ms": covered / 1e3,
+        "overlapped_fraction": covered / nccl if nccl else None,
+    }
+
+
+def profile(cfg: RingConfig, out_dir: Path, log: Log, calls: int = 2) -> dict[str, Any]:
+    """A `jax.profiler` trace of `calls` ring forward+backward calls at the first rows per
+    device and mask (after one untimed call), in `out_dir`/profile, and `trace_overlap` of it.
+    To look at it: the trace.json.gz in Perfetto (ui.perfetto.dev) or the folder in TensorBoard's
+    profiler; the NCCL SendRecv kernels run on their own stream beside the flashjax kernels."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = mesh_of(cfg.devices)
+    seq, mask = cfg.seqs_per_device[0], cfg.masks[0]
+    args = inputs(cfg, seq * cfg.devices, NamedSharding(mesh, PartitionSpec(None, AXIS)))
+    fn = distributed(cfg, mesh, "ring", mask, "fwd+bwd")
+    jax.block_until_ready(fn(*args))
+    where = out_dir / "profile"
+    with jax.profiler.trace(str(where)):
+        for _ in range(calls):
+            jax.block_until_ready(fn(*args))
+    found = sorted(where.glob("plugins/profile/*/*.trace.json.gz"))
+    summary: dict[str, Any] = {"dir": str(where), "seq_per_device": seq, "mask": mask}
+    if found:
+        with gzip.open(found[-1], "rt") as f:
+            summary |= trace_overlap(json.load(f).get("traceEvents", []))
+    log(f"profile of {calls} ring fwd+bwd calls ({seq}/device, {mask}) in {where}: {summary}")
+    return summary
+
+
 def run(cfg: RingConfig, policy, *, deadline=None, log: Log = print, on_progress=None) -> list[Row]:
     """Every measurement of a `--ring` run (not finalized)."""
     mesh = mesh_of(cfg.devices)
@@ -696,6 +763,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="start no shape after this many minutes (GPU default 7; CPU none)",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also write a jax.profiler trace of two ring fwd+bwd calls (first shape) to "
+        "OUT/profile, to see the transfers overlap the kernels",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="results folder (default: under the temp dir)")
     p.add_argument("--no-plot", action="store_true")
@@ -784,6 +857,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=lambda line: print(line, flush=True),
         on_progress=lambda part: ring_report.write(out_dir, meta, part, with_plot=False),
     )
+    if args.profile:
+        meta["profile"] = profile(cfg, out_dir, lambda line: print(line, flush=True))
     final, meta["model_inputs"] = finalize(cfg, rows, meta["platform"])
     meta["seconds"] = round(time.perf_counter() - started, 1)
     paths = ring_report.write(out_dir, meta, final, with_plot=not args.no_plot)
