@@ -6,6 +6,7 @@ from flashjax.block_mask import BlockMask
 from flashjax.decode import decode_attention
 from flashjax.flax_attention import flax_attention_fn
 from flashjax.merge import merge_attention, merge_attention_parts
+from flashjax.ring import ring_attention, zigzag_permute, zigzag_unpermute
 
 __all__ = [
     "BlockMask",
@@ -15,4 +16,7 @@ __all__ = [
     "flax_attention_fn",
     "merge_attention",
     "merge_attention_parts",
+    "ring_attention",
+    "zigzag_permute",
+    "zigzag_unpermute",
 ]

@@ -1,8 +1,9 @@
-"""Test setup: two host devices (pmap / shard_map tests) and the shared tolerance rule."""
+"""Test setup: eight host devices (pmap / shard_map tests take the first two; ring attention runs
+on 4 and 8) and the GPU marker."""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -416,6 +416,21 @@ def test_command_line_docs_per_row(tmp_path: Path, capsys: pytest.CaptureFixture
         train.main([*args[:-1], "17"])
 
 
+def test_context_parallel_training_matches_one_device(
+    corpus: data.Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--context-parallel 2` (each row's sequence sharded over 2 host devices, ring attention in
+    the zigzag layout, packed documents) trains to the single-device losses, float32."""
+    monkeypatch.setattr(train.data, "load_corpus", lambda *args, **kwargs: corpus)
+    args = ["--steps", "3", "--seq-len", "64", "--batch-size", "4", "--dtype", "float32"]
+    args += ["--eval-batches", "1", "--log-every", "1", "--flash-impl", "xla_chunked"]
+    one = train.main(args)
+    ring = train.main([*args, "--context-parallel", "2"])
+    for got, want in ((ring.train_losses, one.train_losses), (ring.val_losses, one.val_losses)):
+        assert [s for s, _ in got] == [s for s, _ in want] and len(got) > 0
+        np.testing.assert_allclose([x for _, x in got], [x for _, x in want], rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # Benchmark report (the GPU run's parent process, fed with made-up records)
 # --------------------------------------------------------------------------------------------------

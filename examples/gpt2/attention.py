@@ -11,6 +11,12 @@ Backends:
     own `dot_product_attention` calls.
   - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused attention.
 
+Context parallelism (`ContextParallel`): with `AttentionFn("flashjax", context=...)` the sequence
+axis of the activations is sharded over a mesh axis and attention is `flashjax.ring_attention`
+inside `jax.shard_map` (the rest of the model is per-token, so GSPMD keeps it sharded the same
+way). In the zigzag layout the trainer hands the model every row already in zigzag order, with
+the matching positions (`ContextParallel.order`).
+
 Packed documents reach the attention function through the module's ordinary `mask=` argument as a
 `SegmentMask` (Flax's MultiHeadAttention hands `mask` to `attention_fn` unchanged; its only other
 call-time extra is `input_positions`). `attention_arguments` is the one place that turns segment
@@ -27,6 +33,8 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import flashjax
 
@@ -83,6 +91,72 @@ def _and_masks(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class ContextParallel:
+    """The sequence axis sharded over `axis` of `mesh` (ring attention), in `layout`.
+
+    Attributes:
+      mesh: the device mesh; `axis` is the one that shards the sequence.
+      axis: the mesh axis name.
+      layout: "zigzag" (balanced causal work: rows are reordered, `order`) or "contiguous".
+    """
+
+    mesh: Mesh
+    axis: str = "context"
+    layout: str = "zigzag"
+
+    @property
+    def size(self) -> int:
+        """Devices the sequence is sharded over."""
+        return self.mesh.shape[self.axis]
+
+    def order(self, x: np.ndarray) -> np.ndarray:
+        """A global `(..., T)` host array in the layout's row order (along the last axis)."""
+        if self.layout == "zigzag":
+            return flashjax.zigzag_permute(x, self.size, axis=-1)
+        return x
+
+    def sharding(self, ndim: int) -> NamedSharding:
+        """Token arrays `(..., T)` of rank `ndim`: sharded on the sequence (last) axis."""
+        return NamedSharding(self.mesh, PartitionSpec(*([None] * (ndim - 1)), self.axis))
+
+    def replicated(self) -> NamedSharding:
+        """Parameters and optimizer state: a full copy on every device of the mesh."""
+        return NamedSharding(self.mesh, PartitionSpec())
+
+
+def _ring_attention(
+    context: ContextParallel,
+    implementation: str | None,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    segments: dict[str, jax.Array],
+    is_causal: bool,
+) -> jax.Array:
+    """`flashjax.ring_attention` over `(B, T, N, H)` activations whose T is sharded on the
+    context axis (segment ids `(B, T)` likewise)."""
+    spec = PartitionSpec(None, context.axis)
+    names = tuple(segments)
+
+    def per_device(q, k, v, *segs):
+        return flashjax.ring_attention(
+            q,
+            k,
+            v,
+            axis_name=context.axis,
+            is_causal=is_causal,
+            layout=context.layout,
+            implementation=implementation,
+            **dict(zip(names, segs, strict=True)),
+        )
+
+    mapped = jax.shard_map(
+        per_device, mesh=context.mesh, in_specs=(spec,) * (3 + len(names)), out_specs=spec
+    )
+    return mapped(query, key, value, *segments.values())
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionFn:
     """A Flax `attention_fn` (the calling convention of `flax.nnx.dot_product_attention`) that
     computes attention with `backend`. Frozen and hashable: modules built with equal AttentionFns
@@ -92,16 +166,21 @@ class AttentionFn:
       backend: "flashjax", "xla" or "cudnn".
       implementation: for "flashjax" only, `flashjax.dot_product_attention`'s `implementation`
         (None: the fastest available, "triton" on NVIDIA GPUs; "xla_chunked"; "xla").
+      context: for "flashjax" only: the sequence sharded over a mesh axis, attention by
+        `flashjax.ring_attention` (None: one device's attention).
     """
 
     backend: Backend = "flashjax"
     implementation: str | None = None
+    context: ContextParallel | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.implementation is not None and self.backend != "flashjax":
             raise ValueError("implementation applies to the flashjax backend only")
+        if self.context is not None and self.backend != "flashjax":
+            raise ValueError("context parallelism (ring attention) needs the flashjax backend")
 
     def __call__(
         self,
@@ -129,6 +208,16 @@ class AttentionFn:
         segments = mask if isinstance(mask, SegmentMask) else None
         dense = None if segments is not None else mask
         args = attention_arguments(self.backend, segments)
+        if self.context is not None:
+            if bias is not None or dense is not None:
+                raise NotImplementedError("context parallelism takes segment ids, not masks")
+            if dropout_rate > 0.0 and not deterministic:
+                raise NotImplementedError("attention dropout is not supported with ring attention")
+            if dtype is not None:
+                query, key, value = (x.astype(dtype) for x in (query, key, value))
+            return _ring_attention(
+                self.context, self.implementation, query, key, value, args, is_causal
+            )
         if self.backend == "flashjax":
             return flashjax.flax_attention_fn(
                 query,

@@ -2,6 +2,8 @@
 
 Defaults pick the machine: on CPU the `tiny` model for a few steps at seq 128, on a GPU `small`
 (124M) at seq 1024. `--attention flashjax|xla|cudnn` chooses the attention backend.
+`--context-parallel N` shards every row's sequence over N devices (ring attention,
+`flashjax.ring_attention`, in the zigzag layout by default; parameters replicated).
 
 The pieces, usable on their own (the benchmark and the tests do):
   - `TrainConfig`, `learning_rate` (linear warm-up, cosine decay to `min_lr_ratio * lr`),
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -30,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from examples.gpt2 import data
-from examples.gpt2.attention import BACKENDS, AttentionFn
+from examples.gpt2.attention import BACKENDS, AttentionFn, ContextParallel
 from examples.gpt2.model import CONFIGS, GPT, GPTConfig, get_config, tied_logits
 
 try:  # Optional: orbax writes checkpoints where it is installed; `.npz` files otherwise.
@@ -238,6 +242,7 @@ class Trainer:
         self.model_config = model_config
         self.train_config = train_config
         self.attention = attention
+        self.context = attention.context
         self.use_segments = use_segments
         self.optimizer = make_optimizer(train_config)
         self.loss_chunk = loss_chunk_for(train_config, model_config)
@@ -253,7 +258,7 @@ class Trainer:
     def _loss(self, params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
         model = nnx.merge(self.graphdef, params)
         segment_ids = batch["segment_ids"] if self.use_segments else None
-        positions = batch["positions"] if self.use_segments else None
+        positions = batch["positions"] if self.use_segments else self._row_positions(batch)
         hidden = model(batch["inputs"], segment_ids, positions)
         return cross_entropy(
             hidden,
@@ -262,6 +267,15 @@ class Trainer:
             self.model_config.dtype,
             self.loss_chunk,
         )
+
+    def _row_positions(self, batch: dict[str, jax.Array]) -> jax.Array | None:
+        """Positions 0..T-1 of unsegmented rows in the row order the model sees (None: the
+        model's own default, when rows are in order)."""
+        if self.context is None or self.context.layout == "contiguous":
+            return None
+        tokens = batch["inputs"]
+        order = self.context.order(np.arange(tokens.shape[-1], dtype=np.int32))
+        return jnp.broadcast_to(jnp.asarray(order), tokens.shape)
 
     def _train_step(
         self, state: TrainState, batch: dict[str, jax.Array]
@@ -298,7 +312,9 @@ class Trainer:
         seed and the schedule are read from `schedule`: the compiled step is shared."""
         schedule = self.train_config if schedule is None else schedule
 
-        @jax.jit
+        shardings = None if self.context is None else self.context.replicated()
+
+        @functools.partial(jax.jit, out_shardings=shardings)
         def init() -> TrainState:
             model = GPT(self.model_config, self.attention, rngs=nnx.Rngs(schedule.seed))
             params = nnx.state(model, nnx.Param)
@@ -314,8 +330,17 @@ class Trainer:
     def device_batch(self, batch: data.Batch) -> dict[str, jax.Array]:
         """A batch of `batch_size` rows as device arrays of shape `(grad_accum, micro, T)`."""
         accum = self.train_config.grad_accum
-        arrays = batch_arrays(batch.reshape(accum, batch.inputs.shape[0] // accum))
-        return jax.device_put(arrays)
+        return self.put(batch_arrays(batch.reshape(accum, batch.inputs.shape[0] // accum)))
+
+    def put(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host token arrays `(..., T)` on device; with context parallelism in the layout's row
+        order, the sequence sharded over the context axis."""
+        if self.context is None:
+            return jax.device_put(arrays)
+        return {
+            name: jax.device_put(self.context.order(x), self.context.sharding(x.ndim))
+            for name, x in arrays.items()
+        }
 
     def compiled_step(self, state: TrainState, batch: dict[str, jax.Array]) -> Any:
         """The compiled training step for this batch shape (compiled on first use)."""
@@ -341,7 +366,7 @@ class Trainer:
         """Mean loss over `batches` (each of any batch size)."""
         if not batches:
             return float("nan")
-        losses = [self._eval_jit(state.params, jax.device_put(batch_arrays(b))) for b in batches]
+        losses = [self._eval_jit(state.params, self.put(batch_arrays(b))) for b in batches]
         return float(np.mean([float(x) for x in losses]))
 
 
@@ -623,6 +648,19 @@ def _parser() -> argparse.ArgumentParser:
         choices=("triton", "xla_chunked", "xla"),
         help="flashjax implementation (default: the fastest for the device)",
     )
+    p.add_argument(
+        "--context-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="shard each row's sequence over N devices (ring attention; flashjax only)",
+    )
+    p.add_argument(
+        "--cp-layout",
+        choices=("zigzag", "contiguous"),
+        default="zigzag",
+        help="row layout over the --context-parallel devices (zigzag balances causal work)",
+    )
     p.add_argument("--no-segments", action="store_true", help="let documents attend across")
     p.add_argument(
         "--docs-per-row",
@@ -653,6 +691,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _context(devices: int, layout: str) -> ContextParallel | None:
+    """The `--context-parallel` mesh: the first `devices` devices on one "context" axis."""
+    if devices == 1:
+        return None
+    if not 1 < devices <= jax.device_count():
+        raise SystemExit(
+            f"--context-parallel must be in 1..{jax.device_count()} (the devices here)"
+        )
+    return ContextParallel(Mesh(np.array(jax.devices()[:devices]), ("context",)), layout=layout)
+
+
 def main(argv: Sequence[str] | None = None) -> RunResult:
     """Parse the command line, train, print a summary."""
     args = _parser().parse_args(argv)
@@ -680,7 +729,9 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
         clip_norm=args.clip_norm,
         seed=args.seed,
     )
-    attention = AttentionFn(args.attention, args.flash_impl)
+    attention = AttentionFn(
+        args.attention, args.flash_impl, context=_context(args.context_parallel, args.cp_layout)
+    )
     max_bytes = None if args.max_corpus_mb is None else int(args.max_corpus_mb * 2**20)
     corpus = data.load_corpus(args.data_cache, max_bytes=max_bytes, seed=args.seed)
     train_stream, val_stream, rows_text = corpus.train, corpus.val, ""
@@ -697,10 +748,13 @@ def main(argv: Sequence[str] | None = None) -> RunResult:
     if not val:
         print("note: the validation split is too small for one batch; no validation loss")
     trainer = Trainer(model_config, train_config, attention, use_segments=not args.no_segments)
+    cp_text = ""
+    if attention.context is not None:
+        cp_text = f" | context parallel {attention.context.size} ({attention.context.layout})"
     print(
         f"GPT-2 {name} ({model_config.num_params() / 1e6:.1f}M params, {model_config.dtype}) | "
-        f"attention {args.attention} | {jax.devices()[0].device_kind} | seq {seq_len} x batch "
-        f"{train_config.batch_size} (accum {train_config.grad_accum}){rows_text} | corpus "
+        f"attention {args.attention}{cp_text} | {jax.devices()[0].device_kind} | seq {seq_len} "
+        f"x batch {train_config.batch_size} (accum {train_config.grad_accum}){rows_text} | corpus "
         f"{corpus.meta['bytes'] / 2**20:.1f} MiB, {len(train_stream):,} train / "
         f"{len(val_stream):,} val tokens",
         flush=True,

@@ -83,7 +83,12 @@ FLOPs: forward 4*B*N*T*S*H, half of it for causal, the visible fraction for a wi
 folder under the system's temporary directory, outside the repository; printed at the start and
 the end), written after every shape, and a table on stdout at the end.
 
-Two other measurements replace the sweep:
+Other measurements replace the sweep:
+
+  --ring    ring attention across this host's devices (flashjax.ring_attention): weak scaling
+            against the all-gather baseline and one device, memory per device, ppermute
+            bandwidth, and a model of n = 2..64 devices; its own options:
+            `python -m flashjax bench --ring --help`.
 
   --io      FlashAttention's IO complexity (its Theorem 2 and Fig. 2): for one forward shape
             (bf16, B=1, N=16, H=64, non-causal; seq 1k..8k) and each tile size of flashjax's
@@ -143,6 +148,7 @@ examples:
   python -m flashjax bench --memory                         # memory vs seq, up to 64k
   python -m flashjax bench --memory --no-run --seqlens 16k,32k
   python -m flashjax bench --sparsity                       # block-sparse time vs density
+  python -m flashjax bench --ring                           # ring attention, all devices
   python -m flashjax bench --sparsity --seqlens 8k,32k --head-dims 128 --max-minutes 3
   python -m flashjax bench --decode                         # decode GB/s vs read bandwidth
   python -m flashjax bench --decode --shapes 1x8k,16x32k --page-sizes 16 --backends flashjax
@@ -998,8 +1004,12 @@ def _flax_study(args: argparse.Namespace, cfg: Any, on_gpu: bool) -> list[dict[s
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep (or --io / --memory); returns the process exit code (0 even if some
     backends failed)."""
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ring" in argv:  # its own options (flashjax.bench.ring); JAX's devices not started yet
+        from flashjax.bench import ring
+
+        return ring.main([a for a in argv if a != "--ring"])
+    parser = build_parser()
     args = parser.parse_args(argv)
     # JAX must not grab 75% of the GPU up front: torch backends share the device.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

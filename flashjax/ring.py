@@ -1,0 +1,597 @@
+"""Ring attention: exact attention over a sequence sharded on a mesh axis, inside `jax.shard_map`.
+
+Every device holds one shard of the queries and one of the keys and values (and of the segment
+ids). The K/V shards travel around the ring with `lax.ppermute`: at step t device r holds the
+K/V shard of device r - t, attends its queries to it with a flashjax kernel, and merges the
+partial result into its running `(out, lse)` with `flashjax.merge_attention`. After n steps each
+query has seen every key once; the result is `dot_product_attention` on the whole sequence,
+sharded the same way.
+
+Positions. A shard is made of pieces, each a contiguous run of global positions: one piece per
+shard in the `"contiguous"` layout (device r holds rows r*L .. (r+1)*L - 1), two in the
+`"zigzag"` layout (the sequence cut into 2n chunks, device r holds chunks r and 2n-1-r, so that
+causal work is the same on every device; `zigzag_permute` puts a global array in that order). A
+(query piece, key piece) pair is one kernel call with `q_offsets` / `kv_offsets` = the pieces'
+global start positions, so causal, windows and segments are exact (the visibility rule compares
+positions). The same rule (`visibility.block_states` with the whole pair as one tile) classifies
+each pair at run time: EMPTY pairs are not computed (`lax.switch`), FULL pairs run without window,
+offsets or segments (compile-time loop bounds in the kernels), PARTIAL pairs run with the
+offsets. A pair on the diagonal of step 0 (a piece against itself) needs no offsets at all.
+
+Backward (`jax.custom_vjp`): the residuals are the shards, the merged `out` and `lse`. The
+backward walks the ring again, recomputing every pair from the GLOBAL `(out, lse)`
+(`Backend.grads`: FlashAttention-2's backward is exact per key block given the global
+residuals); dQ accumulates in place, dK/dV accumulate in a float32 buffer that travels with its
+K/V shard and is handed home after the last step. Memory per device: its shards, a second K/V
+shard in flight, `out`, `lse` and float32 dQ, dK, dV buffers: linear in the shard.
+
+Overlap of the transfer with the compute. Step t+1's K/V shard is sent with `lax.ppermute` at
+the top of step t, before step t's kernels, and nothing in step t reads it: the collective's
+operand is the loop carry and its result is only the next carry. In the backward, the dK/dV
+buffer arrives one step behind its K/V shard (`dkv_in = ring.shift(dkv)` at the top of the step,
+read only by the adds after the step's kernels), so that transfer too is independent of the
+step's compute. XLA's GPU backend lowers each `ppermute` to an asynchronous
+`collective-permute-start` / `collective-permute-done` pair and its latency-hiding scheduler puts
+the start before the independent kernels and the done after them, so NCCL's send/receive runs
+on its own stream while the attention kernels run. Only the last dK/dV hand-off (after the last
+step) is exposed. To check it on a GPU:
+  - the schedule: `jax.jit(f).lower(*args).compile().as_text()`: between each
+    `collective-permute-start` and its `collective-permute-done` lie the step's kernels (Triton
+    custom-calls inside the `conditional`s of `lax.switch`), in the while loop's body for the
+    middle steps and in the entry computation for steps 0 and n - 1 (all of them when n = 2).
+    `python -m flashjax bench --ring` counts this per program (`flashjax.bench.ring.overlap`).
+    If nothing lies between them, the latency-hiding scheduler is off:
+    `XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true`.
+  - the timeline: `jax.profiler.trace(dir)` around a few calls (or `nsys profile`), then in
+    Perfetto / Nsight Systems the NCCL `SendRecv` kernel of step t+1's shard runs on its own
+    stream during step t's attention kernels instead of between them.
+
+Steps are one `lax.scan` (the loop body is compiled once, whatever n); step 0 (no transfer to
+wait for, the diagonal pairs) and the last step (nothing left to prefetch) are peeled off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Hashable, Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from flashjax import backends
+from flashjax.attention import Implementation, dot_product_attention, operands
+from flashjax.merge import merge_attention
+from pallas_kernels import common, visibility
+from pallas_kernels.operands import EMPTY, FULL, PARTIAL, Operands, cotangent
+
+Layout = Literal["contiguous", "zigzag"]
+LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
+
+
+# --------------------------------------------------------------------------------------------------
+# Layouts: which global positions a shard holds
+# --------------------------------------------------------------------------------------------------
+
+
+def pieces_per_shard(layout: str) -> int:
+    """Contiguous runs of positions per shard: 1 (contiguous) or 2 (zigzag)."""
+    _check_layout(layout)
+    return 1 if layout == "contiguous" else 2
+
+
+def zigzag_chunk(shard, piece, num_shards: int):
+    """The global chunk (of 2n) that piece 0 or 1 of `shard` holds in the zigzag layout: chunk r
+    and chunk 2n-1-r. Python ints or traced int32 alike."""
+    return shard + piece * (2 * num_shards - 1 - 2 * shard)
+
+
+def piece_start(layout: str, shard, piece: int, piece_len: int, num_shards: int):
+    """Global position of row 0 of `piece` of `shard` (pieces of `piece_len` rows)."""
+    if layout == "contiguous":
+        return shard * piece_len
+    return zigzag_chunk(shard, piece, num_shards) * piece_len
+
+
+def zigzag_order(length: int, num_shards: int) -> np.ndarray:
+    """`(length,)` int: the global row at each row of the zigzag order (shard 0's rows first)."""
+    chunks = 2 * num_shards
+    if num_shards < 1 or length % chunks:
+        raise ValueError(
+            f"the zigzag layout cuts the sequence into 2 * num_shards = {chunks} equal chunks; "
+            f"got length {length}"
+        )
+    size = length // chunks
+    order = [zigzag_chunk(r, p, num_shards) for r in range(num_shards) for p in (0, 1)]
+    return (np.asarray(order)[:, None] * size + np.arange(size)[None, :]).reshape(-1)
+
+
+def _take(x, rows: np.ndarray, axis: int):
+    if isinstance(x, np.ndarray):
+        return np.take(x, rows, axis=axis)
+    return jnp.take(x, jnp.asarray(rows), axis=axis)
+
+
+def zigzag_permute(x, num_shards: int, axis: int = 1):
+    """A global array (numpy or JAX) in zigzag order along `axis`, ready to be sharded over
+    `num_shards` devices: shard r then holds chunks r and 2n-1-r of the 2n equal chunks. For n = 2
+    and 16 rows the order is 0-3, 12-15, 4-7, 8-11."""
+    return _take(x, zigzag_order(x.shape[axis], num_shards), axis)
+
+
+def zigzag_unpermute(x, num_shards: int, axis: int = 1):
+    """The inverse of `zigzag_permute`: zigzag order back to global order along `axis`."""
+    return _take(x, np.argsort(zigzag_order(x.shape[axis], num_shards)), axis)
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The ring: static context, pieces, pairs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Ring:
+    """The static side of one call: the mesh axis, its size, the layout and the backend."""
+
+    axis_name: Hashable
+    size: int
+    layout: str
+    backend: backends.Backend
+
+    @property
+    def pieces(self) -> int:
+        return pieces_per_shard(self.layout)
+
+    def shift(self, tree):
+        """Send `tree` to the next device of the ring (device r receives from r - 1)."""
+        perm = [(i, (i + 1) % self.size) for i in range(self.size)]
+        return lax.ppermute(tree, self.axis_name, perm)
+
+    def source(self, step) -> jax.Array:
+        """The device whose K/V shard this device holds at `step`."""
+        return (lax.axis_index(self.axis_name) - step) % self.size
+
+
+@dataclasses.dataclass(frozen=True)
+class _Queries:
+    """One query piece of this device: q `(B, C, N, H)`, segment ids `(B, C)` or None, the global
+    position of its row 0 (int32 scalar) and which piece of the shard it is."""
+
+    q: jax.Array
+    segments: jax.Array | None
+    start: jax.Array
+    index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Keys:
+    """One key piece of the K/V shard held at some step: k, v `(B, C, K, H)`, segment ids
+    `(B, C)` or None, the global position of its key 0 and its index in the shard."""
+
+    k: jax.Array
+    v: jax.Array
+    segments: jax.Array | None
+    start: jax.Array
+    index: int
+
+
+def _split(x: jax.Array | None, count: int) -> list[jax.Array | None]:
+    """`count` equal pieces of `x` along axis 1 (None stays None)."""
+    if x is None:
+        return [None] * count
+    size = x.shape[1] // count
+    return [x[:, i * size : (i + 1) * size] for i in range(count)]
+
+
+def _queries(ring: Ring, ops: Operands) -> list[_Queries]:
+    """This device's query pieces, at their global positions."""
+    shard = lax.axis_index(ring.axis_name)
+    size = ops.seq_q // ring.pieces
+    return [
+        _Queries(q, seg, piece_start(ring.layout, shard, i, size, ring.size), i)
+        for i, (q, seg) in enumerate(
+            zip(_split(ops.q, ring.pieces), _split(ops.q_segments, ring.pieces))
+        )
+    ]
+
+
+# The K/V shard that travels: (k, v, kv_segments).
+KV = tuple[jax.Array, jax.Array, jax.Array | None]
+
+
+def _keys(ring: Ring, kv: KV, step) -> list[_Keys]:
+    """The key pieces of the K/V shard held at `step` (device r - step's), at their positions."""
+    shard = ring.source(step)
+    k, v, seg = (_split(x, ring.pieces) for x in kv)
+    size = kv[0].shape[1] // ring.pieces
+    return [
+        _Keys(k[i], v[i], seg[i], piece_start(ring.layout, shard, i, size, ring.size), i)
+        for i in range(ring.pieces)
+    ]
+
+
+def _pair(ops: Operands, q: _Queries, kv: _Keys, positional: bool) -> Operands:
+    """The operands of one (query piece, key piece) pair, with its positions as offsets when
+    `positional` (else the kernels' bounds stay compile-time constants)."""
+    offsets = {}
+    if positional:
+        batch = ops.batch
+        offsets = dict(
+            q_offsets=jnp.full((batch,), q.start, jnp.int32),
+            kv_offsets=jnp.full((batch,), kv.start, jnp.int32),
+        )
+    return ops.replace(
+        q=q.q, k=kv.k, v=kv.v, q_segments=q.segments, kv_segments=kv.segments, **offsets
+    )
+
+
+def _dense(ops: Operands) -> Operands:
+    """The same call where every pair is known to be visible: no window, offsets or segments
+    (the kernels' loop bounds are then compile-time constants)."""
+    statics = dataclasses.replace(ops.statics, window=(None, None))
+    return ops.replace(
+        statics=statics, q_offsets=None, kv_offsets=None, q_segments=None, kv_segments=None
+    )
+
+
+def _always_full(ops: Operands) -> bool:
+    """Whether every (query, key) pair is visible whatever the positions (no window, no
+    segments)."""
+    return ops.statics.window == (None, None) and not ops.has_segments
+
+
+def pair_state(ops: Operands) -> jax.Array:
+    """EMPTY, PARTIAL or FULL for a whole pair of pieces (every batch row), by the visibility
+    rule with the pair as one tile."""
+    states = visibility.block_states(ops, ops.seq_q, ops.seq_k, 1, 1)
+    return jnp.where(
+        jnp.max(states) == EMPTY, EMPTY, jnp.where(jnp.min(states) == FULL, FULL, PARTIAL)
+    ).astype(jnp.int32)
+
+
+def _visit(ops: Operands, carry, update: Callable[[Operands, object], object]):
+    """`update(pair, carry)` unless the pair is wholly invisible (then `carry` as it is); a
+    FULL pair runs as `_dense(pair)`. The state is known at run time only: `lax.switch`."""
+    if _always_full(ops):
+        return update(_dense(ops), carry)
+    branches = {
+        EMPTY: lambda c: c,
+        PARTIAL: lambda c: update(ops, c),
+        FULL: lambda c: update(_dense(ops), c),
+    }
+    return lax.switch(pair_state(ops), [branches[s] for s in sorted(branches)], carry)
+
+
+def _pairs(ops: Operands, queries: Sequence[_Queries], keys: Sequence[_Keys], first: bool):
+    """Every (query piece, key piece) of a step with its operands. Positions matter only through
+    a window (causal included); on the first step a piece meets itself (same shard, same index)
+    and, when queries and keys have one length, both start at one position: no offsets needed."""
+    windowed = ops.statics.window != (None, None)
+    for q in queries:
+        for key in keys:
+            aligned = first and q.index == key.index and ops.seq_q == ops.seq_k
+            yield q, key, _pair(ops, q, key, positional=windowed and not aligned)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+Acc = tuple[jax.Array, jax.Array]  # running (out (B, C, N, H), lse (B, C, N)), float32
+
+
+def _merge_pair(backend: backends.Backend, pair: Operands, acc: Acc) -> Acc:
+    out, lse = backend.forward(pair)
+    return merge_attention(acc[0], acc[1], out, lse)
+
+
+def _forward_step(
+    ring: Ring, ops: Operands, queries: Sequence[_Queries], accs, kv: KV, step, first=False
+) -> list[Acc]:
+    """Merge the attention of every query piece over the K/V shard held at `step`."""
+    accs = list(accs)
+    update = functools.partial(_merge_pair, ring.backend)
+    for q, _, pair in _pairs(ops, queries, _keys(ring, kv, step), first):
+        accs[q.index] = _visit(pair, accs[q.index], update)
+    return accs
+
+
+def ring_forward(ring: Ring, ops: Operands) -> tuple[jax.Array, jax.Array]:
+    """`(out (B, T, N, H) in q's dtype, lse (B, T, N))` of this device's queries over the whole
+    sequence; `ops` holds this device's shards."""
+    queries = _queries(ring, ops)
+    acc = common.acc_dtype(ops.q.dtype)
+    accs = [(jnp.zeros_like(q.q, acc), jnp.full_like(q.q[..., 0], -jnp.inf, acc)) for q in queries]
+    kv: KV = (ops.k, ops.v, ops.kv_segments)
+    step = functools.partial(_forward_step, ring, ops, queries)
+    if ring.size > 1:
+        nxt = ring.shift(kv)  # arrives during step 0
+    accs = step(accs, kv, 0, first=True)
+    if ring.size > 2:
+
+        def body(carry, t):
+            accs, kv = carry
+            nxt = ring.shift(kv)  # independent of this step's kernels: overlaps them
+            return (step(accs, kv, t), nxt), None
+
+        (accs, nxt), _ = lax.scan(body, (accs, nxt), jnp.arange(1, ring.size - 1))
+    if ring.size > 1:
+        accs = step(accs, nxt, ring.size - 1)
+    out = jnp.concatenate([a[0] for a in accs], axis=1).astype(ops.q.dtype)
+    return out, jnp.concatenate([a[1] for a in accs], axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Residuals:
+    """A query piece's rows of the GLOBAL out and lse, and of the cotangent of out."""
+
+    out: jax.Array
+    lse: jax.Array
+    dout: jax.Array
+
+
+def _add_grads(backend: backends.Backend, res: _Residuals, pair: Operands, carry):
+    """Add a pair's (dQ, dK, dV), recomputed from the global residuals, to `carry`."""
+    g = backend.grads(pair, res.out, res.lse, res.dout, None)
+    dq, dk, dv = carry
+    return dq + g.q, dk + g.k, dv + g.v
+
+
+def _backward_step(
+    ring: Ring,
+    ops: Operands,
+    queries: Sequence[_Queries],
+    res: Sequence[_Residuals],
+    dq,
+    kv: KV,
+    dkv_in: tuple[jax.Array, jax.Array] | None,
+    step,
+    first=False,
+):
+    """Add every pair's gradients of `step`: dQ into `dq` (per query piece); dK/dV of the K/V
+    shard held at `step` into fresh buffers, and those into `dkv_in` (the shard's buffer so far,
+    None on step 0) only after every kernel of the step, so that its transfer overlaps them."""
+    dq = list(dq)
+    acc = common.acc_dtype(ops.q.dtype)
+    dk, dv = ([jnp.zeros_like(x, acc) for x in _split(y, ring.pieces)] for y in kv[:2])
+    for q, key, pair in _pairs(ops, queries, _keys(ring, kv, step), first):
+        i, j = q.index, key.index
+        update = functools.partial(_add_grads, ring.backend, res[i])
+        dq[i], dk[j], dv[j] = _visit(pair, (dq[i], dk[j], dv[j]), update)
+    dkv = (jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1))
+    if dkv_in is not None:
+        dkv = (dkv_in[0] + dkv[0], dkv_in[1] + dkv[1])
+    return dq, dkv
+
+
+def ring_backward(
+    ring: Ring, ops: Operands, out: jax.Array, lse: jax.Array, dout: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(dq, dk, dv)` of this device's shards from the global residuals `out`, `lse` (this
+    device's rows) and the cotangent `dout`."""
+    queries = _queries(ring, ops)
+    res = [_Residuals(*r) for r in zip(*(_split(x, ring.pieces) for x in (out, lse, dout)))]
+    acc = common.acc_dtype(ops.q.dtype)
+    dq = [jnp.zeros_like(q.q, acc) for q in queries]
+    kv: KV = (ops.k, ops.v, ops.kv_segments)
+    step = functools.partial(_backward_step, ring, ops, queries, res)
+    if ring.size > 1:
+        nxt = ring.shift(kv)
+    dq, dkv = step(dq, kv, None, 0, first=True)
+    if ring.size > 2:
+
+        def body(carry, t):
+            dq, kv, dkv = carry
+            nxt = ring.shift(kv)
+            # The buffer of the shard held now, one hop behind it: added after the kernels.
+            dkv_in = ring.shift(dkv)
+            dq, dkv = step(dq, kv, dkv_in, t)
+            return (dq, nxt, dkv), None
+
+        (dq, nxt, dkv), _ = lax.scan(body, (dq, nxt, dkv), jnp.arange(1, ring.size - 1))
+    if ring.size > 1:
+        dq, dkv = step(dq, nxt, ring.shift(dkv), ring.size - 1)
+        dkv = ring.shift(dkv)  # the last hop: each buffer back to its shard's device
+    dq = jnp.concatenate(dq, axis=1).astype(ops.q.dtype)
+    return dq, dkv[0].astype(ops.k.dtype), dkv[1].astype(ops.v.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The differentiable op
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_attention(ring: Ring, ops: Operands) -> jax.Array:
+    return ring_forward(ring, ops)[0]
+
+
+def _ring_attention_fwd(ring: Ring, ops: Operands):
+    out, lse = ring_forward(ring, ops)
+    return out, (ops, out, lse)
+
+
+def _ring_attention_bwd(ring: Ring, residuals, dout: jax.Array):
+    ops, out, lse = residuals
+    dq, dk, dv = ring_backward(ring, ops, out, lse, dout)
+    return (cotangent(ops, q=dq, k=dk, v=dv),)
+
+
+_ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
+
+
+def _axis_size(axis_name: Hashable) -> int:
+    try:
+        return int(lax.axis_size(axis_name))
+    except NameError:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not a mesh axis here: call ring_attention inside "
+            "jax.shard_map over a mesh with that axis"
+        ) from None
+
+
+def _ring_backend(implementation: str | None, ops: Operands) -> backends.Backend:
+    """The backend of every pair; it must have a backward from given residuals."""
+    backend = backends.choose(implementation, ops)
+    if backend.backward is None:
+        raise ValueError(
+            f"implementation={backend.name!r} cannot serve ring attention: its gradient is "
+            "autodiff of one call, while ring attention recomputes every part from the merged "
+            "out and logsumexp; use 'xla_chunked' or 'triton'"
+        )
+    return backend
+
+
+def _check_call(query, layout: str) -> None:
+    """Before the operands are built: the layout and the rank (the sequence is axis 1)."""
+    _check_layout(layout)
+    if getattr(query, "ndim", None) != 4:
+        raise ValueError(
+            "ring attention takes rank-4 (B, T, N, H) shards, the sequence on axis 1; got query "
+            f"shape {getattr(query, 'shape', None)}"
+        )
+
+
+def _check_ops(ops: Operands, layout: str) -> None:
+    """After: a static scale, and shards that split into the layout's pieces."""
+    if ops.scale is not None:
+        raise ValueError("ring attention takes a static scale (a Python float or None)")
+    pieces = pieces_per_shard(layout)
+    if ops.seq_q % pieces or ops.seq_k % pieces:
+        raise ValueError(
+            f"the {layout} layout splits each shard into {pieces} pieces; got query shard length "
+            f"{ops.seq_q} and key shard length {ops.seq_k}"
+        )
+
+
+def ring_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    axis_name: Hashable,
+    is_causal: bool = False,
+    layout: Layout = "contiguous",
+    scale: float | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    implementation: Implementation | None = None,
+) -> jax.Array:
+    """Exact attention over a sequence sharded on mesh axis `axis_name`; call inside
+    `jax.shard_map`.
+
+    Every argument is this device's shard: the sequence (axis 1) of query, key, value and the
+    segment ids is split over `axis_name` (n devices); other axes (batch, heads) may be sharded
+    over other mesh axes, which pass through untouched. The result is this device's shard of
+    `dot_product_attention` on the whole sequence with the same arguments.
+
+    Args:
+      query: `Float[Array, "B T N H"]`, T = the query sequence / n.
+      key: `Float[Array, "B S K H"]`, S = the key sequence / n, N a multiple of K (GQA / MQA).
+      value: same shape and dtype as key.
+      axis_name: the mesh axis that shards the sequence.
+      is_causal: query at global position p sees keys at positions <= p.
+      layout: `"contiguous"`: device r holds rows r*T .. (r+1)*T - 1. `"zigzag"`: the sequence is
+        cut into 2n chunks and device r holds chunks r and 2n-1-r (`zigzag_permute` before
+        sharding, `zigzag_unpermute` after gathering), which balances causal work; T and S even.
+      scale, local_window_size, logits_soft_cap: as `dot_product_attention` (global positions).
+      q_segment_ids: `Int[Array, "B T"]`, kv_segment_ids: `Int[Array, "B S"]`: shards of the
+        segment ids (packed documents), in the same layout.
+      implementation: the kernel of every step, as `dot_product_attention`'s (None: "triton" on
+        NVIDIA GPUs, "xla_chunked" elsewhere). "xla" cannot serve: it has no backward from given
+        residuals.
+
+    Returns:
+      `Float[Array, "B T N H"]` in query's dtype: this device's rows of the attention output.
+      Differentiable (`jax.custom_vjp`; see the module docstring for the backward).
+    """
+    _check_call(query, layout)
+    ops = operands(
+        query,
+        key,
+        value,
+        scale=scale,
+        is_causal=is_causal,
+        local_window_size=local_window_size,
+        logits_soft_cap=logits_soft_cap,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+    )
+    _check_ops(ops, layout)
+    ring = Ring(axis_name, _axis_size(axis_name), layout, _ring_backend(implementation, ops))
+    return _ring_attention(ring, ops)
+
+
+# --------------------------------------------------------------------------------------------------
+# The all-gather baseline
+# --------------------------------------------------------------------------------------------------
+
+
+def all_gather_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    axis_name: Hashable,
+    is_causal: bool = False,
+    layout: Layout = "contiguous",
+    scale: float | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    implementation: Implementation | None = None,
+) -> jax.Array:
+    """What ring attention is measured against (MaxText's default context parallelism): the same
+    call and result as `ring_attention`, by all-gathering K/V (and key segment ids) inside
+    `shard_map`, restoring global order (zigzag), then one `dot_product_attention` per query
+    piece at its global position. Every device holds the whole K/V: memory O(S), not O(S / n).
+    Differentiable by autodiff (the gather's transpose reduce-scatters dK/dV)."""
+    _check_call(query, layout)
+    n = _axis_size(axis_name)
+
+    def gather(x: jax.Array | None) -> jax.Array | None:
+        if x is None:
+            return None
+        x = lax.all_gather(x, axis_name, axis=1, tiled=True)
+        return zigzag_unpermute(x, n) if layout == "zigzag" else x
+
+    k, v, kv_seg = gather(key), gather(value), gather(kv_segment_ids)
+    shard = lax.axis_index(axis_name)
+    positional = is_causal or local_window_size is not None
+    pieces = pieces_per_shard(layout)
+    outs = []
+    for i, (q, seg) in enumerate(zip(_split(query, pieces), _split(q_segment_ids, pieces))):
+        start = piece_start(layout, shard, i, q.shape[1], n)
+        offsets = jnp.full((q.shape[0],), start, jnp.int32) if positional else None
+        outs.append(
+            dot_product_attention(
+                q,
+                k,
+                v,
+                scale=scale,
+                is_causal=is_causal,
+                local_window_size=local_window_size,
+                logits_soft_cap=logits_soft_cap,
+                q_segment_ids=seg,
+                kv_segment_ids=kv_seg,
+                q_offsets=offsets,
+                implementation=implementation,
+            )
+        )
+    return jnp.concatenate(outs, axis=1)

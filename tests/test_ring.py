@@ -1,0 +1,352 @@
+"""Ring attention (`flashjax.ring_attention`) on 1, 2, 4 and 8 host devices (conftest.py asks XLA
+for 8): every layout and feature against `dot_product_attention` on the gathered sequence, forward
+and gradients; invisible pairs skipped and zigzag balanced (counted); the transfers independent of
+the step they overlap (jaxpr); memory per device linear in the shard (compiled); the all-gather
+baseline; the errors. The GPU tier (`-m gpu`) runs the compiled kernels on two GPUs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import Case, make_inputs
+from jax.extend.core import Literal
+from jax.sharding import Mesh, PartitionSpec
+
+import flashjax
+from flashjax import backends, ring
+from flashjax.ring import all_gather_attention, ring_attention, zigzag_permute, zigzag_unpermute
+
+SEQ = "sp"
+RING_KEYWORDS = ("is_causal", "local_window_size", "logits_soft_cap")
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a ring on global arrays
+# --------------------------------------------------------------------------------------------------
+
+
+def mesh_of(n: int, data: int = 1) -> Mesh:
+    """A (data, sp) mesh of the first data * n devices (skips when there are fewer)."""
+    if jax.device_count() < data * n:
+        pytest.skip(f"needs {data * n} devices")
+    return Mesh(np.array(jax.devices()[: data * n]).reshape(data, n), ("data", SEQ))
+
+
+def sharded(attention, mesh: Mesh, layout: str, kw: dict, *, check_vma: bool = True, **extra):
+    """`f(q, k, v) -> out` on global arrays: permute into the layout, shard the sequence over
+    "sp" (and the batch over "data"), run `attention` per device, gather, unpermute."""
+    n = mesh.shape[SEQ]
+    batch = "data" if mesh.shape["data"] > 1 else None
+    spec = PartitionSpec(batch, SEQ)
+    segments = kw.get("q_segment_ids")
+    statics = {name: kw[name] for name in RING_KEYWORDS if name in kw} | extra
+
+    def order(x):
+        return zigzag_permute(x, n) if layout == "zigzag" else x
+
+    def restore(x):
+        return zigzag_unpermute(x, n) if layout == "zigzag" else x
+
+    def per_device(q, k, v, q_seg, kv_seg):
+        segs = {} if q_seg is None else dict(q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+        return attention(q, k, v, axis_name=SEQ, layout=layout, **statics, **segs)
+
+    mapped = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec, check_vma=check_vma
+    )
+
+    def run(q, k, v):
+        seg = None if segments is None else order(segments)
+        kv_seg = None if segments is None else order(kw["kv_segment_ids"])
+        return restore(mapped(order(q), order(k), order(v), seg, kv_seg))
+
+    return run
+
+
+def whole(kw: dict, impl: str = "xla_chunked", **extra):
+    """`f(q, k, v) -> out`: `dot_product_attention` on the whole sequence."""
+
+    def run(q, k, v):
+        return flashjax.dot_product_attention(q, k, v, implementation=impl, **kw, **extra)
+
+    return run
+
+
+def value_and_vjp(f, q, k, v, dout):
+    out, vjp = jax.vjp(jax.jit(f), q, k, v)
+    return (out, *vjp(dout))
+
+
+def assert_matches(got, want, *, rtol: float, atol: float) -> None:
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=rtol, atol=atol, err_msg=name
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Zigzag order
+# --------------------------------------------------------------------------------------------------
+
+
+def test_zigzag_order_of_the_issue_and_round_trip() -> None:
+    x = np.arange(16)[None, :, None]
+    got = zigzag_permute(x, 2)
+    want = np.concatenate([np.arange(0, 4), np.arange(12, 16), np.arange(4, 8), np.arange(8, 12)])
+    np.testing.assert_array_equal(got[0, :, 0], want)
+    assert isinstance(got, np.ndarray)
+    y = jnp.asarray(np.random.default_rng(0).standard_normal((24, 3)))
+    for n in (1, 3, 6):
+        back = zigzag_unpermute(zigzag_permute(y, n, axis=0), n, axis=0)
+        np.testing.assert_array_equal(back, y)
+    with pytest.raises(ValueError, match="2 \\* num_shards = 6"):
+        zigzag_permute(x, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ring against the whole sequence
+# --------------------------------------------------------------------------------------------------
+
+# (layout, ring size, data-parallel size, case, extra keywords); float32 throughout.
+F32 = functools.partial(Case, S=64, dtype="float32")
+RING_CASES = [
+    ("contiguous", 1, 1, F32(B=1, T=64, N=2, K=1, H=32, features=("causal",)), {}),
+    ("contiguous", 2, 1, F32(B=2, T=64, N=2, K=2, H=32, features=("causal",)), {}),
+    ("contiguous", 4, 1, F32(B=2, T=64, N=4, K=2, H=32, features=("softcap",)), {"scale": 0.3}),
+    ("contiguous", 4, 2, F32(B=2, T=64, N=4, K=1, H=32, features=("window", "segments")), {}),
+    (
+        "zigzag",
+        8,
+        1,
+        F32(B=2, T=64, N=2, K=1, H=16, features=("causal", "window", "segments", "softcap")),
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "layout, n, data, case, extra",
+    RING_CASES,
+    ids=[f"{c[0]}-n{c[1]}x{c[2]}-{c[3].id}" for c in RING_CASES],
+)
+def test_ring_matches_the_whole_sequence(layout, n, data, case, extra) -> None:
+    """Forward and gradients of the ring equal `dot_product_attention` on the gathered sequence
+    (float32; the ring sums the same terms in another order)."""
+    q, k, v, dout, kw = make_inputs(case, salt=layout)
+    mesh = mesh_of(n, data)
+    got = value_and_vjp(sharded(ring_attention, mesh, layout, kw, **extra), q, k, v, dout)
+    want = value_and_vjp(whole(kw, **extra), q, k, v, dout)
+    assert_matches(got, want, rtol=1e-5, atol=2e-5)
+
+
+def test_ring_with_the_kernels_interpreted() -> None:
+    """The Pallas kernels (interpret mode) as the ring's steps: the diagonal without offsets,
+    dense FULL pairs, PARTIAL pairs with offsets (segments)."""
+    case = F32(B=1, T=64, N=2, K=1, H=32, features=("causal", "segments"))
+    q, k, v, dout, kw = make_inputs(case)
+    mesh = mesh_of(2)
+    # Pallas' CPU interpreter trips over varying manual axes (see test_transforms.py).
+    f = sharded(ring_attention, mesh, "contiguous", kw, check_vma=False, implementation="triton")
+    got = value_and_vjp(f, q, k, v, dout)
+    want = value_and_vjp(whole(kw, "triton"), q, k, v, dout)
+    assert_matches(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_all_gather_baseline_matches_the_whole_sequence() -> None:
+    case = F32(B=2, T=64, N=2, K=1, H=32, features=("causal", "segments"))
+    q, k, v, _, kw = make_inputs(case)
+    mesh = mesh_of(4)
+    got = jax.jit(sharded(all_gather_attention, mesh, "zigzag", kw, implementation="xla_chunked"))
+    np.testing.assert_allclose(got(q, k, v), whole(kw)(q, k, v), rtol=1e-5, atol=2e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Skipping and balance: count the pairs each device computes
+# --------------------------------------------------------------------------------------------------
+
+
+def counting_backend(counts: collections.Counter) -> backends.Backend:
+    """xla_chunked, counting per device and pass ("fwd", "bwd") the pairs it computes."""
+    inner = backends.REGISTRY["xla_chunked"]
+
+    def tick(what: str):
+        shard = jax.lax.axis_index(SEQ)
+        jax.debug.callback(lambda s: counts.update([(what, int(s))]), shard)
+
+    def forward(ops):
+        tick("fwd")
+        return inner.forward(ops)
+
+    def backward(ops, out, lse, dout, dlse):
+        tick("bwd")
+        return inner.backward(ops, out, lse, dout, dlse)
+
+    return dataclasses.replace(inner, name="counting", forward=forward, backward=backward)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_causal_ring_skips_invisible_pairs_balances_and_matches(layout, monkeypatch) -> None:
+    """Causal on 4 devices, forward and gradients against the whole sequence, counting the pairs
+    each device computes. Contiguous: device r computes the r + 1 shards at or before its own (10
+    of 16). Zigzag (2 pieces per shard, 4 pairs per step): the diagonal step computes 3 pairs,
+    every other step 2, on every device: 9 each, 36 half-size pairs in all (= 9 full-size)."""
+    counts: collections.Counter = collections.Counter()
+    monkeypatch.setitem(backends.REGISTRY, "counting", counting_backend(counts))
+    case = F32(B=2, T=64, N=4, K=2, H=32, features=("causal",))
+    q, k, v, dout, kw = make_inputs(case, salt=layout)
+    f = sharded(ring_attention, mesh_of(4), layout, kw, implementation="counting")
+    got = value_and_vjp(f, q, k, v, dout)
+    assert_matches(got, value_and_vjp(whole(kw), q, k, v, dout), rtol=1e-5, atol=2e-5)
+    want = [r + 1 for r in range(4)] if layout == "contiguous" else [9] * 4
+    for what in ("fwd", "bwd"):
+        assert [counts[(what, r)] for r in range(4)] == want, (what, counts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Overlap: the transfers do not depend on the step they run beside
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_jaxpr(x):
+    """The jaxpr in an equation's parameter (open or closed), or None."""
+    if hasattr(x, "eqns"):
+        return x
+    inner = getattr(x, "jaxpr", None)
+    return inner if hasattr(inner, "eqns") else None
+
+
+def _sub_jaxprs(jaxpr):
+    for eqn in jaxpr.eqns:
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if (found := _as_jaxpr(sub)) is not None:
+                    yield eqn, found
+
+
+def _loop_bodies(jaxpr):
+    """Every scan body inside `jaxpr`, at any depth."""
+    for eqn, sub in _sub_jaxprs(jaxpr):
+        if eqn.primitive.name == "scan":
+            yield sub
+        yield from _loop_bodies(sub)
+
+
+def _kernels_reading(jaxpr, sources: set) -> list:
+    """The `cond`s (the pairs under `lax.switch`) of `jaxpr` that read, directly or through other
+    equations, any of the variables `sources`."""
+    tainted, found = set(sources), []
+    for eqn in jaxpr.eqns:
+        if tainted.intersection(x for x in eqn.invars if not isinstance(x, Literal)):
+            tainted.update(eqn.outvars)
+            if eqn.primitive.name == "cond":
+                found.append(eqn)
+    return found
+
+
+def test_transfers_are_loop_carries_that_no_kernel_reads() -> None:
+    """In each ring loop body (forward, backward) every ppermute reads the loop carry only, so
+    XLA may start it before the step's kernels, and no kernel (the `cond`s of `lax.switch`) reads
+    what a ppermute receives, so XLA may finish it after them: the K/V prefetch only becomes the
+    next carry, the incoming dK/dV buffer is added after the kernels."""
+    case = F32(B=1, T=64, N=2, K=1, H=16, features=("causal",))
+    q, k, v, _, kw = make_inputs(case)
+    f = sharded(ring_attention, mesh_of(4), "zigzag", kw, implementation="xla_chunked")
+    jaxpr = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2)))(q, k, v).jaxpr
+    bodies = [b for b in _loop_bodies(jaxpr) if any(e.primitive.name == "ppermute" for e in b.eqns)]
+    assert len(bodies) == 2, "one ring loop forward, one backward"
+    for body in bodies:
+        permutes = [e for e in body.eqns if e.primitive.name == "ppermute"]
+        received = {x for e in permutes for x in e.outvars}
+        assert all(x in set(body.invars) for e in permutes for x in e.invars)
+        assert any(e.primitive.name == "cond" for e in body.eqns), "pairs under lax.switch"
+        assert not _kernels_reading(body, received)
+        read = {x for e in body.eqns for x in e.invars if not isinstance(x, Literal)}
+        assert not read.intersection(permutes[0].outvars)  # the K/V prefetch
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------
+
+
+def _temp_bytes(attention, local: int, n: int) -> int:
+    """XLA temp bytes per device of forward + backward of `attention` at `local` rows each."""
+    mesh = mesh_of(n)
+    x = jax.ShapeDtypeStruct((1, local * n, 2, 32), jnp.float32)
+    f = sharded(attention, mesh, "contiguous", {"is_causal": True}, implementation="xla_chunked")
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2)))
+    return grad.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_memory_per_device_is_linear_in_the_shard() -> None:
+    """Ring: temp memory per device about doubles with the shard and does not grow with the
+    number of devices; the all-gather baseline's grows with it (every device holds the whole K/V
+    and its gradient)."""
+    ring_small, ring_large = (_temp_bytes(ring_attention, rows, 2) for rows in (512, 1024))
+    ring_wide = _temp_bytes(ring_attention, 512, 8)
+    gather_wide = _temp_bytes(all_gather_attention, 512, 8)
+    assert ring_large / ring_small < 2.5, (ring_small, ring_large)
+    assert ring_wide / ring_small < 1.3, (ring_small, ring_wide)
+    assert ring_wide < gather_wide / 2, (ring_wide, gather_wide)
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_problem() -> None:
+    x = jnp.zeros((1, 8, 2, 16))
+    with pytest.raises(ValueError, match="inside jax.shard_map"):
+        ring_attention(x, x, x, axis_name=SEQ)
+    mesh = mesh_of(2)
+    spec = PartitionSpec(None, SEQ)
+
+    def call(**kw):
+        def f(q):
+            return ring_attention(q, q, q, axis_name=SEQ, **kw)
+
+        return jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec)
+
+    with pytest.raises(ValueError, match="no backward from|cannot serve ring attention"):
+        call(implementation="xla")(x)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        call(layout="striped")(x)
+    with pytest.raises(ValueError, match="2 pieces"):
+        call(layout="zigzag")(jnp.zeros((1, 6, 2, 16)))
+    with pytest.raises(ValueError, match="rank-4"):
+        ring_attention(x[0], x[0], x[0], axis_name=SEQ)
+    with pytest.raises(ValueError, match="static scale"):
+        jax.jit(lambda s: call(scale=s)(x))(jnp.float32(0.5))
+    assert ring.pieces_per_shard("zigzag") == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU tier: the compiled kernels on two GPUs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_ring_on_two_gpus(layout) -> None:
+    """bf16, the Triton kernels compiled, 2 GPUs: against the whole sequence on one GPU. The ring
+    rounds each pair's output and gradients to bf16 before summing in float32, the whole-sequence
+    kernel rounds once: relative L2 errors within bf16 rounding."""
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    case = Case(
+        B=1, T=4096, S=4096, N=8, K=2, H=128, dtype="bfloat16", features=("causal", "segments")
+    )
+    q, k, v, dout, kw = make_inputs(case)
+    got = value_and_vjp(sharded(ring_attention, mesh_of(2), layout, kw), q, k, v, dout)
+    want = value_and_vjp(whole(kw, "triton"), q, k, v, dout)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        g, w = (np.asarray(x, np.float32) for x in (g, w))
+        assert np.linalg.norm(g - w) <= 1e-2 * np.linalg.norm(w), name
