@@ -9,10 +9,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import Case, make_inputs
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interpreter
 
 from flashjax import dot_product_attention
+from pallas_kernels.mosaic import api, forward
+from pallas_kernels.operands import AttentionStatics
 
 
 def test_forward_has_no_races() -> None:
@@ -43,3 +46,27 @@ def test_jit_vmap_and_grad() -> None:
             np.testing.assert_allclose(
                 np.asarray(g[b], np.float32), np.asarray(w, np.float32), rtol=2e-2, atol=2e-2
             )
+
+
+@pytest.mark.parametrize(
+    "head_dim, window, seq",
+    [(64, (None, None), (256, 384)), (128, (None, 0), (200, 300)), (256, (64, 0), (129, 200))],
+)
+def test_forward_lowers_for_the_gpu(head_dim: int, window, seq) -> None:
+    """The compiled path (P from registers, accumulator in place, no interpreter) lowers to a
+    Mosaic GPU module for CUDA here on the CPU (`jax.export` with platforms=["cuda"]): layout
+    inference, wgmma shapes, TMA and barrier types are checked without a GPU. (ptxas and the run
+    itself need the GPU tier.)"""
+    t, s = seq
+    cfg = api.forward_config(head_dim)
+    rows = forward.CONSUMERS * cfg.block_q
+    tp, sp = -(-t // rows) * rows, -(-s // cfg.block_kv) * cfg.block_kv
+    q = jax.ShapeDtypeStruct((2, tp, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, sp, 2, head_dim), jnp.bfloat16)
+    statics = AttentionStatics(scale=head_dim**-0.5, window=window)
+
+    def f(q, k, v):
+        return forward.forward(q, k, v, statics=statics, config=cfg, seq_lens=seq, interpret=None)
+
+    exported = jax.export.export(jax.jit(f), platforms=["cuda"])(q, kv, kv)
+    assert "mosaic_gpu" in exported.mlir_module()

@@ -7,6 +7,7 @@ and times the two programs every mode derives from: "fwd" (the forward) and "fwd
 
 Backends, in table order:
   flashjax          `flashjax.dot_product_attention(implementation="triton")` (interpreted on CPU)
+  flashjax_mosaic   `flashjax.dot_product_attention(implementation="mosaic")` (sm90)
   flashjax_chunked  `flashjax.dot_product_attention(implementation="xla_chunked")`
   jax_cudnn         `jax.nn.dot_product_attention(implementation="cudnn")`
   jax_xla           `jax.nn.dot_product_attention(implementation="xla")`: (T, S) scores in memory
@@ -368,6 +369,12 @@ def all_backends(xla_max_bytes: int = DEFAULT_XLA_MAX_BYTES) -> list[Backend]:
             dpa_call("flashjax", "triton"),
             "flashjax Pallas kernels (Triton lowering; interpreted on CPU)",
             flashjax_triton,
+        ),
+        JaxBackend(
+            "flashjax_mosaic",
+            dpa_call("flashjax", "mosaic"),
+            "flashjax Hopper kernels on Mosaic GPU (forward; Triton backward for now)",
+            _sm90,
         ),
         JaxBackend(
             "flashjax_chunked",

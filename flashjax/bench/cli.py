@@ -129,6 +129,7 @@ Other measurements replace the sweep:
 EPILOG = """\
 backends (each runs only where available; `--list-backends` says which):
   flashjax          flashjax.dot_product_attention(implementation="triton")
+  flashjax_mosaic   flashjax.dot_product_attention(implementation="mosaic") (sm90)
   flashjax_chunked  flashjax.dot_product_attention(implementation="xla_chunked")
   jax_cudnn         jax.nn.dot_product_attention(implementation="cudnn")
   jax_xla           jax.nn.dot_product_attention(implementation="xla"); skipped past --xla-max-gib
