@@ -119,7 +119,7 @@ def _consumer(
 
         def qk(acc_ref):
             plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].T)
-            plgpu.barrier_arrive(turn)  # let the other consumer's matmuls run
+            sync_turn()  # QK issued: the other consumer may issue its matmul
             return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
@@ -131,8 +131,9 @@ def _consumer(
         p, m, l, alpha = common.online_softmax_step(s, m, l)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         p16 = p.astype(dtype)
-        plgpu.barrier_wait(turn)
+        plgpu.barrier_arrive(turn)  # softmax done
         plgpu.barrier_wait(v_loaded.at[slot])
+        plgpu.barrier_wait(turn)  # the tensor cores are ours: the other consumer is in softmax
         if p_via_smem:
             p_smem.at[wg][...] = p16
             plgpu.commit_smem()
@@ -144,6 +145,14 @@ def _consumer(
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m, l
 
+    def sync_turn():
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    # Ping-pong (FA3): the turn barrier completes when both consumers reach it, twice per step
+    # (QK issued; softmax done). Consumer 1 starts one phase late, so one consumer's softmax runs
+    # while the other's matmuls run; consumer 0 makes up the phase at the end.
+    pl.when(wg == 1)(sync_turn)
     carry = (
         plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), layout),
         plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), layout.reduce(1)),
@@ -152,6 +161,7 @@ def _consumer(
     carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
     carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
     carry = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+    pl.when(wg == 0)(sync_turn)
     out, lse2 = common.finalize(*carry)
 
     my_q[...] = out.astype(dtype)  # Q's tile is free again: stage the output there
