@@ -26,11 +26,12 @@ def forward_config(head_dim: int) -> _forward.ForwardConfig:
     return _forward.ForwardConfig(block_q=block_q, block_kv=block_kv, stages=stages)
 
 
-def interpret_params() -> plgpu.InterpretGPUParams | None:
-    """Interpret mode (with the race detector) off the GPU; None on the GPU."""
-    if configs.gpu_target() != "interpret":
-        return None
-    return plgpu.InterpretGPUParams(detect_races=True)
+def interpret_params(interpret: bool | None = None) -> plgpu.InterpretGPUParams | None:
+    """Interpret mode (with the race detector) off the GPU, None on the GPU; `interpret` forces
+    one or the other (False: lower for the GPU from anywhere, as the lowering tests do)."""
+    if interpret is None:
+        interpret = configs.gpu_target() == "interpret"
+    return plgpu.InterpretGPUParams(detect_races=True) if interpret else None
 
 
 def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -41,8 +42,9 @@ def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jax.numpy.pad(x, widths)
 
 
-def forward(ops: Operands) -> tuple[jax.Array, jax.Array]:
-    """`out (B, T, N, H)` in q's dtype and base-2 logsumexp `lse2 (B, N, T)` float32."""
+def forward(ops: Operands, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """`out (B, T, N, H)` in q's dtype and base-2 logsumexp `lse2 (B, N, T)` float32.
+    `interpret`: None picks interpret mode off the GPU (see `interpret_params`)."""
     cfg = forward_config(ops.head_dim)
     t = _round_up(ops.seq_q, _forward.CONSUMERS * cfg.block_q)
     s = _round_up(ops.seq_k, cfg.block_kv)
@@ -57,6 +59,6 @@ def forward(ops: Operands) -> tuple[jax.Array, jax.Array]:
         statics=ops.statics,
         config=cfg,
         seq_lens=(ops.seq_q, ops.seq_k),
-        interpret=interpret_params(),
+        interpret=interpret_params(interpret),
     )
     return out[:, : ops.seq_q, :, : ops.head_dim], lse2[:, :, : ops.seq_q]

@@ -135,49 +135,31 @@ def _dq_kernel(
 ):
     block_q, head_dim = r.q.shape
     t = tiles.query_tile(r, statics, block_q, num_heads, static_seq)
-    b, h, q0, rows, seq, q_segments, stream = (
-        t.b,
-        t.h,
-        t.q0,
-        t.rows,
-        t.seq,
-        t.q_segments,
-        t.stream,
-    )
-    q = tiles.zero_past(r.q[...], rows, seq[2])
-    do = tiles.zero_past(r.do[...], rows, seq[2])
+    q = tiles.zero_past(r.q[...], t.rows, t.seq[2])
+    do = tiles.zero_past(r.do[...], t.rows, t.seq[2])
     lse2 = r.lse2[...]
     delta = r.delta[...]
 
     def body(kb, dq, *, masked: bool):
-        k0 = kb * block_k
-        cols = k0 + jnp.arange(block_k, dtype=jnp.int32)
-        k = r.k[pl.ds(k0, block_k), :]
-        v = r.v[pl.ds(k0, block_k), :]
-        mask = None
-        if masked:
-            kv_segments = None if r.kv_segments is None else r.kv_segments[pl.ds(k0, block_k)]
-            mask = tiles.tile_mask(statics, rows, cols, seq, q_segments, kv_segments, b, h)
-            k, v = tiles.zero_past(k, cols, seq[3]), tiles.zero_past(v, cols, seq[3])
-        bias = None if r.bias is None else tiles.load_bias(r.bias, 0, q0, block_q, k0, block_k)
+        kt = tiles.key_tile(r, t, statics, kb, block_q, block_k, masked=masked)
         _, ds = _tile_grads(
             q,
-            k,
-            v,
+            kt.k,
+            kt.v,
             do,
             lse2,
             delta,
-            rows,
-            cols,
+            t.rows,
+            kt.cols,
             statics=statics,
-            mask=mask,
-            bias=bias,
-            stream=stream,
+            mask=kt.mask,
+            bias=kt.bias,
+            stream=t.stream,
         )
-        return dq + tiles.dot(ds.astype(k.dtype), k)
+        return dq + tiles.dot(ds.astype(kt.k.dtype), kt.k)
 
     dq = jnp.zeros((block_q, head_dim), jnp.float32)
-    dq = tiles.walk(body, dq, **tiles.visits(r, statics, q0, block_q, block_k, seq))
+    dq = tiles.walk(body, dq, **tiles.visits(r, statics, t.q0, block_q, block_k, t.seq))
     dq_ref[...] = (dq * statics.scale).astype(dq_ref.dtype)
 
 

@@ -32,34 +32,17 @@ def _forward_kernel(
 ):
     block_q, head_dim = r.q.shape
     t = tiles.query_tile(r, statics, block_q, num_heads, static_seq)
-    b, h, q0, rows, seq, q_segments, stream = (
-        t.b,
-        t.h,
-        t.q0,
-        t.rows,
-        t.seq,
-        t.q_segments,
-        t.stream,
-    )
     q = r.q[...]
 
     def body(kb, carry, *, masked: bool):
         acc, m, l = carry
-        k0 = kb * block_k
-        cols = k0 + jnp.arange(block_k, dtype=jnp.int32)
-        k = r.k[pl.ds(k0, block_k), :]
-        v = r.v[pl.ds(k0, block_k), :]
-        mask = None
-        if masked:
-            kv_segments = None if r.kv_segments is None else r.kv_segments[pl.ds(k0, block_k)]
-            mask = tiles.tile_mask(statics, rows, cols, seq, q_segments, kv_segments, b, h)
-            k, v = tiles.zero_past(k, cols, seq[3]), tiles.zero_past(v, cols, seq[3])
-        bias = None if r.bias is None else tiles.load_bias(r.bias, 0, q0, block_q, k0, block_k)
-        s2, _ = common.scores(tiles.dot(q, k, trans_b=True), statics.scale, statics, bias, mask)
+        kt = tiles.key_tile(r, t, statics, kb, block_q, block_k, masked=masked)
+        qk = tiles.dot(q, kt.k, trans_b=True)
+        s2, _ = common.scores(qk, statics.scale, statics, kt.bias, kt.mask)
         p, m, l, alpha = common.online_softmax_step(s2, m, l)
-        if stream is not None:
-            p = p * common.dropout_scale(statics, stream, rows, cols)
-        acc = acc * alpha[:, None] + tiles.dot(p.astype(v.dtype), v)
+        if t.stream is not None:
+            p = p * common.dropout_scale(statics, t.stream, t.rows, kt.cols)
+        acc = acc * alpha[:, None] + tiles.dot(p.astype(kt.v.dtype), kt.v)
         return acc, m, l
 
     carry = (
@@ -67,7 +50,7 @@ def _forward_kernel(
         jnp.full((block_q,), -jnp.inf, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    carry = tiles.walk(body, carry, **tiles.visits(r, statics, q0, block_q, block_k, seq))
+    carry = tiles.walk(body, carry, **tiles.visits(r, statics, t.q0, block_q, block_k, t.seq))
     out, lse2 = common.finalize(*carry)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse2

@@ -189,6 +189,41 @@ def query_tile(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class KeyTile:
+    """Key tile `kb` as a query-major program sees it: key indices, K and V (rows past the key
+    length zeroed on boundary tiles), the element mask (None on interior tiles) and the bias."""
+
+    cols: jax.Array
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array | None
+    bias: jax.Array | None
+
+
+def key_tile(
+    r: Refs,
+    t: QueryTile,
+    statics: AttentionStatics,
+    kb: jax.Array,
+    block_q: int,
+    block_k: int,
+    *,
+    masked: bool,
+) -> KeyTile:
+    k0 = kb * block_k
+    cols = k0 + jnp.arange(block_k, dtype=jnp.int32)
+    k = r.k[pl.ds(k0, block_k), :]
+    v = r.v[pl.ds(k0, block_k), :]
+    mask = None
+    if masked:
+        kv_segments = None if r.kv_segments is None else r.kv_segments[pl.ds(k0, block_k)]
+        mask = tile_mask(statics, t.rows, cols, t.seq, t.q_segments, kv_segments, t.b, t.h)
+        k, v = zero_past(k, cols, t.seq[3]), zero_past(v, cols, t.seq[3])
+    bias = None if r.bias is None else load_bias(r.bias, 0, t.q0, block_q, k0, block_k)
+    return KeyTile(cols=cols, k=k, v=v, mask=mask, bias=bias)
+
+
 def zero_past(x: jax.Array, index: jax.Array, length: jax.Array) -> jax.Array:
     """Rows of a loaded tile at or past `length` set to 0, so garbage there (NaN in a padded cache)
     never reaches an output through the tile's matmul. A static length means the call has no

@@ -1,0 +1,97 @@
+"""Every kernel lowers for the GPU, checked here on the CPU.
+
+`jax.jit(...).lower(lowering_platforms=("cuda",))` under an abstract NVIDIA H200 runs the Pallas
+lowering of each kernel (Pallas -> Triton IR; Pallas -> Mosaic GPU) exactly as a GPU run would, so
+a kernel change that does not lower (shapes, layouts, unsupported ops, ref indexing) fails in CI
+rather than in the next session's device call. What only the GPU checks: the Triton / ptxas
+compilation of that IR and the numbers (the GPU tier, `pytest -m gpu`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src.mesh import AbstractDevice
+from jax.sharding import AbstractMesh
+
+from flashjax import BlockMask
+from flashjax.attention import operands
+from flashjax.decode import decode_operands
+from pallas_kernels.mosaic import api as mosaic_api
+from pallas_kernels.triton import api as triton_api
+from pallas_kernels.triton import decode_api
+
+H200 = AbstractMesh(
+    (1,), ("x",), abstract_device=AbstractDevice("NVIDIA H200", num_cores=132, platform="gpu")
+)
+
+
+def lowered_for_h200(f, *args) -> str:
+    """The StableHLO text of `f(*args)` lowered for CUDA on an (abstract) H200."""
+    with jax.sharding.use_abstract_mesh(H200):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+B, T, S, N, K = 2, 1000, 1100, 8, 2
+FEATURES = {
+    "plain": {},
+    "causal-window": dict(is_causal=True, local_window_size=(300, 0)),
+    "lengths-offsets": dict(
+        is_causal=True,
+        key_value_seq_lengths=jnp.array([900, 1100]),
+        query_seq_lengths=jnp.array([1000, 700]),
+        q_offsets=jnp.array([100, 0]),
+    ),
+    "segments": dict(
+        q_segment_ids=jnp.zeros((B, T), jnp.int32), kv_segment_ids=jnp.zeros((B, S), jnp.int32)
+    ),
+    "block-mask": dict(block_mask=BlockMask.from_blocks(jnp.ones((8, 9), bool), 128)),
+    "bias-dropout-softcap": dict(
+        bias=jnp.ones((1, N, T, S)),
+        dropout_rate=0.1,
+        dropout_rng=jax.random.key(0),
+        logits_soft_cap=5.0,
+    ),
+}
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_triton_kernels_lower(feature: str, head_dim: int) -> None:
+    q = jnp.zeros((B, T, N, head_dim), jnp.bfloat16)
+    kv = jnp.zeros((B, S, K, head_dim), jnp.bfloat16)
+    ops = operands(q, kv, kv, **FEATURES[feature])
+
+    def forward_and_backward(ops):
+        out, lse2 = triton_api.forward(ops, target="sm90")
+        return triton_api.backward(ops, out, lse2, out, None, target="sm90")
+
+    text = lowered_for_h200(forward_and_backward, ops)
+    assert text.count("xla.gpu.triton") == 3  # forward, dK/dV, dQ
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_kernel_lowers(head_dim: int, paged: bool) -> None:
+    q = jnp.zeros((4, 1, 32, head_dim), jnp.bfloat16)
+    lengths = jnp.array([100, 4000, 4096, 1], jnp.int32)
+    if paged:
+        cache = jnp.zeros((4 * 64, 64, 8, head_dim), jnp.bfloat16)
+        table = jnp.arange(4 * 64, dtype=jnp.int32).reshape(4, 64)
+    else:
+        cache = jnp.zeros((4, 4096, 8, head_dim), jnp.bfloat16)
+        table = None
+    ops = decode_operands(q, cache, cache, lengths, page_table=table)
+    text = lowered_for_h200(lambda ops: decode_api.forward_parts(ops, target="sm90"), ops)
+    assert "xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("feature", ["plain", "causal-window"])
+def test_mosaic_forward_lowers(feature: str, head_dim: int) -> None:
+    q = jnp.zeros((B, T, N, head_dim), jnp.bfloat16)
+    kv = jnp.zeros((B, S, K, head_dim), jnp.bfloat16)
+    ops = operands(q, kv, kv, **FEATURES[feature])
+    text = lowered_for_h200(lambda ops: mosaic_api.forward(ops, interpret=False), ops)
+    assert "mosaic_gpu" in text
