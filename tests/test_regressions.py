@@ -47,6 +47,8 @@ def test_garbage_past_the_key_length_reaches_nothing(impl: str) -> None:
     q, k, v, dout, _ = make_inputs(case)
     bad_k, bad_v = k.at[0, 2:].set(jnp.nan), v.at[0, 2:].set(jnp.nan)
     lengths = jnp.array([2], jnp.int32)
+    if not served(impl, q, k, v, dict(key_value_seq_lengths=lengths)):
+        return
 
     def loss(q, k, v):
         out = dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl)
