@@ -1,0 +1,139 @@
+"""What the Mosaic GPU kernels share: shared-memory tiles, wgmma helpers, the TMA producer that
+streams tiles through a ring of slots, and the ping-pong schedule of two consumer warpgroups.
+
+Conventions: a CTA has `CONSUMERS` compute warpgroups and one producer warpgroup (the last). The
+producer streams, for each step of a range, a tuple of tiles into slot `step % stages` of their
+shared-memory rings; tile t of slot s arrives on `loaded[t][s]` (TMA completion) and is released by
+both consumers on `free[t][s]` (one arrival each).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+CONSUMERS = 2  # compute warpgroups per CTA
+PRODUCER = CONSUMERS  # the warpgroup index of the TMA producer
+LAYOUT = plgpu.Layout.WGMMA
+
+
+def smem_tile(shape: tuple[int, ...], dtype, minor: int | None = None) -> plgpu.SMEM:
+    """A swizzled shared-memory buffer (a TMA destination and wgmma operand); `minor` is the
+    element count of its minor dim (default: the last dim of `shape`)."""
+    minor = shape[-1] if minor is None else minor
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
+    tiling = plgpu.TilingTransform((8, swizzle // itemsize))
+    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+
+
+def matmul(a, b, shape: tuple[int, int]) -> jax.Array:
+    """`a @ b` into a fresh float32 accumulator (a, b in shared memory; b may be a `.T` view)."""
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+
+    return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+def mma_into(acc: jax.Array, a, b, *, in_place: bool) -> jax.Array:
+    """`acc + a @ b` with wgmma (b in shared memory, a in registers or shared memory).
+
+    `in_place`: the accumulator enters the wgmma (the GPU path); otherwise the product lands in a
+    fresh accumulator and is added (the CPU interpreter runs no `ACC.init` state).
+    """
+    if in_place:
+
+        def accumulate(acc_ref):
+            plgpu.wgmma(acc_ref, a, b)
+
+        return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+    return acc + matmul(a, b, acc.shape)
+
+
+def operand(x: jax.Array, staging, *, via_smem: bool):
+    """A register tile as a wgmma A operand: itself on the GPU; in interpret mode (which runs no
+    register-operand wgmma) stored to `staging` shared memory first."""
+    if not via_smem:
+        return x
+    staging[...] = x
+    plgpu.commit_smem()
+    return staging
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """One tile a producer streams per step: `source(step)` is the GMEM view to copy, `ring` the
+    `(stages, ...)` SMEM buffer, `loaded`/`free` its barriers (one per slot)."""
+
+    source: Callable[[jax.Array], object]
+    ring: object
+    loaded: object
+    free: object
+
+
+def produce(streams: Sequence[Stream], lo, hi, stages: int, registers: int) -> None:
+    """The producer warpgroup: for each step in [lo, hi), wait until its slot is free (from the
+    second lap on), then TMA every stream's tile into it. Last, observe the consumers' final
+    releases, so every barrier phase is consumed before the CTA exits (the interpreter checks
+    it; on the GPU it costs the producer a wait)."""
+    plgpu.set_max_registers(registers, action="decrease")
+
+    @pl.loop(lo, hi)
+    def _(step):
+        i = step - lo
+        slot = lax.rem(i, stages)
+        for s in streams:
+            pl.when(i >= stages)(functools.partial(plgpu.barrier_wait, s.free.at[slot]))
+            plgpu.copy_gmem_to_smem(s.source(step), s.ring.at[slot], s.loaded.at[slot])
+
+    @pl.loop(jnp.maximum(hi - stages, lo), hi)
+    def _(step):
+        slot = lax.rem(step - lo, stages)
+        for s in streams:
+            plgpu.barrier_wait(s.free.at[slot])
+
+
+def stream_barriers(count: int, stages: int) -> tuple:
+    """`loaded` and `free` barrier arrays for `count` streams: `(loaded..., free...)`."""
+    loaded = tuple(plgpu.Barrier(num_barriers=stages) for _ in range(count))
+    free = tuple(plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages) for _ in range(count))
+    return loaded + free
+
+
+class Turn:
+    """The FA3 ping-pong of the two consumers on one barrier (two arrivals per phase): a consumer
+    calls `sync` after issuing its first matmul of a step, `done` after its softmax and `wait`
+    before its second matmul; consumer 1 starts a phase late (`start`), consumer 0 makes it up at
+    the end (`finish`), so one consumer's softmax overlaps the other's matmuls."""
+
+    def __init__(self, barrier, wg: jax.Array):
+        self.barrier, self.wg = barrier, wg
+
+    def sync(self) -> None:
+        plgpu.barrier_arrive(self.barrier)
+        plgpu.barrier_wait(self.barrier)
+
+    def done(self) -> None:
+        plgpu.barrier_arrive(self.barrier)
+
+    def wait(self) -> None:
+        plgpu.barrier_wait(self.barrier)
+
+    def start(self) -> None:
+        pl.when(self.wg == 1)(self.sync)
+
+    def finish(self) -> None:
+        pl.when(self.wg == 0)(self.sync)
+
+
+def iota(shape: tuple[int, int], dim: int) -> jax.Array:
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=LAYOUT)
