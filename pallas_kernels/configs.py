@@ -71,6 +71,15 @@ MOSAIC_FORWARD: dict[int, tuple[int, int, int]] = {
     192: (64, 64, 2),
     256: (64, 64, 2),
 }
+# The backward's two kernels: (block rows per consumer, block columns per step, stages), used as
+# (block_q, block_kv) by both. NOT MEASURED YET. dK/dV keeps each consumer's K and V tiles in shared
+# memory beside the Q/dO ring: at head dim 256 two stages would need 256 KiB, so one.
+MOSAIC_BACKWARD: dict[int, tuple[int, int, int]] = {
+    64: (64, 64, 2),
+    128: (64, 64, 2),
+    192: (64, 64, 1),
+    256: (64, 64, 1),
+}
 MOSAIC_HEAD_DIM_MULTIPLE = 64  # wgmma tiles the head dim in 64-element (128-byte) swizzled rows
 
 # The pure-XLA chunked path (flashjax/backends/chunked.py): the largest tile, queries and keys, of

@@ -89,9 +89,14 @@ def test_decode_kernel_lowers(head_dim: int, paged: bool) -> None:
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("feature", ["plain", "causal-window"])
-def test_mosaic_forward_lowers(feature: str, head_dim: int) -> None:
+def test_mosaic_kernels_lower(feature: str, head_dim: int) -> None:
     q = jnp.zeros((B, T, N, head_dim), jnp.bfloat16)
     kv = jnp.zeros((B, S, K, head_dim), jnp.bfloat16)
     ops = operands(q, kv, kv, **FEATURES[feature])
-    text = lowered_for_h200(lambda ops: mosaic_api.forward(ops, interpret=False), ops)
-    assert "mosaic_gpu" in text
+
+    def forward_and_backward(ops):
+        out, lse2 = mosaic_api.forward(ops, interpret=False)
+        return mosaic_api.backward(ops, out, lse2, out, None, interpret=False)
+
+    text = lowered_for_h200(forward_and_backward, ops)
+    assert text.count("mosaic_gpu") >= 3  # forward, dK/dV, dQ

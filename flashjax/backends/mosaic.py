@@ -1,11 +1,10 @@
 """`"mosaic"`: Hopper kernels on Pallas' Mosaic GPU backend (pallas_kernels/mosaic), the FA3
 design: TMA producer warpgroup, two consumer warpgroups, wgmma from shared memory and registers.
 
-Status: the forward kernel runs in Mosaic GPU interpret mode on CPU (race detector on); it has not
-run on a GPU yet, so `implementation=None` does not pick it (platforms=()), and the backward is the
-Triton kernels' (the residuals, out and logsumexp, are the same). Calls with what the forward
-does not serve yet (bias, dropout, soft-cap, segments, lengths, offsets, block masks) go to the
-next backend.
+Status: the forward and the two backward kernels (dK/dV, dQ) run in Mosaic GPU interpret mode on
+CPU (race detector on) and lower for the H200; they have not run on a GPU yet, so
+`implementation=None` does not pick them (platforms=()). Calls with what the kernels do not serve
+yet (bias, dropout, soft-cap, segments, lengths, offsets, block masks) go to the next backend.
 """
 
 from __future__ import annotations
@@ -14,10 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from flashjax.backends import Backend
-from flashjax.backends import triton as _triton
 from pallas_kernels import common, configs
 from pallas_kernels.mosaic import api
-from pallas_kernels.operands import Operands
+from pallas_kernels.operands import Operands, cotangent
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -25,6 +23,12 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 def _forward(ops: Operands) -> tuple[jax.Array, jax.Array]:
     out, lse2 = api.forward(ops)
     return out, jnp.swapaxes(lse2, 1, 2) * common.LN2
+
+
+def _backward(ops: Operands, out, lse, dout, dlse) -> Operands:
+    lse2 = jnp.swapaxes(lse, 1, 2).astype(jnp.float32) * common.LOG2E
+    dq, dk, dv = api.backward(ops, out, lse2, dout, dlse)
+    return cotangent(ops, q=dq, k=dk, v=dv)
 
 
 def _unsupported(ops: Operands) -> str | None:
@@ -52,9 +56,9 @@ def _unsupported(ops: Operands) -> str | None:
 BACKEND = Backend(
     name="mosaic",
     forward=_forward,
-    backward=_triton.BACKEND.backward,
+    backward=_backward,
     unsupported=_unsupported,
     platforms=(),  # not picked by default until it has run on a GPU
-    description="Hopper kernels on Mosaic GPU (FA3 forward; Triton backward for now)",
+    description="Hopper kernels on Mosaic GPU (FA3 forward; two-kernel backward)",
     kernels=True,
 )

@@ -9,10 +9,13 @@ visibility rule hides. On CPU the kernels run in Mosaic GPU interpret mode with 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import configs
+from pallas_kernels.mosaic import backward as _backward
 from pallas_kernels.mosaic import forward as _forward
+from pallas_kernels.mosaic.pipeline import CONSUMERS
 from pallas_kernels.operands import Operands
 
 
@@ -20,10 +23,18 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def _head_dim(head_dim: int) -> int:
+    return _round_up(head_dim, configs.MOSAIC_HEAD_DIM_MULTIPLE)
+
+
 def forward_config(head_dim: int) -> _forward.ForwardConfig:
-    padded = _round_up(head_dim, configs.MOSAIC_HEAD_DIM_MULTIPLE)
-    block_q, block_kv, stages = configs.MOSAIC_FORWARD[padded]
+    block_q, block_kv, stages = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
     return _forward.ForwardConfig(block_q=block_q, block_kv=block_kv, stages=stages)
+
+
+def backward_config(head_dim: int) -> _backward.BackwardConfig:
+    block_q, block_kv, stages = configs.MOSAIC_BACKWARD[_head_dim(head_dim)]
+    return _backward.BackwardConfig(block_q=block_q, block_kv=block_kv, stages=stages)
 
 
 def interpret_params(interpret: bool | None = None) -> plgpu.InterpretGPUParams | None:
@@ -46,9 +57,9 @@ def forward(ops: Operands, interpret: bool | None = None) -> tuple[jax.Array, ja
     """`out (B, T, N, H)` in q's dtype and base-2 logsumexp `lse2 (B, N, T)` float32.
     `interpret`: None picks interpret mode off the GPU (see `interpret_params`)."""
     cfg = forward_config(ops.head_dim)
-    t = _round_up(ops.seq_q, _forward.CONSUMERS * cfg.block_q)
+    t = _round_up(ops.seq_q, CONSUMERS * cfg.block_q)
     s = _round_up(ops.seq_k, cfg.block_kv)
-    d = _round_up(ops.head_dim, configs.MOSAIC_HEAD_DIM_MULTIPLE)
+    d = _head_dim(ops.head_dim)
     q = _pad(_pad(ops.q, 1, t), 3, d)
     k = _pad(_pad(ops.k, 1, s), 3, d)
     v = _pad(_pad(ops.v, 1, s), 3, d)
@@ -62,3 +73,42 @@ def forward(ops: Operands, interpret: bool | None = None) -> tuple[jax.Array, ja
         interpret=interpret_params(interpret),
     )
     return out[:, : ops.seq_q, :, : ops.head_dim], lse2[:, :, : ops.seq_q]
+
+
+def backward(
+    ops: Operands,
+    out: jax.Array,
+    lse2: jax.Array,
+    dout: jax.Array,
+    dlse: jax.Array | None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients (dq, dk, dv) from the forward's residuals (out, lse2 `(B, N, T)` base 2).
+
+    `dlse` is the cotangent of the natural-log logsumexp `(B, T, N)` (None if unused): since
+    d lse / d logits = P, it enters as `delta -= dlse`.
+    """
+    cfg = backward_config(ops.head_dim)
+    t = _round_up(ops.seq_q, CONSUMERS * cfg.block_q)
+    s = _round_up(ops.seq_k, CONSUMERS * cfg.block_kv)
+    d = _head_dim(ops.head_dim)
+    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - jnp.swapaxes(dlse, 1, 2).astype(jnp.float32)
+    q = _pad(_pad(ops.q, 1, t), 3, d)
+    k = _pad(_pad(ops.k, 1, s), 3, d)
+    v = _pad(_pad(ops.v, 1, s), 3, d)
+    do = _pad(_pad(dout.astype(ops.q.dtype), 1, t), 3, d)
+    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, t - ops.seq_q)), constant_values=-jnp.inf)
+    delta = _pad(delta, 2, t)
+    args = (q, k, v, do, lse2, delta)
+    launch = dict(
+        statics=ops.statics,
+        config=cfg,
+        seq_lens=(ops.seq_q, ops.seq_k),
+        interpret=interpret_params(interpret),
+    )
+    dk, dv = _backward.dkdv(*args, **launch)
+    dq = _backward.dq(*args, **launch)
+    tq, sk, h = ops.seq_q, ops.seq_k, ops.head_dim
+    return dq[:, :tq, :, :h], dk[:, :sk, :, :h], dv[:, :sk, :, :h]
