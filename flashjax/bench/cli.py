@@ -274,7 +274,7 @@ def hbm_vary() -> tuple[str, ...]:
 
 def hbm_timeout() -> float:
     """The default of `--ncu-timeout`."""
-    from flashjax.bench.hbm import DEFAULT_NCU_TIMEOUT_S
+    from flashjax.bench.hbm_entries import DEFAULT_NCU_TIMEOUT_S
 
     return DEFAULT_NCU_TIMEOUT_S
 
@@ -633,7 +633,7 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
     """`--io`: model, ncu and runtime per sequence length and tile size (see flashjax.bench.hbm)."""
     import jax
 
-    from flashjax.bench import hbm, hbm_report, machine, report
+    from flashjax.bench import hbm, hbm_entries, hbm_report, machine, report
     from flashjax.bench import ncu as ncu_mod
 
     started = time.perf_counter()
@@ -649,7 +649,7 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
         ncu_status = (
             "not profiled" if ncu_path else "no ncu" + (f" at {args.ncu}" if args.ncu else "")
         )
-    cfg = hbm.IOConfig(
+    cfg = hbm_entries.IOConfig(
         seqlens=args.seqlens or defaults["seqlens"],
         blocks=args.blocks or defaults["blocks"],
         batch=args.batch or 1,
