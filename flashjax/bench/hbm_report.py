@@ -17,13 +17,7 @@ Row = dict[str, Any]
 STEM = "io"
 FIELDS = (
     *report.META_FIELDS,
-    "dtype",
-    "batch",
-    "seq_q",
-    "seq_k",
-    "heads",
-    "head_dim",
-    "causal",
+    *report.CALL_FIELDS,
     "impl",
     "block",
     "block_q",

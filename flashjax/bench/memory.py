@@ -38,13 +38,7 @@ STEM = "memory"
 BACKENDS = ("flashjax", "jax_xla", "jax_cudnn")
 FIELDS = (
     *report.META_FIELDS,
-    "dtype",
-    "batch",
-    "seq_q",
-    "seq_k",
-    "heads",
-    "head_dim",
-    "causal",
+    *report.CALL_FIELDS,
     "backend",
     "implementation",
     "mode",

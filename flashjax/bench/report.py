@@ -22,7 +22,10 @@ Row = dict[str, Any]
 # `plot(path, rows, meta) -> path`, or None when it drew nothing (no matplotlib, no data).
 PlotFn = Callable[[Path, Sequence[Row], dict[str, Any]], Path | None]
 META_FIELDS = ("device", "platform", "jax_version", "jaxlib_version", "git_commit", "date")
-SHAPE_FIELDS = ("dtype", "batch", "seq_q", "seq_k", "heads", "head_dim", "causal", "window")
+# A call's shape as the CSVs of --io, --memory and --sparsity give it; the sweep's rows add the
+# window (SHAPE_FIELDS).
+CALL_FIELDS = ("dtype", "batch", "seq_q", "seq_k", "heads", "head_dim", "causal")
+SHAPE_FIELDS = (*CALL_FIELDS, "window")
 CSV_FIELDS = (
     *META_FIELDS,
     *SHAPE_FIELDS,
