@@ -9,6 +9,11 @@ checkout runs it unchanged:
   PYTHONPATH=. python3 benchmarks/ab.py --label new --out DIR
   python3 benchmarks/ab.py --compare DIR/ab-old.json DIR/ab-new.json      # -> DIR/ab-compare.md
 
+Its timing (`batch_seconds`, `calls_per_batch`) and its commit (`checkout_commit`) therefore
+repeat flashjax/bench/timing.py and machine.py on purpose: those belong to the checkout under
+test, which may lack them or differ (d7eec2a's machine.py has no `git_commit`), and both sides of
+an A/B must be timed by the same code, this file's.
+
 Cases (bf16, `implementation="triton"`):
   dense    seq 1k, 4k, 16k x head dims 64, 128, 256 x causal / not; B*T = 16k, N*H = 2048
   padding  B=8, T=S=4k, N=16, H=128, non-causal and causal; key_value_seq_lengths uniform in

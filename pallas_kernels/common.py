@@ -106,6 +106,16 @@ def safe_max(m: jax.Array) -> jax.Array:
     return jnp.where(m == -jnp.inf, 0.0, m)
 
 
+def online_softmax_start(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The online softmax's `(acc, m, l)` before any key tile: float32 zeros `(rows, head_dim)`,
+    running max -inf and running sum 0 `(rows,)`."""
+    return (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+
+
 def online_softmax_step(
     s2: jax.Array, m_prev: jax.Array, l_prev: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:

@@ -514,25 +514,32 @@ def test_linen_fields_rebind_on_clone() -> None:
     assert custom.clone(is_causal=False).attention_fn is user
 
 
-def test_linen_decode_with_is_causal_matches_flax() -> None:
-    """Autoregressive decoding with the cache, in a module built with `is_causal=True`, equals
-    Flax's decoding step by step."""
-    x = _normal(10, (2, 6, 16))
-    flax_mha = nn.MultiHeadDotProductAttention(num_heads=4, decode=True)
-    ours = flinen.MultiHeadDotProductAttention(
-        num_heads=4, decode=True, is_causal=True, implementation=IMPL
-    )
-    variables = flax_mha.init(jax.random.key(0), x)
+def _decode_linen_like_flax(
+    flax_mha: nn.Module, ours: nn.Module, variables: dict, x: jax.Array
+) -> None:
+    """Decode `x` one token at a time through Flax's module and ours, both from Flax's
+    `variables` (parameters and cache), each stepping its own cache: the steps agree."""
     params, flax_cache = variables["params"], variables["cache"]
     our_cache = flax_cache
     for t in range(x.shape[1]):
         step = x[:, t : t + 1]
-        ref, flax_vars = flax_mha.apply(
+        want, flax_vars = flax_mha.apply(
             {"params": params, "cache": flax_cache}, step, mutable=["cache"]
         )
-        out, our_vars = ours.apply({"params": params, "cache": our_cache}, step, mutable=["cache"])
+        got, our_vars = ours.apply({"params": params, "cache": our_cache}, step, mutable=["cache"])
         flax_cache, our_cache = flax_vars["cache"], our_vars["cache"]
-        _assert_close(out, ref)
+        _assert_close(got, want)
+
+
+def test_linen_decode_with_is_causal_matches_flax() -> None:
+    """Autoregressive decoding with the cache, in a module built with `is_causal=True`, equals
+    Flax's decoding step by step."""
+    flax_mha = nn.MultiHeadDotProductAttention(num_heads=4, decode=True)
+    ours = flinen.MultiHeadDotProductAttention(
+        num_heads=4, decode=True, is_causal=True, implementation=IMPL
+    )
+    x = _normal(10, (2, 6, 16))
+    _decode_linen_like_flax(flax_mha, ours, flax_mha.init(jax.random.key(0), x), x)
 
 
 def test_linen_dropout() -> None:
@@ -598,21 +605,21 @@ def decode_spy(monkeypatch: pytest.MonkeyPatch) -> _DecodeSpy:
     return recorder
 
 
-def _nnx_decoders(impl: str | None, **kwargs: Any):
-    """Flax's nnx module and ours in decode mode, same parameters, caches for 8 tokens."""
+def _nnx_decoders(impl: str | None, cache_shape: tuple[int, ...], **kwargs: Any):
+    """Flax's nnx module and ours in decode mode, same parameters, caches of `cache_shape`."""
     kwargs = dict(num_heads=4, in_features=16, decode=True) | kwargs
     flax_mha = nnx.MultiHeadAttention(**kwargs, rngs=nnx.Rngs(0))
     ours = fnnx.MultiHeadAttention(**kwargs, implementation=impl, rngs=nnx.Rngs(0))
+    for m in (flax_mha, ours):
+        m.init_cache(cache_shape)
     return flax_mha, ours
 
 
 def test_nnx_decode_steps_run_decode_attention(decode_spy: _DecodeSpy) -> None:
     """Each one-token step is `decode_attention` over the cache with lengths cache_index + 1
     (the kernel, interpreted), and equals Flax's own decoding; GQA cache."""
-    flax_mha, ours = _nnx_decoders("triton_decode", num_kv_heads=2)
+    flax_mha, ours = _nnx_decoders("triton_decode", (2, 8, 16), num_kv_heads=2)
     x = _normal(20, (2, 4, 16))
-    for m in (flax_mha, ours):
-        m.init_cache((2, 8, 16))
     for t in range(x.shape[1]):
         _assert_close(ours(x[:, t : t + 1]), flax_mha(x[:, t : t + 1]))
     assert decode_spy.lengths == [[t + 1, t + 1] for t in range(x.shape[1])]
@@ -621,10 +628,8 @@ def test_nnx_decode_steps_run_decode_attention(decode_spy: _DecodeSpy) -> None:
 def test_nnx_decode_under_jit_with_extra_batch_dims(decode_spy: _DecodeSpy) -> None:
     """`nnx.jit` steps (one compilation, traced cache index), batch dims (2, 3), default
     implementation."""
-    flax_mha, ours = _nnx_decoders(None)
+    flax_mha, ours = _nnx_decoders(None, (2, 3, 8, 16))
     x = _normal(21, (2, 3, 5, 16))
-    for m in (flax_mha, ours):
-        m.init_cache((2, 3, 8, 16))
     step = nnx.jit(lambda m, x: m(x))
     for t in range(x.shape[2]):
         _assert_close(step(ours, x[:, :, t : t + 1]), step(flax_mha, x[:, :, t : t + 1]))
@@ -634,10 +639,8 @@ def test_nnx_decode_under_jit_with_extra_batch_dims(decode_spy: _DecodeSpy) -> N
 def test_nnx_decode_with_a_mask_keeps_the_general_path(decode_spy: _DecodeSpy) -> None:
     """A caller's mask joins Flax's cache mask: no lengths can say that, so the step stays
     attention over the masked cache (and still equals Flax)."""
-    flax_mha, ours = _nnx_decoders(None)
+    flax_mha, ours = _nnx_decoders(None, (2, 8, 16))
     x = _normal(22, (2, 3, 16))
-    for m in (flax_mha, ours):
-        m.init_cache((2, 8, 16))
     hide_first = jnp.ones((2, 1, 1, 8), bool).at[:, :, :, 0].set(False)
     for t in range(x.shape[1]):
         got, want = (
@@ -658,15 +661,6 @@ def test_linen_decode_steps_run_decode_attention(decode_spy: _DecodeSpy) -> None
         num_heads=4, decode=True, implementation="triton_decode"
     )
     variables = flax_mha.init(jax.random.key(0), x)
-    params, flax_cache = variables["params"], variables["cache"]
     assert decode_spy.lengths == []  # the initializing call is not a decode step
-    our_cache = flax_cache
-    for t in range(x.shape[1]):
-        step = x[:, t : t + 1]
-        want, flax_vars = flax_mha.apply(
-            {"params": params, "cache": flax_cache}, step, mutable=["cache"]
-        )
-        got, our_vars = ours.apply({"params": params, "cache": our_cache}, step, mutable=["cache"])
-        flax_cache, our_cache = flax_vars["cache"], our_vars["cache"]
-        _assert_close(got, want)
+    _decode_linen_like_flax(flax_mha, ours, variables, x)
     assert decode_spy.lengths == [[t + 1, t + 1] for t in range(x.shape[1])]

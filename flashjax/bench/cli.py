@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import re
@@ -273,7 +274,7 @@ def hbm_vary() -> tuple[str, ...]:
 
 def hbm_timeout() -> float:
     """The default of `--ncu-timeout`."""
-    from flashjax.bench.hbm import DEFAULT_NCU_TIMEOUT_S
+    from flashjax.bench.hbm_entries import DEFAULT_NCU_TIMEOUT_S
 
     return DEFAULT_NCU_TIMEOUT_S
 
@@ -591,11 +592,13 @@ def _one_shape(
     return (args.head_dims or (head_dim,))[0], args.causal == "yes"
 
 
-def _header(meta: dict[str, Any], what: str) -> None:
+def _header(meta: dict[str, Any], what: str = "") -> None:
+    """The first line of a run's output (`what`: the mode, e.g. "--io"), and the CPU note."""
     from flashjax.bench import report
 
+    run = f"flashjax bench {what}".rstrip()
     print(
-        f"flashjax bench {what} on {meta['device']} ({meta['platform']}), "
+        f"{run} on {meta['device']} ({meta['platform']}), "
         f"jax {meta['jax_version']}, commit {meta['git_commit']}",
         flush=True,
     )
@@ -603,11 +606,34 @@ def _header(meta: dict[str, Any], what: str) -> None:
         print("NOTE: " + report.CPU_NOTE + ".", flush=True)
 
 
+def _available(registry: Sequence[Any], wanted: Sequence[str] | None) -> tuple[list, dict]:
+    """The backends of `registry` named in `wanted` (None: all of them) that run here, and why
+    the others named cannot (`{name: reason}`)."""
+    chosen, unavailable = [], {}
+    for b in registry:
+        if wanted is None or b.name in wanted:
+            why = b.unavailable()
+            if why is None:
+                chosen.append(b)
+            else:
+                unavailable[b.name] = why
+    return chosen, unavailable
+
+
+def _say_skipped(chosen: Sequence[Any], unavailable: dict[str, str]) -> bool:
+    """Print each backend skipped and why; False, after saying so, when none is left to run."""
+    for name, why in unavailable.items():
+        print(f"skip {name}: {why}", flush=True)
+    if not chosen:
+        print("no backend available", file=sys.stderr)
+    return bool(chosen)
+
+
 def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     """`--io`: model, ncu and runtime per sequence length and tile size (see flashjax.bench.hbm)."""
     import jax
 
-    from flashjax.bench import hbm, hbm_report, machine
+    from flashjax.bench import hbm, hbm_entries, hbm_report, machine, report
     from flashjax.bench import ncu as ncu_mod
 
     started = time.perf_counter()
@@ -623,7 +649,7 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
         ncu_status = (
             "not profiled" if ncu_path else "no ncu" + (f" at {args.ncu}" if args.ncu else "")
         )
-    cfg = hbm.IOConfig(
+    cfg = hbm_entries.IOConfig(
         seqlens=args.seqlens or defaults["seqlens"],
         blocks=args.blocks or defaults["blocks"],
         batch=args.batch or 1,
@@ -664,19 +690,15 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
         log=lambda line: print(line, flush=True),
         on_progress=lambda rows: hbm_report.write(out_dir, meta, rows, with_plot=False),
     )
-    return _finish(hbm_report, out_dir, meta, rows, started, plot=not args.no_plot)
-
-
-def _finish(mode: Any, out_dir: Any, meta: dict, rows: list, started: float, plot: bool) -> int:
-    """Write the results of a mode other than the sweep (`mode`: bench.hbm_report,
-    bench.memory or bench.sparsity_report) and its table."""
-    meta["seconds"] = round(time.perf_counter() - started, 1)
-    paths = mode.write(out_dir, meta, rows, with_plot=plot)
-    print()
-    print(mode.format_table(rows, meta))
-    print()
-    print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['seconds']:.0f} s")
-    return 0
+    return report.finish(
+        hbm_report.write,
+        hbm_report.format_table,
+        out_dir,
+        meta,
+        rows,
+        started,
+        with_plot=not args.no_plot,
+    )
 
 
 def _shape_meta(mode: str, cfg: Any) -> dict[str, Any]:
@@ -689,7 +711,7 @@ def main_memory(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     """`--memory`: XLA temp memory of forward+backward per length (see flashjax.bench.memory)."""
     import jax
 
-    from flashjax.bench import machine, memory
+    from flashjax.bench import machine, memory, report
 
     started = time.perf_counter()
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -737,7 +759,9 @@ def main_memory(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         log=lambda line: print(line, flush=True),
         on_progress=lambda rows: memory.write(out_dir, meta, rows, with_plot=False),
     )
-    return _finish(memory, out_dir, meta, rows, started, plot=not args.no_plot)
+    return report.finish(
+        memory.write, memory.format_table, out_dir, meta, rows, started, with_plot=not args.no_plot
+    )
 
 
 def _sparsity_defaults(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
@@ -790,22 +814,15 @@ def _sparsity_backends(
         p.error(
             f"--sparsity compares {', '.join(sparsity_backends.NAMES)}; not {', '.join(unknown)}"
         )
-    chosen, unavailable = [], {"tokamax": sparsity_backends.TOKAMAX_SKIPPED}
-    for b in registry:
-        if b.name in wanted:
-            why = b.unavailable()
-            if why is None:
-                chosen.append(b)
-            else:
-                unavailable[b.name] = why
-    return chosen, unavailable
+    chosen, unavailable = _available(registry, wanted)
+    return chosen, {"tokamax": sparsity_backends.TOKAMAX_SKIPPED} | unavailable
 
 
 def main_sparsity(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     """`--sparsity`: block-sparse time against density (see flashjax.bench.sparsity)."""
     import jax
 
-    from flashjax.bench import machine, sparsity, sparsity_report
+    from flashjax.bench import machine, report, sparsity, sparsity_report
 
     started = time.perf_counter()
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -813,10 +830,7 @@ def main_sparsity(p: argparse.ArgumentParser, args: argparse.Namespace, argv: li
     chosen, unavailable = _sparsity_backends(p, args, on_gpu)
     meta = machine.describe(args.commit)
     _header(meta, "--sparsity")
-    for name, why in unavailable.items():
-        print(f"skip {name}: {why}", flush=True)
-    if not chosen:
-        print("no backend available", file=sys.stderr)
+    if not _say_skipped(chosen, unavailable):
         return 1
     reps = args.reps or 3
     max_minutes = args.max_minutes or _sparsity_defaults(args, on_gpu)["max_minutes"]
@@ -863,8 +877,14 @@ def main_sparsity(p: argparse.ArgumentParser, args: argparse.Namespace, argv: li
         on_progress=save,
     )
     meta["longest_fit"] = sparsity.longest_fit(rows)
-    return _finish(
-        sparsity_report, out_dir, meta, sparsity.finalize(rows), started, not args.no_plot
+    return report.finish(
+        sparsity_report.write,
+        sparsity_report.format_table,
+        out_dir,
+        meta,
+        sparsity.finalize(rows),
+        started,
+        with_plot=not args.no_plot,
     )
 
 
@@ -904,14 +924,7 @@ def _decode_backends(
         default = [n for n in default if n.startswith("flashjax") or n == "jax_xla"]
         default.remove("flashjax_triton")
     wanted = args.backends or default
-    chosen, unavailable = [], {}
-    for b in registry:
-        if b.name in wanted:
-            why = b.unavailable()
-            if why is None:
-                chosen.append(b)
-            else:
-                unavailable[b.name] = why
+    chosen, unavailable = _available(registry, wanted)
     for name in wanted:
         if name not in {b.name for b in registry}:
             unavailable[name] = "not a --decode backend (or a page size not in --page-sizes)"
@@ -922,7 +935,7 @@ def main_decode(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     """`--decode`: decode-step GB/s against the read bandwidth (see flashjax.bench.decode)."""
     import jax
 
-    from flashjax.bench import decode, decode_report, machine
+    from flashjax.bench import decode, decode_report, machine, report
 
     started = time.perf_counter()
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -930,10 +943,7 @@ def main_decode(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     chosen, unavailable = _decode_backends(args, cfg.page_sizes, on_gpu)
     meta = machine.describe(args.commit)
     _header(meta, "--decode")
-    for name, why in unavailable.items():
-        print(f"skip {name}: {why}", flush=True)
-    if not chosen:
-        print("no backend available", file=sys.stderr)
+    if not _say_skipped(chosen, unavailable):
         return 1
     start_read = decode.read_bandwidth(cfg)
     print(f"read bandwidth (start): {start_read['gbps']:.0f} GB/s ({start_read['what']})")
@@ -987,7 +997,15 @@ def main_decode(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     if not args.no_flax:
         meta["flax"] = _flax_study(args, cfg, on_gpu)
     final = decode.finalize(rows, best["gbps"], on_gpu)
-    return _finish(decode_report, out_dir, meta, final, started, not args.no_plot)
+    return report.finish(
+        decode_report.write,
+        decode_report.format_table,
+        out_dir,
+        meta,
+        final,
+        started,
+        with_plot=not args.no_plot,
+    )
 
 
 def _flax_study(args: argparse.Namespace, cfg: Any, on_gpu: bool) -> list[dict[str, Any]]:
@@ -1043,27 +1061,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = _resolve(args, on_gpu)
     meta = machine.describe(args.commit)
     policy = _policy(on_gpu, cfg["reps"])
-    print(
-        f"flashjax bench on {meta['device']} ({meta['platform']}), jax {meta['jax_version']}, "
-        f"commit {meta['git_commit']}",
-        flush=True,
-    )
-    if not on_gpu:
-        print("NOTE: " + report.CPU_NOTE + ".", flush=True)
-
-    wanted = args.backends or (None if on_gpu else CPU_BACKENDS)
-    chosen, unavailable = [], {}
-    for b in registry:
-        if wanted is not None and b.name not in wanted:
-            continue
-        why = b.unavailable()
-        if why is None:
-            chosen.append(b)
-        else:
-            unavailable[b.name] = why
-            print(f"skip {b.name}: {why}", flush=True)
-    if not chosen:
-        print("no backend available", file=sys.stderr)
+    _header(meta)
+    chosen, unavailable = _available(registry, args.backends or (None if on_gpu else CPU_BACKENDS))
+    if not _say_skipped(chosen, unavailable):
         return 1
 
     ceiling = machine.provisional_ceiling(machine.matmul_ceiling(policy))
@@ -1121,15 +1121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     meta["ceiling"] = machine.final_ceiling(ceiling, machine.matmul_ceiling(policy))
     print(f"ceiling that counts: {machine.describe_ceiling(meta['ceiling'])}", flush=True)
-    meta["seconds"] = round(time.perf_counter() - started, 1)
     meta["shapes_run"] = len({(r["seq_q"], r["head_dim"], r["causal"]) for r in rows})
     meta["shapes_planned"] = len(cases)
-    final = report.finalize(rows, meta)
-    paths = report.write_all(out_dir, meta, final, with_plot=not args.no_plot)
-    print()
-    print(
-        report.format_table(final, meta, report.table_subject(meta["platform"], meta["backends"]))
+    subject = report.table_subject(meta["platform"], meta["backends"])
+    return report.finish(
+        report.write_all,
+        functools.partial(report.format_table, subject=subject),
+        out_dir,
+        meta,
+        report.finalize(rows, meta),
+        started,
+        with_plot=not args.no_plot,
     )
-    print()
-    print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['seconds']:.0f} s")
-    return 0

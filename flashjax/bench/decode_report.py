@@ -151,13 +151,8 @@ def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
     if meta.get("platform") != "gpu":
         title += "\n" + report.CPU_NOTE
     ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
-def write(out_dir: Path, meta: dict[str, Any], rows: Sequence[Row], with_plot: bool) -> dict:
-    """`decode.json`, `decode.csv` and (with matplotlib) `decode.png` in `out_dir`."""
-    return report.write_results(
-        out_dir, STEM, meta, report.with_meta(rows, meta), FIELDS, plot if with_plot else None
-    )
+# `decode.json`, `decode.csv` and (with matplotlib) `decode.png` in `out_dir`.
+write = report.rows_writer(STEM, FIELDS, plot)

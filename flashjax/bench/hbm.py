@@ -10,49 +10,29 @@ For one forward shape (`B, T = S, N, H`; bf16, non-causal by default) and each s
   ms           the forward's runtime: median of timed batches (`flashjax.bench.timing`), measured
                outside ncu.
 
-This module is the runner: what runs (the config, the entries: standard attention and the kernel
-at each fitted tile), the timing, and the order of the steps (`run`). The model is `hbm_model`,
-profiling `hbm_profile`, the table, plot and files `hbm_report`.
+This module is the runner: which entries run (standard attention and the kernel at each fitted
+tile), the timing, and the order of the steps (`run`). The config and what an entry runs are
+`hbm_entries`, the model `hbm_model`, profiling `hbm_profile`, the table, plot and files
+`hbm_report`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 
-from flashjax import masks
-from flashjax.bench import backends, cases, hbm_model, hbm_profile, hbm_report, sweep
+from flashjax.bench import cases, hbm_model, hbm_profile, hbm_report, sweep
 from flashjax.bench.backends import JaxBackend
+from flashjax.bench.hbm_entries import Entry, IOConfig, case_of
 from pallas_kernels import configs
-from pallas_kernels.operands import AttentionStatics, Operands
 from pallas_kernels.triton import api
 
 Row = dict[str, Any]
 Log = Callable[[str], None]
 VARY = ("both", "q", "k")
-DEFAULT_NCU_TIMEOUT_S = 240.0
-
-
-@dataclasses.dataclass(frozen=True)
-class IOConfig:
-    """One `--io` run: the shape, the tile sizes swept, and how ncu is used."""
-
-    seqlens: tuple[int, ...]
-    blocks: tuple[int, ...]
-    batch: int = 1
-    heads: int = 16
-    head_dim: int = 64
-    causal: bool = False
-    dtype: str = "bfloat16"
-    vary: str = "both"
-    ncu: str | None = None
-    ncu_status: str = "no ncu"
-    ncu_timeout_s: float = DEFAULT_NCU_TIMEOUT_S
-    seed: int = 0
 
 
 def kernel_config(block: int, vary: str, head_dim: int, target: str | None = None) -> Any:
@@ -73,52 +53,6 @@ def fitted(config: Any, seq: int, head_dim: int, itemsize: int) -> Any:
     stages cut to fit shared memory)."""
     whole = configs.AttentionConfig(config, config, config)
     return api.plan(seq, seq, head_dim, itemsize=itemsize, config=whole).config.fwd
-
-
-def flashjax_tiles(config: Any) -> Callable:
-    """A bench `AttentionFn` running flashjax's forward kernel with the `KernelConfig` `config`
-    (used for all three kernels, so the padding is the forward's own)."""
-
-    def attention(q: Any, k: Any, v: Any, case: Any) -> Any:
-        statics = AttentionStatics(
-            scale=float(case.head_dim**-0.5), window=masks.window_of(case.causal, case.window)
-        )
-        whole = configs.AttentionConfig(config, config, config)
-        out, _ = api.forward(Operands(q=q, k=k, v=v, statics=statics), config=whole)
-        return out
-
-    return attention
-
-
-def standard_attention() -> Callable:
-    """The baseline's `AttentionFn`: `jax.nn.dot_product_attention(implementation="xla")`."""
-    return backends.dpa_call("jax.nn", "xla")
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One measured call: an implementation at one sequence length (and tile)."""
-
-    id: int
-    impl: str  # "standard" or "flashjax"
-    seq: int
-    block: int | None = None
-    block_q: int | None = None
-    block_k: int | None = None
-    num_warps: int | None = None
-    num_stages: int | None = None
-
-    def attention(self) -> Callable:
-        if self.impl == "standard":
-            return standard_attention()
-        return flashjax_tiles(
-            configs.KernelConfig(self.block_q, self.block_k, self.num_warps, self.num_stages)
-        )
-
-
-def case_of(cfg: IOConfig, seq: int) -> cases.Case:
-    """The bench `Case` of one sequence length of the run."""
-    return cases.Case(cfg.batch, seq, cfg.heads, cfg.head_dim, cfg.causal, cfg.dtype)
 
 
 def plan_entries(cfg: IOConfig) -> list[Entry]:

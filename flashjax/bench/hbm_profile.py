@@ -2,7 +2,8 @@
 
 This module owns the profiling: the worker process ncu runs (`python -m flashjax.bench.hbm_profile
 SPEC RESULT`), the markers that bracket each profiled call, and attributing ncu's CSV back to the
-rows. What runs is `hbm` (the runner), ncu's command line and CSV `ncu`, the model `hbm_model`.
+rows. What an entry runs is `hbm_entries`, the runner `hbm`, ncu's command line and CSV `ncu`,
+the model `hbm_model`.
 
 `profile` starts one worker per implementation under ncu; the worker runs each entry once for
 warm-up, then once inside a profiler range between two tiny marker kernels, and records which
@@ -19,7 +20,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +28,8 @@ from jax.experimental import pallas as pl
 
 from flashjax.bench import cases, machine, sweep
 from flashjax.bench import ncu as ncu_mod
+from flashjax.bench.hbm_entries import Entry, IOConfig, case_of
 from flashjax.bench.hbm_report import STEM
-
-if TYPE_CHECKING:
-    from flashjax.bench.hbm import Entry, IOConfig
 
 Row = dict[str, Any]
 Log = Callable[[str], None]
@@ -170,11 +169,9 @@ def _bind(attention: Callable, case: Any) -> Callable:
 def worker(spec_path: Path, result_path: Path) -> int:
     """Inside ncu: run each entry once for warm-up, then once inside a profiler range between
     the begin and end markers. Writes `{"profiled": [ids in order], "errors": {id: message}}`."""
-    from flashjax.bench import hbm  # the runner defines what an entry runs
-
     spec = json.loads(spec_path.read_text())
     raw = spec["config"]
-    cfg = hbm.IOConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    cfg = IOConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     result: dict[str, Any] = {"profiled": [], "errors": {}}
     try:
         begin, end = _marker(ncu_mod.BEGIN_MARKER), _marker(ncu_mod.END_MARKER)
@@ -183,9 +180,9 @@ def worker(spec_path: Path, result_path: Path) -> int:
         result_path.write_text(json.dumps(result))
         return 1
     for raw_entry in spec["entries"]:
-        entry = hbm.Entry(**raw_entry)
+        entry = Entry(**raw_entry)
         try:
-            case = hbm.case_of(cfg, entry.seq)
+            case = case_of(cfg, entry.seq)
             q, k, v, _ = cases.make_inputs(case, cfg.seed)
             compiled = jax.jit(_bind(entry.attention(), case)).lower(q, k, v).compile()
             jax.block_until_ready(compiled(q, k, v))

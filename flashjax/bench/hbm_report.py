@@ -17,13 +17,7 @@ Row = dict[str, Any]
 STEM = "io"
 FIELDS = (
     *report.META_FIELDS,
-    "dtype",
-    "batch",
-    "seq_q",
-    "seq_k",
-    "heads",
-    "head_dim",
-    "causal",
+    *report.CALL_FIELDS,
     "impl",
     "block",
     "block_q",
@@ -170,13 +164,8 @@ def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
     runtime.legend(loc="best", fontsize=8)
     title = report.shape_title("FlashAttention IO (Theorem 2 / Fig. 2)", meta)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
-def write(out_dir: Path, meta: dict[str, Any], rows: Sequence[Row], with_plot: bool) -> dict:
-    """`io.json`, `io.csv` and (with matplotlib) `io.png` in `out_dir`."""
-    return report.write_results(
-        out_dir, STEM, meta, report.with_meta(rows, meta), FIELDS, plot if with_plot else None
-    )
+# `io.json`, `io.csv` and (with matplotlib) `io.png` in `out_dir`.
+write = report.rows_writer(STEM, FIELDS, plot)

@@ -38,13 +38,7 @@ STEM = "memory"
 BACKENDS = ("flashjax", "jax_xla", "jax_cudnn")
 FIELDS = (
     *report.META_FIELDS,
-    "dtype",
-    "batch",
-    "seq_q",
-    "seq_k",
-    "heads",
-    "head_dim",
-    "causal",
+    *report.CALL_FIELDS,
     "backend",
     "implementation",
     "mode",
@@ -365,13 +359,8 @@ def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
     ax.legend(fontsize=8, loc="upper left")
     title = report.shape_title("Memory", meta)
     ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
-def write(out_dir: Path, meta: dict[str, Any], rows: Sequence[Row], with_plot: bool) -> dict:
-    """`memory.json`, `memory.csv` and (with matplotlib) `memory.png` in `out_dir`."""
-    return report.write_results(
-        out_dir, STEM, meta, report.with_meta(rows, meta), FIELDS, plot if with_plot else None
-    )
+# `memory.json`, `memory.csv` and (with matplotlib) `memory.png` in `out_dir`.
+write = report.rows_writer(STEM, FIELDS, plot)

@@ -9,17 +9,23 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flashjax.bench import machine
 from flashjax.bench.backends import BACKEND_NAMES
 from flashjax.bench.flops import MODES
 
 Row = dict[str, Any]
+# `plot(path, rows, meta) -> path`, or None when it drew nothing (no matplotlib, no data).
+PlotFn = Callable[[Path, Sequence[Row], dict[str, Any]], Path | None]
 META_FIELDS = ("device", "platform", "jax_version", "jaxlib_version", "git_commit", "date")
-SHAPE_FIELDS = ("dtype", "batch", "seq_q", "seq_k", "heads", "head_dim", "causal", "window")
+# A call's shape as the CSVs of --io, --memory and --sparsity give it; the sweep's rows add the
+# window (SHAPE_FIELDS).
+CALL_FIELDS = ("dtype", "batch", "seq_q", "seq_k", "heads", "head_dim", "causal")
+SHAPE_FIELDS = (*CALL_FIELDS, "window")
 CSV_FIELDS = (
     *META_FIELDS,
     *SHAPE_FIELDS,
@@ -52,6 +58,14 @@ ANCHORS = (
 MAX_RATIO_COLUMNS = 4
 CPU_NOTE = "CPU numbers: Pallas kernels interpreted, XLA on the host; they say nothing about GPUs"
 FILE_STEM = "bench"
+
+
+class Writer(Protocol):
+    """`write(out_dir, meta, rows, with_plot=...) -> {kind: path}`: a run's result files."""
+
+    def __call__(
+        self, out_dir: Path, meta: dict[str, Any], rows: Sequence[Row], *, with_plot: bool
+    ) -> dict[str, Path]: ...
 
 
 def table_subject(platform: str, backends: Sequence[str]) -> str:
@@ -173,6 +187,13 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Write the figure `fig` to `path` and close it; returns `path`."""
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
     """TFLOP/s vs sequence length per backend; one panel per mode x (head dim, causal).
 
@@ -240,9 +261,7 @@ def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
     if meta.get("platform") == "cpu":
         title += "\n" + CPU_NOTE
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # Column headers of the table (the JSON and CSV keep the full names).
@@ -349,7 +368,7 @@ def write_results(
     meta: dict[str, Any],
     rows: Sequence[Row],
     fields: Sequence[str] | None = None,
-    plot_fn: Callable[[Path, Sequence[Row], dict[str, Any]], Path | None] | None = None,
+    plot_fn: PlotFn | None = None,
 ) -> dict[str, Path]:
     """Write `<stem>.json`, `<stem>.csv` (columns `fields`, see `write_csv`) and, with `plot_fn`,
     `<stem>.png` into `out_dir`; returns the paths written by kind."""
@@ -368,3 +387,38 @@ def write_all(
 ) -> dict[str, Path]:
     """Write the sweep's `bench.json`, `bench.csv` and (if matplotlib is there) `bench.png`."""
     return write_results(out_dir, FILE_STEM, meta, rows, None, plot if with_plot else None)
+
+
+def rows_writer(stem: str, fields: Sequence[str], plot_fn: PlotFn) -> Writer:
+    """The `write(out_dir, meta, rows, with_plot)` of a measurement other than the sweep:
+    `<stem>.json`, `<stem>.csv` (columns `fields`) and, with `with_plot`, `<stem>.png` drawn by
+    `plot_fn` (when matplotlib is there); every row starts with the run's metadata."""
+
+    def write(
+        out_dir: Path, meta: dict[str, Any], rows: Sequence[Row], *, with_plot: bool
+    ) -> dict[str, Path]:
+        plotter = plot_fn if with_plot else None
+        return write_results(out_dir, stem, meta, with_meta(rows, meta), fields, plotter)
+
+    return write
+
+
+def finish(
+    write: Writer,
+    table: Callable[[Sequence[Row], dict[str, Any]], str],
+    out_dir: Path,
+    meta: dict[str, Any],
+    rows: Sequence[Row],
+    started: float,
+    *,
+    with_plot: bool,
+) -> int:
+    """The end of a run: record its seconds since `started` (`time.perf_counter`) in `meta`,
+    write its files, print its table and where the files went; returns the exit code, 0."""
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+    paths = write(out_dir, meta, rows, with_plot=with_plot)
+    print()
+    print(table(rows, meta))
+    print()
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['seconds']:.0f} s")
+    return 0

@@ -830,7 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_host_devices()
     import jax
 
-    from flashjax.bench import cli, machine, ring_report, timing
+    from flashjax.bench import cli, machine, report, ring_report, timing
 
     started = time.perf_counter()
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -865,13 +865,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile:
         meta["profile"] = profile(cfg, out_dir, lambda line: print(line, flush=True))
     final, meta["model_inputs"] = finalize(cfg, rows, meta["platform"])
-    meta["seconds"] = round(time.perf_counter() - started, 1)
-    paths = ring_report.write(out_dir, meta, final, with_plot=not args.no_plot)
-    print()
-    print(ring_report.format_table(final, meta))
-    print()
-    print(f"wrote {', '.join(str(p) for p in paths.values())} in {meta['seconds']:.0f} s")
-    return 0
+    return report.finish(
+        ring_report.write,
+        ring_report.format_table,
+        out_dir,
+        meta,
+        final,
+        started,
+        with_plot=not args.no_plot,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

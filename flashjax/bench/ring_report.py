@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +69,8 @@ def plot_scaling(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path 
     for i, mode in enumerate(modes):
         for j, mask in enumerate(masks):
             ax = axes[i][j]
-            for impl, color in IMPL_STYLE.items():
-                pts = sorted(
-                    (r["total_seq"], r["tflops_per_device"])
-                    for r in found
-                    if r["impl"] == impl and r["mode"] == mode and r["mask"] == mask
-                )
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), "o-", color=color, label=_label(impl, meta))
+            panel = [r for r in found if r["mode"] == mode and r["mask"] == mask]
+            _impl_lines(ax, panel, lambda r: r["tflops_per_device"], meta)
             _log2_axis(ax, [r["total_seq"] for r in found])
             layout = "zigzag" if mask == "causal" else "contiguous"
             ax.set_title(f"{mode}, {mask} ({layout})")
@@ -84,11 +78,23 @@ def plot_scaling(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path 
             ax.set_ylabel("TFLOP/s per device")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(_title("ring attention, weak scaling", meta))
+    return _save(fig, path, "ring attention, weak scaling", meta)
+
+
+def _impl_lines(
+    ax: Any, rows: Sequence[Row], value: Callable[[Row], float], meta: dict[str, Any]
+) -> None:
+    """One line per program (ring, all-gather, one device): `value(row)` against total sequence."""
+    for impl, color in IMPL_STYLE.items():
+        pts = sorted((r["total_seq"], value(r)) for r in rows if r["impl"] == impl)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", color=color, label=_label(impl, meta))
+
+
+def _save(fig: Any, path: Path, what: str, meta: dict[str, Any]) -> Path:
+    fig.suptitle(_title(what, meta))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path, dpi=120)
 
 
 def _label(impl: str, meta: dict[str, Any]) -> str:
@@ -115,14 +121,8 @@ def plot_memory(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path |
     fig, axes = plt.subplots(1, len(masks), figsize=(5.5 * len(masks), 4), squeeze=False)
     unit, name = report.byte_unit(max(r["total_bytes"] for r in found), binary=True)
     for ax, mask in zip(axes[0], masks, strict=True):
-        for impl, color in IMPL_STYLE.items():
-            pts = sorted(
-                (r["total_seq"], r["total_bytes"] / unit)
-                for r in found
-                if r["impl"] == impl and r["mask"] == mask
-            )
-            if pts:
-                ax.plot(*zip(*pts, strict=True), "o-", color=color, label=_label(impl, meta))
+        panel = [r for r in found if r["mask"] == mask]
+        _impl_lines(ax, panel, lambda r: r["total_bytes"] / unit, meta)
         _log2_axis(ax, [r["total_seq"] for r in found])
         ax.set_yscale("log")
         ax.set_title(f"forward+backward, {mask}")
@@ -130,11 +130,7 @@ def plot_memory(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path |
         ax.set_ylabel(f"memory per device ({name})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(_title("memory per device (XLA's plan)", meta))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, "memory per device (XLA's plan)", meta)
 
 
 def plot_model(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
@@ -171,11 +167,7 @@ def plot_model(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | 
     left.grid(alpha=0.3)
     left.legend(fontsize=7, ncol=2)
     _plot_steps(right, inputs, ring_model)
-    fig.suptitle(_title("ring attention model", meta))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, "ring attention model", meta)
 
 
 def _plot_steps(ax: Any, inputs: dict[str, Any], ring_model: Any) -> None:
@@ -206,7 +198,7 @@ def _plot_steps(ax: Any, inputs: dict[str, Any], ring_model: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def write(out_dir: Path, meta: dict[str, Any], rows: Sequence[Row], with_plot: bool) -> dict:
+def write(out_dir: Path, meta: dict[str, Any], rows: Sequence[Row], *, with_plot: bool) -> dict:
     """ring.json (everything), ring.csv (scaling rows) and, with `with_plot`, the three plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {

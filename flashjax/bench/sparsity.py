@@ -42,11 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from flashjax import block_masks
 from flashjax.bench import cases, flops, sweep, timing
 from flashjax.bench.cases import Case
 from flashjax.bench.sparsity_backends import SparseBackend, SparseRunner, reference_output
-from flashjax.block_mask import BlockMask
+from flashjax.bench.sparsity_patterns import Pattern, butterfly, from_blocks, random_blocks
 
 Row = dict[str, Any]
 Log = Callable[[str], None]
@@ -92,54 +91,13 @@ class SparsityConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Pattern:
-    """One block pattern at one sequence length (`mask` None: dense attention)."""
-
-    name: str  # "dense", "butterfly", "random"
-    block: int
-    mask: BlockMask | None = None
-    blocks: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
-    target: float | None = None  # the requested block density (random patterns)
-
-    @property
-    def label(self) -> str:
-        return self.name if self.target is None else f"{self.name}-{self.target:.0%}"
-
-    @property
-    def block_density(self) -> float:
-        """The fraction of blocks kept (1 for dense)."""
-        return 1.0 if self.blocks is None else float(self.blocks.mean())
-
-
-def random_blocks(n: int, density: float, seed: int) -> np.ndarray:
-    """`(n, n)` bool: the diagonal, then off-diagonal blocks drawn uniformly without replacement
-    (numpy, `seed`) until `round(density * n * n)` blocks are kept (at least the diagonal)."""
-    keep = np.eye(n, dtype=bool)
-    extra = max(0, round(density * n * n) - n)
-    off = np.flatnonzero(~keep)
-    chosen = np.random.default_rng(seed).choice(off, size=min(extra, off.size), replace=False)
-    keep.flat[chosen] = True
-    return keep
-
-
-def _from_blocks(name: str, blocks: np.ndarray, block: int, target: float | None) -> Pattern:
-    return Pattern(name, block, BlockMask.from_blocks(blocks, block), blocks, target)
-
-
-def butterfly(seq: int, block: int) -> Pattern:
-    """The flat butterfly pattern (`flashjax.block_masks.butterfly`)."""
-    mask = block_masks.butterfly(seq, block_size=block)
-    return Pattern("butterfly", block, mask, np.asarray(mask.states[0, 0]) != 0)
-
-
 def patterns(seq: int, cfg: SparsityConfig) -> list[Pattern]:
     """Dense first (every ratio's reference), then butterfly, then random at each density."""
     n = -(-seq // cfg.block)
     found = [Pattern("dense", cfg.block), butterfly(seq, cfg.block)]
     for i, d in enumerate(cfg.densities):
         blocks = random_blocks(n, d, cfg.seed + i)
-        found.append(_from_blocks("random", blocks, cfg.block, d))
+        found.append(from_blocks("random", blocks, cfg.block, d))
     return found
 
 

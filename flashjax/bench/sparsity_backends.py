@@ -25,7 +25,7 @@ import abc
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +33,7 @@ import numpy as np
 
 from flashjax.bench import backends, timing
 from flashjax.bench.cases import Case
-
-if TYPE_CHECKING:
-    from flashjax.bench.sparsity import Pattern
+from flashjax.bench.sparsity_patterns import Pattern
 
 Inputs = backends.Inputs
 TOKAMAX_SKIPPED = (
@@ -89,7 +87,7 @@ class SparseBackend:
 # attention(q, k, v, mask operand or None, case) -> out
 SparseAttention = Callable[[jax.Array, jax.Array, jax.Array, Any, Case], jax.Array]
 # The mask operand of a pattern for a shape (None: no mask).
-Operand = Callable[["Pattern", Case], Any]
+Operand = Callable[[Pattern, Case], Any]
 
 
 class JaxSparseRunner(SparseRunner):

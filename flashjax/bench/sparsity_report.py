@@ -18,13 +18,7 @@ STEM = "sparsity"
 FIELDS = (
     *report.META_FIELDS,
     "study",
-    "dtype",
-    "batch",
-    "seq_q",
-    "seq_k",
-    "heads",
-    "head_dim",
-    "causal",
+    *report.CALL_FIELDS,
     "pattern",
     "target_density",
     "block",
@@ -252,13 +246,8 @@ def plot(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> Path | None:
     if meta.get("platform") == "cpu":
         title += "\n" + report.CPU_NOTE
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
-def write(out_dir: Path, meta: dict[str, Any], rows: Sequence[Row], with_plot: bool) -> dict:
-    """`sparsity.json`, `sparsity.csv` and (with matplotlib) `sparsity.png` in `out_dir`."""
-    return report.write_results(
-        out_dir, STEM, meta, report.with_meta(rows, meta), FIELDS, plot if with_plot else None
-    )
+# `sparsity.json`, `sparsity.csv` and (with matplotlib) `sparsity.png` in `out_dir`.
+write = report.rows_writer(STEM, FIELDS, plot)

@@ -89,13 +89,12 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tiles.dot(p.astype(v.dtype), v)
         return acc, m, l
 
-    carry = (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
     seen = visibility.block_range(statics, 0, static_seq[2], block_k, seq)
-    carry = tiles.walk(body, carry, ranges=visibility.share_range(seen, split, splits))
+    carry = tiles.walk(
+        body,
+        common.online_softmax_start(rows, head_dim),
+        ranges=visibility.share_range(seen, split, splits),
+    )
     out, lse2 = common.finalize(*carry)
     o_ref[...] = out
     lse_ref[...] = lse2
@@ -114,7 +113,6 @@ def decode(
 ) -> tuple[jax.Array, jax.Array]:
     """Prepared refs (see the module docstring) -> per-split `(out, lse2)`."""
     batch, num_kv_heads, rows, head_dim = r.q.shape
-    grid = (splits, batch, num_kv_heads)
     if r.page_table is None:
         seq_k = r.k.shape[1]
         kv_spec = pl.BlockSpec((None, seq_k, None, head_dim), lambda s, b, h: (b, 0, h, 0))
@@ -127,8 +125,8 @@ def decode(
         q=pl.BlockSpec((None, None, rows, head_dim), lambda s, b, h: (b, h, 0, 0)),
         k=kv_spec,
         v=kv_spec,
-        seq=pl.BlockSpec((None, 4), lambda s, b, h: (b, 0)),
         page_table=table_spec,
+        **tiles.row_specs(r, row_of=lambda s, b, h: b),
     )
     out_specs = [
         pl.BlockSpec((None, None, None, rows, head_dim), lambda s, b, h: (s, b, h, 0, 0)),
@@ -148,7 +146,7 @@ def decode(
     )
     return pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(splits, batch, num_kv_heads),
         in_specs=(specs,),
         out_specs=out_specs,
         out_shape=out_shape,

@@ -282,3 +282,20 @@ def visits(
 
 def compiler_params(config) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def row_specs(r: Refs, *, row_of: Callable) -> dict:
+    """BlockSpecs (for `Refs.specs`) of the operands a program reads whole for its batch row
+    `row_of(*grid_ids)`: the sequence info and segment ids; and the dropout seeds, read by all."""
+
+    def per_row(x: jax.Array | None) -> pl.BlockSpec | None:
+        if x is None:
+            return None
+        return pl.BlockSpec((None, x.shape[1]), lambda *ids: (row_of(*ids), 0))
+
+    return dict(
+        seq=per_row(r.seq),
+        q_segments=per_row(r.q_segments),
+        kv_segments=per_row(r.kv_segments),
+        seeds=pl.BlockSpec((2,), lambda *ids: (0,)),
+    )
