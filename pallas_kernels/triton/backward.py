@@ -163,21 +163,6 @@ def _dq_kernel(
     dq_ref[...] = (dq * statics.scale).astype(dq_ref.dtype)
 
 
-def _common_specs(r: tiles.Refs, *, row_of) -> dict:
-    """Specs of the operands both backward kernels read whole per batch row: `row_of(*grid_ids)`
-    is the batch row."""
-
-    def per_batch(x):
-        return pl.BlockSpec((None, x.shape[1]), lambda *ids: (row_of(*ids), 0))
-
-    return dict(
-        seq=None if r.seq is None else pl.BlockSpec((None, 4), lambda *ids: (row_of(*ids), 0)),
-        q_segments=None if r.q_segments is None else per_batch(r.q_segments),
-        kv_segments=None if r.kv_segments is None else per_batch(r.kv_segments),
-        seeds=pl.BlockSpec((2,), lambda *ids: (0,)),
-    )
-
-
 def dkdv(
     r: tiles.Refs,
     *,
@@ -204,7 +189,7 @@ def dkdv(
         bias=tiles.bias_spec(r.bias, group, lambda i, b, g: (b, g)),
         full=tiles.lists_spec(r.full, group, lambda i, b, g: (i, b, g)),
         partial=tiles.lists_spec(r.partial, group, lambda i, b, g: (i, b, g)),
-        **_common_specs(r, row_of=lambda i, b, g: b),
+        **tiles.row_specs(r, row_of=lambda i, b, g: b),
     )
     return pl.pallas_call(
         functools.partial(
@@ -253,7 +238,7 @@ def dq(
         bias=tiles.bias_spec(r.bias, 1, lambda i, b, h: (b, h)),
         full=tiles.lists_spec(r.full, 1, lambda i, b, h: (i, b, h)),
         partial=tiles.lists_spec(r.partial, 1, lambda i, b, h: (i, b, h)),
-        **_common_specs(r, row_of=lambda i, b, h: b),
+        **tiles.row_specs(r, row_of=lambda i, b, h: b),
     )
     return pl.pallas_call(
         functools.partial(

@@ -45,12 +45,11 @@ def _forward_kernel(
         acc = acc * alpha[:, None] + tiles.dot(p.astype(kt.v.dtype), kt.v)
         return acc, m, l
 
-    carry = (
-        jnp.zeros((block_q, head_dim), jnp.float32),
-        jnp.full((block_q,), -jnp.inf, jnp.float32),
-        jnp.zeros((block_q,), jnp.float32),
+    carry = tiles.walk(
+        body,
+        common.online_softmax_start(block_q, head_dim),
+        **tiles.visits(r, statics, t.q0, block_q, block_k, t.seq),
     )
-    carry = tiles.walk(body, carry, **tiles.visits(r, statics, t.q0, block_q, block_k, t.seq))
     out, lse2 = common.finalize(*carry)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse2
@@ -76,13 +75,10 @@ def forward(
         q=q_tile,
         k=kv_full,
         v=kv_full,
-        seq=pl.BlockSpec((None, 4), lambda i, b, h: (b, 0)),
         bias=tiles.bias_spec(r.bias, 1, lambda i, b, h: (b, h)),
-        q_segments=pl.BlockSpec((None, seq_q), lambda i, b, h: (b, 0)),
-        kv_segments=pl.BlockSpec((None, seq_k), lambda i, b, h: (b, 0)),
         full=tiles.lists_spec(r.full, 1, lambda i, b, h: (i, b, h)),
         partial=tiles.lists_spec(r.partial, 1, lambda i, b, h: (i, b, h)),
-        seeds=pl.BlockSpec((2,), lambda i, b, h: (0,)),
+        **tiles.row_specs(r, row_of=lambda i, b, h: b),
     )
     out_specs = [q_tile, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
     out_shape = [
