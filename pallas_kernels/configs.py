@@ -71,9 +71,11 @@ MOSAIC_FORWARD: dict[int, tuple[int, int, int]] = {
     192: (64, 64, 2),
     256: (64, 64, 2),
 }
-# The backward's two kernels: (block rows per consumer, block columns per step, stages), used as
-# (block_q, block_kv) by both. NOT MEASURED YET. dK/dV keeps each consumer's K and V tiles in shared
-# memory beside the Q/dO ring: at head dim 256 two stages would need 256 KiB, so one.
+# The backward's two kernels: (rows per consumer, columns per step, stages), the same for both
+# (dK/dV: rows of keys, columns of queries; dQ: the other way round). NOT MEASURED YET. Each
+# consumer keeps its own rows (K and V, or Q and dO) in shared memory beside the streamed ring:
+# at head dims 192/256 two stages would need 256 KiB of the 227, so one (no ping-pong then;
+# columns cannot shrink below 64, wgmma's contraction dim).
 MOSAIC_BACKWARD: dict[int, tuple[int, int, int]] = {
     64: (64, 64, 2),
     128: (64, 64, 2),

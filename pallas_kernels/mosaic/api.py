@@ -33,8 +33,8 @@ def forward_config(head_dim: int) -> _forward.ForwardConfig:
 
 
 def backward_config(head_dim: int) -> _backward.BackwardConfig:
-    block_q, block_kv, stages = configs.MOSAIC_BACKWARD[_head_dim(head_dim)]
-    return _backward.BackwardConfig(block_q=block_q, block_kv=block_kv, stages=stages)
+    rows, cols, stages = configs.MOSAIC_BACKWARD[_head_dim(head_dim)]
+    return _backward.BackwardConfig(rows=rows, cols=cols, stages=stages)
 
 
 def interpret_params(interpret: bool | None = None) -> plgpu.InterpretGPUParams | None:
@@ -89,8 +89,8 @@ def backward(
     d lse / d logits = P, it enters as `delta -= dlse`.
     """
     cfg = backward_config(ops.head_dim)
-    t = _round_up(ops.seq_q, CONSUMERS * cfg.block_q)
-    s = _round_up(ops.seq_k, CONSUMERS * cfg.block_kv)
+    t = _round_up(ops.seq_q, CONSUMERS * cfg.rows)  # dQ's rows (and a multiple of dK/dV's cols)
+    s = _round_up(ops.seq_k, CONSUMERS * cfg.rows)
     d = _head_dim(ops.head_dim)
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
     if dlse is not None:

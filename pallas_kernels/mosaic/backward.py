@@ -32,12 +32,22 @@ from pallas_kernels.mosaic.pipeline import CONSUMERS, LAYOUT, PRODUCER
 
 @dataclasses.dataclass(frozen=True)
 class BackwardConfig:
-    """Tiles of the two backward kernels (rows per consumer, columns per step) and ring depth."""
+    """Tiles of the two backward kernels, the same for both: each consumer owns `rows` of its
+    kernel's major operand (keys in dK/dV, queries in dQ) and each step streams `cols` of the
+    other (both multiples of 64: wgmma's contraction dim); `stages` slots in the ring.
 
-    block_q: int = 64
-    block_kv: int = 64
+    A consumer releases a slot only after its last matmul of the step, so with one slot the two
+    consumers do not ping-pong (`pingpong`): they would wait on their own release.
+    """
+
+    rows: int = 64
+    cols: int = 64
     stages: int = 2
     registers: tuple[int, int] = (232, 40)
+
+    @property
+    def pingpong(self) -> bool:
+        return self.stages >= 2
 
 
 def _kernel(body, out_type, scratch, grid, interpret):
@@ -78,14 +88,14 @@ def _dkdv_consumer(refs, scratch, *, statics, config, steps, n_q, group, seq, in
         8:16
     ]
     turn = scratch[16]
-    bq, bkv = config.block_q, config.block_kv
+    bq, bkv = config.cols, config.rows
     wg = lax.axis_index("wg")
     b, kh = lax.axis_index("b"), lax.axis_index("h")
     col0 = lax.axis_index("t") * (CONSUMERS * bkv) + wg * bkv  # this consumer's first key
     head_dim = k_smem.shape[-1]
     dtype = k_smem.dtype
     lo = steps[0]
-    turns = pp.Turn(turn, wg)
+    turns = pp.Turn(turn, wg, enabled=config.pingpong)
 
     plgpu.set_max_registers(config.registers[0], action="increase")
     my_k, my_v = k_smem.at[wg], v_smem.at[wg]
@@ -148,11 +158,11 @@ def _dkdv_consumer(refs, scratch, *, statics, config, steps, n_q, group, seq, in
 
 def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, interpret=None):
     """Padded q, do `(B, Tp, N, D)`, k, v `(B, Sp, K, D)`, lse2, delta `(B, N, Tp)` float32 ->
-    `(dk, dv)` `(B, Sp, K, D)` (Sp a multiple of 2 * block_kv, Tp of block_q)."""
+    `(dk, dv)` `(B, Sp, K, D)` (Sp a multiple of 2 * rows, Tp of cols)."""
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    bq, bkv = config.block_q, config.block_kv
+    bq, bkv = config.cols, config.rows
     seq = (0, 0, seq_lens[0], seq_lens[1])
     via_smem = interpret is not None
     dtype = q.dtype
@@ -229,14 +239,14 @@ def _dq_consumer(refs, scratch, *, statics, config, steps, seq, interpret):
     q_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
     q_smem, do_smem, stats_smem, k_ring, v_ring, stage = scratch[:6]
     own_loaded, k_loaded, v_loaded, k_free, v_free, turn = scratch[6:12]
-    bq, bkv = config.block_q, config.block_kv
+    bq, bkv = config.rows, config.cols
     wg = lax.axis_index("wg")
     b, h = lax.axis_index("b"), lax.axis_index("h")
     row0 = lax.axis_index("t") * (CONSUMERS * bq) + wg * bq
     head_dim = q_smem.shape[-1]
     dtype = q_smem.dtype
     lo, full_lo, full_hi, hi = steps
-    turns = pp.Turn(turn, wg)
+    turns = pp.Turn(turn, wg, enabled=config.pingpong)
 
     plgpu.set_max_registers(config.registers[0], action="increase")
     my_q, my_do, my_stats = q_smem.at[wg], do_smem.at[wg], stats_smem.at[wg]
@@ -292,10 +302,10 @@ def _dq_consumer(refs, scratch, *, statics, config, steps, seq, interpret):
 
 
 def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, interpret=None):
-    """Operands as `dkdv` (Tp a multiple of 2 * block_q, Sp of block_kv) -> dq `(B, Tp, N, D)`."""
+    """Operands as `dkdv` (Tp a multiple of 2 * rows, Sp of cols) -> dq `(B, Tp, N, D)`."""
     batch, seq_q, num_heads, head_dim = q.shape
     group = num_heads // k.shape[2]
-    bq, bkv = config.block_q, config.block_kv
+    bq, bkv = config.rows, config.cols
     seq = (0, 0, seq_lens[0], seq_lens[1])
     via_smem = interpret is not None
     dtype = q.dtype

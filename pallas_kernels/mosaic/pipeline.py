@@ -113,20 +113,28 @@ class Turn:
     """The FA3 ping-pong of the two consumers on one barrier (two arrivals per phase): a consumer
     calls `sync` after issuing its first matmul of a step, `done` after its softmax and `wait`
     before its second matmul; consumer 1 starts a phase late (`start`), consumer 0 makes it up at
-    the end (`finish`), so one consumer's softmax overlaps the other's matmuls."""
+    the end (`finish`), so one consumer's softmax overlaps the other's matmuls.
 
-    def __init__(self, barrier, wg: jax.Array):
-        self.barrier, self.wg = barrier, wg
+    With `enabled=False` every call is a no-op (the consumers then synchronize only through the
+    ring's barriers): a kernel whose consumers release a slot after their last matmul of a step
+    must not ping-pong on a one-slot ring, or a consumer would wait on its own release.
+    """
+
+    def __init__(self, barrier, wg: jax.Array, *, enabled: bool = True):
+        self.barrier, self.wg, self.enabled = barrier, wg, enabled
 
     def sync(self) -> None:
-        plgpu.barrier_arrive(self.barrier)
-        plgpu.barrier_wait(self.barrier)
+        if self.enabled:
+            plgpu.barrier_arrive(self.barrier)
+            plgpu.barrier_wait(self.barrier)
 
     def done(self) -> None:
-        plgpu.barrier_arrive(self.barrier)
+        if self.enabled:
+            plgpu.barrier_arrive(self.barrier)
 
     def wait(self) -> None:
-        plgpu.barrier_wait(self.barrier)
+        if self.enabled:
+            plgpu.barrier_wait(self.barrier)
 
     def start(self) -> None:
         pl.when(self.wg == 1)(self.sync)
