@@ -133,6 +133,13 @@ class Operands:
     def has_block_mask(self) -> bool:
         return self.block_states is not None
 
+    @property
+    def has_seq_info(self) -> bool:
+        """Whether the call has lengths or offsets (else every kernel may take the static
+        `(0, 0, T, S)` and keep compile-time loop bounds)."""
+        fields = (self.q_offsets, self.kv_offsets, self.q_lengths, self.kv_lengths)
+        return any(x is not None for x in fields)
+
     def replace(self, **changes) -> Operands:
         return dataclasses.replace(self, **changes)
 

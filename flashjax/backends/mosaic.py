@@ -4,7 +4,7 @@ design: TMA producer warpgroup, two consumer warpgroups, wgmma from shared memor
 Status: the forward and the two backward kernels (dK/dV, dQ) run in Mosaic GPU interpret mode on
 CPU (race detector on) and lower for the H200; they have not run on a GPU yet, so
 `implementation=None` does not pick them (platforms=()). Calls with what the kernels do not serve
-yet (bias, dropout, soft-cap, segments, lengths, offsets, block masks) go to the next backend.
+yet (bias, dropout, soft-cap, segments, block masks) go to the next backend.
 """
 
 from __future__ import annotations
@@ -41,9 +41,6 @@ def _unsupported(ops: Operands) -> str | None:
         "dropout": ops.statics.has_dropout,
         "soft-capping": ops.statics.softcap is not None,
         "segment ids": ops.has_segments,
-        "sequence lengths or offsets": any(
-            x is not None for x in (ops.q_lengths, ops.kv_lengths, ops.q_offsets, ops.kv_offsets)
-        ),
         "a block mask": ops.has_block_mask,
         "a traced scale": ops.scale is not None,
     }

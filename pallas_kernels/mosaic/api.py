@@ -53,9 +53,33 @@ def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jax.numpy.pad(x, widths)
 
 
+def _zero_past(x: jax.Array, lengths: jax.Array | None) -> jax.Array:
+    """Rows of `x (B, L, ...)` at or past `lengths (B,)` set to 0 (x itself without lengths)."""
+    if lengths is None:
+        return x
+    real = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
+    return jnp.where(real[:, :, None, None], x, jnp.zeros_like(x))
+
+
+def _past_lengths_zeroed(ops: Operands) -> Operands:
+    """Rows past `q_lengths` and keys past `kv_lengths` set to 0 (one XLA pass, only when the call
+    has lengths): garbage there (NaN in a padded cache) must not reach any output through a
+    tile's matmul, and the kernels' TMA tiles cannot skip it."""
+    return ops.replace(
+        q=_zero_past(ops.q, ops.q_lengths),
+        k=_zero_past(ops.k, ops.kv_lengths),
+        v=_zero_past(ops.v, ops.kv_lengths),
+    )
+
+
+def _seq_info(ops: Operands) -> jax.Array | None:
+    return ops.seq_info() if ops.has_seq_info else None
+
+
 def forward(ops: Operands, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """`out (B, T, N, H)` in q's dtype and base-2 logsumexp `lse2 (B, N, T)` float32.
     `interpret`: None picks interpret mode off the GPU (see `interpret_params`)."""
+    ops = _past_lengths_zeroed(ops)
     cfg = forward_config(ops.head_dim)
     t = _round_up(ops.seq_q, CONSUMERS * cfg.block_q)
     s = _round_up(ops.seq_k, cfg.block_kv)
@@ -70,6 +94,7 @@ def forward(ops: Operands, interpret: bool | None = None) -> tuple[jax.Array, ja
         statics=ops.statics,
         config=cfg,
         seq_lens=(ops.seq_q, ops.seq_k),
+        seq_info=_seq_info(ops),
         interpret=interpret_params(interpret),
     )
     return out[:, : ops.seq_q, :, : ops.head_dim], lse2[:, :, : ops.seq_q]
@@ -88,10 +113,12 @@ def backward(
     `dlse` is the cotangent of the natural-log logsumexp `(B, T, N)` (None if unused): since
     d lse / d logits = P, it enters as `delta -= dlse`.
     """
+    ops = _past_lengths_zeroed(ops)
     cfg = backward_config(ops.head_dim)
     t = _round_up(ops.seq_q, CONSUMERS * cfg.rows)  # dQ's rows (and a multiple of dK/dV's cols)
     s = _round_up(ops.seq_k, CONSUMERS * cfg.rows)
     d = _head_dim(ops.head_dim)
+    dout = _zero_past(dout, ops.q_lengths)  # rows past the length take no cotangent
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
     if dlse is not None:
         delta = delta - jnp.swapaxes(dlse, 1, 2).astype(jnp.float32)
@@ -106,6 +133,7 @@ def backward(
         statics=ops.statics,
         config=cfg,
         seq_lens=(ops.seq_q, ops.seq_k),
+        seq_info=_seq_info(ops),
         interpret=interpret_params(interpret),
     )
     dk, dv = _backward.dkdv(*args, **launch)

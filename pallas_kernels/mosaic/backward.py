@@ -64,6 +64,12 @@ def _kernel(body, out_type, scratch, grid, interpret):
     )
 
 
+def _inputs(q, k, v, do, lse2, delta, seq_info) -> tuple:
+    """Both kernels' operands: the sequence info only when the call has lengths or offsets."""
+    base = (q, k, v, do, lse2, delta)
+    return base if seq_info is None else (*base, seq_info)
+
+
 def _rows_of(x, shape: tuple[int, int], dim: int) -> jax.Array:
     """A per-row (dim 0) or per-column (dim 1) vector broadcast to a tile."""
     return lax.broadcast_in_dim(x, shape, [dim])
@@ -156,18 +162,22 @@ def _dkdv_consumer(refs, scratch, *, statics, config, steps, n_q, group, seq, in
     plgpu.wait_smem_to_gmem(0)
 
 
-def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, interpret=None):
+def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, seq_info=None, interpret=None):
     """Padded q, do `(B, Tp, N, D)`, k, v `(B, Sp, K, D)`, lse2, delta `(B, N, Tp)` float32 ->
     `(dk, dv)` `(B, Sp, K, D)` (Sp a multiple of 2 * rows, Tp of cols)."""
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
     bq, bkv = config.cols, config.rows
-    seq = (0, 0, seq_lens[0], seq_lens[1])
+    static_seq = (0, 0, seq_lens[0], seq_lens[1])
     via_smem = interpret is not None
     dtype = q.dtype
+    inputs = _inputs(q, k, v, do, lse2, delta, seq_info)
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *scratch):
+    def body(*refs):
+        ins, (dk_ref, dv_ref), scratch = pp.split_refs(refs, (len(inputs), 2))
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *seq_ref = ins
+        seq = pp.seq_of(seq_ref[0] if seq_ref else None, static_seq, lax.axis_index("b"))
         keys0 = lax.axis_index("t") * (CONSUMERS * bkv)
         steps = visibility.block_range(statics, keys0, CONSUMERS * bkv, bq, seq, transposed=True)
         n_q = steps[3] - steps[0]
@@ -227,7 +237,7 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, interpret=None)
     )
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     grid = (seq_k // (CONSUMERS * bkv), num_kv_heads, batch)
-    return _kernel(body, out_type, scratch, grid, interpret)(q, k, v, do, lse2, delta)
+    return _kernel(body, out_type, scratch, grid, interpret)(*inputs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,8 +266,8 @@ def _dq_consumer(refs, scratch, *, statics, config, steps, seq, interpret):
     plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(row0, bq)], my_stats.at[0], loaded)
     plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(row0, bq)], my_stats.at[1], loaded)
     plgpu.barrier_wait(loaded)  # one phase: all four copies arrived (4 arrivals)
-    lse = _rows_of(plgpu.load(my_stats.at[0], layout=LAYOUT.reduce(1)), (bq, bkv), 0)
-    delta = _rows_of(plgpu.load(my_stats.at[1], layout=LAYOUT.reduce(1)), (bq, bkv), 0)
+    lse = plgpu.load(my_stats.at[0], layout=LAYOUT.reduce(1))  # vectors: broadcast per step
+    delta = plgpu.load(my_stats.at[1], layout=LAYOUT.reduce(1))
 
     rows = row0 + pp.iota((bq, bkv), 0)
     cols0 = pp.iota((bq, bkv), 1)
@@ -277,11 +287,11 @@ def _dq_consumer(refs, scratch, *, statics, config, steps, seq, interpret):
         if masked:
             cols = kv * bkv + cols0
             s2 = jnp.where(visibility.element_visible(statics, rows, cols, seq), s2, -jnp.inf)
-        p = _probs(s2, lse)
+        p = _probs(s2, _rows_of(lse, (bq, bkv), 0))
         plgpu.barrier_wait(v_loaded.at[slot])
         dp = pp.matmul(my_do, v_ring.at[slot].T, (bq, bkv))
         plgpu.barrier_arrive(v_free.at[slot])
-        ds = p * (dp - delta)
+        ds = p * (dp - _rows_of(delta, (bq, bkv), 0))
         turns.done()
         turns.wait()
         a = pp.operand(ds.astype(dtype), my_stage, via_smem=interpret)
@@ -301,16 +311,20 @@ def _dq_consumer(refs, scratch, *, statics, config, steps, seq, interpret):
     plgpu.wait_smem_to_gmem(0)
 
 
-def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, interpret=None):
+def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, seq_info=None, interpret=None):
     """Operands as `dkdv` (Tp a multiple of 2 * rows, Sp of cols) -> dq `(B, Tp, N, D)`."""
     batch, seq_q, num_heads, head_dim = q.shape
     group = num_heads // k.shape[2]
     bq, bkv = config.rows, config.cols
-    seq = (0, 0, seq_lens[0], seq_lens[1])
+    static_seq = (0, 0, seq_lens[0], seq_lens[1])
     via_smem = interpret is not None
     dtype = q.dtype
+    inputs = _inputs(q, k, v, do, lse2, delta, seq_info)
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *scratch):
+    def body(*refs):
+        ins, (dq_ref,), scratch = pp.split_refs(refs, (len(inputs), 1))
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *seq_ref = ins
+        seq = pp.seq_of(seq_ref[0] if seq_ref else None, static_seq, lax.axis_index("b"))
         rows0 = lax.axis_index("t") * (CONSUMERS * bq)
         steps = visibility.block_range(statics, rows0, CONSUMERS * bq, bkv, seq)
         wg = lax.axis_index("wg")
@@ -356,4 +370,4 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, interpret=None):
     )
     out_type = jax.ShapeDtypeStruct(q.shape, dtype)
     grid = (seq_q // (CONSUMERS * bq), num_heads, batch)
-    return _kernel(body, out_type, scratch, grid, interpret)(q, k, v, do, lse2, delta)
+    return _kernel(body, out_type, scratch, grid, interpret)(*inputs)

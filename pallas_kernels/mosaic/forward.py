@@ -129,20 +129,27 @@ def forward(
     statics: AttentionStatics,
     config: ForwardConfig,
     seq_lens: tuple[int, int],
+    seq_info: jax.Array | None = None,
     interpret: plgpu.InterpretGPUParams | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Padded q `(B, Tp, N, D)`, k, v `(B, Sp, K, D)` (Tp a multiple of 2 * block_q, Sp of
     block_kv, D a multiple of 64) -> `(out (B, Tp, N, D), lse2 (B, N, Tp) float32)`.
 
     `seq_lens`: the real (T, S); rows and keys past them are padding the visibility rule hides.
+    `seq_info`: `(B, 4)` int32 offsets and lengths per batch row (`Operands.seq_info`), or None.
     """
     batch, seq_q, num_heads, head_dim = q.shape
     group = num_heads // k.shape[2]
     bq, bkv = config.block_q, config.block_kv
-    seq = (0, 0, seq_lens[0], seq_lens[1])
+    static_seq = (0, 0, seq_lens[0], seq_lens[1])
     via_smem = interpret is not None
+    inputs = (q, k, v) if seq_info is None else (q, k, v, seq_info)
 
-    def body(q_ref, k_ref, v_ref, out_ref, lse_ref, *scratch):
+    def body(*refs):
+        (q_ref, k_ref, v_ref, *seq_ref), (out_ref, lse_ref), scratch = pp.split_refs(
+            refs, (len(inputs), 2)
+        )
+        seq = pp.seq_of(seq_ref[0] if seq_ref else None, static_seq, lax.axis_index("b"))
         cta_rows = lax.axis_index("q") * (CONSUMERS * bq)
         steps = visibility.block_range(statics, cta_rows, CONSUMERS * bq, bkv, seq)
         wg = lax.axis_index("wg")
@@ -204,4 +211,4 @@ def forward(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
-    )(q, k, v)
+    )(*inputs)

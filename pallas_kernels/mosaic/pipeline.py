@@ -143,5 +143,23 @@ class Turn:
         pl.when(self.wg == 0)(self.sync)
 
 
+def seq_of(seq_ref, static: tuple[int, int, int, int], batch: jax.Array) -> tuple:
+    """`(q_offset, kv_offset, q_len, kv_len)` of a batch row: scalars read from the `(B, 4)`
+    int32 GMEM operand (`Operands.seq_info`), or the static `(0, 0, T, S)` when the call has no
+    lengths or offsets (`seq_ref` None: the loop bounds stay compile-time constants)."""
+    if seq_ref is None:
+        return static
+    return tuple(seq_ref[batch, i] for i in range(4))
+
+
+def split_refs(refs: Sequence, counts: Sequence[int]) -> list:
+    """Cut a kernel's flat ref list into consecutive groups of `counts` (the rest last)."""
+    groups, start = [], 0
+    for n in counts:
+        groups.append(refs[start : start + n])
+        start += n
+    return [*groups, refs[start:]]
+
+
 def iota(shape: tuple[int, int], dim: int) -> jax.Array:
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=LAYOUT)
