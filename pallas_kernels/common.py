@@ -162,9 +162,10 @@ def logits_grad(
 
     `ds_bias = p * (dp - delta)` is the gradient w.r.t. the logits after soft-cap (the bias's);
     `ds_qk` is w.r.t. the scaled `q . k` (through the soft-cap's `1 - tanh**2`). Multiply `ds_qk` by
-    `scale` for dq / dk.
+    `scale` for dq / dk. `delta` is per row (`p`'s shape without the last axis), or already
+    broadcast to the tile (transposed tiles: a row vector).
     """
-    ds = p * (dp - delta[..., None])
+    ds = p * (dp - (delta if delta.ndim == p.ndim else delta[..., None]))
     if tanh is None:
         return ds, ds
     return ds, ds * (1.0 - tanh * tanh)

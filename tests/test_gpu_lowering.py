@@ -47,6 +47,7 @@ FEATURES = {
         q_segment_ids=jnp.zeros((B, T), jnp.int32), kv_segment_ids=jnp.zeros((B, S), jnp.int32)
     ),
     "block-mask": dict(block_mask=BlockMask.from_blocks(jnp.ones((8, 9), bool), 128)),
+    "softcap": dict(is_causal=True, logits_soft_cap=30.0),
     "bias-dropout-softcap": dict(
         bias=jnp.ones((1, N, T, S)),
         dropout_rate=0.1,
@@ -88,7 +89,7 @@ def test_decode_kernel_lowers(head_dim: int, paged: bool) -> None:
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("feature", ["plain", "causal-window", "lengths-offsets"])
+@pytest.mark.parametrize("feature", ["plain", "causal-window", "lengths-offsets", "softcap"])
 def test_mosaic_kernels_lower(feature: str, head_dim: int) -> None:
     q = jnp.zeros((B, T, N, head_dim), jnp.bfloat16)
     kv = jnp.zeros((B, S, K, head_dim), jnp.bfloat16)

@@ -4,7 +4,7 @@ design: TMA producer warpgroup, two consumer warpgroups, wgmma from shared memor
 Status: the forward and the two backward kernels (dK/dV, dQ) run in Mosaic GPU interpret mode on
 CPU (race detector on) and lower for the H200; they have not run on a GPU yet, so
 `implementation=None` does not pick them (platforms=()). Calls with what the kernels do not serve
-yet (bias, dropout, soft-cap, segments, block masks) go to the next backend.
+yet (bias, dropout, segments, block masks) go to the next backend.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ def _unsupported(ops: Operands) -> str | None:
     features = {
         "a bias or mask": ops.bias is not None,
         "dropout": ops.statics.has_dropout,
-        "soft-capping": ops.statics.softcap is not None,
         "segment ids": ops.has_segments,
         "a block mask": ops.has_block_mask,
         "a traced scale": ops.scale is not None,

@@ -111,7 +111,6 @@ def _dkdv_consumer(refs, scratch, *, statics, config, steps, n_q, group, seq, in
 
     keys = col0 + pp.iota((bkv, bq), 0)
     rows0 = pp.iota((bkv, bq), 1)
-    scale2 = statics.scale * common.LOG2E
     my_stage = None if stage is None else stage.at[wg]
 
     def step(i, carry):
@@ -125,11 +124,11 @@ def _dkdv_consumer(refs, scratch, *, statics, config, steps, n_q, group, seq, in
             turns.sync()
             return acc_ref[...]
 
-        s2 = pl.run_scoped(sT, plgpu.ACC((bkv, bq), jnp.float32)) * scale2
         # The element rule on every tile: the steps run over (head, query tile) pairs in one
         # loop, so interior tiles are not split off (they are all visible anyway).
         visible = visibility.element_visible(statics, qt * bq + rows0, keys, seq)
-        s2 = jnp.where(visible, s2, -jnp.inf)
+        qk = pl.run_scoped(sT, plgpu.ACC((bkv, bq), jnp.float32))
+        s2, tanh = common.scores(qk, statics.scale, statics, None, visible)
         plgpu.barrier_wait(lse_loaded.at[slot])
         lse = plgpu.load(lse_ring.at[slot], layout=LAYOUT.reduce(0))
         p = _probs(s2, _rows_of(lse, (bkv, bq), 1))
@@ -138,7 +137,7 @@ def _dkdv_consumer(refs, scratch, *, statics, config, steps, n_q, group, seq, in
         dp = pp.matmul(my_v, do_ring.at[slot].T, (bkv, bq))
         plgpu.barrier_wait(delta_loaded.at[slot])
         delta = plgpu.load(delta_ring.at[slot], layout=LAYOUT.reduce(0))
-        ds = p * (dp - _rows_of(delta, (bkv, bq), 1))
+        _, ds = common.logits_grad(p, dp, _rows_of(delta, (bkv, bq), 1), tanh)
         plgpu.barrier_arrive(delta_free.at[slot])
         turns.done()
         turns.wait()
@@ -271,7 +270,6 @@ def _dq_consumer(refs, scratch, *, statics, config, steps, seq, interpret):
 
     rows = row0 + pp.iota((bq, bkv), 0)
     cols0 = pp.iota((bq, bkv), 1)
-    scale2 = statics.scale * common.LOG2E
     my_stage = None if stage is None else stage.at[wg]
 
     def step(kv, dq, *, masked: bool):
@@ -283,15 +281,17 @@ def _dq_consumer(refs, scratch, *, statics, config, steps, seq, interpret):
             turns.sync()
             return acc_ref[...]
 
-        s2 = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32)) * scale2
+        mask = None
         if masked:
-            cols = kv * bkv + cols0
-            s2 = jnp.where(visibility.element_visible(statics, rows, cols, seq), s2, -jnp.inf)
+            mask = visibility.element_visible(statics, rows, kv * bkv + cols0, seq)
+        s2, tanh = common.scores(
+            pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32)), statics.scale, statics, None, mask
+        )
         p = _probs(s2, _rows_of(lse, (bq, bkv), 0))
         plgpu.barrier_wait(v_loaded.at[slot])
         dp = pp.matmul(my_do, v_ring.at[slot].T, (bq, bkv))
         plgpu.barrier_arrive(v_free.at[slot])
-        ds = p * (dp - _rows_of(delta, (bq, bkv), 0))
+        _, ds = common.logits_grad(p, dp, _rows_of(delta, (bq, bkv), 0), tanh)
         turns.done()
         turns.wait()
         a = pp.operand(ds.astype(dtype), my_stage, via_smem=interpret)

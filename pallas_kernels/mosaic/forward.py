@@ -72,7 +72,6 @@ def _consumer(
 
     rows = row0 + pp.iota((bq, bkv), 0)
     cols0 = pp.iota((bq, bkv), 1)
-    scale2 = statics.scale * common.LOG2E
 
     def step(kv, carry, *, masked: bool):
         acc, m, l = carry
@@ -86,11 +85,11 @@ def _consumer(
 
         s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        s = s * scale2
+        mask = None
         if masked:
-            cols = kv * bkv + cols0
-            s = jnp.where(visibility.element_visible(statics, rows, cols, seq), s, -jnp.inf)
-        p, m, l, alpha = common.online_softmax_step(s, m, l)
+            mask = visibility.element_visible(statics, rows, kv * bkv + cols0, seq)
+        s2, _ = common.scores(s, statics.scale, statics, None, mask)
+        p, m, l, alpha = common.online_softmax_step(s2, m, l)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         p16 = p.astype(dtype)
         turns.done()  # softmax done
