@@ -86,6 +86,9 @@ def make_inputs(case: Case, salt: str = ""):
         elif f == "blocks":  # a random (B, N, Tb, Sb) block mask of 16 x 32 blocks
             shape = (case.B, case.N, -(-case.T // 16), -(-case.S // 32))
             kw["block_mask"] = BlockMask.from_blocks(jnp.asarray(rng.random(shape) < 0.6), (16, 32))
+        elif f == "blocks128":  # a random (B, 1, Tb, Sb) mask of 128-blocks: whole CTA tiles
+            shape = (case.B, 1, -(-case.T // 128), -(-case.S // 128))
+            kw["block_mask"] = BlockMask.from_blocks(jnp.asarray(rng.random(shape) < 0.7), 128)
         elif f == "maskfn":  # an element rule per head, classified into 32 x 16 blocks
             kw["block_mask"] = BlockMask.from_mask_fn(
                 _mask_fn, case.T, case.S, block_size=(32, 16), heads=case.N

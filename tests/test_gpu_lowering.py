@@ -89,7 +89,9 @@ def test_decode_kernel_lowers(head_dim: int, paged: bool) -> None:
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("feature", ["plain", "causal-window", "lengths-offsets", "softcap"])
+@pytest.mark.parametrize(
+    "feature", ["plain", "causal-window", "lengths-offsets", "softcap", "segments", "block-mask"]
+)
 def test_mosaic_kernels_lower(feature: str, head_dim: int) -> None:
     q = jnp.zeros((B, T, N, head_dim), jnp.bfloat16)
     kv = jnp.zeros((B, S, K, head_dim), jnp.bfloat16)

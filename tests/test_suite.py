@@ -44,6 +44,7 @@ CASES = [
     Case(B=2, T=77, S=150, N=4, K=2, H=32, features=("blocks",)),
     Case(B=1, T=90, S=100, N=4, K=4, H=32, features=("blocks", "causal", "segments", "dropout")),
     Case(B=1, T=100, S=90, N=4, K=2, H=32, features=("maskfn", "softcap", "lengths")),
+    Case(B=2, T=256, S=300, N=4, K=2, H=64, features=("blocks128", "segments", "causal")),
     Case(B=1, T=64, S=64, N=2, K=2, H=64, features=("dropout",)),
     Case(B=1, T=64, S=96, N=4, K=1, H=64, features=("dropout", "causal", "bias")),
     Case(B=1, T=45, S=45, N=2, K=2, H=64, dtype="float16", features=("causal",)),
@@ -64,6 +65,7 @@ GPU_CASES = [
     Case(B=2, T=1024, S=1024, N=4, K=2, H=64, features=("large", "segments", "causal")),
     Case(B=2, T=1000, S=1300, N=4, K=2, H=128, features=("lengths", "garbage", "mask")),
     Case(B=1, T=1000, S=1100, N=4, K=2, H=64, features=("maskfn", "segments", "dropout")),
+    Case(B=2, T=1024, S=1100, N=4, K=2, H=128, features=("blocks128", "segments", "causal")),
     Case(B=1, T=1024, S=1024, N=4, K=4, H=128, dtype="float16", features=("causal",)),
     Case(B=1, T=512, S=700, N=4, K=2, H=64, dtype="float32", features=("softcap", "window")),
     # Decode steps (the decode kernel serves these; the training kernels too).

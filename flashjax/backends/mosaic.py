@@ -4,7 +4,7 @@ design: TMA producer warpgroup, two consumer warpgroups, wgmma from shared memor
 Status: the forward and the two backward kernels (dK/dV, dQ) run in Mosaic GPU interpret mode on
 CPU (race detector on) and lower for the H200; they have not run on a GPU yet, so
 `implementation=None` does not pick them (platforms=()). Calls with what the kernels do not serve
-yet (bias, dropout, segments, block masks) go to the next backend.
+yet (bias, dropout, head-dependent or finely blocked block masks) go to the next backend.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from flashjax.backends import Backend
-from pallas_kernels import common, configs
+from pallas_kernels import common, configs, visibility
 from pallas_kernels.mosaic import api
 from pallas_kernels.operands import Operands, cotangent
 
@@ -31,6 +31,15 @@ def _backward(ops: Operands, out, lse, dout, dlse) -> Operands:
     return cotangent(ops, q=dq, k=dk, v=dv)
 
 
+def _block_mask_fits(ops: Operands) -> bool:
+    """The kernels walk one visit list per (batch row, CTA tile): the mask must not depend on the
+    head, and its blocks must be made of whole CTA tiles of each kernel."""
+    tiles = api.cta_tiles(ops.head_dim)
+    return ops.block_states.shape[1] == 1 and all(
+        visibility.tile_divides_mask(ops.statics, *tile) for tile in tiles
+    )
+
+
 def _unsupported(ops: Operands) -> str | None:
     if jnp.dtype(ops.q.dtype) not in _DTYPES:
         return f"dtype {ops.q.dtype} (the Mosaic kernels take bfloat16 and float16)"
@@ -39,13 +48,13 @@ def _unsupported(ops: Operands) -> str | None:
     features = {
         "a bias or mask": ops.bias is not None,
         "dropout": ops.statics.has_dropout,
-        "segment ids": ops.has_segments,
-        "a block mask": ops.has_block_mask,
         "a traced scale": ops.scale is not None,
+        f"a block mask that depends on the head or whose blocks are not whole CTA tiles "
+        f"{api.cta_tiles(ops.head_dim)}": ops.has_block_mask and not _block_mask_fits(ops),
     }
     missing = [name for name, present in features.items() if present]
     if missing:
-        return ", ".join(missing) + " (not in the Mosaic forward yet)"
+        return ", ".join(missing) + " (not in the Mosaic kernels yet)"
     return None
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import configs
+from pallas_kernels import configs, visibility
 from pallas_kernels.mosaic import backward as _backward
 from pallas_kernels.mosaic import forward as _forward
 from pallas_kernels.mosaic.pipeline import CONSUMERS
@@ -76,6 +76,44 @@ def _seq_info(ops: Operands) -> jax.Array | None:
     return ops.seq_info() if ops.has_seq_info else None
 
 
+def uses_lists(ops: Operands) -> bool:
+    """Segment ids or a block mask: the kernels walk visit lists instead of ranges."""
+    return ops.has_segments or ops.has_block_mask
+
+
+def cta_tiles(head_dim: int) -> tuple[tuple[int, int], ...]:
+    """The (query rows, keys) tiles of the three kernels' CTAs: a block mask must be made of
+    whole tiles of each (`visibility.tile_divides_mask`)."""
+    fwd, bwd = forward_config(head_dim), backward_config(head_dim)
+    return (
+        (CONSUMERS * fwd.block_q, fwd.block_kv),
+        (bwd.cols, CONSUMERS * bwd.rows),  # dK/dV
+        (CONSUMERS * bwd.rows, bwd.cols),  # dQ
+    )
+
+
+def visit_lists(
+    ops: Operands, rows: int, cols: int, n_rows: int, n_cols: int, *, transposed: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """`(full, partial)` visit lists `(Bt, 1, n_rows, 1 + n_cols)` of CTA tiles of `rows` query
+    rows x `cols` keys (transposed: key-major, for dK/dV). The Mosaic kernels take masks that do
+    not depend on the head (`unsupported` in flashjax/backends/mosaic.py)."""
+    states = visibility.block_states(ops, rows, cols, n_rows, n_cols)
+    if transposed:
+        states = jnp.swapaxes(states, -1, -2)
+    return visibility.visit_lists(states)
+
+
+def _extras(ops: Operands, t: int, s: int, lists: tuple | None) -> dict:
+    """The optional operands of a launch: sequence info, padded segment ids, visit lists."""
+    extras = {"seq": _seq_info(ops)}
+    if ops.has_segments:
+        extras |= {"q_seg": _pad(ops.q_segments, 1, t), "kv_seg": _pad(ops.kv_segments, 1, s)}
+    if lists is not None:
+        extras |= {"full": lists[0], "partial": lists[1]}
+    return extras
+
+
 def forward(ops: Operands, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """`out (B, T, N, H)` in q's dtype and base-2 logsumexp `lse2 (B, N, T)` float32.
     `interpret`: None picks interpret mode off the GPU (see `interpret_params`)."""
@@ -87,6 +125,10 @@ def forward(ops: Operands, interpret: bool | None = None) -> tuple[jax.Array, ja
     q = _pad(_pad(ops.q, 1, t), 3, d)
     k = _pad(_pad(ops.k, 1, s), 3, d)
     v = _pad(_pad(ops.v, 1, s), 3, d)
+    rows = CONSUMERS * cfg.block_q
+    lists = None
+    if uses_lists(ops):
+        lists = visit_lists(ops, rows, cfg.block_kv, t // rows, s // cfg.block_kv)
     out, lse2 = _forward.forward(
         q,
         k,
@@ -94,7 +136,7 @@ def forward(ops: Operands, interpret: bool | None = None) -> tuple[jax.Array, ja
         statics=ops.statics,
         config=cfg,
         seq_lens=(ops.seq_q, ops.seq_k),
-        seq_info=_seq_info(ops),
+        extras=_extras(ops, t, s, lists),
         interpret=interpret_params(interpret),
     )
     return out[:, : ops.seq_q, :, : ops.head_dim], lse2[:, :, : ops.seq_q]
@@ -133,10 +175,14 @@ def backward(
         statics=ops.statics,
         config=cfg,
         seq_lens=(ops.seq_q, ops.seq_k),
-        seq_info=_seq_info(ops),
         interpret=interpret_params(interpret),
     )
-    dk, dv = _backward.dkdv(*args, **launch)
-    dq = _backward.dq(*args, **launch)
+    rows, cols = CONSUMERS * cfg.rows, cfg.cols
+    dkdv_lists = dq_lists = None
+    if uses_lists(ops):  # key-major tiles for dK/dV, query-major for dQ
+        dkdv_lists = visit_lists(ops, cols, rows, t // cols, s // rows, transposed=True)
+        dq_lists = visit_lists(ops, rows, cols, t // rows, s // cols)
+    dk, dv = _backward.dkdv(*args, extras=_extras(ops, t, s, dkdv_lists), **launch)
+    dq = _backward.dq(*args, extras=_extras(ops, t, s, dq_lists), **launch)
     tq, sk, h = ops.seq_q, ops.seq_k, ops.head_dim
     return dq[:, :tq, :, :h], dk[:, :sk, :, :h], dv[:, :sk, :, :h]

@@ -71,8 +71,9 @@ def operand(x: jax.Array, staging, *, via_smem: bool):
 
 @dataclasses.dataclass(frozen=True)
 class Stream:
-    """One tile a producer streams per step: `source(step)` is the GMEM view to copy, `ring` the
-    `(stages, ...)` SMEM buffer, `loaded`/`free` its barriers (one per slot)."""
+    """One tile a producer streams per visit: `source(tile)` is the GMEM view of column tile
+    `tile` to copy, `ring` the `(stages, ...)` SMEM buffer, `loaded`/`free` its barriers (one per
+    slot)."""
 
     source: Callable[[jax.Array], object]
     ring: object
@@ -80,24 +81,56 @@ class Stream:
     free: object
 
 
-def produce(streams: Sequence[Stream], lo, hi, stages: int, registers: int) -> None:
-    """The producer warpgroup: for each step in [lo, hi), wait until its slot is free (from the
-    second lap on), then TMA every stream's tile into it. Last, observe the consumers' final
+@dataclasses.dataclass(frozen=True)
+class Visits:
+    """The column tiles a CTA visits, in order: visit i (0 <= i < count) is tile `tile(i)`; `runs`
+    are `(start, stop, masked)` spans of visit indices, `masked` (static) saying whether their
+    tiles need the element mask. The producer and both consumers walk the same visits."""
+
+    count: jax.Array
+    runs: tuple[tuple[jax.Array, jax.Array, bool], ...]
+    tile: Callable[[jax.Array], jax.Array]
+
+
+def range_visits(ranges: tuple) -> Visits:
+    """Visits of `visibility.block_range`'s `(lo, full_lo, full_hi, hi)`: boundary tiles masked,
+    interior ones not."""
+    lo, full_lo, full_hi, hi = ranges
+    a, b, n = full_lo - lo, full_hi - lo, hi - lo
+    return Visits(count=n, runs=((0, a, True), (a, b, False), (b, n, True)), tile=lambda i: lo + i)
+
+
+def list_visits(full, partial) -> Visits:
+    """Visits of the visit lists (`visibility.visit_lists`; `full(j)` / `partial(j)` read entry j
+    of this CTA's row, entry 0 the count): the full tiles unmasked, then the partial ones."""
+    n_full, n_partial = full(0), partial(0)
+    count = n_full + n_partial
+
+    def tile(i):
+        return jnp.where(i < n_full, full(1 + i), partial(1 + jnp.maximum(i - n_full, 0)))
+
+    return Visits(count=count, runs=((0, n_full, False), (n_full, count, True)), tile=tile)
+
+
+def produce(streams: Sequence[Stream], visits: Visits, stages: int, registers: int) -> None:
+    """The producer warpgroup: for each visit, wait until its slot is free (from the second lap
+    on), then TMA every stream's tile (`source(tile)`) into it. Last, observe the consumers' final
     releases, so every barrier phase is consumed before the CTA exits (the interpreter checks
     it; on the GPU it costs the producer a wait)."""
     plgpu.set_max_registers(registers, action="decrease")
+    count = visits.count
 
-    @pl.loop(lo, hi)
-    def _(step):
-        i = step - lo
+    @pl.loop(0, count)
+    def _(i):
         slot = lax.rem(i, stages)
+        tile = visits.tile(i)
         for s in streams:
             pl.when(i >= stages)(functools.partial(plgpu.barrier_wait, s.free.at[slot]))
-            plgpu.copy_gmem_to_smem(s.source(step), s.ring.at[slot], s.loaded.at[slot])
+            plgpu.copy_gmem_to_smem(s.source(tile), s.ring.at[slot], s.loaded.at[slot])
 
-    @pl.loop(jnp.maximum(hi - stages, lo), hi)
-    def _(step):
-        slot = lax.rem(step - lo, stages)
+    @pl.loop(jnp.maximum(count - stages, 0), count)
+    def _(i):
+        slot = lax.rem(i, stages)
         for s in streams:
             plgpu.barrier_wait(s.free.at[slot])
 
