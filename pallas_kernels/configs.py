@@ -62,26 +62,37 @@ _TABLE: dict[tuple[str, int], AttentionConfig] = {
 _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 
 # Hopper kernels on Mosaic GPU (pallas_kernels/mosaic): (block_q per consumer warpgroup, block_kv,
-# K/V ring stages) per head dim bucket. NOT MEASURED YET: the starting point of tokamax's and JAX's
-# sm90 kernels (64 rows per warpgroup, 128 keys, 2 stages; 64 keys at head dim 256 to fit shared
-# memory: Q 2x64x256 + K, V 2x2x64x256 bf16 = 192 KiB). To be swept on the H200.
-MOSAIC_FORWARD: dict[int, tuple[int, int, int]] = {
-    64: (64, 128, 2),
-    128: (64, 128, 2),
-    192: (64, 64, 2),
-    256: (64, 64, 2),
+# K/V ring stages, early_next_k, pinned_order; see mosaic.forward.ForwardConfig) per head dim
+# bucket. Swept on the H200 (benchmarks/tune_mosaic.py, results in
+# benchmarks/results/2026-11-30-h200-mosaic/tune_mosaic.json; bf16, B*T = 16k at T = 8k, TFLOP/s
+# non-causal / causal of the chosen config vs the first candidate, tokamax's own default
+# (64, 128, 2)): head dim 64: 363 / 329 vs 344 / 292 (block_kv 256: 384 / 315); 128: 509 / 416
+# vs 501 / 384 (3 stages of 128 keys exceed shared memory; 64-key tiles are 10-15% slower); 256:
+# one stage of 128 keys, 593 / 417 vs two of 64 keys 540 / 416. 192 (not swept) follows 256.
+MOSAIC_FORWARD: dict[int, tuple[int, int, int, bool, bool]] = {
+    64: (64, 128, 2, True, True),
+    128: (64, 128, 2, False, True),
+    192: (64, 128, 1, False, True),
+    256: (64, 128, 1, False, True),
 }
 # The backward's two kernels: (rows per consumer, columns per step, stages), the same for both
-# (dK/dV: rows of keys, columns of queries; dQ: the other way round). NOT MEASURED YET. Each
-# consumer keeps its own rows (K and V, or Q and dO) in shared memory beside the streamed ring:
-# at head dims 192/256 two stages would need 256 KiB of the 227, so one (no ping-pong then;
-# columns cannot shrink below 64, wgmma's contraction dim).
+# (dK/dV: rows of keys, columns of queries; dQ: the other way round). Each consumer keeps its own
+# rows (K and V, or Q and dO) in shared memory beside the streamed ring: at head dims 192/256 two
+# stages would need 256 KiB of the 227, so only one fits (no ping-pong; columns cannot shrink
+# below 64, wgmma's contraction dim).
 MOSAIC_BACKWARD: dict[int, tuple[int, int, int]] = {
-    64: (64, 64, 2),
+    64: (64, 64, 3),
     128: (64, 64, 2),
     192: (64, 64, 1),
     256: (64, 64, 1),
 }
+# Head dims whose backward the "mosaic" backend hands to the Triton kernels (same residuals: out
+# and the natural-log lse). Measured on the H200 (benchmarks/results/2026-11-30-h200-mosaic:
+# the standard sweep's bwd TFLOP/s, Mosaic vs Triton, at (64, 64, 2) tiles: head dim 128
+# 322-406 vs 325-364, Mosaic's; 64: 256-306 vs 283-313; 256, one stage: 125-141 vs 195-234;
+# the sweep's best D=64 tiles (64, 64, 3) reach 300 / 291, about Triton's). Until the
+# single-kernel FA3 backward lands.
+MOSAIC_BACKWARD_ON_TRITON: frozenset[int] = frozenset({64, 192, 256})
 MOSAIC_HEAD_DIM_MULTIPLE = 64  # wgmma tiles the head dim in 64-element (128-byte) swizzled rows
 
 # The pure-XLA chunked path (flashjax/backends/chunked.py): the largest tile, queries and keys, of

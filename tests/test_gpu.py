@@ -18,6 +18,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from flashjax import backends, dot_product_attention
 from flashjax.attention import operands
+from pallas_kernels import configs
 
 pytestmark = pytest.mark.gpu
 
@@ -63,6 +64,10 @@ def test_transformations_on_gpu() -> None:
 
 
 def test_default_is_the_kernel_on_gpu() -> None:
+    """Mosaic on Hopper, Triton on other GPUs and for what Mosaic does not serve (a bias)."""
     case = Case(B=1, T=64, S=64, N=2, K=2, H=64)
     q, k, v, _, _ = make_inputs(case)
-    assert backends.choose(None, operands(q, k, v)).name == "triton"
+    hopper = configs.gpu_target() == "sm90"
+    assert backends.choose(None, operands(q, k, v)).name == ("mosaic" if hopper else "triton")
+    bias = jnp.zeros((1, 2, 64, 64), jnp.float32)
+    assert backends.choose(None, operands(q, k, v, bias)).name == "triton"

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from helpers import Case, make_inputs
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interpreter
+from test_suite import check_case
 
 from flashjax import dot_product_attention
+from pallas_kernels import configs
 from pallas_kernels.mosaic import api, forward
 from pallas_kernels.operands import AttentionStatics
 
@@ -50,7 +52,12 @@ def test_jit_vmap_and_grad() -> None:
 
 @pytest.mark.parametrize(
     "head_dim, window, seq",
-    [(64, (None, None), (256, 384)), (128, (None, 0), (200, 300)), (256, (64, 0), (129, 200))],
+    [
+        (64, (None, None), (256, 384)),
+        (128, (None, 0), (200, 300)),
+        (192, (None, None), (300, 250)),
+        (256, (64, 0), (129, 200)),
+    ],
 )
 def test_forward_lowers_for_the_gpu(head_dim: int, window, seq) -> None:
     """The compiled path (P from registers, accumulator in place, no interpreter) lowers to a
@@ -70,3 +77,19 @@ def test_forward_lowers_for_the_gpu(head_dim: int, window, seq) -> None:
 
     exported = jax.export.export(jax.jit(f), platforms=["cuda"])(q, kv, kv)
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=1, T=113, S=150, N=4, K=1, H=64, features=("causal", "segments")),
+        Case(B=1, T=64, S=80, N=2, K=2, H=200, features=("window",)),
+    ],
+    ids=lambda c: c.id,
+)
+def test_backward_kernel_where_triton_serves(case: Case, monkeypatch) -> None:
+    """configs.MOSAIC_BACKWARD_ON_TRITON hands head dims 64 and 256 to the Triton backward; the
+    Mosaic backward kernel still runs them correctly (the suite covers it at head dim 128)."""
+    monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
+    assert not api.backward_on_triton(case.H)
+    check_case(case, "mosaic")

@@ -165,7 +165,8 @@ class AttentionFn:
     Attributes:
       backend: "flashjax", "xla" or "cudnn".
       implementation: for "flashjax" only, `flashjax.dot_product_attention`'s `implementation`
-        (None: the fastest available, "triton" on NVIDIA GPUs; "xla_chunked"; "xla").
+        (None: the fastest available: "mosaic" on Hopper, "triton" on other NVIDIA GPUs;
+        "xla_chunked" on CPU; or any name of `flashjax.backends.NAMES`).
       context: for "flashjax" only: the sequence sharded over a mesh axis, attention by
         `flashjax.ring_attention` (None: one device's attention).
     """

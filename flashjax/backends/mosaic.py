@@ -1,10 +1,9 @@
 """`"mosaic"`: Hopper kernels on Pallas' Mosaic GPU backend (pallas_kernels/mosaic), the FA3
-design: TMA producer warpgroup, two consumer warpgroups, wgmma from shared memory and registers.
-
-Status: the forward and the two backward kernels (dK/dV, dQ) run in Mosaic GPU interpret mode on
-CPU (race detector on) and lower for the H200; they have not run on a GPU yet, so
-`implementation=None` does not pick them (platforms=()). Calls with what the kernels do not serve
-yet (bias, dropout, head-dependent or finely blocked block masks) go to the next backend.
+design: TMA producer warpgroup, two consumer warpgroups in ping-pong, wgmma from shared memory and
+registers. The default (`implementation=None`) on sm90 for every call it serves; the rest (bias,
+dropout, head-dependent or finely blocked block masks, a traced scale) goes to "triton". The
+backward runs the Mosaic dK/dV and dQ kernels at head dim 128 and hands the other head dims to the
+Triton kernels, faster there today (configs.MOSAIC_BACKWARD_ON_TRITON).
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flashjax.backends import Backend
+from flashjax.backends import Backend, triton
 from pallas_kernels import common, configs, visibility
 from pallas_kernels.mosaic import api
 from pallas_kernels.operands import Operands, cotangent
@@ -26,6 +25,8 @@ def _forward(ops: Operands) -> tuple[jax.Array, jax.Array]:
 
 
 def _backward(ops: Operands, out, lse, dout, dlse) -> Operands:
+    if api.backward_on_triton(ops.head_dim):  # configs.py: Triton's backward is faster here
+        return triton.BACKEND.backward(ops, out, lse, dout, dlse)
     lse2 = jnp.swapaxes(lse, 1, 2).astype(jnp.float32) * common.LOG2E
     dq, dk, dv = api.backward(ops, out, lse2, dout, dlse)
     return cotangent(ops, q=dq, k=dk, v=dv)
@@ -63,7 +64,7 @@ BACKEND = Backend(
     forward=_forward,
     backward=_backward,
     unsupported=_unsupported,
-    platforms=(),  # not picked by default until it has run on a GPU
+    platforms=("gpu",),  # sm90 only: `_unsupported` declines other GPUs
     description="Hopper kernels on Mosaic GPU (FA3 forward; two-kernel backward)",
     kernels=True,
 )

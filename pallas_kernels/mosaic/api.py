@@ -28,13 +28,24 @@ def _head_dim(head_dim: int) -> int:
 
 
 def forward_config(head_dim: int) -> _forward.ForwardConfig:
-    block_q, block_kv, stages = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
-    return _forward.ForwardConfig(block_q=block_q, block_kv=block_kv, stages=stages)
+    block_q, block_kv, stages, early, pinned = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
+    return _forward.ForwardConfig(
+        block_q=block_q,
+        block_kv=block_kv,
+        stages=stages,
+        early_next_k=early,
+        pinned_order=pinned,
+    )
 
 
 def backward_config(head_dim: int) -> _backward.BackwardConfig:
     rows, cols, stages = configs.MOSAIC_BACKWARD[_head_dim(head_dim)]
     return _backward.BackwardConfig(rows=rows, cols=cols, stages=stages)
+
+
+def backward_on_triton(head_dim: int) -> bool:
+    """configs.py hands this head dim's backward to the Triton kernels (faster there)."""
+    return _head_dim(head_dim) in configs.MOSAIC_BACKWARD_ON_TRITON
 
 
 def interpret_params(interpret: bool | None = None) -> plgpu.InterpretGPUParams | None:
@@ -85,11 +96,10 @@ def cta_tiles(head_dim: int) -> tuple[tuple[int, int], ...]:
     """The (query rows, keys) tiles of the three kernels' CTAs: a block mask must be made of
     whole tiles of each (`visibility.tile_divides_mask`)."""
     fwd, bwd = forward_config(head_dim), backward_config(head_dim)
-    return (
-        (CONSUMERS * fwd.block_q, fwd.block_kv),
-        (bwd.cols, CONSUMERS * bwd.rows),  # dK/dV
-        (CONSUMERS * bwd.rows, bwd.cols),  # dQ
-    )
+    tiles = ((CONSUMERS * fwd.block_q, fwd.block_kv),)
+    if not backward_on_triton(head_dim):
+        tiles += ((bwd.cols, CONSUMERS * bwd.rows), (CONSUMERS * bwd.rows, bwd.cols))  # dK/dV, dQ
+    return tiles
 
 
 def visit_lists(
@@ -114,11 +124,14 @@ def _extras(ops: Operands, t: int, s: int, lists: tuple | None) -> dict:
     return extras
 
 
-def forward(ops: Operands, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+def forward(
+    ops: Operands, interpret: bool | None = None, config: _forward.ForwardConfig | None = None
+) -> tuple[jax.Array, jax.Array]:
     """`out (B, T, N, H)` in q's dtype and base-2 logsumexp `lse2 (B, N, T)` float32.
-    `interpret`: None picks interpret mode off the GPU (see `interpret_params`)."""
+    `interpret`: None picks interpret mode off the GPU (see `interpret_params`); `config`: tiles
+    other than configs.py's (benchmarks/tune_mosaic.py)."""
     ops = _past_lengths_zeroed(ops)
-    cfg = forward_config(ops.head_dim)
+    cfg = config or forward_config(ops.head_dim)
     t = _round_up(ops.seq_q, CONSUMERS * cfg.block_q)
     s = _round_up(ops.seq_k, cfg.block_kv)
     d = _head_dim(ops.head_dim)
@@ -149,6 +162,7 @@ def backward(
     dout: jax.Array,
     dlse: jax.Array | None,
     interpret: bool | None = None,
+    config: _backward.BackwardConfig | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients (dq, dk, dv) from the forward's residuals (out, lse2 `(B, N, T)` base 2).
 
@@ -156,7 +170,7 @@ def backward(
     d lse / d logits = P, it enters as `delta -= dlse`.
     """
     ops = _past_lengths_zeroed(ops)
-    cfg = backward_config(ops.head_dim)
+    cfg = config or backward_config(ops.head_dim)
     t = _round_up(ops.seq_q, CONSUMERS * cfg.rows)  # dQ's rows (and a multiple of dK/dV's cols)
     s = _round_up(ops.seq_k, CONSUMERS * cfg.rows)
     d = _head_dim(ops.head_dim)

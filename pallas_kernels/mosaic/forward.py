@@ -40,6 +40,11 @@ class ForwardConfig:
     block_kv: int = 128
     stages: int = 2
     registers: tuple[int, int] = (232, 40)  # consumer, producer (setmaxnreg)
+    # Wait for the next K tile while this step's PV matmul runs (instead of at the next step's
+    # start), and pin the order of the softmax's results before the PV matmul (an optimization
+    # barrier); both as tokamax's sm90 kernel does. Off in interpret mode (no in-place PV).
+    early_next_k: bool = False
+    pinned_order: bool = False
 
 
 def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, interpret):
@@ -67,11 +72,17 @@ def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, interpret):
     rows = row0 + pp.iota((bq, bkv), 0)
     cols0 = pp.iota((bq, bkv), 1)
 
+    early = config.early_next_k and not interpret
+
+    def wait_k(i):
+        plgpu.barrier_wait(sc["k_loaded"].at[lax.rem(i, config.stages)])
+
     def step(i, carry, *, masked: bool):
         acc, m, l = carry
         kv = visits.tile(i)
         slot = lax.rem(i, config.stages)
-        plgpu.barrier_wait(sc["k_loaded"].at[slot])
+        if not early:
+            wait_k(i)
 
         def qk(acc_ref):
             plgpu.wgmma(acc_ref, my_q, sc["k"].at[slot].T)
@@ -101,16 +112,22 @@ def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, interpret):
         p, m, l, alpha = common.online_softmax_step(s2, m, l)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         p16 = p.astype(dtype)
+        if config.pinned_order:
+            acc, p16 = lax.optimization_barrier((acc, p16))
+            m, l = lax.optimization_barrier((m, l))
         turns.done()  # softmax done
         plgpu.barrier_wait(sc["v_loaded"].at[slot])
         turns.wait()  # the tensor cores are ours: the other consumer is in its softmax
         staging = sc["p"].at[wg] if interpret else None
         a = pp.operand(p16, staging, via_smem=interpret)
-        acc = pp.mma_into(acc, a, sc["v"].at[slot], in_place=not interpret)
+        while_pv = (lambda: pl.when(i + 1 < visits.count)(lambda: wait_k(i + 1))) if early else None
+        acc = pp.mma_into(acc, a, sc["v"].at[slot], in_place=not interpret, meanwhile=while_pv)
         plgpu.barrier_arrive(sc["v_free"].at[slot])
         return acc, m, l
 
     turns.start()
+    if early:
+        pl.when(visits.count > 0)(lambda: wait_k(0))
     carry = (
         plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), LAYOUT),
         plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), LAYOUT.reduce(1)),

@@ -44,16 +44,19 @@ def matmul(a, b, shape: tuple[int, int]) -> jax.Array:
     return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 
-def mma_into(acc: jax.Array, a, b, *, in_place: bool) -> jax.Array:
+def mma_into(acc: jax.Array, a, b, *, in_place: bool, meanwhile=None) -> jax.Array:
     """`acc + a @ b` with wgmma (b in shared memory, a in registers or shared memory).
 
     `in_place`: the accumulator enters the wgmma (the GPU path); otherwise the product lands in a
-    fresh accumulator and is added (the CPU interpreter runs no `ACC.init` state).
+    fresh accumulator and is added (the CPU interpreter runs no `ACC.init` state). `meanwhile`:
+    called after the wgmma is issued, before it is awaited (in place only).
     """
     if in_place:
 
         def accumulate(acc_ref):
             plgpu.wgmma(acc_ref, a, b)
+            if meanwhile is not None:
+                meanwhile()
 
         return pl.run_state(accumulate)(plgpu.ACC.init(acc))
     return acc + matmul(a, b, acc.shape)
