@@ -512,9 +512,9 @@ def ring_attention(
       scale, local_window_size, logits_soft_cap: as `dot_product_attention` (global positions).
       q_segment_ids: `Int[Array, "B T"]`, kv_segment_ids: `Int[Array, "B S"]`: shards of the
         segment ids (packed documents), in the same layout.
-      implementation: the kernel of every step, as `dot_product_attention`'s (None: "triton" on
-        NVIDIA GPUs, "xla_chunked" elsewhere). "xla" cannot serve: it has no backward from given
-        residuals.
+      implementation: the kernel of every step, as `dot_product_attention`'s (None: its choice,
+        "mosaic" on Hopper for what it serves, else "triton" on NVIDIA GPUs, "xla_chunked"
+        elsewhere). "xla" cannot serve: it has no backward from given residuals.
 
     Returns:
       `Float[Array, "B T N H"]` in query's dtype: this device's rows of the attention output.

@@ -103,3 +103,27 @@ def test_mosaic_kernels_lower(feature: str, head_dim: int) -> None:
 
     text = lowered_for_h200(forward_and_backward, ops)
     assert text.count("mosaic_gpu") >= 3  # forward, dK/dV, dQ
+
+
+def test_mosaic_kernels_trace_inside_shard_map() -> None:
+    """Inside `jax.shard_map` (check_vma on, as ring attention and users call it), every operand
+    varies over the mesh axis, so values a kernel reads from GMEM (visit-list counts, sequence
+    info) do too; loops bounded by them must still type-check (a loop index started at such a
+    value did not: the 2-GPU ring test failed so at 14e6015). The Triton kernels under shard_map
+    run in the GPU tier (tests/test_gpu.py)."""
+    mesh = jax.sharding.Mesh(jax.devices()[:2], ("sp",))
+    spec = jax.sharding.PartitionSpec(None, "sp")
+
+    def per_device(q, k, v, seg):
+        offsets = jnp.full((q.shape[0],), jax.lax.axis_index("sp") * q.shape[1], jnp.int32)
+        ops = operands(
+            q, k, v, is_causal=True, q_offsets=offsets, q_segment_ids=seg, kv_segment_ids=seg
+        )
+        out, lse = mosaic_api.forward(ops, interpret=False)
+        return out + sum(mosaic_api.backward(ops, out, lse, out, None, interpret=False))
+
+    f = jax.shard_map(per_device, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec)
+    x = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+    text = jax.jit(f).trace(x, x, x, seg).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 3  # forward, dK/dV, dQ

@@ -17,7 +17,6 @@ mode). In interpret mode the register operands of wgmma are staged through share
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -357,8 +356,7 @@ def _dq_consumer(refs, sc, *, statics, config, visits, seq, interpret):
 
     turns.start()
     dq = plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), LAYOUT)
-    for start, stop, masked in visits.runs:
-        dq = lax.fori_loop(start, stop, functools.partial(step, masked=masked), dq)
+    dq = pp.walk(visits, step, dq)
     turns.finish()
     my_q[...] = (dq * statics.scale).astype(dtype)
     plgpu.commit_smem()

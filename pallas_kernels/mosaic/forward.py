@@ -17,7 +17,6 @@ staging tile. Output and base-2 logsumexp leave through shared memory (TMA).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -133,8 +132,7 @@ def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, interpret):
         plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), LAYOUT.reduce(1)),
         plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), LAYOUT.reduce(1)),
     )
-    for start, stop, masked in visits.runs:
-        carry = lax.fori_loop(start, stop, functools.partial(step, masked=masked), carry)
+    carry = pp.walk(visits, step, carry)
     turns.finish()
     out, lse2 = common.finalize(*carry)
 

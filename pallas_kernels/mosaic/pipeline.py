@@ -115,6 +115,21 @@ def list_visits(full, partial) -> Visits:
     return Visits(count=count, runs=((0, n_full, False), (n_full, count, True)), tile=tile)
 
 
+def walk(visits: Visits, step: Callable, carry):
+    """Run `step(i, carry, masked=...)` over every visit, run by run. Each loop counts from 0 and
+    offsets the index: a run's start read from GMEM (visit lists, sequence info) is a value that
+    varies over a `shard_map` axis, and a loop index starting there would not match its own
+    increment's type under `check_vma`."""
+    for start, stop, masked in visits.runs:
+        carry = lax.fori_loop(
+            0,
+            stop - start,
+            lambda j, c, start=start, masked=masked: step(start + j, c, masked=masked),
+            carry,
+        )
+    return carry
+
+
 def produce(streams: Sequence[Stream], visits: Visits, stages: int, registers: int) -> None:
     """The producer warpgroup: for each visit, wait until its slot is free (from the second lap
     on), then TMA every stream's tile (`source(tile)`) into it. Last, observe the consumers' final
@@ -131,9 +146,11 @@ def produce(streams: Sequence[Stream], visits: Visits, stages: int, registers: i
             pl.when(i >= stages)(functools.partial(plgpu.barrier_wait, s.free.at[slot]))
             plgpu.copy_gmem_to_smem(s.source(tile), s.ring.at[slot], s.loaded.at[slot])
 
-    @pl.loop(jnp.maximum(count - stages, 0), count)
-    def _(i):
-        slot = lax.rem(i, stages)
+    first = jnp.maximum(count - stages, 0)  # counted from 0: see `walk`
+
+    @pl.loop(0, count - first)
+    def _(j):
+        slot = lax.rem(first + j, stages)
         for s in streams:
             plgpu.barrier_wait(s.free.at[slot])
 
