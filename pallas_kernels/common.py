@@ -55,15 +55,25 @@ def dropout_stream(seed0: jax.Array, seed1: jax.Array, batch_head: jax.Array) ->
     )
 
 
-def dropout_keep(stream: jax.Array, rows: jax.Array, cols: jax.Array, rate: float) -> jax.Array:
-    """Bool `(len(rows), len(cols))`: True where the attention weight is kept.
+def dropout_row_keys(stream: jax.Array, rows: jax.Array) -> jax.Array:
+    """The first half of the hash: a uint32 key per query row (any shape)."""
+    return _mix32(stream ^ (rows.astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)))
+
+
+def dropout_keep_of(row_keys: jax.Array, cols: jax.Array, rate: float) -> jax.Array:
+    """Bool, True where the weight at (row, col) is kept: `row_keys` and key indices `cols`
+    broadcast against each other (a tile of both, or a column and a row of the tile).
 
     A weight is dropped iff the top 24 bits of hash(stream, row, col) fall under `rate * 2**24`.
     """
-    row_keys = _mix32(stream ^ (rows.astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)))
-    bits = _mix32(row_keys[:, None] ^ (cols.astype(jnp.uint32) * jnp.uint32(_GOLDEN))[None, :])
+    bits = _mix32(row_keys ^ (cols.astype(jnp.uint32) * jnp.uint32(_GOLDEN)))
     threshold = jnp.int32(round(rate * (1 << 24)))
     return lax.shift_right_logical(bits, jnp.uint32(8)).astype(jnp.int32) >= threshold
+
+
+def dropout_keep(stream: jax.Array, rows: jax.Array, cols: jax.Array, rate: float) -> jax.Array:
+    """Bool `(len(rows), len(cols))`: True where the attention weight is kept."""
+    return dropout_keep_of(dropout_row_keys(stream, rows)[:, None], cols[None, :], rate)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,8 +184,13 @@ def logits_grad(
 def dropout_scale(
     statics: AttentionStatics, stream: jax.Array, rows: jax.Array, cols: jax.Array
 ) -> jax.Array:
-    """Per-element factor of inverted dropout: `keep / (1 - rate)` as float32."""
-    keep = dropout_keep(stream, rows, cols, statics.dropout_rate)
+    """Per-element factor of inverted dropout: `keep / (1 - rate)` as float32, for 1-D query
+    indices `rows` and key indices `cols`."""
+    return dropout_factor(statics, dropout_keep(stream, rows, cols, statics.dropout_rate))
+
+
+def dropout_factor(statics: AttentionStatics, keep: jax.Array) -> jax.Array:
+    """Inverted dropout's factor from the keep mask: `1 / (1 - rate)` where kept, else 0."""
     return jnp.where(keep, 1.0 / (1.0 - statics.dropout_rate), 0.0).astype(jnp.float32)
 
 

@@ -48,6 +48,7 @@ FEATURES = {
     ),
     "block-mask": dict(block_mask=BlockMask.from_blocks(jnp.ones((8, 9), bool), 128)),
     "softcap": dict(is_causal=True, logits_soft_cap=30.0),
+    "dropout": dict(is_causal=True, dropout_rate=0.1, dropout_rng=jax.random.key(0)),
     "bias-dropout-softcap": dict(
         bias=jnp.ones((1, N, T, S)),
         dropout_rate=0.1,
@@ -90,7 +91,8 @@ def test_decode_kernel_lowers(head_dim: int, paged: bool) -> None:
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize(
-    "feature", ["plain", "causal-window", "lengths-offsets", "softcap", "segments", "block-mask"]
+    "feature",
+    ["plain", "causal-window", "lengths-offsets", "softcap", "segments", "block-mask", "dropout"],
 )
 def test_mosaic_kernels_lower(feature: str, head_dim: int) -> None:
     q = jnp.zeros((B, T, N, head_dim), jnp.bfloat16)

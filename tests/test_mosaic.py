@@ -82,7 +82,7 @@ def test_forward_lowers_for_the_gpu(head_dim: int, window, seq) -> None:
 @pytest.mark.parametrize(
     "case",
     [
-        Case(B=1, T=113, S=150, N=4, K=1, H=64, features=("causal", "segments")),
+        Case(B=1, T=113, S=150, N=4, K=1, H=64, features=("causal", "segments", "dropout")),
         Case(B=1, T=64, S=80, N=2, K=2, H=200, features=("window",)),
     ],
     ids=lambda c: c.id,

@@ -1,7 +1,7 @@
 """`"mosaic"`: Hopper kernels on Pallas' Mosaic GPU backend (pallas_kernels/mosaic), the FA3
 design: TMA producer warpgroup, two consumer warpgroups in ping-pong, wgmma from shared memory and
 registers. The default (`implementation=None`) on sm90 for every call it serves; the rest (bias,
-dropout, head-dependent or finely blocked block masks, a traced scale) goes to "triton". The
+head-dependent or finely blocked block masks, a traced scale) goes to "triton". The
 backward runs the Mosaic dK/dV and dQ kernels at head dim 128 and hands the other head dims to the
 Triton kernels, faster there today (configs.MOSAIC_BACKWARD_ON_TRITON).
 """
@@ -48,7 +48,6 @@ def _unsupported(ops: Operands) -> str | None:
         return "a GPU other than Hopper (sm90)"
     features = {
         "a bias or mask": ops.bias is not None,
-        "dropout": ops.statics.has_dropout,
         "a traced scale": ops.scale is not None,
         f"a block mask that depends on the head or whose blocks are not whole CTA tiles "
         f"{api.cta_tiles(ops.head_dim)}": ops.has_block_mask and not _block_mask_fits(ops),

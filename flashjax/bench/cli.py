@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import logging
 import os
-import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from flashjax.bench.options import (
+    default_out_dir,
+    header,
+    parse_backends,
+    parse_dtype,
+    parse_ints,
+    parse_modes,
+    parse_percents,
+    parse_shapes,
+    parse_window,
+)
 
 GPU_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 GPU_QUICK_SEQLENS = (1024, 4096, 16384)
@@ -155,114 +164,6 @@ examples:
   python -m flashjax bench --decode                         # decode GB/s vs read bandwidth
   python -m flashjax bench --decode --shapes 1x8k,16x32k --page-sizes 16 --backends flashjax
 """
-
-
-def parse_ints(text: str, minimum: int = 1) -> tuple[int, ...]:
-    """Comma list of ints: "512,1k,16k" -> (512, 1024, 16384) ("k" is 1024), each >= `minimum`."""
-    values = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        scale = 1024 if part.endswith("k") else 1
-        try:
-            value = int(part.rstrip("k")) * scale
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {part!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}: {part!r}")
-        values.append(value)
-    if not values:
-        raise argparse.ArgumentTypeError("empty list")
-    return tuple(values)
-
-
-def parse_modes(text: str) -> tuple[str, ...]:
-    """ "fwd,bwd" -> ("fwd", "bwd"); "all" -> every mode; kept in canonical order."""
-    from flashjax.bench.flops import MODES
-
-    wanted = {m.strip() for m in text.split(",") if m.strip()}
-    if "all" in wanted:
-        return MODES
-    unknown = wanted - set(MODES)
-    if unknown or not wanted:
-        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)} or all; got {text!r}")
-    return tuple(m for m in MODES if m in wanted)
-
-
-def parse_backends(text: str) -> tuple[str, ...] | None:
-    """A comma list of backend names (of the sweep, --sparsity or --decode), or None for
-    "all"."""
-    from flashjax.bench import decode_backends
-    from flashjax.bench.backends import BACKEND_NAMES
-    from flashjax.bench.sparsity_backends import NAMES
-
-    decode = (n for n in decode_backends.names() if not n.startswith("flashjax_paged"))
-    known = tuple(dict.fromkeys((*BACKEND_NAMES, *NAMES, *decode)))
-    names = [b.strip() for b in text.split(",") if b.strip()]
-    known += tuple(b for b in names if re.fullmatch(r"flashjax_paged\d+", b))
-    if not names or "all" in names:
-        return None
-    unknown = [b for b in names if b not in known]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(known)}"
-        )
-    return tuple(dict.fromkeys(names))
-
-
-def parse_percents(text: str) -> tuple[float, ...]:
-    """ "5,10,25.5" -> (0.05, 0.1, 0.255): percentages in (0, 100]."""
-    values = []
-    for part in (p.strip().rstrip("%") for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {part!r}") from None
-        if not 0 < value <= 100:
-            raise argparse.ArgumentTypeError(f"a percentage in (0, 100]: {part!r}")
-        values.append(value / 100)
-    if not values:
-        raise argparse.ArgumentTypeError("empty list")
-    return tuple(values)
-
-
-def parse_shapes(text: str) -> tuple:
-    """ "1x8k,64x4k" -> (Shape(1, 8192), Shape(64, 4096)): B x S of --decode."""
-    from flashjax.bench.decode import Shape
-
-    shapes = []
-    for part in (p.strip().lower() for p in text.split(",")):
-        if not part:
-            continue
-        batch, sep, seq = part.partition("x")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"a shape is BxS, e.g. 8x16k: {part!r}")
-        shapes.append(Shape(parse_ints(batch)[0], parse_ints(seq)[0]))
-    if not shapes:
-        raise argparse.ArgumentTypeError("empty list")
-    return tuple(shapes)
-
-
-def parse_dtype(text: str) -> str:
-    """A dtype name or alias -> "bfloat16" / "float16" / "float32"."""
-    from flashjax.bench.cases import DTYPES
-
-    if text.lower() not in DTYPES:
-        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(set(DTYPES.values()))}")
-    return DTYPES[text.lower()]
-
-
-def parse_window(text: str) -> tuple[int, int]:
-    """ "256" -> (256, 256); "256,0" -> (256, 0)."""
-    values = parse_ints(text, minimum=0)
-    if len(values) == 1:
-        return (values[0], values[0])
-    if len(values) == 2:
-        return (values[0], values[1])
-    raise argparse.ArgumentTypeError("window is LEFT or LEFT,RIGHT")
 
 
 def hbm_vary() -> tuple[str, ...]:
@@ -564,15 +465,6 @@ def _policy(on_gpu: bool, reps: int) -> Any:
     )
 
 
-def default_out_dir(meta: dict[str, Any], suffix: str = "") -> Path:
-    """`<tmp>/flashjax-bench/<date>-<device><suffix>`: outside the repository, so results never
-    show up in `git status` (commit the ones worth keeping under benchmarks/results/ by hand)."""
-    from flashjax.bench import machine
-
-    name = f"{datetime.date.today().isoformat()}-{machine.slug(meta['device'])}{suffix}"
-    return Path(tempfile.gettempdir()) / "flashjax-bench" / name
-
-
 def _out_dir(args: argparse.Namespace, meta: dict[str, Any], suffix: str = "") -> Path:
     """--out, or `default_out_dir`."""
     return args.out or default_out_dir(meta, suffix)
@@ -590,20 +482,6 @@ def _one_shape(
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     return (args.head_dims or (head_dim,))[0], args.causal == "yes"
-
-
-def _header(meta: dict[str, Any], what: str = "") -> None:
-    """The first line of a run's output (`what`: the mode, e.g. "--io"), and the CPU note."""
-    from flashjax.bench import report
-
-    run = f"flashjax bench {what}".rstrip()
-    print(
-        f"{run} on {meta['device']} ({meta['platform']}), "
-        f"jax {meta['jax_version']}, commit {meta['git_commit']}",
-        flush=True,
-    )
-    if meta["platform"] != "gpu":
-        print("NOTE: " + report.CPU_NOTE + ".", flush=True)
 
 
 def _available(registry: Sequence[Any], wanted: Sequence[str] | None) -> tuple[list, dict]:
@@ -664,7 +542,7 @@ def main_io(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str
         seed=args.seed,
     )
     meta = machine.describe(args.commit)
-    _header(meta, "--io")
+    header(meta, "--io")
     meta |= _shape_meta("io", cfg) | {
         "blocks": list(cfg.blocks),
         "vary": cfg.vary,
@@ -736,7 +614,7 @@ def main_memory(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         seed=args.seed,
     )
     meta = machine.describe(args.commit)
-    _header(meta, "--memory")
+    header(meta, "--memory")
     meta |= _shape_meta("memory", cfg) | {
         "backends": list(cfg.backends),
         "limit_bytes": cfg.limit_bytes,
@@ -829,7 +707,7 @@ def main_sparsity(p: argparse.ArgumentParser, args: argparse.Namespace, argv: li
     cfg, longest_s = _sparsity_config(p, args, on_gpu)
     chosen, unavailable = _sparsity_backends(p, args, on_gpu)
     meta = machine.describe(args.commit)
-    _header(meta, "--sparsity")
+    header(meta, "--sparsity")
     if not _say_skipped(chosen, unavailable):
         return 1
     reps = args.reps or 3
@@ -942,7 +820,7 @@ def main_decode(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     cfg = _decode_config(p, args, on_gpu)
     chosen, unavailable = _decode_backends(args, cfg.page_sizes, on_gpu)
     meta = machine.describe(args.commit)
-    _header(meta, "--decode")
+    header(meta, "--decode")
     if not _say_skipped(chosen, unavailable):
         return 1
     start_read = decode.read_bandwidth(cfg)
@@ -1061,7 +939,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = _resolve(args, on_gpu)
     meta = machine.describe(args.commit)
     policy = _policy(on_gpu, cfg["reps"])
-    _header(meta)
+    header(meta)
     chosen, unavailable = _available(registry, args.backends or (None if on_gpu else CPU_BACKENDS))
     if not _say_skipped(chosen, unavailable):
         return 1

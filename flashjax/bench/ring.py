@@ -687,7 +687,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flashjax.bench.cli import parse_dtype, parse_ints
+    from flashjax.bench.options import parse_dtype, parse_ints
 
     p = argparse.ArgumentParser(
         prog="python -m flashjax bench --ring",
@@ -830,7 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_host_devices()
     import jax
 
-    from flashjax.bench import cli, machine, report, ring_report, timing
+    from flashjax.bench import machine, options, report, ring_report, timing
 
     started = time.perf_counter()
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -851,9 +851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "temporaries - aliased",
         "argv": list(sys.argv[1:] if argv is None else argv),
     }
-    cli._header(meta, "--ring")
+    options.header(meta, "--ring")
     max_minutes = args.max_minutes or (GPU_DEFAULTS if on_gpu else CPU_DEFAULTS)["max_minutes"]
-    out_dir = args.out or cli.default_out_dir(meta, "-ring")
+    out_dir = args.out or options.default_out_dir(meta, "-ring")
     print(f"{cfg.devices} devices; results in {out_dir}", flush=True)
     rows = run(
         cfg,

@@ -115,8 +115,9 @@ def visit_lists(
 
 
 def _extras(ops: Operands, t: int, s: int, lists: tuple | None) -> dict:
-    """The optional operands of a launch: sequence info, padded segment ids, visit lists."""
-    extras = {"seq": _seq_info(ops)}
+    """The optional operands of a launch: sequence info, padded segment ids, dropout seeds,
+    visit lists."""
+    extras = {"seq": _seq_info(ops), "seeds": ops.seeds if ops.statics.has_dropout else None}
     if ops.has_segments:
         extras |= {"q_seg": _pad(ops.q_segments, 1, t), "kv_seg": _pad(ops.kv_segments, 1, s)}
     if lists is not None:

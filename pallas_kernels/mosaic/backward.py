@@ -113,6 +113,7 @@ def _stream(sc: dict, name: str, source) -> pp.Stream:
 
 
 def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
+    num_heads = group * refs["k"].shape[2]
     bq, bkv = config.cols, config.rows
     wg = lax.axis_index("wg")
     b, kh = lax.axis_index("b"), lax.axis_index("h")
@@ -169,12 +170,17 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         plgpu.barrier_arrive(sc["lse_free"].at[slot])
         plgpu.barrier_wait(sc["do_loaded"].at[slot])
         dp = pp.matmul(my_v, sc["do"].at[slot].T, (bkv, bq))
+        p_dropped = p
+        if statics.has_dropout:  # transposed tile: queries along dim 1, keys along dim 0
+            rows = pp.dropout_rows(statics, refs["seeds"], b, head, num_heads, qt * bq + rows0)
+            factor = pp.dropout_factor(statics, rows, keys)
+            p_dropped, dp = p * factor, dp * factor
         plgpu.barrier_wait(sc["delta_loaded"].at[slot])
         _, ds = common.logits_grad(p, dp, _vector(sc["delta"].at[slot], (bkv, bq), 1), tanh)
         plgpu.barrier_arrive(sc["delta_free"].at[slot])
         turns.done()
         turns.wait()
-        a = pp.operand(p.astype(dtype), staging, via_smem=interpret)
+        a = pp.operand(p_dropped.astype(dtype), staging, via_smem=interpret)
         dv = pp.mma_into(dv, a, sc["do"].at[slot], in_place=not interpret)
         plgpu.barrier_arrive(sc["do_free"].at[slot])
         a = pp.operand(ds.astype(dtype), staging, via_smem=interpret)
@@ -289,6 +295,7 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
 
 
 def _dq_consumer(refs, sc, *, statics, config, visits, seq, interpret):
+    num_heads = refs["q"].shape[2]
     bq, bkv = config.rows, config.cols
     wg = lax.axis_index("wg")
     b, h = lax.axis_index("b"), lax.axis_index("h")
@@ -316,6 +323,8 @@ def _dq_consumer(refs, sc, *, statics, config, visits, seq, interpret):
     rows = row0 + pp.iota((bq, bkv), 0)
     cols0 = pp.iota((bq, bkv), 1)
     staging = sc["stage"].at[wg] if interpret else None
+    if statics.has_dropout:
+        row_keys = pp.dropout_rows(statics, refs["seeds"], b, h, num_heads, rows)
 
     def step(i, dq, *, masked: bool):
         kv = visits.tile(i)
@@ -346,6 +355,8 @@ def _dq_consumer(refs, sc, *, statics, config, visits, seq, interpret):
         plgpu.barrier_wait(sc["v_loaded"].at[slot])
         dp = pp.matmul(my_do, sc["v"].at[slot].T, (bq, bkv))
         plgpu.barrier_arrive(sc["v_free"].at[slot])
+        if statics.has_dropout:
+            dp = dp * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
         _, ds = common.logits_grad(p, dp, delta, tanh)
         turns.done()
         turns.wait()

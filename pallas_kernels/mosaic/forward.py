@@ -46,7 +46,7 @@ class ForwardConfig:
     pinned_order: bool = False
 
 
-def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, interpret):
+def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, num_heads, interpret):
     bq, bkv = config.block_q, config.block_kv
     wg = lax.axis_index("wg")
     b, h = lax.axis_index("b"), lax.axis_index("h")
@@ -70,6 +70,8 @@ def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, interpret):
 
     rows = row0 + pp.iota((bq, bkv), 0)
     cols0 = pp.iota((bq, bkv), 1)
+    if statics.has_dropout:
+        row_keys = pp.dropout_rows(statics, refs["seeds"], b, h, num_heads, rows)
 
     early = config.early_next_k and not interpret
 
@@ -109,6 +111,8 @@ def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, interpret):
             plgpu.barrier_arrive(sc["kv_seg_free"].at[slot])
         s2, _ = common.scores(s, statics.scale, statics, None, mask)
         p, m, l, alpha = common.online_softmax_step(s2, m, l)
+        if statics.has_dropout:  # after the running sum: l normalizes the undropped weights
+            p = p * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         p16 = p.astype(dtype)
         if config.pinned_order:
@@ -184,7 +188,8 @@ def forward(
 
     `seq_lens`: the real (T, S); rows and keys past them are padding the visibility rule hides.
     `extras`, each optional: "seq" `(B, 4)` int32 offsets and lengths (`Operands.seq_info`);
-    "q_seg" `(B, Tp)`, "kv_seg" `(B, Sp)` int32 segment ids; "full", "partial" the visit lists
+    "q_seg" `(B, Tp)`, "kv_seg" `(B, Sp)` int32 segment ids; "seeds" `(2,)` uint32 dropout
+    seeds (with `statics.dropout_rate`); "full", "partial" the visit lists
     `(Bt, 1, Tp / (2 block_q), 1 + Sp / block_kv)` int32 of the CTA tiles (with segment ids or a
     block mask; `visibility.visit_lists`).
     """
@@ -222,6 +227,7 @@ def forward(
                 config=config,
                 visits=visits,
                 seq=seq,
+                num_heads=num_heads,
                 interpret=via_smem,
             )
 

@@ -19,6 +19,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import common
+
 CONSUMERS = 2  # compute warpgroups per CTA
 PRODUCER = CONSUMERS  # the warpgroup index of the TMA producer
 LAYOUT = plgpu.Layout.WGMMA
@@ -212,6 +214,21 @@ def split_refs(refs: Sequence, counts: Sequence[int]) -> list:
         groups.append(refs[start : start + n])
         start += n
     return [*groups, refs[start:]]
+
+
+def dropout_rows(statics, seeds_ref, batch, head, num_heads: int, rows: jax.Array) -> jax.Array:
+    """The dropout hash's row keys of a tile whose query indices are `rows` (2-D), for one
+    (batch row, query head); `seeds_ref` the `(2,)` uint32 GMEM operand. With
+    `common.dropout_keep_of(keys, cols, rate)` the kernels draw Triton's and XLA's bits."""
+    seeds = (seeds_ref[0], seeds_ref[1])
+    stream = common.head_stream(statics, seeds, batch, head, num_heads)
+    return common.dropout_row_keys(stream, rows)
+
+
+def dropout_factor(statics, row_keys: jax.Array, cols: jax.Array) -> jax.Array:
+    """Inverted dropout's per-element factor of a tile (`keep / (1 - rate)`)."""
+    keep = common.dropout_keep_of(row_keys, cols, statics.dropout_rate)
+    return common.dropout_factor(statics, keep)
 
 
 def iota(shape: tuple[int, int], dim: int) -> jax.Array:
