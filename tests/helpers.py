@@ -61,6 +61,10 @@ def make_inputs(case: Case, salt: str = ""):
             kw["bias"] = jnp.asarray(rng.standard_normal((1, case.N, case.T, case.S)), jnp.float32)
         elif f == "rowbias":  # broadcast along queries: (B, 1, 1, S)
             kw["bias"] = jnp.asarray(rng.standard_normal((case.B, 1, 1, case.S)), jnp.float32)
+        elif f == "colbias":  # broadcast along keys, one value per (head, query): (1, N, T, 1)
+            kw["bias"] = jnp.asarray(rng.standard_normal((1, case.N, case.T, 1)), jnp.float32)
+        elif f == "headbias":  # one value per (batch row, head): (B, N, 1, 1)
+            kw["bias"] = jnp.asarray(rng.standard_normal((case.B, case.N, 1, 1)), jnp.float32)
         elif f == "mask":
             kw["mask"] = jnp.asarray(rng.random((case.B, 1, case.T, case.S)) > 0.3)
         elif f == "segments":

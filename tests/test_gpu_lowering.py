@@ -129,3 +129,14 @@ def test_mosaic_kernels_trace_inside_shard_map() -> None:
     seg = jax.ShapeDtypeStruct((1, 512), jnp.int32)
     text = jax.jit(f).trace(x, x, x, seg).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 3  # forward, dK/dV, dQ
+
+
+@pytest.mark.parametrize("shape", [(1, N, T, S), (B, 1, 1, S), (1, N, T, 1), (1, N, 1, 1)])
+def test_mosaic_forward_with_a_bias_lowers(shape) -> None:
+    """The Mosaic forward reads a bias tile, a row or a column straight from GMEM into the WGMMA
+    layout (the backward of a bias call is the Triton kernels')."""
+    q = jnp.zeros((B, T, N, 128), jnp.bfloat16)
+    kv = jnp.zeros((B, S, K, 128), jnp.bfloat16)
+    ops = operands(q, kv, kv, jnp.ones(shape, jnp.float32), is_causal=True)
+    text = lowered_for_h200(lambda ops: mosaic_api.forward(ops, interpret=False), ops)
+    assert text.count("mosaic_gpu") >= 1

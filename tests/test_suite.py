@@ -33,6 +33,8 @@ CASES = [
     Case(B=1, T=64, S=80, N=2, K=2, H=256),
     Case(B=2, T=50, S=77, N=4, K=2, H=64, features=("softcap", "bias")),
     Case(B=2, T=50, S=77, N=4, K=4, H=64, features=("rowbias",)),
+    Case(B=1, T=70, S=90, N=4, K=2, H=128, features=("colbias", "causal")),
+    Case(B=2, T=40, S=70, N=2, K=1, H=64, features=("headbias", "softcap")),
     Case(B=2, T=70, S=70, N=4, K=2, H=64, features=("segments", "causal")),
     Case(B=2, T=70, S=70, N=4, K=2, H=64, features=("large", "segments", "causal")),
     Case(B=2, T=60, S=90, N=2, K=1, H=64, features=("lengths", "mask")),

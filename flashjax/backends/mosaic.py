@@ -1,9 +1,9 @@
 """`"mosaic"`: Hopper kernels on Pallas' Mosaic GPU backend (pallas_kernels/mosaic), the FA3
 design: TMA producer warpgroup, two consumer warpgroups in ping-pong, wgmma from shared memory and
-registers. The default (`implementation=None`) on sm90 for every call it serves; the rest (bias,
-head-dependent or finely blocked block masks, a traced scale) goes to "triton". The
-backward runs the Mosaic dK/dV and dQ kernels at head dim 128 and hands the other head dims to the
-Triton kernels, faster there today (configs.MOSAIC_BACKWARD_ON_TRITON).
+registers. The default (`implementation=None`) on sm90 for every call it serves; the rest
+(head-dependent or finely blocked block masks, a traced scale) goes to "triton". The backward runs
+the Mosaic dK/dV and dQ kernels at head dim 128 without a bias, and hands the rest to the Triton
+kernels (faster at the other head dims today: configs.MOSAIC_BACKWARD_ON_TRITON).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def _forward(ops: Operands) -> tuple[jax.Array, jax.Array]:
 
 
 def _backward(ops: Operands, out, lse, dout, dlse) -> Operands:
-    if api.backward_on_triton(ops.head_dim):  # configs.py: Triton's backward is faster here
+    # Triton's backward kernels: faster at some head dims (configs.py), and they (with the
+    # chunked path's d bias) serve a bias, which the Mosaic forward reads but its backward not.
+    if api.backward_on_triton(ops.head_dim) or ops.bias is not None:
         return triton.BACKEND.backward(ops, out, lse, dout, dlse)
     lse2 = jnp.swapaxes(lse, 1, 2).astype(jnp.float32) * common.LOG2E
     dq, dk, dv = api.backward(ops, out, lse2, dout, dlse)
@@ -47,7 +49,6 @@ def _unsupported(ops: Operands) -> str | None:
     if configs.gpu_target() not in ("sm90", "interpret"):
         return "a GPU other than Hopper (sm90)"
     features = {
-        "a bias or mask": ops.bias is not None,
         "a traced scale": ops.scale is not None,
         f"a block mask that depends on the head or whose blocks are not whole CTA tiles "
         f"{api.cta_tiles(ops.head_dim)}": ops.has_block_mask and not _block_mask_fits(ops),

@@ -125,6 +125,19 @@ def _extras(ops: Operands, t: int, s: int, lists: tuple | None) -> dict:
     return extras
 
 
+def _bias(ops: Operands, t: int, s: int) -> jax.Array | None:
+    """The bias as the forward kernel reads it: float32, its query and key axes padded to the
+    kernel's (where not broadcast), a scalar-per-head bias widened to a row of keys."""
+    if ops.bias is None:
+        return None
+    bias = ops.bias.astype(jnp.float32)
+    if bias.shape[2] == 1 and bias.shape[3] == 1:
+        bias = jnp.broadcast_to(bias, (*bias.shape[:3], ops.seq_k))
+    if bias.shape[2] > 1:
+        bias = _pad(bias, 2, t)
+    return _pad(bias, 3, s) if bias.shape[3] > 1 else bias
+
+
 def forward(
     ops: Operands, interpret: bool | None = None, config: _forward.ForwardConfig | None = None
 ) -> tuple[jax.Array, jax.Array]:
@@ -150,7 +163,7 @@ def forward(
         statics=ops.statics,
         config=cfg,
         seq_lens=(ops.seq_q, ops.seq_k),
-        extras=_extras(ops, t, s, lists),
+        extras=_extras(ops, t, s, lists) | {"bias": _bias(ops, t, s)},
         interpret=interpret_params(interpret),
     )
     return out[:, : ops.seq_q, :, : ops.head_dim], lse2[:, :, : ops.seq_q]

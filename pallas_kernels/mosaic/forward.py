@@ -109,7 +109,10 @@ def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, num_heads, 
             if not masked:  # a full tile: its segment ids went unread, but the slot must turn
                 plgpu.barrier_wait(sc["kv_seg_loaded"].at[slot])
             plgpu.barrier_arrive(sc["kv_seg_free"].at[slot])
-        s2, _ = common.scores(s, statics.scale, statics, None, mask)
+        bias = None
+        if "bias" in refs:
+            bias = pp.bias_tile(refs["bias"], b, h, row0, bq, kv * bkv, bkv)
+        s2, _ = common.scores(s, statics.scale, statics, bias, mask)
         p, m, l, alpha = common.online_softmax_step(s2, m, l)
         if statics.has_dropout:  # after the running sum: l normalizes the undropped weights
             p = p * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
@@ -188,7 +191,8 @@ def forward(
 
     `seq_lens`: the real (T, S); rows and keys past them are padding the visibility rule hides.
     `extras`, each optional: "seq" `(B, 4)` int32 offsets and lengths (`Operands.seq_info`);
-    "q_seg" `(B, Tp)`, "kv_seg" `(B, Sp)` int32 segment ids; "seeds" `(2,)` uint32 dropout
+    "q_seg" `(B, Tp)`, "kv_seg" `(B, Sp)` int32 segment ids; "bias" `(Bb, Nb, Tb, Sb)` float32,
+    each axis 1 or full (padded), not both of the last two 1; "seeds" `(2,)` uint32 dropout
     seeds (with `statics.dropout_rate`); "full", "partial" the visit lists
     `(Bt, 1, Tp / (2 block_q), 1 + Sp / block_kv)` int32 of the CTA tiles (with segment ids or a
     block mask; `visibility.visit_lists`).

@@ -216,6 +216,30 @@ def split_refs(refs: Sequence, counts: Sequence[int]) -> list:
     return [*groups, refs[start:]]
 
 
+def bias_tile(ref, batch, head, row0, rows: int, col0, cols: int) -> jax.Array:
+    """The `(rows, cols)` float32 tile at (row0, col0) of a bias `(Bb, Nb, Tb, Sb)` in GMEM whose
+    axes are 1 (broadcast) or full, loaded straight into registers (WGMMA layout); a bias
+    broadcast along queries or keys is read as one vector. (Tb = Sb = 1 is not taken: the host
+    widens it to a row of keys.)"""
+    nb, nh, nt, ns = ref.shape
+    at = (batch if nb > 1 else 0, head if nh > 1 else 0)
+    if nt > 1 and ns > 1:
+        tile = plgpu.load(
+            ref.at[(*at, pl.ds(row0, rows), pl.ds(col0, cols))], layout=LAYOUT, optimized=False
+        )
+    elif nt > 1:  # one value per query row
+        column = plgpu.load(
+            ref.at[(*at, pl.ds(row0, rows), 0)], layout=LAYOUT.reduce(1), optimized=False
+        )
+        tile = lax.broadcast_in_dim(column, (rows, cols), [0])
+    else:  # one value per key
+        row = plgpu.load(
+            ref.at[(*at, 0, pl.ds(col0, cols))], layout=LAYOUT.reduce(0), optimized=False
+        )
+        tile = lax.broadcast_in_dim(row, (rows, cols), [1])
+    return tile.astype(jnp.float32)
+
+
 def dropout_rows(statics, seeds_ref, batch, head, num_heads: int, rows: jax.Array) -> jax.Array:
     """The dropout hash's row keys of a tile whose query indices are `rows` (2-D), for one
     (batch row, query head); `seeds_ref` the `(2,)` uint32 GMEM operand. With
