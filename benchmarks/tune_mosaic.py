@@ -7,6 +7,7 @@ Usage on the GPU: python benchmarks/tune_mosaic.py OUT_JSON [HEAD_DIM ...]  (def
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import sys
@@ -36,10 +37,12 @@ BWD_TILES = {
 
 
 def forward_candidates(head_dim: int) -> list[ForwardConfig]:
+    """The tile x flag grid, then configs.py's choice with and without `longest_first`."""
+    chosen = api.forward_config(head_dim)
     return [
         ForwardConfig(block_q=q, block_kv=kv, stages=st, early_next_k=e, pinned_order=p)
         for (q, kv, st), (e, p) in itertools.product(FWD_TILES[head_dim], FLAGS)
-    ]
+    ] + [chosen, dataclasses.replace(chosen, longest_first=True)]
 
 
 def backward_candidates(head_dim: int) -> list[BackwardConfig]:

@@ -4,6 +4,7 @@ case)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -15,6 +16,7 @@ from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interp
 from test_suite import check_case
 
 from flashjax import dot_product_attention
+from flashjax.attention import operands
 from pallas_kernels import configs
 from pallas_kernels.mosaic import api, forward
 from pallas_kernels.operands import AttentionStatics
@@ -93,3 +95,18 @@ def test_backward_kernel_where_triton_serves(case: Case, monkeypatch) -> None:
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     assert not api.backward_on_triton(case.H)
     check_case(case, "mosaic")
+
+
+@pytest.mark.parametrize("features", [("causal",), ("causal", "segments")])
+def test_longest_first_order_computes_the_same(features) -> None:
+    """`ForwardConfig.longest_first` only reverses which CTA takes which query tile (ranges, and
+    visit lists with segment ids): the output and logsumexp are bitwise those of grid order."""
+    case = Case(B=1, T=300, S=300, N=2, K=1, H=64, features=features)
+    q, k, v, _, kw = make_inputs(case)
+    ops = operands(q, k, v, **kw)
+    grid_order = api.forward_config(case.H)
+    reversed_order = dataclasses.replace(grid_order, longest_first=True)
+    want = api.forward(ops, config=grid_order)
+    got = api.forward(ops, config=reversed_order)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

@@ -44,13 +44,16 @@ class ForwardConfig:
     # barrier); both as tokamax's sm90 kernel does. Off in interpret mode (no in-place PV).
     early_next_k: bool = False
     pinned_order: bool = False
+    # Query tiles in reverse grid order: with a causal mask the last tiles have the most keys,
+    # so the CTAs launched first are the longest and the last wave is short (FA3's order).
+    longest_first: bool = False
 
 
-def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, num_heads, interpret):
+def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, qt, num_heads, interpret):
     bq, bkv = config.block_q, config.block_kv
     wg = lax.axis_index("wg")
     b, h = lax.axis_index("b"), lax.axis_index("h")
-    row0 = lax.axis_index("q") * (CONSUMERS * bq) + wg * bq
+    row0 = qt * (CONSUMERS * bq) + wg * bq
     head_dim = sc["q"].shape[-1]
     dtype = sc["q"].dtype
     turns = pp.Turn(sc["turn"], wg)
@@ -210,13 +213,16 @@ def forward(
         refs = dict(zip(names, ins)) | dict(zip(("out", "lse"), outs))
         b = lax.axis_index("b")
         seq = pp.seq_of(refs.get("seq"), static_seq, b)
+        qt = lax.axis_index("q")
+        if config.longest_first:
+            qt = seq_q // (CONSUMERS * bq) - 1 - qt
         if "full" in refs:
-            qt, bt = lax.axis_index("q"), b if refs["full"].shape[0] > 1 else 0
+            bt = b if refs["full"].shape[0] > 1 else 0
             visits = pp.list_visits(
                 lambda j: refs["full"][bt, 0, qt, j], lambda j: refs["partial"][bt, 0, qt, j]
             )
         else:
-            cta_rows = lax.axis_index("q") * (CONSUMERS * bq)
+            cta_rows = qt * (CONSUMERS * bq)
             visits = pp.range_visits(
                 visibility.block_range(statics, cta_rows, CONSUMERS * bq, bkv, seq)
             )
@@ -231,6 +237,7 @@ def forward(
                 config=config,
                 visits=visits,
                 seq=seq,
+                qt=qt,
                 num_heads=num_heads,
                 interpret=via_smem,
             )
