@@ -227,12 +227,13 @@ def dot_product_attention(
         call on this platform: on NVIDIA GPUs "triton_decode" for a decode step (at most 16
         queries and 64 queries x query heads per KV head, no more queries than keys, no bias,
         mask, segment ids, block mask or dropout: e.g. one new token with
-        `key_value_seq_lengths`), else
+        `key_value_seq_lengths`), else "mosaic" on Hopper (sm90) for what it serves, else
         "triton"; "xla_chunked" elsewhere. "triton_decode": the split-KV decode kernel (see
-        `flashjax.decode_attention`); "triton": the Pallas kernels (both in interpret mode on
-        CPU); "xla_chunked": pure-JAX loops over the visible tiles; "xla": the naive reference
-        that builds the full score matrix. A named implementation that cannot serve the call
-        raises, naming the feature.
+        `flashjax.decode_attention`); "mosaic": the Hopper kernels on Pallas' Mosaic GPU backend
+        (bf16/fp16; interpret mode on CPU); "triton": the Pallas kernels on the Triton lowering
+        (interpret mode on CPU); "xla_chunked": pure-JAX loops over the visible tiles; "xla": the
+        naive reference that builds the full score matrix. A named implementation that cannot
+        serve the call raises, naming the feature.
 
     Returns:
       `out` with query's shape and dtype, or `(out, logsumexp)` if `return_residual`.
