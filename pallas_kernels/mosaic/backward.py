@@ -17,6 +17,7 @@ mode). In interpret mode the register operands of wgmma are staged through share
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import common, visibility
 from pallas_kernels.mosaic import pipeline as pp
-from pallas_kernels.mosaic.pipeline import CONSUMERS, LAYOUT, PRODUCER
+from pallas_kernels.mosaic.pipeline import CONSUMERS, LAYOUT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,11 +249,9 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
         seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
         keys0 = lax.axis_index("t") * (CONSUMERS * bkv)
         visits = _visits(refs, statics, seq, keys0, CONSUMERS * bkv, bq, transposed=True)
-        wg = lax.axis_index("wg")
-
-        @pl.when(wg < CONSUMERS)
-        def _():
-            _dkdv_consumer(
+        pp.warpgroups(
+            functools.partial(
+                _dkdv_consumer,
                 refs,
                 sc,
                 statics=statics,
@@ -261,11 +260,9 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
                 group=group,
                 seq=seq,
                 interpret=via_smem,
-            )
-
-        @pl.when(wg == PRODUCER)
-        def _():
-            _dkdv_producer(refs, sc, config=config, visits=visits, group=group)
+            ),
+            functools.partial(_dkdv_producer, refs, sc, config=config, visits=visits, group=group),
+        )
 
     own_copies = 3 if "kv_seg" in extras else 2
     scratch = dict(
@@ -409,11 +406,9 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
         seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
         rows0 = lax.axis_index("t") * (CONSUMERS * bq)
         visits = _visits(refs, statics, seq, rows0, CONSUMERS * bq, bkv, transposed=False)
-        wg = lax.axis_index("wg")
-
-        @pl.when(wg < CONSUMERS)
-        def _():
-            _dq_consumer(
+        pp.warpgroups(
+            functools.partial(
+                _dq_consumer,
                 refs,
                 sc,
                 statics=statics,
@@ -421,11 +416,9 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
                 visits=visits,
                 seq=seq,
                 interpret=via_smem,
-            )
-
-        @pl.when(wg == PRODUCER)
-        def _():
-            _dq_producer(refs, sc, config=config, visits=visits, group=group)
+            ),
+            functools.partial(_dq_producer, refs, sc, config=config, visits=visits, group=group),
+        )
 
     own_copies = 5 if "q_seg" in extras else 4  # Q, dO, lse, delta (and segment ids)
     scratch = dict(

@@ -17,6 +17,7 @@ staging tile. Output and base-2 logsumexp leave through shared memory (TMA).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import common, visibility
 from pallas_kernels.mosaic import pipeline as pp
-from pallas_kernels.mosaic.pipeline import CONSUMERS, LAYOUT, PRODUCER
+from pallas_kernels.mosaic.pipeline import CONSUMERS, LAYOUT
 from pallas_kernels.operands import AttentionStatics
 
 
@@ -226,11 +227,9 @@ def forward(
             visits = pp.range_visits(
                 visibility.block_range(statics, cta_rows, CONSUMERS * bq, bkv, seq)
             )
-        wg = lax.axis_index("wg")
-
-        @pl.when(wg < CONSUMERS)
-        def _():
-            _consumer(
+        pp.warpgroups(
+            functools.partial(
+                _consumer,
                 refs,
                 sc,
                 statics=statics,
@@ -240,11 +239,9 @@ def forward(
                 qt=qt,
                 num_heads=num_heads,
                 interpret=via_smem,
-            )
-
-        @pl.when(wg == PRODUCER)
-        def _():
-            _producer(refs, sc, config=config, visits=visits, group=group)
+            ),
+            functools.partial(_producer, refs, sc, config=config, visits=visits, group=group),
+        )
 
     dtype = q.dtype
     k_loaded, v_loaded, k_free, v_free = pp.stream_barriers(2, stages)

@@ -132,6 +132,13 @@ def walk(visits: Visits, step: Callable, carry):
     return carry
 
 
+def warpgroups(consumer: Callable[[], None], producer: Callable[[], None]) -> None:
+    """Run `consumer` on the consumer warpgroups and `producer` on the producer's."""
+    wg = lax.axis_index("wg")
+    pl.when(wg < CONSUMERS)(consumer)
+    pl.when(wg == PRODUCER)(producer)
+
+
 def produce(streams: Sequence[Stream], visits: Visits, stages: int, registers: int) -> None:
     """The producer warpgroup: for each visit, wait until its slot is free (from the second lap
     on), then TMA every stream's tile (`source(tile)`) into it. Last, observe the consumers' final
