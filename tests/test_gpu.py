@@ -64,10 +64,14 @@ def test_transformations_on_gpu() -> None:
 
 
 def test_default_is_the_kernel_on_gpu() -> None:
-    """Mosaic on Hopper, Triton on other GPUs and for what Mosaic does not serve (a bias)."""
+    """Mosaic on Hopper (a bias included), Triton on other GPUs and for what Mosaic does not
+    serve (float32)."""
     case = Case(B=1, T=64, S=64, N=2, K=2, H=64)
     q, k, v, _, _ = make_inputs(case)
     hopper = configs.gpu_target() == "sm90"
-    assert backends.choose(None, operands(q, k, v)).name == ("mosaic" if hopper else "triton")
+    kernel = "mosaic" if hopper else "triton"
+    assert backends.choose(None, operands(q, k, v)).name == kernel
     bias = jnp.zeros((1, 2, 64, 64), jnp.float32)
-    assert backends.choose(None, operands(q, k, v, bias)).name == "triton"
+    assert backends.choose(None, operands(q, k, v, bias)).name == kernel
+    as32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    assert backends.choose(None, operands(*as32)).name == "triton"

@@ -717,8 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=parse_dtype, help="GPU default bfloat16; CPU float32")
     p.add_argument(
         "--implementation",
-        choices=("triton", "xla_chunked"),
-        help="the kernel of every step (default: triton on a GPU, xla_chunked on a CPU)",
+        choices=("mosaic", "triton", "xla_chunked"),
+        help="the kernel of every step (default: the platform default, mosaic on Hopper; xla_chunked on a CPU)",
     )
     p.add_argument("--reps", type=int, help="timed batches (default 3; 1 on a CPU)")
     p.add_argument(
