@@ -718,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--implementation",
         choices=("mosaic", "triton", "xla_chunked"),
-        help="the kernel of every step (default: the platform default, mosaic on Hopper; xla_chunked on a CPU)",
+        help="the kernel of every step (default: mosaic on Hopper; xla_chunked on a CPU)",
     )
     p.add_argument("--reps", type=int, help="timed batches (default 3; 1 on a CPU)")
     p.add_argument(
