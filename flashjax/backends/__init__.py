@@ -20,6 +20,7 @@ import importlib
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.operands import Operands
 
@@ -68,7 +69,34 @@ def _attend_fwd(backend: Backend, ops: Operands):
 
 def _attend_bwd(backend: Backend, residuals, cotangents):
     ops, out, lse = residuals
-    return (backend.backward(ops, out, lse, *cotangents),)
+    return (_cotangents_like(backend.backward(ops, out, lse, *cotangents), ops),)
+
+
+def _cotangents_like(grads: Operands, ops: Operands) -> Operands:
+    """A custom_vjp's cotangents must have the primals' types: inside `jax.shard_map`, a Pallas
+    kernel's outputs vary over no mesh axis, the primals over the sharded ones."""
+
+    def keep(g, p):
+        return g if jnp.dtype(g.dtype) == jax.dtypes.float0 else varying_like(g, p)
+
+    return jax.tree.map(keep, grads, ops)
+
+
+def varying_like(tree, ref: jax.Array):
+    """`tree` (arrays) typed as varying over every manual mesh axis that `ref` varies over (inside
+    `jax.shard_map` with check_vma; a no-op outside): for loop carries created inside a kernel
+    path and for kernel outputs."""
+    axes = _varying(ref)
+
+    def cast(x):
+        missing = tuple(axes - _varying(x))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree)
+
+
+def _varying(x) -> frozenset:
+    return jax.typeof(x).manual_axis_type.varying
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

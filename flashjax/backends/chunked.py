@@ -18,16 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flashjax.backends import Backend
+from flashjax.backends import Backend, varying_like
 from pallas_kernels import common, configs, visibility
 from pallas_kernels.operands import EMPTY, PARTIAL, Operands, cotangent
-
-
-def _varying_like(tree, ref: jax.Array):
-    """Mark fresh loop carries as varying over the manual mesh axes `ref` varies over, so the loops
-    type-check inside `jax.shard_map` (check_vma=True)."""
-    axes = tuple(jax.typeof(ref).manual_axis_type.varying)
-    return lax.pcast(tree, axes, to="varying") if axes else tree
 
 
 def _tile(ops: Operands, length: int, axis: int) -> int:
@@ -77,7 +70,7 @@ class _Layout:
         _, self.lists = visibility.visit_lists(jnp.where(states != EMPTY, PARTIAL, EMPTY))
 
     def fresh(self, tree):
-        return _varying_like(tree, self.ops.q)
+        return varying_like(tree, self.ops.q)
 
     def unit(self, i: jax.Array) -> dict:
         """Everything of (batch row b, KV head kh) = divmod(i, K), sliced once."""

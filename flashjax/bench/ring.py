@@ -590,7 +590,8 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def trace_overlap(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """From a Chrome-format trace's events (`jax.profiler`'s trace.json): per device (`pid`), the
     time NCCL kernels ran ("nccl" in the name) and how much of it some flashjax kernel
-    ("flashjax" in the name: the Pallas kernels' names) was running too, on any stream."""
+    ("flashjax" in the name: the Triton kernels' names, the Mosaic kernels' function names) was
+    running too, on any stream."""
     by_pid: dict[Any, dict[str, list]] = {}
     for e in events:
         if e.get("ph") != "X" or "dur" not in e:

@@ -244,7 +244,7 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
     extras = {name: x for name, x in (extras or {}).items() if x is not None}
     names = ("q", "k", "v", "do", "lse", "delta", *extras)
 
-    def body(*all_refs):
+    def flashjax_mosaic_dkdv(*all_refs):
         refs, sc = _launch_refs(all_refs, names, ("dk", "dv"))
         seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
         keys0 = lax.axis_index("t") * (CONSUMERS * bkv)
@@ -283,7 +283,7 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     grid = (seq_k // (CONSUMERS * bkv), num_kv_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())
-    return _kernel(body, out_type, scratch, grid, interpret)(*args)
+    return _kernel(flashjax_mosaic_dkdv, out_type, scratch, grid, interpret)(*args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
     extras = {name: x for name, x in (extras or {}).items() if x is not None}
     names = ("q", "k", "v", "do", "lse", "delta", *extras)
 
-    def body(*all_refs):
+    def flashjax_mosaic_dq(*all_refs):
         refs, sc = _launch_refs(all_refs, names, ("dq",))
         seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
         rows0 = lax.axis_index("t") * (CONSUMERS * bq)
@@ -438,4 +438,4 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
     out_type = jax.ShapeDtypeStruct(q.shape, dtype)
     grid = (seq_q // (CONSUMERS * bq), num_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())
-    return _kernel(body, out_type, scratch, grid, interpret)(*args)
+    return _kernel(flashjax_mosaic_dq, out_type, scratch, grid, interpret)(*args)

@@ -209,7 +209,7 @@ def forward(
     extras = {name: x for name, x in (extras or {}).items() if x is not None}
     names = ("q", "k", "v", *extras)
 
-    def body(*refs):
+    def flashjax_mosaic_forward(*refs):
         ins, outs, (sc,) = pp.split_refs(refs, (len(names), 2))
         refs = dict(zip(names, ins)) | dict(zip(("out", "lse"), outs))
         b = lax.axis_index("b")
@@ -272,7 +272,7 @@ def forward(
         jax.ShapeDtypeStruct((batch, num_heads, seq_q), jnp.float32),
     )
     return plgpu.kernel(
-        body,
+        flashjax_mosaic_forward,
         out_type=out_type,
         scratch_types=(scratch,),
         grid=(seq_q // (CONSUMERS * bq), num_heads, batch),
