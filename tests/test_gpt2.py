@@ -538,3 +538,12 @@ def test_bench_packed_documents_quick(tmp_path: Path) -> None:
     for n in bench.QUICK.packed_docs:
         assert f"| tiny ({n} docs/row) | {bench.QUICK.packed_seq} | flashjax |" in summary
     assert result["analysis"]["ladder"]["flashjax"]["max_seq"] is None
+
+
+def test_bench_throughput_option_parses_and_rejects() -> None:
+    """`--throughput small:1024,medium:1024` sets the throughput task's (config, seq) pairs; a bad
+    item exits naming the option."""
+    assert bench._config_seqs("small:1024, medium:512") == (("small", 1024), ("medium", 512))
+    for bad in ("huge:1024", "small", "small:1k"):
+        with pytest.raises(SystemExit, match="--throughput"):
+            bench._config_seqs(bad)

@@ -927,6 +927,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--packed-docs", help="documents per row for `packed`, comma-separated (default 8,16)"
     )
+    p.add_argument(
+        "--throughput",
+        help="CONFIG:SEQ list of the throughput task (default small:1024,medium:1024,small:4096)",
+    )
     p.add_argument("--flash-impl", help="flashjax implementation (default: fastest)")
     p.add_argument("--data-cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--seed", type=int, default=0)
@@ -940,6 +944,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     return p
+
+
+def _config_seqs(text: str) -> tuple[tuple[str, int], ...]:
+    """ "small:1024,medium:1024" -> (("small", 1024), ("medium", 1024))."""
+    from examples.gpt2 import model  # flax and jax, without starting a backend
+
+    pairs = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        config, _, seq = item.partition(":")
+        if config not in model.CONFIGS or not seq.isdigit():
+            raise SystemExit(
+                f"--throughput: expected CONFIG:SEQ with CONFIG in "
+                f"{sorted(model.CONFIGS)}, got {item!r}"
+            )
+        pairs.append((config, int(seq)))
+    return tuple(pairs)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
@@ -956,6 +976,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         plan = dataclasses.replace(
             plan, packed_docs=tuple(int(n) for n in args.packed_docs.split(",") if n.strip())
         )
+    if args.throughput:
+        plan = dataclasses.replace(plan, throughput=_config_seqs(args.throughput))
     try:
         for n in plan.packed_docs:
             data.doc_len_for(plan.packed_seq, n)
@@ -978,12 +1000,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     workers = []
     only = {k.strip() for k in args.only.split(",") if k.strip()} if args.only else None
     packed = only is not None and "packed" in only
-    for backend, tasks, share in _worker_plans(plan, backends, packed):
-        tasks = [t for t in tasks if only is None or t["kind"] in only]
-        if not tasks:
-            continue
+    plans = [
+        (backend, [t for t in tasks if only is None or t["kind"] in only], share)
+        for backend, tasks, share in _worker_plans(plan, backends, packed)
+    ]
+    plans = [p for p in plans if p[1]]
+    for i, (backend, tasks, share) in enumerate(plans):
         now = time.time()
-        deadline = end if share >= 1.0 else min(end, now + share * budget)
+        if only is not None:  # the same tasks for every backend: an equal share of what is left
+            share = 1.0 / (len(plans) - i)
+            deadline = now + share * (end - now)
+        else:
+            deadline = end if share >= 1.0 else min(end, now + share * budget)
         workers.append(_run_worker(backend, tasks, deadline, args, plan, results, workdir))
     records = _records(results)
     analysis = analyze(records, plan)
