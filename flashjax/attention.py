@@ -140,6 +140,14 @@ def _static_scale(scale, head_dim: int) -> float | None:
     return value
 
 
+def _check_deterministic(deterministic) -> None:
+    if not isinstance(deterministic, bool):  # a static choice: not an array, not a tracer
+        raise TypeError(
+            "deterministic must be a Python bool (True or False), got "
+            f"{type(deterministic).__name__} {deterministic!r}"
+        )
+
+
 def _check_mask(mask) -> None:
     if mask is not None and jnp.dtype(mask.dtype) != jnp.bool_:
         raise TypeError(
@@ -184,6 +192,7 @@ def dot_product_attention(
     dropout_broadcast: bool = False,
     return_residual: bool = False,
     implementation: Implementation | None = None,
+    deterministic: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Scaled dot-product attention, exact, in memory linear in the sequence length.
 
@@ -234,6 +243,14 @@ def dot_product_attention(
         (interpret mode on CPU); "xla_chunked": pure-JAX loops over the visible tiles; "xla": the
         naive reference that builds the full score matrix. A named implementation that cannot
         serve the call raises, naming the feature.
+      deterministic: True: gradients bitwise identical run to run (no atomics / no order-dependent
+        float32 accumulation). An implementation whose backward cannot promise that declines the
+        call (`implementation=None` then picks the next one; a named one raises). Today every
+        implementation's backward is deterministic (the kernels' two-kernel backward: dK/dV over
+        key tiles, dQ over query tiles, no atomics; the XLA paths: sequential loops and
+        reductions, no scatter-add), so True changes no result yet. False (the default) leaves
+        room for a faster backward with atomic accumulation. The forward is deterministic
+        either way.
 
     Returns:
       `out` with query's shape and dtype, or `(out, logsumexp)` if `return_residual`.
@@ -272,6 +289,7 @@ def dot_product_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         dropout_broadcast=dropout_broadcast,
+        deterministic=deterministic,
     )
     if ops.batch == 0:  # nothing to attend: empty results, as jax.nn
         out = jnp.zeros(query.shape, query.dtype)
@@ -304,6 +322,7 @@ def operands(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     dropout_broadcast: bool = False,
+    deterministic: bool = False,
 ) -> Operands:
     """Validate `dot_product_attention`'s arguments (rank-4 q, k, v) and build the one operand
     record the implementations take. Raises, naming the argument, before anything is traced."""
@@ -333,6 +352,7 @@ def operands(
     static_scale = _static_scale(scale, head_dim)
     _check_dropout(dropout_rate, dropout_rng)
     _check_block_mask(block_mask, (batch, num_heads, seq_q, seq_k))
+    _check_deterministic(deterministic)
     statics = AttentionStatics(
         scale=static_scale,
         window=masks.window_of(is_causal, local_window_size),
@@ -341,6 +361,7 @@ def operands(
         dropout_broadcast=bool(dropout_broadcast),
         mask_block=None if block_mask is None else block_mask.block_size,
         mask_fn=None if block_mask is None else block_mask.mask_fn,
+        deterministic=bool(deterministic),
     )
     ops = Operands(
         q=query,

@@ -125,6 +125,7 @@ def flax_attention_fn(
     kv_segment_ids: jax.Array | None = None,
     block_mask: BlockMask | None = None,
     implementation: Implementation | None = None,
+    deterministic_grads: bool = False,
 ) -> jax.Array:
     """Flax's `dot_product_attention`, computed by `flashjax.dot_product_attention`.
 
@@ -158,6 +159,10 @@ def flax_attention_fn(
         batch axis (if any) is the flattened batch.
       implementation: as in `flashjax.dot_product_attention`: None (fastest available),
         "triton", "xla_chunked" or "xla".
+      deterministic_grads: `flashjax.dot_product_attention`'s `deterministic`: True asks for
+        gradients bitwise identical run to run. (Named apart from Flax's `deterministic`, which
+        turns dropout off.) A decode step (below) ignores it: its backward is always
+        deterministic.
 
     Returns:
       `Float[Array, "*B T N H"]` in the promoted dtype.
@@ -172,6 +177,11 @@ def flax_attention_fn(
     `input_positions` for RoPE), raise a TypeError rather than being silently ignored.
     """
     del precision, module  # Documented as ignored.
+    if not isinstance(deterministic_grads, bool):
+        raise TypeError(
+            "deterministic_grads must be a Python bool (True or False), got "
+            f"{type(deterministic_grads).__name__} {deterministic_grads!r}"
+        )
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
     query, key, value = _promote(query, key, value, dtype)
@@ -214,5 +224,6 @@ def flax_attention_fn(
         dropout_broadcast=bool(broadcast_dropout),
         block_mask=block_mask,
         implementation=implementation,
+        deterministic=deterministic_grads,
     )
     return out.reshape(query.shape)

@@ -3,9 +3,9 @@
     from flashjax import linen as flinen
     layer = flinen.MultiHeadDotProductAttention(num_heads=8, is_causal=True)
 
-Same fields (plus `is_causal` and `implementation`), same `__call__`, same parameter tree and the
-same auto-generated name as `flax.linen.MultiHeadDotProductAttention`, so checkpoints load
-unchanged.
+Same fields (plus `is_causal`, `implementation`, `block_mask` and `deterministic_grads`), same
+`__call__`, same parameter tree and the same auto-generated name as
+`flax.linen.MultiHeadDotProductAttention`, so checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
       implementation: which flashjax implementation computes attention (None: the fastest
         available; "triton", "xla_chunked", "xla").
       block_mask: a `flashjax.BlockMask`: block-sparse attention, ANDed with everything else.
+      deterministic_grads: True: gradients bitwise identical run to run
+        (`flashjax.dot_product_attention`'s `deterministic`; Flax's `deterministic` field still
+        means "no dropout").
 
     They are bound into `attention_fn` (as keywords, so a custom `attention_fn` must accept
     them when they are set). `sow_weights=True` sows nothing: the weights are never materialized.
@@ -69,6 +72,7 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
     is_causal: bool = False
     implementation: Implementation | None = None
     block_mask: BlockMask | None = None
+    deterministic_grads: bool = False
 
     def __post_init__(self) -> None:
         fn: Any = self.attention_fn
@@ -81,6 +85,8 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
             bound["implementation"] = self.implementation
         if self.block_mask is not None:
             bound["block_mask"] = self.block_mask
+        if self.deterministic_grads is not False:
+            bound["deterministic_grads"] = self.deterministic_grads
         if bound:
             configured = _Configured(fn, **bound)
             configured.original = fn

@@ -25,12 +25,19 @@ from flashjax.flax_attention import decode_step, flax_attention_fn
 
 @functools.cache
 def attention_fn_for(
-    implementation: Implementation | None, block_mask: BlockMask | None = None
+    implementation: Implementation | None,
+    block_mask: BlockMask | None = None,
+    deterministic_grads: bool = False,
 ) -> Callable[..., jax.Array]:
-    """`flax_attention_fn` with `implementation` (and `block_mask`) bound; one object per value,
-    so modules built with the same arguments have equal graph definitions (no retracing under
-    `nnx.jit`; a BlockMask counts as the same value only when it is the same object)."""
-    bound = {"implementation": implementation, "block_mask": block_mask}
+    """`flax_attention_fn` with `implementation` (and `block_mask`, `deterministic_grads`) bound;
+    one object per value, so modules built with the same arguments have equal graph definitions
+    (no retracing under `nnx.jit`; a BlockMask counts as the same value only when it is the same
+    object)."""
+    bound = {
+        "implementation": implementation,
+        "block_mask": block_mask,
+        "deterministic_grads": None if deterministic_grads is False else deterministic_grads,
+    }
     bound = {name: value for name, value in bound.items() if value is not None}
     return functools.partial(flax_attention_fn, **bound) if bound else flax_attention_fn
 
@@ -46,6 +53,9 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         available; "triton", "xla_chunked", "xla"). Used only when `attention_fn` is not given.
       block_mask: a `flashjax.BlockMask`: block-sparse attention, ANDed with the call's mask and
         causality. Used only when `attention_fn` is not given.
+      deterministic_grads: True: gradients bitwise identical run to run
+        (`flashjax.dot_product_attention`'s `deterministic`; Flax's `deterministic` still means
+        "no dropout"). Used only when `attention_fn` is not given.
 
     Inputs are `[batch..., length, features]`; `__call__(..., is_causal=True)` reaches flashjax as
     `is_causal` (no mask is built), `mask=` is `[batch..., num_heads | 1, T, S]` as in Flax.
@@ -63,12 +73,18 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         attention_fn: Callable[..., jax.Array] | None = None,
         implementation: Implementation | None = None,
         block_mask: BlockMask | None = None,
+        deterministic_grads: bool = False,
         **kwargs: Any,
     ) -> None:
         if attention_fn is None:
-            attention_fn = attention_fn_for(implementation, block_mask)
-        elif implementation is not None or block_mask is not None:
-            raise ValueError("pass either attention_fn or implementation / block_mask, not both")
+            attention_fn = attention_fn_for(implementation, block_mask, deterministic_grads)
+        elif (
+            implementation is not None or block_mask is not None or deterministic_grads is not False
+        ):
+            raise ValueError(
+                "pass either attention_fn or implementation / block_mask / deterministic_grads, "
+                "not both"
+            )
         super().__init__(*args, attention_fn=attention_fn, **kwargs)
 
     def __call__(

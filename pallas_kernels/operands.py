@@ -52,6 +52,11 @@ class AttentionStatics:
       dropout_broadcast: same dropout mask for every batch element and head (Flax's default).
       mask_block: `(bq, bk)` of the block mask, or None without one.
       mask_fn: the block mask's element rule (see `MaskFn`), or None.
+      deterministic: the user asked for gradients bitwise identical run to run: a backend whose
+        backward accumulates in an order that varies between runs (atomic adds, a GPU
+        scatter-add) must decline the call in its `unsupported` check. Every backward today is
+        deterministic (the two-kernel backward: dK/dV over key tiles, dQ over query tiles, no
+        atomics), so none declines; the kernels never read it.
     """
 
     scale: float | None
@@ -61,6 +66,7 @@ class AttentionStatics:
     dropout_broadcast: bool = False
     mask_block: tuple[int, int] | None = None
     mask_fn: MaskFn | None = None
+    deterministic: bool = False
 
     @property
     def has_dropout(self) -> bool:

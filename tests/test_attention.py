@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import Case, make_inputs, served
+from helpers import NAMES, Case, assert_close, make_inputs, run, run_reference64, served
 
 import flashjax
 from flashjax import backends, dot_product_attention, merge_attention
@@ -137,3 +137,54 @@ def test_traced_scale_is_differentiable(impl: str) -> None:
     np.testing.assert_allclose(
         jax.jit(loss, static_argnums=1)(0.37, impl), loss(0.37, "xla"), rtol=1e-5
     )
+
+
+def test_deterministic_reaches_the_capability_check(monkeypatch) -> None:
+    """`deterministic=True` is carried in the call's statics, where a backend whose backward is
+    not bitwise reproducible declines it: a named one then raises, `implementation=None` passes
+    over it to the next in the registry's order."""
+    case = Case(B=1, T=8, S=8, N=1, K=1, H=16, dtype="float32")
+    q, k, v, _, _ = make_inputs(case)
+    assert operands(q, k, v, deterministic=True).statics.deterministic is True
+    assert operands(q, k, v).statics.deterministic is False
+    chunked, xla = backends.REGISTRY["xla_chunked"], backends.REGISTRY["xla"]
+
+    def unsupported(ops):
+        return "deterministic=True (an atomic dQ)" if ops.statics.deterministic else None
+
+    monkeypatch.setitem(
+        backends.REGISTRY, "xla_chunked", dataclasses.replace(chunked, unsupported=unsupported)
+    )
+    monkeypatch.setitem(backends.REGISTRY, "xla", dataclasses.replace(xla, platforms=("cpu",)))
+    with pytest.raises(ValueError, match="'xla_chunked' cannot serve this call: deterministic"):
+        dot_product_attention(q, k, v, implementation="xla_chunked", deterministic=True)
+    assert backends.choose(None, operands(q, k, v)).name == "xla_chunked"
+    assert backends.choose(None, operands(q, k, v, deterministic=True)).name == "xla"
+
+
+DETERMINISTIC_CASES = [
+    # Every training path: the Mosaic backward kernels run at head dim 128 (configs.py).
+    Case(B=1, T=40, S=72, N=4, K=2, H=128, features=("causal", "segments", "dropout")),
+    # A decode step (the decode backend serves it; its backward is the Triton kernels').
+    Case(B=2, T=2, S=50, N=4, K=1, H=32, features=("offsets", "lengths", "causal")),
+]
+
+
+@pytest.mark.parametrize("impl", [name for name in backends.NAMES if name != "xla"])
+@pytest.mark.parametrize("case", DETERMINISTIC_CASES, ids=lambda c: c.id)
+def test_deterministic_grads_are_bitwise_reproducible(case: Case, impl: str) -> None:
+    """Under jit with `deterministic=True`, two runs on the same (freshly drawn, then freshly
+    copied) inputs give bitwise identical outputs and gradients, within the tolerance rule of the
+    float64 reference."""
+    q, k, v, dout, kw = make_inputs(case, salt="deterministic")
+    kw = kw | dict(deterministic=True)
+    if not served(impl, q, k, v, kw):
+        return
+    first = run(impl, q, k, v, dout, kw, jit=True)
+    again = run(impl, *(jnp.array(x, copy=True) for x in (q, k, v, dout)), kw, jit=True)
+    for name, a, b in zip(NAMES, first, again):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes(), f"{impl} {name}: not bitwise identical run to run"
+    naive = run("xla", q, k, v, dout, kw)
+    assert_close(first, naive, run_reference64(q, k, v, dout, kw), label=f"{impl} {case.id}")

@@ -188,6 +188,29 @@ def test_fn_rejects_what_it_cannot_honor() -> None:
         flax_attention_fn(q, q, q, dropout_rate=1.0)
 
 
+def test_deterministic_grads_reaches_flashjax_apart_from_flax_deterministic(spy: _Spy) -> None:
+    """`deterministic_grads` (function keyword, nnx argument, linen field) arrives at flashjax as
+    `deterministic`; Flax's own `deterministic` (dropout off) does not."""
+    q = _normal(0, (2, 6, 2, 8))
+    flax_attention_fn(q, q, q, deterministic=True)
+    assert spy.calls[-1]["deterministic"] is False
+    flax_attention_fn(q, q, q, deterministic_grads=True)
+    assert spy.calls[-1]["deterministic"] is True
+    with pytest.raises(TypeError, match="deterministic_grads must be a Python bool"):
+        flax_attention_fn(q, q, q, deterministic_grads=1)
+    x = _normal(1, (2, 6, 16))
+    fnnx.MultiHeadAttention(2, 16, decode=False, deterministic_grads=True, rngs=nnx.Rngs(0))(x)
+    assert spy.calls[-1]["deterministic"] is True
+    with pytest.raises(ValueError, match="not both"):
+        fnnx.MultiHeadAttention(
+            2, 16, attention_fn=flax_attention_fn, deterministic_grads=True, rngs=nnx.Rngs(0)
+        )
+    ours = flinen.MultiHeadDotProductAttention(num_heads=2, deterministic_grads=True)
+    assert ours.attention_fn.keywords == {"deterministic_grads": True}
+    ours.init(jax.random.key(0), x)
+    assert spy.calls[-1]["deterministic"] is True
+
+
 def _one_hot_values(batch: int, seq: int, heads: int) -> jax.Array:
     """`(batch, seq, heads, seq)` values with `v[b, j, n] = e_j`, so that `out[b, i, n, j]` is the
     (dropped-out) attention weight of query i on key j."""

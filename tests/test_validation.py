@@ -81,6 +81,13 @@ BAD = {
     "kv-offsets-shape": (dict(kv_offsets=jnp.ones((3,), jnp.int32)), ValueError, "kv_offsets"),
     "block-mask-type": (dict(block_mask="x"), TypeError, "block_mask must be a flashjax.BlockMask"),
     "implementation": (dict(implementation="cudnn"), ValueError, "implementation must be one of"),
+    "deterministic-int": (dict(deterministic=1), TypeError, "deterministic must be a Python bool"),
+    "deterministic-str": (dict(deterministic="yes"), TypeError, "deterministic must be a Python"),
+    "deterministic-array": (
+        dict(deterministic=jnp.array(True)),
+        TypeError,
+        "deterministic must be a Python bool",
+    ),
     "triton-float64": (dict(implementation="triton"), ValueError, "cannot serve this call: dtype"),
 }
 

@@ -5,11 +5,13 @@ A backend is one module here defining `BACKEND = Backend(...)`: a name, its
 `forward(ops) -> (out, logsumexp)` (logsumexp natural log, `(B, T, N)`, float32 or float64) and
 `backward(ops, out, logsumexp, dout, dlogsumexp) -> cotangent of ops` (recomputing from the
 residuals; None: plain autodiff of the forward), and `unsupported(ops) -> str | None` saying why
-it cannot serve a call (None: it can). `Backend.run` is the differentiable op (one custom_vjp for
-every backend, here); `Backend.grads` is the backward alone, for callers that combine partial
-attentions (split-KV, ring attention: the global out and logsumexp are the residuals of every
-part). A new backend is one new module and one line in `_MODULES`; the shared test suite
-(tests/test_suite.py) then runs every case through it.
+it cannot serve a call (None: it can). A backend whose backward is not bitwise reproducible run to
+run (atomic adds, a GPU scatter-add) declines `ops.statics.deterministic` there (the user's
+`deterministic=True`); every backend's backward today is deterministic, so none does.
+`Backend.run` is the differentiable op (one custom_vjp for every backend, here); `Backend.grads` is
+the backward alone, for callers that combine partial attentions (split-KV, ring attention: the
+global out and logsumexp are the residuals of every part). A new backend is one new module and one
+line in `_MODULES`; the shared test suite (tests/test_suite.py) then runs every case through it.
 """
 
 from __future__ import annotations

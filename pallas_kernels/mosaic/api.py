@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import configs, visibility
+from pallas_kernels.host import backward_residuals, pad_axis, padded_qkv, zero_rows_past
 from pallas_kernels.mosaic import backward as _backward
 from pallas_kernels.mosaic import forward as _forward
 from pallas_kernels.mosaic.pipeline import CONSUMERS
@@ -56,30 +57,14 @@ def interpret_params(interpret: bool | None = None) -> plgpu.InterpretGPUParams 
     return plgpu.InterpretGPUParams(detect_races=True) if interpret else None
 
 
-def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jax.numpy.pad(x, widths)
-
-
-def _zero_past(x: jax.Array, lengths: jax.Array | None) -> jax.Array:
-    """Rows of `x (B, L, ...)` at or past `lengths (B,)` set to 0 (x itself without lengths)."""
-    if lengths is None:
-        return x
-    real = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
-    return jnp.where(real[:, :, None, None], x, jnp.zeros_like(x))
-
-
 def _past_lengths_zeroed(ops: Operands) -> Operands:
     """Rows past `q_lengths` and keys past `kv_lengths` set to 0 (one XLA pass, only when the call
     has lengths): garbage there (NaN in a padded cache) must not reach any output through a
     tile's matmul, and the kernels' TMA tiles cannot skip it."""
     return ops.replace(
-        q=_zero_past(ops.q, ops.q_lengths),
-        k=_zero_past(ops.k, ops.kv_lengths),
-        v=_zero_past(ops.v, ops.kv_lengths),
+        q=zero_rows_past(ops.q, ops.q_lengths),
+        k=zero_rows_past(ops.k, ops.kv_lengths),
+        v=zero_rows_past(ops.v, ops.kv_lengths),
     )
 
 
@@ -119,7 +104,10 @@ def _extras(ops: Operands, t: int, s: int, lists: tuple | None) -> dict:
     visit lists."""
     extras = {"seq": _seq_info(ops), "seeds": ops.seeds if ops.statics.has_dropout else None}
     if ops.has_segments:
-        extras |= {"q_seg": _pad(ops.q_segments, 1, t), "kv_seg": _pad(ops.kv_segments, 1, s)}
+        extras |= {
+            "q_seg": pad_axis(ops.q_segments, 1, t),
+            "kv_seg": pad_axis(ops.kv_segments, 1, s),
+        }
     if lists is not None:
         extras |= {"full": lists[0], "partial": lists[1]}
     return extras
@@ -134,8 +122,8 @@ def _bias(ops: Operands, t: int, s: int) -> jax.Array | None:
     if bias.shape[2] == 1 and bias.shape[3] == 1:
         bias = jnp.broadcast_to(bias, (*bias.shape[:3], ops.seq_k))
     if bias.shape[2] > 1:
-        bias = _pad(bias, 2, t)
-    return _pad(bias, 3, s) if bias.shape[3] > 1 else bias
+        bias = pad_axis(bias, 2, t)
+    return pad_axis(bias, 3, s) if bias.shape[3] > 1 else bias
 
 
 def forward(
@@ -149,9 +137,7 @@ def forward(
     t = _round_up(ops.seq_q, CONSUMERS * cfg.block_q)
     s = _round_up(ops.seq_k, cfg.block_kv)
     d = _head_dim(ops.head_dim)
-    q = _pad(_pad(ops.q, 1, t), 3, d)
-    k = _pad(_pad(ops.k, 1, s), 3, d)
-    v = _pad(_pad(ops.v, 1, s), 3, d)
+    q, k, v = padded_qkv(ops, t, s, d)
     rows = CONSUMERS * cfg.block_q
     lists = None
     if uses_lists(ops):
@@ -180,24 +166,16 @@ def backward(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients (dq, dk, dv) from the forward's residuals (out, lse2 `(B, N, T)` base 2).
 
-    `dlse` is the cotangent of the natural-log logsumexp `(B, T, N)` (None if unused): since
-    d lse / d logits = P, it enters as `delta -= dlse`.
+    `dlse` is the cotangent of the natural-log logsumexp `(B, T, N)` (None if unused); dO, lse2
+    and delta reach the kernels through `host.backward_residuals`.
     """
     ops = _past_lengths_zeroed(ops)
     cfg = config or backward_config(ops.head_dim)
     t = _round_up(ops.seq_q, CONSUMERS * cfg.rows)  # dQ's rows (and a multiple of dK/dV's cols)
     s = _round_up(ops.seq_k, CONSUMERS * cfg.rows)
     d = _head_dim(ops.head_dim)
-    dout = _zero_past(dout, ops.q_lengths)  # rows past the length take no cotangent
-    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
-    if dlse is not None:
-        delta = delta - jnp.swapaxes(dlse, 1, 2).astype(jnp.float32)
-    q = _pad(_pad(ops.q, 1, t), 3, d)
-    k = _pad(_pad(ops.k, 1, s), 3, d)
-    v = _pad(_pad(ops.v, 1, s), 3, d)
-    do = _pad(_pad(dout.astype(ops.q.dtype), 1, t), 3, d)
-    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, t - ops.seq_q)), constant_values=-jnp.inf)
-    delta = _pad(delta, 2, t)
+    do, lse2, delta = backward_residuals(ops, out, lse2, dout, dlse, seq_q=t, head_dim=d)
+    q, k, v = padded_qkv(ops, t, s, d)
     args = (q, k, v, do, lse2, delta)
     launch = dict(
         statics=ops.statics,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import configs, visibility
+from pallas_kernels.host import backward_residuals, pad_axis, padded_qkv
 from pallas_kernels.operands import Operands
 from pallas_kernels.triton import backward as _backward
 from pallas_kernels.triton import forward as _forward
@@ -86,14 +87,6 @@ def plan_of(ops: Operands, target: str | None = None, config=None) -> Plan:
     )
 
 
-def pad_axis(x: jax.Array | None, axis: int, size: int) -> jax.Array | None:
-    if x is None or x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
-
-
 def _refs(p: Plan, ops: Operands) -> Refs:
     """The padded operands every kernel of the call reads (no visit lists yet)."""
     bias = ops.bias
@@ -103,10 +96,11 @@ def _refs(p: Plan, ops: Operands) -> Refs:
             bias = pad_axis(bias, 2, p.seq_q)
         if bias.shape[3] > 1:
             bias = pad_axis(bias, 3, p.seq_k)
+    q, k, v = padded_qkv(ops, p.seq_q, p.seq_k, p.head_dim)
     return Refs(
-        q=pad_axis(pad_axis(ops.q, 1, p.seq_q), 3, p.head_dim),
-        k=pad_axis(pad_axis(ops.k, 1, p.seq_k), 3, p.head_dim),
-        v=pad_axis(pad_axis(ops.v, 1, p.seq_k), 3, p.head_dim),
+        q=q,
+        k=k,
+        v=v,
         seq=ops.seq_info() if has_seq(ops) else None,
         bias=bias,
         q_segments=pad_axis(ops.q_segments, 1, p.seq_q),
@@ -164,21 +158,14 @@ def backward(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients (dq, dk, dv) of `forward`'s outputs, from its residuals (out, lse2).
 
-    `dlse` is the cotangent of the natural-log logsumexp `(B, T, N)` (None if unused): since
-    d lse / d logits = P, it enters as `delta -= dlse`.
+    `dlse` is the cotangent of the natural-log logsumexp `(B, T, N)` (None if unused); dO, lse2
+    and delta reach the kernels through `host.backward_residuals`.
     """
     p = plan_of(ops, target, config)
-    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
-    if dlse is not None:
-        delta = delta - jnp.swapaxes(dlse, 1, 2).astype(jnp.float32)
-    if ops.q_lengths is not None:  # rows past the length take no cotangent (NaN-proof)
-        real = jnp.arange(ops.seq_q)[None, None, :] < ops.q_lengths[:, None, None]
-        delta = jnp.where(real, delta, 0.0)
-    r = _refs(p, ops).replace(
-        do=pad_axis(pad_axis(dout.astype(ops.q.dtype), 1, p.seq_q), 3, p.head_dim),
-        lse2=jnp.pad(lse2, ((0, 0), (0, 0), (0, p.seq_q - ops.seq_q)), constant_values=-jnp.inf),
-        delta=pad_axis(delta, 2, p.seq_q),
+    do, lse2, delta = backward_residuals(
+        ops, out, lse2, dout, dlse, seq_q=p.seq_q, head_dim=p.head_dim
     )
+    r = _refs(p, ops).replace(do=do, lse2=lse2, delta=delta)
     dk, dv = _backward.dkdv(
         _with_lists(r, p, ops, p.config.dkdv, transposed=True),
         config=p.config.dkdv,

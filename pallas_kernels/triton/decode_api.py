@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import configs
+from pallas_kernels.host import pad_axis
 from pallas_kernels.operands import Operands, valid_pages
 from pallas_kernels.triton import decode as _decode
-from pallas_kernels.triton.api import has_seq, pad_axis
+from pallas_kernels.triton.api import has_seq
 from pallas_kernels.triton.tiles import Refs
 
 
