@@ -5,16 +5,9 @@
 # Usage (device tool, from the repo root; carry .tokamax from ../shared/tools/tokamax-wheels.sh):
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_call.sh
 # On nvidia-h200-x2 the 2-GPU ring tests run too (they skip on one GPU).
-export PYTHONUNBUFFERED=1
-C=${COMMIT:?set COMMIT to the commit being run (the device copy has no .git)}
-if [ -d .tokamax ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tk .tokamax/*.whl &&
-    cp -r .tokamax/stub/xprof /tmp/tk/
-fi
-export PYTHONPATH=.:/tmp/tk
+source benchmarks/device_setup.sh
 mkdir -p "$OUT/logs"
 stamp() { while IFS= read -r l; do echo "$SECONDS $l"; done; }
-until_s() { local t=$(($1 - SECONDS)); echo $((t > 5 ? t : 5)); }  # seconds left to mark $1
 timeout 330 python3 -m pytest -m gpu tests/ -v -rfE --durations=30 -p no:cacheprovider \
   -o faulthandler_timeout=300 2>&1 | stamp > "$OUT/logs/gpu_tier.log"
 grep -E "FAILED|ERROR|passed|failed" "$OUT/logs/gpu_tier.log" | tail -20

@@ -9,16 +9,9 @@
 # then both: the all-gather baseline's forward+backward (issue 11) beside one GPU.
 # Usage (device tool, from the repo root):
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_call_measure.sh
-export PYTHONUNBUFFERED=1
-C=${COMMIT:?set COMMIT to the commit being run (the device copy has no .git)}
-if [ -d .tokamax ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tk .tokamax/*.whl &&
-    cp -r .tokamax/stub/xprof /tmp/tk/
-fi
-export PYTHONPATH=.:/tmp/tk
+source benchmarks/device_setup.sh
 L="$OUT/logs"
 mkdir -p "$L"
-until_s() { local t=$(($1 - SECONDS)); echo $((t > 5 ? t : 5)); }  # seconds left to mark $1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$L/gpus.txt"
 gen() {  # batch size, deadline (seconds since start)
   timeout "$(until_s "$2")" python3 -m examples.gpt2.generate --random-init --config small \

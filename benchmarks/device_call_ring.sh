@@ -5,10 +5,8 @@
 # and one GPU, memory plans, the profile of two ring calls), each cut by its own time limit.
 # Usage (device tool, from the repo root):
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_call_ring.sh
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-C=${COMMIT:?set COMMIT to the commit being run (the device copy has no .git)}
+source benchmarks/device_setup.sh
 mkdir -p "$OUT/logs"
-until_s() { local t=$(($1 - SECONDS)); echo $((t > 5 ? t : 5)); }  # seconds left to mark $1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/logs/gpus.txt"
 timeout 170 python3 -m flashjax bench --ring --seqs-per-device 1024k --masks causal \
   --modes fwd+bwd --impls ring --studies scaling --no-plot --commit "$C" --out "$OUT/logs/ring2m" \
