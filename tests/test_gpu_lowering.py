@@ -74,13 +74,14 @@ def test_triton_kernels_lower(feature: str, head_dim: int) -> None:
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("paged", [False, True])
-def test_decode_kernel_lowers(head_dim: int, paged: bool) -> None:
+@pytest.mark.parametrize("page", [0, 16, 256])  # 0: contiguous; pages below / above block_k
+def test_decode_kernel_lowers(head_dim: int, page: int) -> None:
     q = jnp.zeros((4, 1, 32, head_dim), jnp.bfloat16)
     lengths = jnp.array([100, 4000, 4096, 1], jnp.int32)
-    if paged:
-        cache = jnp.zeros((4 * 64, 64, 8, head_dim), jnp.bfloat16)
-        table = jnp.arange(4 * 64, dtype=jnp.int32).reshape(4, 64)
+    if page:
+        per_row = 4096 // page
+        cache = jnp.zeros((4 * per_row, page, 8, head_dim), jnp.bfloat16)
+        table = jnp.arange(4 * per_row, dtype=jnp.int32).reshape(4, per_row)
     else:
         cache = jnp.zeros((4, 4096, 8, head_dim), jnp.bfloat16)
         table = None

@@ -130,6 +130,7 @@ def _refs(ops: Operands, p: DecodePlan) -> Refs:
         table = None
     else:
         k, v = (pad_axis(x, 3, p.head_dim) for x in (ops.k, ops.v))
+        k, v = (x.reshape(-1, *x.shape[2:]) for x in (k, v))  # pools as rows of keys
         table = _page_table(ops, p)
     return Refs(q=q, k=k, v=v, seq=ops.seq_info() if has_seq(ops) else None, page_table=table)
 
@@ -145,6 +146,7 @@ def forward_parts(
         statics=ops.statics,
         config=p.config,
         block_k=p.block_k,
+        page_size=None if ops.page_table is None else ops.page_size,
         splits=p.splits,
         group=ops.group,
         interpret=p.interpret,
