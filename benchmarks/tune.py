@@ -94,6 +94,20 @@ def timeit(f, *args, reps=8):
     return float(np.median(ts))
 
 
+def interleaved(measures: dict, rounds: int = 3) -> dict:
+    """Each value of `measures` (a callable returning one time in seconds) run once per round,
+    the candidates in a rotated order each round; returns the best time of each key. A sweep
+    that times each candidate in one block sees the clocks drift between blocks (up to 12%
+    between two timings of one config in one run on the H200); interleaving spreads the drift
+    over every candidate."""
+    keys = list(measures)
+    times: dict = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            times[k].append(measures[k]())
+    return {k: min(ts) for k, ts in times.items()}
+
+
 def candidates(head_dim: int) -> tuple[tuple[str, list[K]], ...]:
     if head_dim >= 256:
         return (("fwd", FWD_256), ("dkdv", DKDV_256), ("dq", DQ_256))

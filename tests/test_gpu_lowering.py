@@ -9,6 +9,8 @@ compilation of that IR and the numbers (the GPU tier, `pytest -m gpu`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -106,6 +108,27 @@ def test_mosaic_kernels_lower(feature: str, head_dim: int) -> None:
 
     text = lowered_for_h200(forward_and_backward, ops)
     assert text.count("mosaic_gpu") >= 3  # forward, dK/dV, dQ
+
+
+def test_mosaic_schedule_options_lower() -> None:
+    """The sweep's schedule options (benchmarks/tune_mosaic.py) lower for the H200: the
+    longest-first grid order and kernels without Pallas' automatic SMEM barriers."""
+    from pallas_kernels.mosaic.backward import BackwardConfig
+
+    q = jnp.zeros((2, 512, 4, 128), jnp.bfloat16)
+    kv = jnp.zeros((2, 512, 2, 128), jnp.bfloat16)
+    ops = operands(q, kv, kv, is_causal=True)
+    fwd = dataclasses.replace(
+        mosaic_api.forward_config(128), longest_first=True, no_auto_barriers=True
+    )
+    bwd = BackwardConfig(no_auto_barriers=True)
+
+    def forward_and_backward(ops):
+        out, lse = mosaic_api.forward(ops, interpret=False, config=fwd)
+        return mosaic_api.backward(ops, out, lse, out, None, interpret=False, config=bwd)
+
+    text = lowered_for_h200(forward_and_backward, ops)
+    assert text.count("mosaic_gpu") >= 3
 
 
 def test_mosaic_kernels_trace_inside_shard_map() -> None:

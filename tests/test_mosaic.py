@@ -99,9 +99,10 @@ def test_backward_kernel_where_triton_serves(case: Case, monkeypatch) -> None:
 
 @pytest.mark.parametrize("features", [("causal",), ("causal", "segments")])
 def test_longest_first_order_computes_the_same(features) -> None:
-    """`ForwardConfig.longest_first` only reverses which CTA takes which query tile (ranges, and
-    visit lists with segment ids): the output and logsumexp are bitwise those of grid order."""
-    case = Case(B=1, T=300, S=300, N=2, K=1, H=64, features=features)
+    """`ForwardConfig.longest_first` only changes which CTA takes which query tile (the tiles
+    reversed, heads and batch rows the fastest grid axes; ranges, and visit lists with segment
+    ids): the output and logsumexp are bitwise those of grid order."""
+    case = Case(B=2, T=300, S=300, N=2, K=1, H=64, features=features)
     q, k, v, _, kw = make_inputs(case)
     ops = operands(q, k, v, **kw)
     grid_order = api.forward_config(case.H)

@@ -22,14 +22,17 @@ import jax
 from flashjax.backends import Backend, triton
 from flashjax.merge import merge_attention_parts
 from pallas_kernels import common, configs
+from pallas_kernels.configs import DecodeConfig
 from pallas_kernels.operands import Operands, cotangent, gather_pages, scatter_pages
 from pallas_kernels.triton import decode_api
 
 
-def forward(ops: Operands, num_splits: int | None = None) -> tuple[jax.Array, jax.Array]:
+def forward(
+    ops: Operands, num_splits: int | None = None, config: DecodeConfig | None = None
+) -> tuple[jax.Array, jax.Array]:
     """`(out (B, T, N, H), logsumexp (B, T, N) natural, float32)`; `num_splits` None: the
-    kernel's plan chooses."""
-    out, lse2 = decode_api.forward_parts(ops, num_splits)
+    kernel's plan chooses; `config`: tiles other than configs.py's (benchmarks/tune_decode.py)."""
+    out, lse2 = decode_api.forward_parts(ops, num_splits, config=config)
     lse = lse2 * common.LN2
     if out.shape[0] == 1:
         out, lse = out[0], lse[0]

@@ -44,13 +44,14 @@ class BackwardConfig:
     cols: int = 64
     stages: int = 2
     registers: tuple[int, int] = (232, 40)
+    no_auto_barriers: bool = False  # pipeline.compiler_params
 
     @property
     def pingpong(self) -> bool:
         return self.stages >= 2
 
 
-def _kernel(body, out_type, scratch, grid, interpret):
+def _kernel(body, out_type, scratch, grid, config, interpret):
     return plgpu.kernel(
         body,
         out_type=out_type,
@@ -59,7 +60,7 @@ def _kernel(body, out_type, scratch, grid, interpret):
         grid_names=("t", "h", "b"),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=pp.compiler_params(config.no_auto_barriers),
         interpret=interpret,
     )
 
@@ -283,7 +284,7 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     grid = (seq_k // (CONSUMERS * bkv), num_kv_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())
-    return _kernel(flashjax_mosaic_dkdv, out_type, scratch, grid, interpret)(*args)
+    return _kernel(flashjax_mosaic_dkdv, out_type, scratch, grid, config, interpret)(*args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,4 +439,4 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
     out_type = jax.ShapeDtypeStruct(q.shape, dtype)
     grid = (seq_q // (CONSUMERS * bq), num_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())
-    return _kernel(flashjax_mosaic_dq, out_type, scratch, grid, interpret)(*args)
+    return _kernel(flashjax_mosaic_dq, out_type, scratch, grid, config, interpret)(*args)

@@ -171,6 +171,15 @@ def stream_barriers(count: int, stages: int) -> tuple:
     return loaded + free
 
 
+def compiler_params(no_auto_barriers: bool) -> plgpu.CompilerParams:
+    """The kernels' compiler parameters. `no_auto_barriers`: Pallas inserts no barrier around
+    SMEM loads and stores (`unsafe_no_auto_barriers`, as tokamax's sm90 kernels run; its
+    docstring says the insertion is conservative and may cost speed). Safe here: no thread
+    reads back SMEM it wrote (the epilogues write the output tile, then only the TMA reads it),
+    and nothing overwrites committed SMEM before its copy is awaited."""
+    return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=no_auto_barriers)
+
+
 class Turn:
     """The FA3 ping-pong of the two consumers on one barrier (two arrivals per phase): a consumer
     calls `sync` after issuing its first matmul of a step, `done` after its softmax and `wait`

@@ -57,11 +57,17 @@ def _dividing_block(block: int, length: int) -> int:
     return b
 
 
-def plan(ops: Operands, num_splits: int | None = None, target: str | None = None) -> DecodePlan:
-    """Fit the config of `target` (default: the current device) to a call; `num_splits` None
-    lets `configs.decode_splits` choose from the batch, KV heads, capacity and core count."""
+def plan(
+    ops: Operands,
+    num_splits: int | None = None,
+    target: str | None = None,
+    config: configs.DecodeConfig | None = None,
+) -> DecodePlan:
+    """Fit the config of `target` (default: the current device; `config`: another, for a tile
+    sweep) to a call; `num_splits` None lets `configs.decode_splits` choose from the batch, KV
+    heads, capacity and core count."""
     target = target or configs.gpu_target()
-    config = configs.get_decode_config(ops.head_dim, target)
+    config = config or configs.get_decode_config(ops.head_dim, target)
     if ops.page_table is None:
         block_k = _dividing_block(config.block_k, ops.seq_k)
     else:  # pages and blocks are powers of two: one divides the other
@@ -136,11 +142,14 @@ def _refs(ops: Operands, p: DecodePlan) -> Refs:
 
 
 def forward_parts(
-    ops: Operands, num_splits: int | None = None, target: str | None = None
+    ops: Operands,
+    num_splits: int | None = None,
+    target: str | None = None,
+    config: configs.DecodeConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The kernel's partial results: `out (splits, B, K, T * G, H)` float32, normalized over each
     split's keys, and base-2 `lse2 (splits, B, K, T * G)` (-inf where a split saw no key)."""
-    p = plan(ops, num_splits, target)
+    p = plan(ops, num_splits, target, config)
     out, lse2 = _decode.decode(
         _refs(ops, p),
         statics=ops.statics,

@@ -1,0 +1,118 @@
+"""Tile and split sweep for the decode kernel (pallas_kernels/triton/decode.py) on the GPU: for
+each decode shape (one new token, 32 query heads / 8 KV heads, head dim 128, bf16, full caches)
+and each candidate (DecodeConfig block_k x num_warps x num_stages, and num_splits around the
+plan's choice), times a jitted loop of chained steps (dispatch excluded, as `bench --decode`),
+the candidates interleaved over rounds (benchmarks/tune.py `interleaved`); checks each output
+against configs.py's choice; prints the fastest with its GB/s, and writes every row as JSON.
+Usage on the GPU: python benchmarks/tune_decode.py OUT_JSON [BxS ...] (default 1x8k 1x64k 8x16k
+32x8k); `--paged P` times pages of P keys instead of the contiguous cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+from tune import interleaved
+
+from flashjax.backends import decode as decode_backend
+from flashjax.bench.decode import DecodeBench, make_inputs
+from flashjax.bench.decode_backends import chained_steps
+from flashjax.bench.options import parse_shapes
+from flashjax.decode import decode_operands
+from pallas_kernels import configs
+from pallas_kernels.configs import DecodeConfig
+from pallas_kernels.triton import decode_api
+
+TILES = list(itertools.product((64, 128, 256), (4, 8), (2, 3)))  # block_k, warps, stages
+SPLIT_FACTORS = (0.5, 1, 2, 4)  # times the plan's num_splits
+STEPS = 100
+
+
+def step_of(config: DecodeConfig | None, splits: int | None, page: int):
+    def step(q, x):
+        k, v, table = (x.k, x.v, None) if page == 0 else x.pools[page]
+        ops = decode_operands(q, k, v, x.lengths, page_table=table)
+        return decode_backend.forward(ops, splits, config)[0]
+
+    return step
+
+
+def rel_err(a, b) -> float:
+    a, b = (jnp.asarray(x, jnp.float32) for x in (a, b))
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def sweep(shape, page: int) -> list[dict]:
+    bench = DecodeBench(page_sizes=(page,) if page else ())
+    x = make_inputs(shape, bench)
+    table = None if page == 0 else x.pools[page][2]
+    pool = (x.k, x.v) if page == 0 else x.pools[page][:2]
+    ops = decode_operands(x.q, *pool, x.lengths, page_table=table)
+    planned = decode_api.plan(ops).splits
+    want = jax.jit(step_of(None, None, page))(x.q, x)
+    candidates = {("configs.py", planned): (None, None)}
+    for (block_k, warps, stages), f in itertools.product(TILES, SPLIT_FACTORS):
+        splits = max(1, min(configs.MAX_SPLITS, round(planned * f)))
+        cfg = DecodeConfig(block_k, warps, stages)
+        candidates.setdefault((repr(cfg), splits), (cfg, splits))
+    rows, measures = [], {}
+    for key, (cfg, splits) in candidates.items():
+        row = dict(shape=f"{shape.batch}x{shape.seq}", page=page, cfg=key[0], splits=key[1])
+        try:
+            err = rel_err(jax.jit(step_of(cfg, splits, page))(x.q, x), want)
+            loop = jax.jit(
+                lambda q, x, cfg=cfg, splits=splits: chained_steps(
+                    step_of(cfg, splits, page), q, x, STEPS, 1
+                )
+            )
+            compiled = loop.lower(x.q, x).compile()
+            jax.block_until_ready(compiled(x.q, x))
+
+            def measure(compiled=compiled):
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(x.q, x))
+                return (time.perf_counter() - start) / STEPS
+
+            measures[key] = measure
+            row["status"] = "ok" if err < 2e-2 else f"WRONG (rel err {err:.2g})"
+        except Exception as e:  # noqa: BLE001 - a candidate that fails is a row
+            row["status"] = f"{type(e).__name__}: {str(e)[:160]}"
+        rows.append(row)
+    best = interleaved(measures)
+    for row in rows:
+        key = (row["cfg"], row["splits"])
+        if key in best:
+            row["us"] = best[key] * 1e6
+            row["gbps"] = x.cache_bytes / best[key] / 1e9
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("out")
+    p.add_argument("shapes", nargs="*", default=["1x8k", "1x64k", "8x16k", "32x8k"])
+    p.add_argument("--paged", type=int, default=0)
+    args = p.parse_args()
+    rows = []
+    for shape in parse_shapes(",".join(args.shapes)):
+        print(f"{shape.batch}x{shape.seq} page {args.paged}", flush=True)
+        found = sweep(shape, args.paged)
+        rows += found
+        ok = sorted((r for r in found if r["status"] == "ok"), key=lambda r: r["us"])
+        chosen = next(r for r in found if r["cfg"] == "configs.py")
+        print(f"  configs.py: {chosen.get('us', float('nan')):.2f} us {chosen['status']}")
+        for r in ok[:4]:
+            print(f"  {r['us']:.2f} us {r['gbps']:.0f} GB/s splits {r['splits']} {r['cfg']}")
+        for r in found:
+            if r["status"] != "ok":
+                print(f"  {r['cfg']} splits {r['splits']}: {r['status']}")
+        json.dump(rows, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
