@@ -1,8 +1,9 @@
 #!/bin/bash
 # One device call (about 9.5 minutes, `run` with timeout_s 600) of sweeps, the candidates of each
-# timed interleaved over rounds: the Mosaic kernels' tiles and schedule options
-# (benchmarks/tune_mosaic.py: longest_first with heads varying fastest, no_auto_barriers), then
-# the decode kernel's tiles and split counts, contiguous and paged (benchmarks/tune_decode.py).
+# timed interleaved over rounds: the Mosaic kernels' schedule options on configs.py's tiles
+# (benchmarks/tune_mosaic.py: longest_first with heads varying fastest, no_auto_barriers,
+# persistent), then the decode kernel's tiles and split counts, contiguous and paged
+# (benchmarks/tune_decode.py).
 # Usage (device tool, from the repo root):
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_call_tune.sh
 source benchmarks/device_setup.sh

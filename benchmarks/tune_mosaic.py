@@ -4,15 +4,16 @@ for candidate configs at one standard shape per head dim (bf16, B*T = 16k tokens
 causal and not, checks each candidate's output against the first's, times the candidates
 interleaved over rounds (one block per candidate drifted by up to 12% on the H200), and prints the
 fastest.
-Usage on the GPU: python benchmarks/tune_mosaic.py OUT_JSON [HEAD_DIM ...]  (default 64 128 256)
+Usage on the GPU: python benchmarks/tune_mosaic.py OUT_JSON [HEAD_DIM ...] [--tiles]
+(default head dims 64 128 256; without --tiles only configs.py's tiles with each schedule option)
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -38,23 +39,29 @@ BWD_TILES = {
 }
 
 
-def forward_candidates(head_dim: int) -> list[ForwardConfig]:
-    """The tile x flag grid, then configs.py's choice with each combination of `longest_first`
-    and `no_auto_barriers`."""
+def forward_candidates(head_dim: int, tiles: bool) -> list[ForwardConfig]:
+    """configs.py's choice with each combination of the schedule options `longest_first`,
+    `no_auto_barriers` and `persistent` (its first: the choice itself); with `tiles`, the tile x
+    flag grid too."""
     chosen = api.forward_config(head_dim)
-    return [
+    schedules = [
+        dataclasses.replace(chosen, longest_first=lf, no_auto_barriers=nb, persistent=ps)
+        for lf, nb, ps in itertools.product((False, True), repeat=3)
+    ]
+    grid = [
         ForwardConfig(block_q=q, block_kv=kv, stages=st, early_next_k=e, pinned_order=p)
         for (q, kv, st), (e, p) in itertools.product(FWD_TILES[head_dim], FLAGS)
-    ] + [
-        dataclasses.replace(chosen, longest_first=lf, no_auto_barriers=nb)
-        for lf, nb in itertools.product((False, True), repeat=2)
     ]
+    return schedules + (grid if tiles else [])
 
 
-def backward_candidates(head_dim: int) -> list[BackwardConfig]:
+def backward_candidates(head_dim: int, tiles: bool) -> list[BackwardConfig]:
+    """configs.py's choice with and without `no_auto_barriers`; with `tiles`, the tile grid."""
+    chosen = api.backward_config(head_dim)
+    shapes = BWD_TILES[head_dim] if tiles else [(chosen.rows, chosen.cols, chosen.stages)]
     return [
         BackwardConfig(rows=r, cols=c, stages=s, no_auto_barriers=nb)
-        for (r, c, s), nb in itertools.product(BWD_TILES[head_dim], (False, True))
+        for (r, c, s), nb in itertools.product(shapes, (False, True))
     ]
 
 
@@ -63,7 +70,7 @@ def rel_err(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def sweep(head_dim: int, causal: bool) -> list[dict]:
+def sweep(head_dim: int, causal: bool, tiles: bool) -> list[dict]:
     """Every candidate compiled and checked against the first of its kind, then timed with the
     candidates interleaved over rounds (benchmarks/tune.py `interleaved`)."""
     ops, do = operands(SEQ, head_dim, causal)
@@ -82,11 +89,11 @@ def sweep(head_dim: int, causal: bool) -> list[dict]:
             row["status"] = f"{type(e).__name__}: {str(e)[:160]}"
         rows.append(row)
 
-    for cfg in forward_candidates(head_dim):
+    for cfg in forward_candidates(head_dim, tiles):
         fn = jax.jit(lambda ops, cfg=cfg: api.forward(ops, interpret=False, config=cfg))
         prepare("fwd", cfg, lambda fn=fn: fn(ops), flops)
     out, lse2 = api.forward(ops, interpret=False)
-    for cfg in backward_candidates(head_dim):
+    for cfg in backward_candidates(head_dim, tiles):
         fn = jax.jit(
             lambda ops, out, lse2, do, cfg=cfg: api.backward(
                 ops, out, lse2, do, None, interpret=False, config=cfg
@@ -102,25 +109,36 @@ def sweep(head_dim: int, causal: bool) -> list[dict]:
     return rows
 
 
-def main(out_path: str, head_dims: tuple[int, ...]) -> None:
+def report(rows: list[dict], head_dim: int, causal: bool) -> None:
+    """The fastest three of each kernel, as a ratio of configs.py's choice (each kind's first)."""
+    for kind in ("fwd", "bwd"):
+        mine = [r for r in rows if (r["H"], r["causal"], r["kernel"]) == (head_dim, causal, kind)]
+        if not mine:
+            continue
+        base = mine[0]["ms"]
+        ok = sorted((r for r in mine if r["status"] == "ok"), key=lambda r: r["ms"])
+        print(f"BEST H={head_dim} causal={causal} {kind} (configs.py {base:.3f} ms):", flush=True)
+        for r in ok[:3]:
+            print(
+                f"    {r['tflops']:.0f} TF/s {r['ms']:.3f} ms {base / r['ms']:.3f}x {r['cfg']}",
+                flush=True,
+            )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("out")
+    p.add_argument("head_dims", nargs="*", type=int, default=[64, 128, 256])
+    p.add_argument("--tiles", action="store_true", help="also sweep the tile grid")
+    args = p.parse_args()
     rows = []
-    for head_dim in head_dims:
+    for head_dim in args.head_dims:
         for causal in (False, True):
             print(f"H={head_dim} T={SEQ} causal={causal}", flush=True)
-            rows += sweep(head_dim, causal)
-            for kind in ("fwd", "bwd"):
-                ok = [
-                    r
-                    for r in rows
-                    if (r["H"], r["causal"], r["kernel"]) == (head_dim, causal, kind)
-                    and r["status"] == "ok"
-                ]
-                ok.sort(key=lambda r: r["ms"])
-                print(f"BEST H={head_dim} causal={causal} {kind}: ", flush=True)
-                for r in ok[:3]:
-                    print(f"    {r['tflops']:.0f} TF/s {r['ms']:.3f} ms {r['cfg']}", flush=True)
-            json.dump(rows, open(out_path, "w"), indent=1)
+            rows += sweep(head_dim, causal, args.tiles)
+            report(rows, head_dim, causal)
+            json.dump(rows, open(args.out, "w"), indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], tuple(int(h) for h in sys.argv[2:]) or (64, 128, 256))
+    main()

@@ -97,17 +97,31 @@ def test_backward_kernel_where_triton_serves(case: Case, monkeypatch) -> None:
     check_case(case, "mosaic")
 
 
-@pytest.mark.parametrize("features", [("causal",), ("causal", "segments")])
-def test_longest_first_order_computes_the_same(features) -> None:
-    """`ForwardConfig.longest_first` only changes which CTA takes which query tile (the tiles
-    reversed, heads and batch rows the fastest grid axes; ranges, and visit lists with segment
-    ids): the output and logsumexp are bitwise those of grid order."""
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        dict(longest_first=True),
+        dict(persistent=True),
+        dict(persistent=True, longest_first=True),
+    ],
+    ids=lambda d: "+".join(d),
+)
+@pytest.mark.parametrize("features", [("causal",), ("causal", "segments"), ("lengths",)])
+def test_schedules_compute_the_same(schedule, features) -> None:
+    """The forward's schedules only change which CTA takes which query tile and in what order
+    (`longest_first`: the tiles reversed, heads and batch rows the fastest grid axes;
+    `persistent`: one CTA per "core" (4 in interpret mode) looping over 12 tiles, its K/V ring
+    running on across tiles): the output and logsumexp are bitwise those of the grid order, and
+    the race detector finds nothing."""
     case = Case(B=2, T=300, S=300, N=2, K=1, H=64, features=features)
     q, k, v, _, kw = make_inputs(case)
     ops = operands(q, k, v, **kw)
     grid_order = api.forward_config(case.H)
-    reversed_order = dataclasses.replace(grid_order, longest_first=True)
     want = api.forward(ops, config=grid_order)
-    got = api.forward(ops, config=reversed_order)
+    interpreter.reset_gpu_interpret_mode_state()
+    got = jax.block_until_ready(
+        api.forward(ops, config=dataclasses.replace(grid_order, **schedule))
+    )
+    assert not interpreter.get_races().races_found
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

@@ -17,7 +17,6 @@ staging tile. Output and base-2 logsumexp leave through shared memory (TMA).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import common, visibility
+from pallas_kernels import common, configs, visibility
 from pallas_kernels.mosaic import pipeline as pp
 from pallas_kernels.mosaic.pipeline import CONSUMERS, LAYOUT
 from pallas_kernels.operands import AttentionStatics
@@ -53,18 +52,25 @@ class ForwardConfig:
     longest_first: bool = False
     # pipeline.compiler_params: no automatic SMEM barriers.
     no_auto_barriers: bool = False
+    # One CTA per SM looping over the tiles (`plgpu.nd_loop`): the K/V ring runs on from one
+    # tile into the next, so the producer loads the next tile's keys during this one's epilogue
+    # (tokamax's non-causal schedule).
+    persistent: bool = False
 
 
-def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, qt, num_heads, interpret):
+def _consumer(
+    refs: dict, sc: dict, tile, done, *, statics, config, visits, seq, num_heads, interpret
+):
+    """One consumer's work on query tile `tile = (qt, h, b)`; `done`: the key visits of the
+    CTA's earlier tiles (the K/V ring's slots continue from there)."""
     bq, bkv = config.block_q, config.block_kv
+    qt, h, b = tile
     wg = lax.axis_index("wg")
-    b, h = lax.axis_index("b"), lax.axis_index("h")
     row0 = qt * (CONSUMERS * bq) + wg * bq
     head_dim = sc["q"].shape[-1]
     dtype = sc["q"].dtype
     turns = pp.Turn(sc["turn"], wg)
 
-    plgpu.set_max_registers(config.registers[0], action="increase")
     my_q = sc["q"].at[wg]
     loaded = sc["q_loaded"].at[wg]
     plgpu.copy_gmem_to_smem(refs["q"].at[b, pl.ds(row0, bq), h], my_q, loaded)
@@ -85,12 +91,12 @@ def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, qt, num_hea
     early = config.early_next_k and not interpret
 
     def wait_k(i):
-        plgpu.barrier_wait(sc["k_loaded"].at[lax.rem(i, config.stages)])
+        plgpu.barrier_wait(sc["k_loaded"].at[lax.rem(done + i, config.stages)])
 
     def step(i, carry, *, masked: bool):
         acc, m, l = carry
         kv = visits.tile(i)
-        slot = lax.rem(i, config.stages)
+        slot = lax.rem(done + i, config.stages)
         if not early:
             wait_k(i)
 
@@ -160,9 +166,9 @@ def _consumer(refs: dict, sc: dict, *, statics, config, visits, seq, qt, num_hea
     plgpu.wait_smem_to_gmem(0)
 
 
-def _producer(refs: dict, sc: dict, *, config, visits, group: int):
-    b, kh = lax.axis_index("b"), lax.div(lax.axis_index("h"), group)
-    bkv = config.block_kv
+def _streams(refs: dict, sc: dict, b, kh, bkv: int) -> list[pp.Stream]:
+    """What the producer streams for batch row `b`, KV head `kh`: K and V tiles (and the keys'
+    segment ids)."""
 
     def rows_of(ref):
         return lambda kv: ref.at[b, pl.ds(kv * bkv, bkv), kh]
@@ -181,7 +187,7 @@ def _producer(refs: dict, sc: dict, *, config, visits, group: int):
                 sc["kv_seg_free"],
             )
         )
-    pp.produce(streams, visits, config.stages, config.registers[1])
+    return streams
 
 
 def forward(
@@ -214,39 +220,78 @@ def forward(
     extras = {name: x for name, x in (extras or {}).items() if x is not None}
     names = ("q", "k", "v", *extras)
 
+    q_tiles = seq_q // (CONSUMERS * bq)
+    grid = {"q": q_tiles, "h": num_heads, "b": batch}
+    order = ("h", "b", "q") if config.longest_first else ("q", "h", "b")  # first: fastest
+
     def flashjax_mosaic_forward(*refs):
         ins, outs, (sc,) = pp.split_refs(refs, (len(names), 2))
         refs = dict(zip(names, ins)) | dict(zip(("out", "lse"), outs))
-        b = lax.axis_index("b")
-        seq = pp.seq_of(refs.get("seq"), static_seq, b)
-        qt = lax.axis_index("q")
-        if config.longest_first:
-            qt = seq_q // (CONSUMERS * bq) - 1 - qt
-        if "full" in refs:
-            bt = b if refs["full"].shape[0] > 1 else 0
-            visits = pp.list_visits(
-                lambda j: refs["full"][bt, 0, qt, j], lambda j: refs["partial"][bt, 0, qt, j]
-            )
-        else:
+
+        def work_of(qt, b) -> tuple[tuple, pp.Visits]:
+            """Batch row b's `(q_offset, kv_offset, q_len, kv_len)` and the key tiles that
+            query tile qt visits."""
+            seq = pp.seq_of(refs.get("seq"), static_seq, b)
+            if "full" in refs:
+                bt = b if refs["full"].shape[0] > 1 else 0
+                return seq, pp.list_visits(
+                    lambda j: refs["full"][bt, 0, qt, j], lambda j: refs["partial"][bt, 0, qt, j]
+                )
             cta_rows = qt * (CONSUMERS * bq)
-            visits = pp.range_visits(
-                visibility.block_range(statics, cta_rows, CONSUMERS * bq, bkv, seq)
-            )
-        pp.warpgroups(
-            functools.partial(
-                _consumer,
+            ranges = visibility.block_range(statics, cta_rows, CONSUMERS * bq, bkv, seq)
+            return seq, pp.range_visits(ranges)
+
+        def consume(tile, done):
+            seq, visits = work_of(tile[0], tile[2])
+            _consumer(
                 refs,
                 sc,
+                tile,
+                done,
                 statics=statics,
                 config=config,
                 visits=visits,
                 seq=seq,
-                qt=qt,
                 num_heads=num_heads,
                 interpret=via_smem,
-            ),
-            functools.partial(_producer, refs, sc, config=config, visits=visits, group=group),
-        )
+            )
+            return done + visits.count
+
+        def produce(tile, done):
+            qt, h, b = tile
+            _, visits = work_of(qt, b)
+            pp.stream(_streams(refs, sc, b, lax.div(h, group), bkv), visits, stages, done)
+            return done + visits.count
+
+        frees = [sc[f"{name}_free"] for name in ("k", "v", "kv_seg") if f"{name}_free" in sc]
+
+        def consumer():
+            plgpu.set_max_registers(config.registers[0], action="increase")
+            each_tile(consume)
+
+        def producer():
+            plgpu.set_max_registers(config.registers[1], action="decrease")
+            pp.drain(frees, each_tile(produce), stages)
+
+        pp.warpgroups(consumer, producer)
+
+    def each_tile(work):
+        """`work((qt, h, b), done) -> done` over this CTA's query tiles (one, or with `persistent`
+        its share of all, in `order`); returns the key visits done."""
+        if not config.persistent:
+            tile = tuple(lax.axis_index(name) for name in ("q", "h", "b"))
+            return work(_ordered(tile), 0)
+
+        @plgpu.nd_loop(tuple(grid[n] for n in reversed(order)), collective_axes="sm", init_carry=0)
+        def done(info, carry):
+            index = dict(zip(reversed(order), info.index))
+            return work(_ordered(tuple(index[n] for n in ("q", "h", "b"))), carry)
+
+        return done
+
+    def _ordered(tile):
+        qt, h, b = tile
+        return (q_tiles - 1 - qt if config.longest_first else qt), h, b
 
     dtype = q.dtype
     k_loaded, v_loaded, k_free, v_free = pp.stream_barriers(2, stages)
@@ -276,14 +321,15 @@ def forward(
         jax.ShapeDtypeStruct(q.shape, dtype),
         jax.ShapeDtypeStruct((batch, num_heads, seq_q), jnp.float32),
     )
-    grid = {"q": seq_q // (CONSUMERS * bq), "h": num_heads, "b": batch}
-    order = ("h", "b", "q") if config.longest_first else ("q", "h", "b")  # first: fastest
+    if config.persistent:
+        launch = dict(grid=(configs.core_count(),), grid_names=("sm",))
+    else:
+        launch = dict(grid=tuple(grid[name] for name in order), grid_names=order)
     return plgpu.kernel(
         flashjax_mosaic_forward,
         out_type=out_type,
         scratch_types=(scratch,),
-        grid=tuple(grid[name] for name in order),
-        grid_names=order,
+        **launch,
         num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=pp.compiler_params(config.no_auto_barriers),

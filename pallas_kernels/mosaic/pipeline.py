@@ -140,28 +140,39 @@ def warpgroups(consumer: Callable[[], None], producer: Callable[[], None]) -> No
 
 
 def produce(streams: Sequence[Stream], visits: Visits, stages: int, registers: int) -> None:
-    """The producer warpgroup: for each visit, wait until its slot is free (from the second lap
-    on), then TMA every stream's tile (`source(tile)`) into it. Last, observe the consumers' final
-    releases, so every barrier phase is consumed before the CTA exits (the interpreter checks
-    it; on the GPU it costs the producer a wait)."""
+    """The producer warpgroup of a CTA with one tile: its registers given up, its visits
+    streamed (`stream`), then the drain (`drain`)."""
     plgpu.set_max_registers(registers, action="decrease")
-    count = visits.count
+    stream(streams, visits, stages)
+    drain([s.free for s in streams], visits.count, stages)
 
-    @pl.loop(0, count)
+
+def stream(streams: Sequence[Stream], visits: Visits, stages: int, done=0) -> None:
+    """For each visit, wait until its slot is free (from the ring's second lap on), then TMA
+    every stream's tile (`source(tile)`) into it. `done`: visits streamed before these (by a
+    persistent CTA's earlier tiles), so the ring's slots and laps continue across tiles."""
+
+    @pl.loop(0, visits.count)
     def _(i):
-        slot = lax.rem(i, stages)
+        n = done + i
+        slot = lax.rem(n, stages)
         tile = visits.tile(i)
         for s in streams:
-            pl.when(i >= stages)(functools.partial(plgpu.barrier_wait, s.free.at[slot]))
+            pl.when(n >= stages)(functools.partial(plgpu.barrier_wait, s.free.at[slot]))
             plgpu.copy_gmem_to_smem(s.source(tile), s.ring.at[slot], s.loaded.at[slot])
 
-    first = jnp.maximum(count - stages, 0)  # counted from 0: see `walk`
 
-    @pl.loop(0, count - first)
+def drain(frees: Sequence, total, stages: int) -> None:
+    """Observe the consumers' releases (`frees`: the streams' `free` barriers) of the last
+    `stages` of `total` visits, so every barrier phase is consumed before the CTA exits (the
+    interpreter checks it; on the GPU it costs the producer a wait)."""
+    first = jnp.maximum(total - stages, 0)  # counted from 0: see `walk`
+
+    @pl.loop(0, total - first)
     def _(j):
         slot = lax.rem(first + j, stages)
-        for s in streams:
-            plgpu.barrier_wait(s.free.at[slot])
+        for free in frees:
+            plgpu.barrier_wait(free.at[slot])
 
 
 def stream_barriers(count: int, stages: int) -> tuple:
