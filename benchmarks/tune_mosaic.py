@@ -32,6 +32,17 @@ FWD_TILES = {
     256: [(64, 64, 2), (64, 128, 1)],
 }
 FLAGS = list(itertools.product((False, True), repeat=2))  # (early_next_k, pinned_order)
+# ForwardConfig's schedule options, alone and in the combinations most likely to add up.
+SCHEDULES = [
+    (),
+    ("longest_first",),
+    ("no_auto_barriers",),
+    ("persistent",),
+    ("named_barriers",),
+    ("no_auto_barriers", "named_barriers"),
+    ("no_auto_barriers", "named_barriers", "persistent"),
+    ("no_auto_barriers", "named_barriers", "longest_first"),
+]
 BWD_TILES = {
     64: [(64, 64, 2), (64, 64, 3), (64, 128, 2)],
     128: [(64, 64, 2), (64, 64, 3), (64, 128, 1)],
@@ -40,14 +51,10 @@ BWD_TILES = {
 
 
 def forward_candidates(head_dim: int, tiles: bool) -> list[ForwardConfig]:
-    """configs.py's choice with each combination of the schedule options `longest_first`,
-    `no_auto_barriers` and `persistent` (its first: the choice itself); with `tiles`, the tile x
-    flag grid too."""
+    """configs.py's choice (first), then with each schedule option of SCHEDULES; with `tiles`,
+    the tile x flag grid too."""
     chosen = api.forward_config(head_dim)
-    schedules = [
-        dataclasses.replace(chosen, longest_first=lf, no_auto_barriers=nb, persistent=ps)
-        for lf, nb, ps in itertools.product((False, True), repeat=3)
-    ]
+    schedules = [dataclasses.replace(chosen, **dict.fromkeys(s, True)) for s in SCHEDULES]
     grid = [
         ForwardConfig(block_q=q, block_kv=kv, stages=st, early_next_k=e, pinned_order=p)
         for (q, kv, st), (e, p) in itertools.product(FWD_TILES[head_dim], FLAGS)
@@ -88,6 +95,7 @@ def sweep(head_dim: int, causal: bool, tiles: bool) -> list[dict]:
         except Exception as e:  # noqa: BLE001
             row["status"] = f"{type(e).__name__}: {str(e)[:160]}"
         rows.append(row)
+        print(f"  checked {kind} {cfg}: {row['status']}", flush=True)  # a hang shows where
 
     for cfg in forward_candidates(head_dim, tiles):
         fn = jax.jit(lambda ops, cfg=cfg: api.forward(ops, interpret=False, config=cfg))

@@ -112,15 +112,19 @@ def test_mosaic_kernels_lower(feature: str, head_dim: int) -> None:
 
 def test_mosaic_schedule_options_lower() -> None:
     """The sweep's schedule options (benchmarks/tune_mosaic.py) lower for the H200: the
-    longest-first grid order, the persistent grid, and kernels without Pallas' automatic SMEM
-    barriers."""
+    longest-first grid order, the persistent grid, the ping-pong on named barriers (inline PTX,
+    which interpret mode cannot run), and kernels without Pallas' automatic SMEM barriers."""
     from pallas_kernels.mosaic.backward import BackwardConfig
 
     q = jnp.zeros((2, 512, 4, 128), jnp.bfloat16)
     kv = jnp.zeros((2, 512, 2, 128), jnp.bfloat16)
     ops = operands(q, kv, kv, is_causal=True)
     fwd = dataclasses.replace(
-        mosaic_api.forward_config(128), longest_first=True, no_auto_barriers=True, persistent=True
+        mosaic_api.forward_config(128),
+        longest_first=True,
+        no_auto_barriers=True,
+        persistent=True,
+        named_barriers=True,
     )
     bwd = BackwardConfig(no_auto_barriers=True)
 

@@ -103,6 +103,8 @@ def test_backward_kernel_where_triton_serves(case: Case, monkeypatch) -> None:
         dict(longest_first=True),
         dict(persistent=True),
         dict(persistent=True, longest_first=True),
+        dict(named_barriers=True),
+        dict(named_barriers=True, persistent=True),
     ],
     ids=lambda d: "+".join(d),
 )
@@ -111,8 +113,10 @@ def test_schedules_compute_the_same(schedule, features) -> None:
     """The forward's schedules only change which CTA takes which query tile and in what order
     (`longest_first`: the tiles reversed, heads and batch rows the fastest grid axes;
     `persistent`: one CTA per "core" (4 in interpret mode) looping over 12 tiles, its K/V ring
-    running on across tiles): the output and logsumexp are bitwise those of the grid order, and
-    the race detector finds nothing."""
+    running on across tiles), or how the consumers take turns (`named_barriers`, emulated by
+    mbarriers here: a protocol that left a wait unmet would hang or leave a phase unconsumed):
+    the output and logsumexp are bitwise those of the grid order, and the race detector finds
+    nothing."""
     case = Case(B=2, T=300, S=300, N=2, K=1, H=64, features=features)
     q, k, v, _, kw = make_inputs(case)
     ops = operands(q, k, v, **kw)

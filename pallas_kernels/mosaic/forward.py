@@ -56,6 +56,9 @@ class ForwardConfig:
     # tile into the next, so the producer loads the next tile's keys during this one's epilogue
     # (tokamax's non-causal schedule).
     persistent: bool = False
+    # The consumers' ping-pong on hardware named barriers (`pipeline.NamedTurn`) instead of an
+    # mbarrier (`pipeline.Turn`); interpret mode emulates them with mbarriers.
+    named_barriers: bool = False
 
 
 def _consumer(
@@ -69,7 +72,10 @@ def _consumer(
     row0 = qt * (CONSUMERS * bq) + wg * bq
     head_dim = sc["q"].shape[-1]
     dtype = sc["q"].dtype
-    turns = pp.Turn(sc["turn"], wg)
+    if config.named_barriers:
+        turns = pp.NamedTurn(wg, emulation=sc["turn"] if interpret else None)
+    else:
+        turns = pp.Turn(sc["turn"], wg)
 
     my_q = sc["q"].at[wg]
     loaded = sc["q_loaded"].at[wg]
@@ -305,8 +311,11 @@ def forward(
         v_loaded=v_loaded,
         k_free=k_free,
         v_free=v_free,
-        turn=plgpu.Barrier(num_arrivals=CONSUMERS),
     )
+    if not config.named_barriers:
+        scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
+    elif via_smem:  # NamedTurn's emulation: one mbarrier per hardware barrier
+        scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=CONSUMERS)
     if via_smem:
         scratch["p"] = pp.smem_tile((CONSUMERS, bq, bkv), dtype)
     if "q_seg" in extras:

@@ -225,6 +225,64 @@ class Turn:
         pl.when(self.wg == 0)(self.sync)
 
 
+# Hardware barrier ids of the ping-pong with named barriers: 0 is the CTA's, 1..3 Mosaic GPU's
+# warpgroup barriers (warpgroup index + 1); consumer c waits on NAMED_TURN + c.
+NAMED_TURN = 4
+
+
+def _named_barrier(op: str, barrier_id: int) -> None:
+    """`bar.sync` / `bar.arrive` on hardware barrier `barrier_id` for both consumers' 256
+    threads (one call per warpgroup: its 128 threads)."""
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    count = CONSUMERS * 128
+
+    @plgpu.inline_mgpu()
+    def _(_ctx):
+        mgpu_utils.inline_ptx(f"bar.{op} {barrier_id}, {count};", has_side_effects=True)
+
+
+class NamedTurn:
+    """The ping-pong of `Turn` (same calls, same order of tensor-core work) on two hardware
+    named barriers, as FA3 and tokamax's sm90 kernel schedule it: consumer c waits (`bar.sync`)
+    on barrier NAMED_TURN + c, which the other consumer signals (`bar.arrive`) after issuing its
+    QK^T. The interpreter runs no inline PTX: with `emulation` (two mbarriers of two arrivals)
+    each named barrier is an mbarrier (`bar.arrive`: arrive; `bar.sync`: arrive and wait), so
+    interpret mode checks the protocol (every wait met, every phase consumed, no race)."""
+
+    def __init__(self, wg: jax.Array, emulation=None):
+        self.wg, self.emulation = wg, emulation
+
+    def _barrier(self, op: str, consumer: int) -> None:
+        if self.emulation is None:
+            _named_barrier(op, NAMED_TURN + consumer)
+            return
+        barrier = self.emulation.at[consumer]
+        plgpu.barrier_arrive(barrier)
+        if op == "sync":
+            plgpu.barrier_wait(barrier)
+
+    def _mine(self, op: str, other: bool) -> None:
+        for c in range(CONSUMERS):
+            target = CONSUMERS - 1 - c if other else c
+            pl.when(self.wg == c)(functools.partial(self._barrier, op, target))
+
+    def sync(self) -> None:  # after issuing QK^T: the other consumer may issue its matmuls
+        self._mine("arrive", other=True)
+
+    def done(self) -> None:  # the arrive above already says it
+        pass
+
+    def wait(self) -> None:  # before PV: until the other consumer has issued its QK^T
+        self._mine("sync", other=False)
+
+    def start(self) -> None:  # consumer 1 waits for consumer 0's first QK^T
+        pl.when(self.wg == 1)(functools.partial(self._barrier, "sync", 1))
+
+    def finish(self) -> None:  # consumer 0's last signal balances consumer 1's first wait
+        pl.when(self.wg == 0)(functools.partial(self._barrier, "arrive", 1))
+
+
 def seq_of(seq_ref, static: tuple[int, int, int, int], batch: jax.Array) -> tuple:
     """`(q_offset, kv_offset, q_len, kv_len)` of a batch row: scalars read from the `(B, 4)`
     int32 GMEM operand (`Operands.seq_info`), or the static `(0, 0, T, S)` when the call has no
