@@ -98,17 +98,17 @@ def test_backward_kernel_where_triton_serves(case: Case, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "schedule",
+    "schedule, features",
     [
-        dict(longest_first=True),
-        dict(persistent=True),
-        dict(persistent=True, longest_first=True),
-        dict(named_barriers=True),
-        dict(named_barriers=True, persistent=True),
+        (dict(longest_first=True), ("causal", "segments")),
+        (dict(persistent=True), ("causal",)),
+        (dict(persistent=True), ("lengths",)),
+        (dict(persistent=True, longest_first=True), ("causal", "segments")),
+        (dict(named_barriers=True), ("causal",)),
+        (dict(named_barriers=True, persistent=True), ("causal", "segments")),
     ],
-    ids=lambda d: "+".join(d),
+    ids=lambda x: "+".join(x),
 )
-@pytest.mark.parametrize("features", [("causal",), ("causal", "segments"), ("lengths",)])
 def test_schedules_compute_the_same(schedule, features) -> None:
     """The forward's schedules only change which CTA takes which query tile and in what order
     (`longest_first`: the tiles reversed, heads and batch rows the fastest grid axes;
