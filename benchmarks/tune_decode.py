@@ -5,7 +5,8 @@ plan's choice), times a jitted loop of chained steps (dispatch excluded, as `ben
 the candidates interleaved over rounds (benchmarks/tune.py `interleaved`); checks each output
 against configs.py's choice; prints the fastest with its GB/s, and writes every row as JSON.
 Usage on the GPU: python benchmarks/tune_decode.py OUT_JSON [BxS ...] (default 1x8k 1x64k 8x16k
-32x8k); `--paged P` times pages of P keys instead of the contiguous cache.
+32x8k); `--paged P` times pages of P keys instead of the contiguous cache; `--heads 12,12,64` the
+GPT-2 small decode step of examples/gpt2/generate.py.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def rel_err(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def sweep(shape, page: int) -> list[dict]:
-    bench = DecodeBench(page_sizes=(page,) if page else ())
+def sweep(shape, page: int, heads: tuple[int, int, int]) -> list[dict]:
+    """Every candidate at one (B, S) shape; `heads`: query heads, KV heads, head dim."""
+    n, k, d = heads
+    bench = DecodeBench(page_sizes=(page,) if page else (), heads=n, kv_heads=k, head_dim=d)
     x = make_inputs(shape, bench)
     table = None if page == 0 else x.pools[page][2]
     pool = (x.k, x.v) if page == 0 else x.pools[page][:2]
@@ -97,11 +100,17 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("shapes", nargs="*", default=["1x8k", "1x64k", "8x16k", "32x8k"])
     p.add_argument("--paged", type=int, default=0)
+    p.add_argument(
+        "--heads",
+        default="32,8,128",
+        help="query heads, KV heads, head dim (default 32,8,128; GPT-2 small: 12,12,64)",
+    )
     args = p.parse_args()
+    heads = tuple(int(x) for x in args.heads.split(","))
     rows = []
     for shape in parse_shapes(",".join(args.shapes)):
-        print(f"{shape.batch}x{shape.seq} page {args.paged}", flush=True)
-        found = sweep(shape, args.paged)
+        print(f"{shape.batch}x{shape.seq} page {args.paged} heads {heads}", flush=True)
+        found = sweep(shape, args.paged, heads)
         rows += found
         ok = sorted((r for r in found if r["status"] == "ok"), key=lambda r: r["us"])
         chosen = next(r for r in found if r["cfg"] == "configs.py")
