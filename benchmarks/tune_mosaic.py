@@ -63,12 +63,13 @@ def forward_candidates(head_dim: int, tiles: bool) -> list[ForwardConfig]:
 
 
 def backward_candidates(head_dim: int, tiles: bool) -> list[BackwardConfig]:
-    """configs.py's choice with and without `no_auto_barriers`; with `tiles`, the tile grid."""
+    """configs.py's choice with each combination of `no_auto_barriers` and `fused_dq` (the
+    single-kernel backward); with `tiles`, the tile grid."""
     chosen = api.backward_config(head_dim)
     shapes = BWD_TILES[head_dim] if tiles else [(chosen.rows, chosen.cols, chosen.stages)]
     return [
-        BackwardConfig(rows=r, cols=c, stages=s, no_auto_barriers=nb)
-        for (r, c, s), nb in itertools.product(shapes, (False, True))
+        BackwardConfig(rows=r, cols=c, stages=s, no_auto_barriers=nb, fused_dq=fd)
+        for (r, c, s), nb, fd in itertools.product(shapes, (False, True), (False, True))
     ]
 
 

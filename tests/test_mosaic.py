@@ -18,7 +18,7 @@ from test_suite import check_case
 from flashjax import dot_product_attention
 from flashjax.attention import operands
 from pallas_kernels import configs
-from pallas_kernels.mosaic import api, forward
+from pallas_kernels.mosaic import api, backward, forward
 from pallas_kernels.operands import AttentionStatics
 
 
@@ -95,6 +95,37 @@ def test_backward_kernel_where_triton_serves(case: Case, monkeypatch) -> None:
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     assert not api.backward_on_triton(case.H)
     check_case(case, "mosaic")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "segments")),
+        Case(B=1, T=113, S=150, N=4, K=1, H=64, features=("softcap", "dropout", "lengths")),
+    ],
+    ids=lambda c: c.id,
+)
+def test_fused_dq_backward(case: Case, monkeypatch) -> None:
+    """`BackwardConfig.fused_dq` (one kernel: dQ's parts added from the dK/dV kernel; here each
+    part into its own slice, summed by the host, as the interpreter runs no TMA reduce-add)
+    against the float64 reference, with no race; `deterministic=True` turns it off."""
+    fused = dataclasses.replace(api.backward_config(case.H), fused_dq=True)
+    monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
+    monkeypatch.setattr(api, "backward_config", lambda head_dim: fused)
+    interpreter.reset_gpu_interpret_mode_state()
+    check_case(case, "mosaic")
+    assert not interpreter.get_races().races_found
+
+    calls = []
+    real = backward.dkdv
+    monkeypatch.setattr(
+        backward, "dkdv", lambda *a, **kw: calls.append(kw["config"]) or real(*a, **kw)
+    )
+    q, k, v, dout, kw = make_inputs(case)
+    ops = operands(q, k, v, deterministic=True, **kw)
+    out, lse = api.forward(ops)
+    api.backward(ops, out, lse, dout, None)
+    assert calls and not calls[-1].fused_dq
 
 
 @pytest.mark.parametrize(

@@ -48,8 +48,8 @@ def _unsupported(ops: Operands) -> str | None:
         return f"dtype {ops.q.dtype} (the Mosaic kernels take bfloat16 and float16)"
     if configs.gpu_target() not in ("sm90", "interpret"):
         return "a GPU other than Hopper (sm90)"
-    # Both backward kernels are deterministic (no atomics), so `ops.statics.deterministic` is
-    # served; a fused backward with an atomic dQ would decline it here, as one more feature.
+    # `ops.statics.deterministic` is served: the two-kernel backward has no atomics, and
+    # api.backward turns BackwardConfig.fused_dq (dQ by TMA reduce-add) off for it.
     features = {
         "a traced scale": ops.scale is not None,
         f"a block mask that depends on the head or whose blocks are not whole CTA tiles "

@@ -8,6 +8,8 @@ visibility rule hides. On CPU the kernels run in Mosaic GPU interpret mode with 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -171,6 +173,8 @@ def backward(
     """
     ops = _past_lengths_zeroed(ops)
     cfg = config or backward_config(ops.head_dim)
+    if ops.statics.deterministic:  # dQ's reduce-adds land in a varying order
+        cfg = dataclasses.replace(cfg, fused_dq=False)
     t = _round_up(ops.seq_q, CONSUMERS * cfg.rows)  # dQ's rows (and a multiple of dK/dV's cols)
     s = _round_up(ops.seq_k, CONSUMERS * cfg.rows)
     d = _head_dim(ops.head_dim)
@@ -188,7 +192,15 @@ def backward(
     if uses_lists(ops):  # key-major tiles for dK/dV, query-major for dQ
         dkdv_lists = visit_lists(ops, cols, rows, t // cols, s // rows, transposed=True)
         dq_lists = visit_lists(ops, rows, cols, t // rows, s // cols)
-    dk, dv = _backward.dkdv(*args, extras=_extras(ops, t, s, dkdv_lists), **launch)
-    dq = _backward.dq(*args, extras=_extras(ops, t, s, dq_lists), **launch)
+    extras = _extras(ops, t, s, dkdv_lists)
+    if cfg.fused_dq:  # the dK/dV kernel adds dQ's parts into this (see BackwardConfig)
+        parts = () if launch["interpret"] is None else (s // cfg.rows,)
+        acc = jax.new_ref(jnp.zeros((*parts, *q.shape), jnp.float32))
+        dk, dv = _backward.dkdv(*args, extras=extras | {"dq_acc": acc}, **launch)
+        dq = acc[...].sum(axis=0) if parts else acc[...]
+        dq = (dq * ops.statics.scale).astype(q.dtype)
+    else:
+        dk, dv = _backward.dkdv(*args, extras=extras, **launch)
+        dq = _backward.dq(*args, extras=_extras(ops, t, s, dq_lists), **launch)
     tq, sk, h = ops.seq_q, ops.seq_k, ops.head_dim
     return dq[:, :tq, :, :h], dk[:, :sk, :, :h], dv[:, :sk, :, :h]

@@ -45,6 +45,12 @@ class BackwardConfig:
     stages: int = 2
     registers: tuple[int, int] = (232, 40)
     no_auto_barriers: bool = False  # pipeline.compiler_params
+    # One kernel (5 GEMMs): the dK/dV kernel also computes each step's dQ part (dS K, with dS^T
+    # staged in SMEM and read transposed) and adds it to a float32 dQ in GMEM by TMA
+    # reduce-add; the dQ kernel does not run. The order of the adds varies run to run (not
+    # deterministic). Interpret mode (no TMA reduction there) writes each part to its own
+    # slice of a buffer that XLA sums.
+    fused_dq: bool = False
 
     @property
     def pingpong(self) -> bool:
@@ -188,6 +194,8 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         a = pp.operand(ds.astype(dtype), staging, via_smem=interpret)
         dk = pp.mma_into(dk, a, sc["q"].at[slot], in_place=not interpret)
         plgpu.barrier_arrive(sc["q_free"].at[slot])
+        if config.fused_dq:
+            _add_dq_part(refs, sc, ds.astype(dtype), my_k, (b, head, qt * bq), interpret)
         return dk, dv
 
     zeros = plgpu.layout_cast(jnp.zeros((bkv, head_dim), jnp.float32), LAYOUT)
@@ -200,6 +208,34 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     plgpu.copy_smem_to_gmem(my_k, refs["dk"].at[b, pl.ds(col0, bkv), kh])
     plgpu.copy_smem_to_gmem(my_v, refs["dv"].at[b, pl.ds(col0, bkv), kh])
     plgpu.wait_smem_to_gmem(0)
+
+
+def _add_dq_part(refs, sc, ds, my_k, at, interpret: bool) -> None:
+    """`fused_dq`: this step's dQ part `dS K` (bq query rows x D, float32) added to dQ.
+
+    `ds` is dS^T (keys x queries, the dK/dV kernel's transposed tile); staged in SMEM it is read
+    transposed as the wgmma's A operand (in interpret mode the dK matmul already staged it).
+    The part leaves through a float32 SMEM tile, once the previous part's copy has read it: on
+    the GPU by TMA reduce-add into `dq_acc` (B, Tp, N, D); in interpret mode into this
+    consumer's own slice of `dq_acc` (parts, B, Tp, N, D), summed by the host."""
+    wg = lax.axis_index("wg")
+    b, head, row0 = at
+    staged = sc["stage"].at[wg] if interpret else sc["ds"].at[wg]
+    if not interpret:
+        staged[...] = ds
+        plgpu.commit_smem()
+    rows = staged.shape[1]
+    part = pp.matmul(staged.T, my_k, (rows, my_k.shape[-1]))
+    out = sc["dq_part"].at[wg]
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    out[...] = part
+    plgpu.commit_smem()
+    if interpret:
+        slot = lax.axis_index("t") * CONSUMERS + wg
+        plgpu.copy_smem_to_gmem(out, refs["dq_acc"].at[slot, b, pl.ds(row0, rows), head])
+    else:
+        target = refs["dq_acc"].at[b, pl.ds(row0, rows), head]
+        plgpu.copy_smem_to_gmem(out, target, reduction_op="add")
 
 
 def _dkdv_producer(refs, sc, *, config, visits, group):
@@ -281,6 +317,10 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
         _ring(scratch, "q_seg", (bq,), jnp.int32, stages, swizzled=False)
     if via_smem:
         scratch["stage"] = pp.smem_tile((CONSUMERS, bkv, bq), dtype)
+    if config.fused_dq:
+        scratch["dq_part"] = pp.smem_tile((CONSUMERS, bq, head_dim), jnp.float32)
+        if not via_smem:
+            scratch["ds"] = pp.smem_tile((CONSUMERS, bkv, bq), dtype)
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     grid = (seq_k // (CONSUMERS * bkv), num_kv_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())
