@@ -191,11 +191,12 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         a = pp.operand(p_dropped.astype(dtype), staging, via_smem=interpret)
         dv = pp.mma_into(dv, a, sc["do"].at[slot], in_place=not interpret)
         plgpu.barrier_arrive(sc["do_free"].at[slot])
-        a = pp.operand(ds.astype(dtype), staging, via_smem=interpret)
+        ds16 = ds.astype(dtype)
+        a = pp.operand(ds16, staging, via_smem=interpret)
         dk = pp.mma_into(dk, a, sc["q"].at[slot], in_place=not interpret)
         plgpu.barrier_arrive(sc["q_free"].at[slot])
         if config.fused_dq:
-            _add_dq_part(refs, sc, ds.astype(dtype), my_k, (b, head, qt * bq), interpret)
+            _add_dq_part(refs, sc, ds16, my_k, (b, head, qt * bq), interpret)
         return dk, dv
 
     zeros = plgpu.layout_cast(jnp.zeros((bkv, head_dim), jnp.float32), LAYOUT)
