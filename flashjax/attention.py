@@ -245,12 +245,12 @@ def dot_product_attention(
         serve the call raises, naming the feature.
       deterministic: True: gradients bitwise identical run to run (no atomics / no order-dependent
         float32 accumulation). An implementation whose backward cannot promise that declines the
-        call (`implementation=None` then picks the next one; a named one raises). Today every
-        implementation's backward is deterministic (the kernels' two-kernel backward: dK/dV over
-        key tiles, dQ over query tiles, no atomics; the XLA paths: sequential loops and
-        reductions, no scatter-add), so True changes no result yet. False (the default) leaves
-        room for a faster backward with atomic accumulation. The forward is deterministic
-        either way.
+        call (`implementation=None` then picks the next one; a named one raises) or runs a
+        deterministic variant. Every default backward is deterministic today (the kernels'
+        two-kernel backward: dK/dV over key tiles, dQ over query tiles, no atomics; the XLA
+        paths: sequential loops and reductions, no scatter-add); the Mosaic single-kernel
+        backward (`BackwardConfig.fused_dq`, dQ by TMA reduce-add; off by default) is not, and
+        True turns it off. The forward is deterministic either way.
 
     Returns:
       `out` with query's shape and dtype, or `(out, logsumexp)` if `return_residual`.
