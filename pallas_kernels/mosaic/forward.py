@@ -61,6 +61,11 @@ class ForwardConfig:
     named_barriers: bool = False
 
 
+# The ForwardConfig flags that change how the work is scheduled, not what is computed (the
+# output is bitwise the same: tests/test_mosaic.py); swept by benchmarks/tune_mosaic.py.
+SCHEDULE_OPTIONS = ("longest_first", "no_auto_barriers", "persistent", "named_barriers")
+
+
 def _consumer(
     refs: dict, sc: dict, tile, done, *, statics, config, visits, seq, num_heads, interpret
 ):

@@ -1,0 +1,54 @@
+"""The Mosaic kernels' schedule options and the single-kernel backward on the GPU, against the
+float64 reference, case by case as the shared suite checks every backend: `pytest -m
+gpu_schedules tests/` (benchmarks/device_call_tune.sh runs it before its sweep). Not in the GPU
+tier (`-m gpu`): these options are off by default until swept, and one that hangs on the GPU
+(the named-barrier ping-pong is inline PTX the interpreter only emulates) must not stop the tier.
+On the CPU the same options run in interpret mode in tests/test_mosaic.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from helpers import Case, make_inputs, served
+from test_suite import check_case
+
+from pallas_kernels import configs
+from pallas_kernels.mosaic import api
+from pallas_kernels.mosaic.forward import SCHEDULE_OPTIONS
+
+CASES = [
+    Case(B=2, T=1024, S=1100, N=8, K=2, H=128, features=("causal", "segments")),
+    Case(B=2, T=1000, S=1300, N=4, K=2, H=64, features=("lengths", "softcap")),
+]
+# Each forward option alone and all together; the backward's single kernel with and without
+# Pallas' automatic barriers.
+FORWARD = [(name,) for name in SCHEDULE_OPTIONS] + [SCHEDULE_OPTIONS]
+BACKWARD = [("fused_dq",), ("fused_dq", "no_auto_barriers")]
+
+
+def _check(case: Case, monkeypatch, forward=(), backward=()) -> None:
+    if configs.gpu_target() != "sm90":
+        pytest.skip("the Mosaic kernels run on Hopper (sm90) only")
+    q, k, v, _, kw = make_inputs(case)
+    assert served("mosaic", q, k, v, kw)  # else check_case would pass without running it
+    fwd = dataclasses.replace(api.forward_config(case.H), **dict.fromkeys(forward, True))
+    bwd = dataclasses.replace(api.backward_config(case.H), **dict.fromkeys(backward, True))
+    monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
+    monkeypatch.setattr(api, "forward_config", lambda head_dim: fwd)
+    monkeypatch.setattr(api, "backward_config", lambda head_dim: bwd)
+    check_case(case, "mosaic")
+
+
+@pytest.mark.gpu_schedules
+@pytest.mark.parametrize("options", FORWARD, ids="+".join)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_forward_schedule_on_gpu(case: Case, options, monkeypatch) -> None:
+    _check(case, monkeypatch, forward=options)
+
+
+@pytest.mark.gpu_schedules
+@pytest.mark.parametrize("options", BACKWARD, ids="+".join)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_single_kernel_backward_on_gpu(case: Case, options, monkeypatch) -> None:
+    _check(case, monkeypatch, backward=options)
