@@ -21,7 +21,7 @@ from tune import interleaved, operands, timeit
 
 from pallas_kernels.mosaic import api
 from pallas_kernels.mosaic.backward import BackwardConfig
-from pallas_kernels.mosaic.forward import ForwardConfig
+from pallas_kernels.mosaic.forward import SCHEDULE_OPTIONS, ForwardConfig
 
 SEQ = 8192
 # (block_q, block_kv, stages) per head dim; shared memory: Q 2 x block_q x D plus K and V
@@ -43,6 +43,7 @@ SCHEDULES = [
     ("no_auto_barriers", "named_barriers", "persistent"),
     ("no_auto_barriers", "named_barriers", "longest_first"),
 ]
+assert all(name in SCHEDULE_OPTIONS for combo in SCHEDULES for name in combo)
 BWD_TILES = {
     64: [(64, 64, 2), (64, 64, 3), (64, 128, 2)],
     128: [(64, 64, 2), (64, 64, 3), (64, 128, 1)],
