@@ -7,7 +7,8 @@ A backend is one module here defining `BACKEND = Backend(...)`: a name, its
 residuals; None: plain autodiff of the forward), and `unsupported(ops) -> str | None` saying why
 it cannot serve a call (None: it can). A backend whose backward is not bitwise reproducible run to
 run (atomic adds, a GPU scatter-add) declines `ops.statics.deterministic` there (the user's
-`deterministic=True`); every backend's backward today is deterministic, so none does.
+`deterministic=True`) or runs a deterministic variant for it (mosaic turns its optional
+single-kernel backward off); every default backward is deterministic.
 `Backend.run` is the differentiable op (one custom_vjp for every backend, here); `Backend.grads` is
 the backward alone, for callers that combine partial attentions (split-KV, ring attention: the
 global out and logsumexp are the residuals of every part). A new backend is one new module and one
