@@ -1,7 +1,8 @@
 #!/bin/bash
 # Sourced by the benchmarks/device_call*.sh scripts on the device machine: unbuffered Python, the
 # commit being run (the device copy has no .git), tokamax from its wheels when `.tokamax` was
-# carried, and `until_s MARK` (seconds left until MARK seconds since the start, at least 5).
+# carried, `until_s MARK` (seconds left until MARK seconds since the start, at least 5) and
+# `gpu_tier LIMIT LOG` (the GPU test tier).
 export PYTHONUNBUFFERED=1
 C=${COMMIT:?set COMMIT to the commit being run (the device copy has no .git)}
 if [ -d .tokamax ]; then
@@ -10,3 +11,19 @@ if [ -d .tokamax ]; then
 fi
 export PYTHONPATH=.:/tmp/tk
 until_s() { local t=$(($1 - SECONDS)); echo $((t > 5 ? t : 5)); }
+# The GPU tier (`pytest -m gpu`) as two processes sharing the GPU, the shared suite in one and
+# every other file in the other: compiling dominates and runs on the host's cores, so this halves
+# the wall time. Each line of LOG carries the seconds since the start.
+gpu_tier() {
+  local limit=$1 log=$2 rest
+  rest=$(ls tests/test_*.py | grep -v tests/test_suite.py)
+  stamp() { while IFS= read -r l; do echo "$SECONDS $l"; done; }
+  (XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout "$limit" python3 -m pytest -m gpu tests/test_suite.py \
+    -v -rfE --durations=15 -p no:cacheprovider -o faulthandler_timeout="$((limit - 20))" 2>&1 |
+    stamp > "$log.suite") &
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout "$limit" python3 -m pytest -m gpu $rest \
+    -v -rfE --durations=15 -p no:cacheprovider -o faulthandler_timeout="$((limit - 20))" 2>&1 |
+    stamp > "$log.rest"
+  wait
+  cat "$log.suite" "$log.rest" > "$log" && rm "$log.suite" "$log.rest"
+}

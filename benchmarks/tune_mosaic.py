@@ -11,7 +11,6 @@ Usage on the GPU: python benchmarks/tune_mosaic.py OUT_JSON [HEAD_DIM ...] [--ti
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 
@@ -21,7 +20,7 @@ from tune import interleaved, operands, timeit
 
 from pallas_kernels.mosaic import api
 from pallas_kernels.mosaic.backward import BackwardConfig
-from pallas_kernels.mosaic.forward import SCHEDULE_OPTIONS, ForwardConfig
+from pallas_kernels.mosaic.forward import SCHEDULE_OPTIONS, ForwardConfig, with_schedule
 
 SEQ = 8192
 # (block_q, block_kv, stages) per head dim; shared memory: Q 2 x block_q x D plus K and V
@@ -55,7 +54,7 @@ def forward_candidates(head_dim: int, tiles: bool) -> list[ForwardConfig]:
     """configs.py's choice (first), then with each schedule option of SCHEDULES; with `tiles`,
     the tile x flag grid too."""
     chosen = api.forward_config(head_dim)
-    schedules = [dataclasses.replace(chosen, **dict.fromkeys(s, True)) for s in SCHEDULES]
+    schedules = [with_schedule(chosen, s) for s in SCHEDULES]
     grid = [
         ForwardConfig(block_q=q, block_kv=kv, stages=st, early_next_k=e, pinned_order=p)
         for (q, kv, st), (e, p) in itertools.product(FWD_TILES[head_dim], FLAGS)

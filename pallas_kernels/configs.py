@@ -62,18 +62,24 @@ _TABLE: dict[tuple[str, int], AttentionConfig] = {
 _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 
 # Hopper kernels on Mosaic GPU (pallas_kernels/mosaic): (block_q per consumer warpgroup, block_kv,
-# K/V ring stages, early_next_k, pinned_order; see mosaic.forward.ForwardConfig) per head dim
-# bucket. Swept on the H200 (benchmarks/tune_mosaic.py, results in
+# K/V ring stages, early_next_k, pinned_order, schedule options; see mosaic.forward.ForwardConfig
+# and SCHEDULE_OPTIONS) per head dim bucket.
+# Tiles swept on the H200 (benchmarks/tune_mosaic.py, results in
 # benchmarks/results/2026-11-30-h200-mosaic/tune_mosaic.json; bf16, B*T = 16k at T = 8k, TFLOP/s
 # non-causal / causal of the chosen config vs the first candidate, tokamax's own default
 # (64, 128, 2)): head dim 64: 363 / 329 vs 344 / 292 (block_kv 256: 384 / 315); 128: 509 / 416
 # vs 501 / 384 (3 stages of 128 keys exceed shared memory; 64-key tiles are 10-15% slower); 256:
 # one stage of 128 keys, 593 / 417 vs two of 64 keys 540 / 416. 192 (not swept) follows 256.
-MOSAIC_FORWARD: dict[int, tuple[int, int, int, bool, bool]] = {
-    64: (64, 128, 2, True, True),
-    128: (64, 128, 2, False, True),
-    192: (64, 128, 1, False, True),
-    256: (64, 128, 1, False, True),
+# Schedule options swept interleaved on these tiles (benchmarks/results/2026-11-30-h200-s6/tune,
+# ms non-causal / causal, grid order -> chosen): 128 longest_first 2.201 / 1.291 -> 2.113 / 1.204
+# (named barriers 11% slower, persistent 0-2% faster); 256 longest_first + no_auto_barriers +
+# named_barriers 1.931 / 1.333 -> 1.856 / 1.109 (persistent 17-21% slower); 64: every option
+# within 1.6% of the grid order (noise), none chosen.
+MOSAIC_FORWARD: dict[int, tuple[int, int, int, bool, bool, tuple[str, ...]]] = {
+    64: (64, 128, 2, True, True, ()),
+    128: (64, 128, 2, False, True, ("longest_first",)),
+    192: (64, 128, 1, False, True, ("longest_first", "no_auto_barriers", "named_barriers")),
+    256: (64, 128, 1, False, True, ("longest_first", "no_auto_barriers", "named_barriers")),
 }
 # The backward's two kernels: (rows per consumer, columns per step, stages), the same for both
 # (dK/dV: rows of keys, columns of queries; dQ: the other way round). Each consumer keeps its own
@@ -90,8 +96,10 @@ MOSAIC_BACKWARD: dict[int, tuple[int, int, int]] = {
 # and the natural-log lse). Measured on the H200 (benchmarks/results/2026-11-30-h200-mosaic:
 # the standard sweep's bwd TFLOP/s, Mosaic vs Triton, at (64, 64, 2) tiles: head dim 128
 # 322-406 vs 325-364, Mosaic's; 64: 256-306 vs 283-313; 256, one stage: 125-141 vs 195-234;
-# the sweep's best D=64 tiles (64, 64, 3) reach 300 / 291, about Triton's). Until the
-# single-kernel FA3 backward lands.
+# the sweep's best D=64 tiles (64, 64, 3) reach 300 / 291, about Triton's). The single-kernel
+# backward (BackwardConfig.fused_dq) measured 0.89-0.92x of the two kernels at head dim 128 and
+# 0.97-1.02x at 64, and does not fit shared memory at 256 (benchmarks/results/2026-11-30-h200-s6);
+# it stays off.
 MOSAIC_BACKWARD_ON_TRITON: frozenset[int] = frozenset({64, 192, 256})
 MOSAIC_HEAD_DIM_MULTIPLE = 64  # wgmma tiles the head dim in 64-element (128-byte) swizzled rows
 

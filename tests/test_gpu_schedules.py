@@ -15,7 +15,7 @@ from test_suite import check_case
 
 from pallas_kernels import configs
 from pallas_kernels.mosaic import api
-from pallas_kernels.mosaic.forward import SCHEDULE_OPTIONS
+from pallas_kernels.mosaic.forward import SCHEDULE_OPTIONS, with_schedule
 
 CASES = [
     Case(B=2, T=1024, S=1100, N=8, K=2, H=128, features=("causal", "segments")),
@@ -32,7 +32,7 @@ def _check(case: Case, monkeypatch, forward=(), backward=()) -> None:
         pytest.skip("the Mosaic kernels run on Hopper (sm90) only")
     q, k, v, _, kw = make_inputs(case)
     assert served("mosaic", q, k, v, kw)  # else check_case would pass without running it
-    fwd = dataclasses.replace(api.forward_config(case.H), **dict.fromkeys(forward, True))
+    fwd = with_schedule(api.forward_config(case.H), forward)
     bwd = dataclasses.replace(api.backward_config(case.H), **dict.fromkeys(backward, True))
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "forward_config", lambda head_dim: fwd)

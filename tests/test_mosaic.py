@@ -151,11 +151,11 @@ def test_schedules_compute_the_same(schedule, features) -> None:
     case = Case(B=2, T=300, S=300, N=2, K=1, H=64, features=features)
     q, k, v, _, kw = make_inputs(case)
     ops = operands(q, k, v, **kw)
-    grid_order = api.forward_config(case.H)
+    grid_order = forward.with_schedule(api.forward_config(case.H), ())
     want = api.forward(ops, config=grid_order)
     interpreter.reset_gpu_interpret_mode_state()
     got = jax.block_until_ready(
-        api.forward(ops, config=dataclasses.replace(grid_order, **schedule))
+        api.forward(ops, config=forward.with_schedule(grid_order, schedule))
     )
     assert not interpreter.get_races().races_found
     for g, w in zip(got, want):

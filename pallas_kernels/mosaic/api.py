@@ -31,14 +31,15 @@ def _head_dim(head_dim: int) -> int:
 
 
 def forward_config(head_dim: int) -> _forward.ForwardConfig:
-    block_q, block_kv, stages, early, pinned = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
-    return _forward.ForwardConfig(
+    block_q, block_kv, stages, early, pinned, schedule = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
+    tiles = _forward.ForwardConfig(
         block_q=block_q,
         block_kv=block_kv,
         stages=stages,
         early_next_k=early,
         pinned_order=pinned,
     )
+    return _forward.with_schedule(tiles, schedule)
 
 
 def backward_config(head_dim: int) -> _backward.BackwardConfig:

@@ -66,6 +66,14 @@ class ForwardConfig:
 SCHEDULE_OPTIONS = ("longest_first", "no_auto_barriers", "persistent", "named_barriers")
 
 
+def with_schedule(config: ForwardConfig, options) -> ForwardConfig:
+    """`config` with exactly the schedule options named in `options` on (the rest off)."""
+    unknown = set(options) - set(SCHEDULE_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown schedule options {sorted(unknown)}; known: {SCHEDULE_OPTIONS}")
+    return dataclasses.replace(config, **{name: name in options for name in SCHEDULE_OPTIONS})
+
+
 def _consumer(
     refs: dict, sc: dict, tile, done, *, statics, config, visits, seq, num_heads, interpret
 ):
