@@ -163,22 +163,32 @@ class DecodeConfig:
     Attributes:
       block_k: keys per step of a program's walk (the packed query rows are the other tile side).
       num_warps, num_stages: Triton launch parameters.
-      waves: `num_splits=None` asks for about `waves * cores` programs in all.
+      waves: `num_splits=None` asks for at most `waves * cores` programs in all (a partial last
+        wave would take as long as a full one) ...
+      paged_waves: ... `paged_waves * cores` for a paged cache (its gathers wait longer: more
+        programs in flight hide it);
       min_blocks: ... and at least this many key blocks of the cache's capacity per split.
+    Measured on the H200 (benchmarks/results/2026-11-30-h200-s6/decode_tune: 32 query / 8 KV
+    heads, head dim 128, bf16): one wave (16 splits) 18.3 us at 1 x 8k and 76.4 us at 1 x 64k
+    against two waves' (33 splits) 24.1 and 86.6 us; paged (16-key pages) 1 x 64k two waves
+    87.4 us, one 93.4 us.
     """
 
     block_k: int
     num_warps: int
     num_stages: int
-    waves: int = 2
+    waves: int = 1
+    paged_waves: int = 2
     min_blocks: int = 2
 
 
 D = DecodeConfig
 
-# Not measured yet (2026-12: written without a GPU; benchmarks/results will say what the H200
-# picks). Reasoning: one step reads block_k x head_dim of K and of V; 128 x 128 bf16 is 32 KiB
-# each, so 3 stages fit Hopper's shared memory at head dim <= 128, 2 at 256 with 64-key blocks.
+# One step reads block_k x head_dim of K and of V; 128 x 128 bf16 is 32 KiB each, so 3 stages fit
+# Hopper's shared memory at head dim <= 128, 2 at 256 with 64-key blocks. The sm90 head dim 128
+# entry won the H200 sweep (benchmarks/tune_decode.py; results/2026-11-30-h200-s6/decode_tune:
+# block_k 64/128/256 x (4 warps, 3 stages)/(8, 2), at 1 x 8k and 1 x 64k); the other entries
+# follow it by shared memory (not swept); sm80 is not measured.
 _DECODE_TABLE: dict[tuple[str, int], DecodeConfig] = {
     ("sm90", 16): D(128, 4, 3),
     ("sm90", 32): D(128, 4, 3),
@@ -193,7 +203,7 @@ _DECODE_TABLE: dict[tuple[str, int], DecodeConfig] = {
 }
 # Interpret mode: small blocks and few "cores", so that tests at small shapes cross several key
 # blocks and several splits.
-_DECODE_INTERPRET = D(16, 4, 1, waves=1, min_blocks=1)
+_DECODE_INTERPRET = D(16, 4, 1, waves=1, paged_waves=1, min_blocks=1)
 INTERPRET_CORES = 4
 # Streaming multiprocessors when the device does not say (an H100 / H200 has 132).
 DEFAULT_CORES = 132
@@ -227,14 +237,18 @@ def core_count(device: jax.Device | None = None) -> int:
     return int(getattr(device, "core_count", 0) or DEFAULT_CORES)
 
 
-def decode_splits(programs: int, key_blocks: int, cores: int, config: DecodeConfig) -> int:
+def decode_splits(
+    programs: int, key_blocks: int, cores: int, config: DecodeConfig, paged: bool = False
+) -> int:
     """How many parts to cut the keys into when the caller does not say (`num_splits=None`).
 
     `programs` is the number of programs one split launches (batch x KV heads), `key_blocks` the
-    cache's capacity in key blocks. Splits are added until the programs fill `config.waves` waves
-    of the cores, as long as each split keeps `config.min_blocks` blocks (Flash-Decoding's rule:
-    parallelism over the keys only where batch x heads leave cores idle).
+    cache's capacity in key blocks. Splits are added while the programs fit `config.waves` waves
+    of the cores (`paged_waves` for a paged cache), as long as each split keeps
+    `config.min_blocks` blocks (Flash-Decoding's rule: parallelism over the keys only where
+    batch x heads leave cores idle).
     """
-    wanted = -(-cores * config.waves // max(1, programs))
+    waves = config.paged_waves if paged else config.waves
+    wanted = cores * waves // max(1, programs)
     most = max(1, key_blocks // config.min_blocks)
     return max(1, min(wanted, most, MAX_SPLITS))

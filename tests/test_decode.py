@@ -218,8 +218,10 @@ def test_traced_lengths_under_jit() -> None:
 
 def test_split_rule() -> None:
     """Splits only where batch x KV heads leave cores idle, each split keeping its blocks."""
-    config = configs.DecodeConfig(128, 4, 3, waves=2, min_blocks=2)
-    assert configs.decode_splits(8, 512, 132, config) == 33  # 1 x 64k, 8 KV heads
+    config = configs.DecodeConfig(128, 4, 3, waves=1, paged_waves=2, min_blocks=2)
+    assert configs.decode_splits(8, 512, 132, config) == 16  # 1 x 64k, 8 KV heads: one wave
+    assert configs.decode_splits(8, 512, 132, config, paged=True) == 33  # two waves
+    assert configs.decode_splits(24, 512, 132, config) == 5  # no partial wave: 120 programs
     assert configs.decode_splits(512, 32, 132, config) == 1  # 64 x 4k: the batch fills the GPU
     assert configs.decode_splits(8, 4, 132, config) == 2  # a short cache: 2 blocks per split
     case = DecodeCase(B=1, T=1, N=4, K=2, H=16, S=160)

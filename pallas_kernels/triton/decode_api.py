@@ -75,7 +75,9 @@ def plan(
     key_blocks = -(-ops.seq_k // block_k)
     if num_splits is None:
         cores = configs.core_count() if target != "interpret" else configs.INTERPRET_CORES
-        num_splits = configs.decode_splits(ops.batch * ops.num_kv_heads, key_blocks, cores, config)
+        paged = ops.page_table is not None
+        programs = ops.batch * ops.num_kv_heads
+        num_splits = configs.decode_splits(programs, key_blocks, cores, config, paged)
     head_dim = configs.head_dim_bucket(ops.head_dim)
     stages = configs.decode_stages(config, block_k, head_dim, ops.q.dtype.itemsize)
     return DecodePlan(
