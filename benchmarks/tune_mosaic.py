@@ -4,7 +4,8 @@ for candidate configs at one standard shape per head dim (bf16, B*T = 16k tokens
 causal and not, checks each candidate's output against the first's, times the candidates
 interleaved over rounds (one block per candidate drifted by up to 12% on the H200), and prints the
 fastest.
-Usage on the GPU: python benchmarks/tune_mosaic.py OUT_JSON [HEAD_DIM ...] [--tiles]
+Usage on the GPU: python benchmarks/tune_mosaic.py OUT_JSON [HEAD_DIM ...] [--tiles] [--toggles]
+[--forward-only]
 (default head dims 64 128 256; without --tiles only configs.py's tiles with each schedule option)
 """
 
@@ -20,7 +21,7 @@ from tune import interleaved, operands, timeit
 
 from pallas_kernels.mosaic import api
 from pallas_kernels.mosaic.backward import BackwardConfig
-from pallas_kernels.mosaic.forward import SCHEDULE_OPTIONS, ForwardConfig, with_schedule
+from pallas_kernels.mosaic.forward import OPTIONS, ForwardConfig, with_options
 
 SEQ = 8192
 # (block_q, block_kv, stages) per head dim; shared memory: Q 2 x block_q x D plus K and V
@@ -42,7 +43,7 @@ SCHEDULES = [
     ("no_auto_barriers", "named_barriers", "persistent"),
     ("no_auto_barriers", "named_barriers", "longest_first"),
 ]
-assert all(name in SCHEDULE_OPTIONS for combo in SCHEDULES for name in combo)
+assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 BWD_TILES = {
     64: [(64, 64, 2), (64, 64, 3), (64, 128, 2)],
     128: [(64, 64, 2), (64, 64, 3), (64, 128, 1)],
@@ -50,16 +51,21 @@ BWD_TILES = {
 }
 
 
-def forward_candidates(head_dim: int, tiles: bool) -> list[ForwardConfig]:
-    """configs.py's choice (first), then with each schedule option of SCHEDULES; with `tiles`,
-    the tile x flag grid too."""
+def forward_candidates(head_dim: int, tiles: bool, toggles: bool) -> list[ForwardConfig]:
+    """configs.py's choice (first), then with the options of SCHEDULES; with `toggles`, instead
+    the choice with each flag of OPTIONS flipped, one at a time; with `tiles`, the tile x flag
+    grid too."""
     chosen = api.forward_config(head_dim)
-    schedules = [with_schedule(chosen, s) for s in SCHEDULES]
+    if toggles:
+        on = {name for name in OPTIONS if getattr(chosen, name)}
+        variants = [with_options(chosen, on ^ {name}) for name in OPTIONS]
+    else:
+        variants = [with_options(chosen, s) for s in SCHEDULES]
     grid = [
         ForwardConfig(block_q=q, block_kv=kv, stages=st, early_next_k=e, pinned_order=p)
         for (q, kv, st), (e, p) in itertools.product(FWD_TILES[head_dim], FLAGS)
     ]
-    return schedules + (grid if tiles else [])
+    return [chosen] + variants + (grid if tiles else [])
 
 
 def backward_candidates(head_dim: int, tiles: bool) -> list[BackwardConfig]:
@@ -78,7 +84,9 @@ def rel_err(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def sweep(head_dim: int, causal: bool, tiles: bool) -> list[dict]:
+def sweep(
+    head_dim: int, causal: bool, tiles: bool, toggles: bool, forward_only: bool
+) -> list[dict]:
     """Every candidate compiled and checked against the first of its kind, then timed with the
     candidates interleaved over rounds (benchmarks/tune.py `interleaved`)."""
     ops, do = operands(SEQ, head_dim, causal)
@@ -98,11 +106,11 @@ def sweep(head_dim: int, causal: bool, tiles: bool) -> list[dict]:
         rows.append(row)
         print(f"  checked {kind} {cfg}: {row['status']}", flush=True)  # a hang shows where
 
-    for cfg in forward_candidates(head_dim, tiles):
+    for cfg in forward_candidates(head_dim, tiles, toggles):
         fn = jax.jit(lambda ops, cfg=cfg: api.forward(ops, interpret=False, config=cfg))
         prepare("fwd", cfg, lambda fn=fn: fn(ops), flops)
     out, lse2 = api.forward(ops, interpret=False)
-    for cfg in backward_candidates(head_dim, tiles):
+    for cfg in [] if forward_only else backward_candidates(head_dim, tiles):
         fn = jax.jit(
             lambda ops, out, lse2, do, cfg=cfg: api.backward(
                 ops, out, lse2, do, None, interpret=False, config=cfg
@@ -139,12 +147,18 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("head_dims", nargs="*", type=int, default=[64, 128, 256])
     p.add_argument("--tiles", action="store_true", help="also sweep the tile grid")
+    p.add_argument(
+        "--toggles",
+        action="store_true",
+        help="forward: configs.py's choice with each on/off option flipped (not SCHEDULES)",
+    )
+    p.add_argument("--forward-only", action="store_true", help="no backward candidates")
     args = p.parse_args()
     rows = []
     for head_dim in args.head_dims:
         for causal in (False, True):
             print(f"H={head_dim} T={SEQ} causal={causal}", flush=True)
-            rows += sweep(head_dim, causal, args.tiles)
+            rows += sweep(head_dim, causal, args.tiles, args.toggles, args.forward_only)
             report(rows, head_dim, causal)
             json.dump(rows, open(args.out, "w"), indent=1)
 

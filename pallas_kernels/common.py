@@ -105,9 +105,21 @@ def scores(
         if bias is not None:
             s = s + bias
         s = s * LOG2E
-    if mask is not None:
-        s = jnp.where(mask, s, -jnp.inf)
-    return s, tanh
+    return hide(s, mask), tanh
+
+
+def hide(s: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Logits with the invisible elements (mask False) set to -inf."""
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+def folded_scale(scale, statics: AttentionStatics, bias) -> float | None:
+    """The factor c with base-2 logits = c * qk when nothing else enters them (no soft-cap, no
+    bias, a static positive scale), for `online_softmax_step(..., scale=c)`; else None."""
+    plain = statics.softcap is None and bias is None
+    if plain and isinstance(scale, (int, float)) and scale > 0:
+        return float(scale) * LOG2E
+    return None
 
 
 def safe_max(m: jax.Array) -> jax.Array:
@@ -127,20 +139,27 @@ def online_softmax_start(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array
 
 
 def online_softmax_step(
-    s2: jax.Array, m_prev: jax.Array, l_prev: jax.Array
+    s2: jax.Array, m_prev: jax.Array, l_prev: jax.Array, scale: float | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One key tile of the online softmax (FlashAttention-2, base 2).
 
     Returns `(p, m_new, l_new, alpha)`: unnormalized weights `p = 2**(s2 - m_new)`, the new running
     max and sum, and `alpha` that rescales what was accumulated before this tile.
+    With `scale` (`folded_scale`, > 0), `s2` is the unscaled `qk` (invisible elements -inf) and
+    the logits `scale * qk` are never formed: the row max is taken of `qk` and scaled (max
+    commutes with a positive factor, also after rounding), and each weight is one fused
+    multiply-add and an exp2 (FA3's folding of the scale into the exponent): one multiply per
+    element fewer.
     """
-    m_new = jnp.maximum(m_prev, jnp.max(s2, axis=-1))
+    row_max = jnp.max(s2, axis=-1)
+    m_new = jnp.maximum(m_prev, row_max if scale is None else row_max * scale)
     m_use = safe_max(m_new)
     # m_use is finite, so a row with nothing visible before this tile (m_prev = -inf) gets
     # alpha = 0 exactly. (Subtracting a stand-in for m_prev instead overflows to inf once the
     # row's logits are below -128 in base 2, and inf * 0 is NaN.)
     alpha = jnp.exp2(m_prev - m_use)
-    p = jnp.exp2(s2 - m_use[..., None])
+    logits = s2 if scale is None else s2 * scale
+    p = jnp.exp2(logits - m_use[..., None])
     l_new = alpha * l_prev + jnp.sum(p, axis=-1)
     return p, m_new, l_new, alpha
 

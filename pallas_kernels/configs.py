@@ -62,8 +62,8 @@ _TABLE: dict[tuple[str, int], AttentionConfig] = {
 _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 
 # Hopper kernels on Mosaic GPU (pallas_kernels/mosaic): (block_q per consumer warpgroup, block_kv,
-# K/V ring stages, early_next_k, pinned_order, schedule options; see mosaic.forward.ForwardConfig
-# and SCHEDULE_OPTIONS) per head dim bucket.
+# K/V ring stages, early_next_k, pinned_order, the on/off options that are on; see
+# mosaic.forward.ForwardConfig and OPTIONS) per head dim bucket.
 # Tiles swept on the H200 (benchmarks/tune_mosaic.py, results in
 # benchmarks/results/2026-11-30-h200-mosaic/tune_mosaic.json; bf16, B*T = 16k at T = 8k, TFLOP/s
 # non-causal / causal of the chosen config vs the first candidate, tokamax's own default

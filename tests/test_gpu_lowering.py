@@ -9,8 +9,6 @@ compilation of that IR and the numbers (the GPU tier, `pytest -m gpu`).
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -21,6 +19,7 @@ from flashjax import BlockMask
 from flashjax.attention import operands
 from flashjax.decode import decode_operands
 from pallas_kernels.mosaic import api as mosaic_api
+from pallas_kernels.mosaic.forward import OPTIONS, with_options
 from pallas_kernels.triton import api as triton_api
 from pallas_kernels.triton import decode_api
 
@@ -111,7 +110,7 @@ def test_mosaic_kernels_lower(feature: str, head_dim: int) -> None:
 
 
 def test_mosaic_schedule_options_lower() -> None:
-    """The sweep's schedule options (benchmarks/tune_mosaic.py) lower for the H200: the
+    """The sweep's forward options (benchmarks/tune_mosaic.py) lower for the H200: the folded scale, the
     longest-first grid order, the persistent grid, the ping-pong on named barriers (inline PTX,
     which interpret mode cannot run), kernels without Pallas' automatic SMEM barriers, and the
     backward with dQ fused into the dK/dV kernel (its TMA reduce-add, which interpret mode
@@ -121,13 +120,7 @@ def test_mosaic_schedule_options_lower() -> None:
     q = jnp.zeros((2, 512, 4, 128), jnp.bfloat16)
     kv = jnp.zeros((2, 512, 2, 128), jnp.bfloat16)
     ops = operands(q, kv, kv, is_causal=True)
-    fwd = dataclasses.replace(
-        mosaic_api.forward_config(128),
-        longest_first=True,
-        no_auto_barriers=True,
-        persistent=True,
-        named_barriers=True,
-    )
+    fwd = with_options(mosaic_api.forward_config(128), OPTIONS)  # every option on
     bwd = BackwardConfig(no_auto_barriers=True, fused_dq=True)
 
     def forward_and_backward(ops):

@@ -15,7 +15,7 @@ from test_suite import check_case
 
 from pallas_kernels import configs
 from pallas_kernels.mosaic import api
-from pallas_kernels.mosaic.forward import SCHEDULE_OPTIONS, with_schedule
+from pallas_kernels.mosaic.forward import OPTIONS, with_options
 
 CASES = [
     Case(B=2, T=1024, S=1100, N=8, K=2, H=128, features=("causal", "segments")),
@@ -23,7 +23,7 @@ CASES = [
 ]
 # Each forward option alone and all together; the backward's single kernel with and without
 # Pallas' automatic barriers.
-FORWARD = [(name,) for name in SCHEDULE_OPTIONS] + [SCHEDULE_OPTIONS]
+FORWARD = [(name,) for name in OPTIONS] + [OPTIONS]
 BACKWARD = [("fused_dq",), ("fused_dq", "no_auto_barriers")]
 
 
@@ -32,7 +32,7 @@ def _check(case: Case, monkeypatch, forward=(), backward=()) -> None:
         pytest.skip("the Mosaic kernels run on Hopper (sm90) only")
     q, k, v, _, kw = make_inputs(case)
     assert served("mosaic", q, k, v, kw)  # else check_case would pass without running it
-    fwd = with_schedule(api.forward_config(case.H), forward)
+    fwd = with_options(api.forward_config(case.H), forward)
     bwd = dataclasses.replace(api.backward_config(case.H), **dict.fromkeys(backward, True))
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "forward_config", lambda head_dim: fwd)

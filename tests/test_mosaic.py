@@ -129,6 +129,25 @@ def test_fused_dq_backward(case: Case, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "segments")),
+        Case(B=2, T=150, S=150, N=2, K=1, H=64, features=("lengths", "window")),
+        Case(B=1, T=113, S=150, N=4, K=1, H=64, features=("softcap",)),  # not folded
+    ],
+    ids=lambda c: c.id,
+)
+def test_fold_scale_forward(case: Case, monkeypatch) -> None:
+    """`ForwardConfig.fold_scale` (row max of the unscaled scores, the scale folded into the
+    exponent) against the float64 reference, with no race; with a soft-cap it falls back."""
+    folded = forward.with_options(api.forward_config(case.H), ("fold_scale",))
+    monkeypatch.setattr(api, "forward_config", lambda head_dim: folded)
+    interpreter.reset_gpu_interpret_mode_state()
+    check_case(case, "mosaic")
+    assert not interpreter.get_races().races_found
+
+
+@pytest.mark.parametrize(
     "schedule, features",
     [
         (dict(longest_first=True), ("causal", "segments")),
@@ -151,12 +170,10 @@ def test_schedules_compute_the_same(schedule, features) -> None:
     case = Case(B=2, T=300, S=300, N=2, K=1, H=64, features=features)
     q, k, v, _, kw = make_inputs(case)
     ops = operands(q, k, v, **kw)
-    grid_order = forward.with_schedule(api.forward_config(case.H), ())
+    grid_order = forward.with_options(api.forward_config(case.H), ())
     want = api.forward(ops, config=grid_order)
     interpreter.reset_gpu_interpret_mode_state()
-    got = jax.block_until_ready(
-        api.forward(ops, config=forward.with_schedule(grid_order, schedule))
-    )
+    got = jax.block_until_ready(api.forward(ops, config=forward.with_options(grid_order, schedule)))
     assert not interpreter.get_races().races_found
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

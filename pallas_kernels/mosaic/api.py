@@ -39,7 +39,7 @@ def forward_config(head_dim: int) -> _forward.ForwardConfig:
         early_next_k=early,
         pinned_order=pinned,
     )
-    return _forward.with_schedule(tiles, schedule)
+    return _forward.with_options(tiles, schedule)
 
 
 def backward_config(head_dim: int) -> _backward.BackwardConfig:

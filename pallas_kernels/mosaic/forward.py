@@ -59,19 +59,25 @@ class ForwardConfig:
     # The consumers' ping-pong on hardware named barriers (`pipeline.NamedTurn`) instead of an
     # mbarrier (`pipeline.Turn`); interpret mode emulates them with mbarriers.
     named_barriers: bool = False
+    # The scale folded into the softmax's exponent (`common.folded_scale`): the row max of the
+    # unscaled scores, then one FMA and an exp2 per element. Only without soft-cap and bias.
+    fold_scale: bool = False
 
 
 # The ForwardConfig flags that change how the work is scheduled, not what is computed (the
-# output is bitwise the same: tests/test_mosaic.py); swept by benchmarks/tune_mosaic.py.
+# output is bitwise the same: tests/test_mosaic.py), and every on/off flag: those and
+# `fold_scale`, which rounds the logits differently (within the reference rule). configs.py names
+# the ones on per head dim; benchmarks/tune_mosaic.py sweeps them.
 SCHEDULE_OPTIONS = ("longest_first", "no_auto_barriers", "persistent", "named_barriers")
+OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale")
 
 
-def with_schedule(config: ForwardConfig, options) -> ForwardConfig:
-    """`config` with exactly the schedule options named in `options` on (the rest off)."""
-    unknown = set(options) - set(SCHEDULE_OPTIONS)
+def with_options(config: ForwardConfig, options) -> ForwardConfig:
+    """`config` with exactly the flags of OPTIONS named in `options` on (the rest off)."""
+    unknown = set(options) - set(OPTIONS)
     if unknown:
-        raise ValueError(f"unknown schedule options {sorted(unknown)}; known: {SCHEDULE_OPTIONS}")
-    return dataclasses.replace(config, **{name: name in options for name in SCHEDULE_OPTIONS})
+        raise ValueError(f"unknown forward options {sorted(unknown)}; known: {OPTIONS}")
+    return dataclasses.replace(config, **{name: name in options for name in OPTIONS})
 
 
 def _consumer(
@@ -146,8 +152,12 @@ def _consumer(
         bias = None
         if "bias" in refs:
             bias = pp.bias_tile(refs["bias"], b, h, row0, bq, kv * bkv, bkv)
-        s2, _ = common.scores(s, statics.scale, statics, bias, mask)
-        p, m, l, alpha = common.online_softmax_step(s2, m, l)
+        folded = common.folded_scale(statics.scale, statics, bias) if config.fold_scale else None
+        if folded is None:
+            s2, _ = common.scores(s, statics.scale, statics, bias, mask)
+            p, m, l, alpha = common.online_softmax_step(s2, m, l)
+        else:
+            p, m, l, alpha = common.online_softmax_step(common.hide(s, mask), m, l, folded)
         if statics.has_dropout:  # after the running sum: l normalizes the undropped weights
             p = p * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
