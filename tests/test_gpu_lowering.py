@@ -110,11 +110,11 @@ def test_mosaic_kernels_lower(feature: str, head_dim: int) -> None:
 
 
 def test_mosaic_schedule_options_lower() -> None:
-    """The sweep's forward options (benchmarks/tune_mosaic.py) lower for the H200: the folded scale, the
-    longest-first grid order, the persistent grid, the ping-pong on named barriers (inline PTX,
-    which interpret mode cannot run), kernels without Pallas' automatic SMEM barriers, and the
-    backward with dQ fused into the dK/dV kernel (its TMA reduce-add, which interpret mode
-    cannot run either)."""
+    """The sweep's forward options (benchmarks/tune_mosaic.py) lower for the H200: the folded
+    scale, the longest-first grid order, the persistent grid, the ping-pong on named barriers
+    (inline PTX, which interpret mode cannot run), kernels without Pallas' automatic SMEM
+    barriers, and the backward with dQ fused into the dK/dV kernel (its TMA reduce-add, which
+    interpret mode cannot run either)."""
     from pallas_kernels.mosaic.backward import BackwardConfig
 
     q = jnp.zeros((2, 512, 4, 128), jnp.bfloat16)
