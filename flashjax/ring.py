@@ -33,8 +33,13 @@ read only by the adds after the step's kernels), so that transfer too is indepen
 step's compute. XLA's GPU backend lowers each `ppermute` to an asynchronous
 `collective-permute-start` / `collective-permute-done` pair and its latency-hiding scheduler puts
 the start before the independent kernels and the done after them, so NCCL's send/receive runs
-on its own stream while the attention kernels run. Only the last dK/dV hand-off (after the last
-step) is exposed. To check it on a GPU:
+on its own stream while the attention kernels run. What travels per hop is one buffer: K and V
+stacked as one `(2, B, S, K, H)` array (`_pack_kv`; dK/dV likewise), because `ppermute` sends
+one collective per array and, given K and V as two, XLA's scheduler ran the first before step
+0's kernels (exposed; seen in a profile on two H200s) and overlapped only the second. The key
+segment ids, small int32, travel as a second collective. Only the last dK/dV hand-off (after the
+last step) is exposed; it is cast to K/V's dtype before it, so in bf16 it carries half the
+bytes of the float32 buffer. To check it on a GPU:
   - the schedule: `jax.jit(f).lower(*args).compile().as_text()`: between each
     `collective-permute-start` and its `collective-permute-done` lie the step's kernels (Triton
     custom-calls inside the `conditional`s of `lax.switch`), in the while loop's body for the
@@ -151,7 +156,8 @@ class Ring:
         return pieces_per_shard(self.layout)
 
     def shift(self, tree):
-        """Send `tree` to the next device of the ring (device r receives from r - 1)."""
+        """Send `tree` to the next device of the ring (device r receives from r - 1): one
+        collective-permute per leaf."""
         perm = [(i, (i + 1) % self.size) for i in range(self.size)]
         return lax.ppermute(tree, self.axis_name, perm)
 
@@ -203,15 +209,39 @@ def _queries(ring: Ring, ops: Operands) -> list[_Queries]:
     ]
 
 
-# The K/V shard that travels: (k, v, kv_segments).
-KV = tuple[jax.Array, jax.Array, jax.Array | None]
+# K and V (or dK and dV) as the one buffer that travels: `_pack_kv`.
+PackedKV = jax.Array | tuple[jax.Array, jax.Array]
+
+
+def _pack_kv(k: jax.Array, v: jax.Array) -> PackedKV:
+    """K and V stacked on a new leading axis, `(2, B, S, K, H)`, so that a hop sends them as one
+    collective (see Overlap in the module docstring); the pair as it is if their shapes or dtypes
+    differ (then two collectives). `operands` gives K and V one shape, dtypes may differ."""
+    if k.shape == v.shape and k.dtype == v.dtype:
+        return jnp.stack([k, v])
+    return k, v
+
+
+def _unpack_kv(kv: PackedKV) -> tuple[jax.Array, jax.Array]:
+    """`(k, v)` of a `_pack_kv` buffer: index 0 and 1 of the stack or of the pair."""
+    return kv[0], kv[1]
+
+
+# The K/V shard that travels: (_pack_kv(k, v), kv_segments).
+KV = tuple[PackedKV, jax.Array | None]
+
+
+def _kv_shard(ops: Operands) -> KV:
+    """This device's K/V shard, packed to travel."""
+    return _pack_kv(ops.k, ops.v), ops.kv_segments
 
 
 def _keys(ring: Ring, kv: KV, step) -> list[_Keys]:
     """The key pieces of the K/V shard held at `step` (device r - step's), at their positions."""
     shard = ring.source(step)
-    k, v, seg = (_split(x, ring.pieces) for x in kv)
-    size = kv[0].shape[1] // ring.pieces
+    packed, segments = kv
+    k, v, seg = (_split(x, ring.pieces) for x in (*_unpack_kv(packed), segments))
+    size = k[0].shape[1]
     return [
         _Keys(k[i], v[i], seg[i], piece_start(ring.layout, shard, i, size, ring.size), i)
         for i in range(ring.pieces)
@@ -310,7 +340,7 @@ def ring_forward(ring: Ring, ops: Operands) -> tuple[jax.Array, jax.Array]:
     queries = _queries(ring, ops)
     acc = common.acc_dtype(ops.q.dtype)
     accs = [(jnp.zeros_like(q.q, acc), jnp.full_like(q.q[..., 0], -jnp.inf, acc)) for q in queries]
-    kv: KV = (ops.k, ops.v, ops.kv_segments)
+    kv = _kv_shard(ops)
     step = functools.partial(_forward_step, ring, ops, queries)
     if ring.size > 1:
         nxt = ring.shift(kv)  # arrives during step 0
@@ -357,7 +387,7 @@ def _backward_step(
     res: Sequence[_Residuals],
     dq,
     kv: KV,
-    dkv_in: tuple[jax.Array, jax.Array] | None,
+    dkv_in: PackedKV | None,
     step,
     first=False,
 ):
@@ -366,14 +396,16 @@ def _backward_step(
     None on step 0) only after every kernel of the step, so that its transfer overlaps them."""
     dq = list(dq)
     acc = common.acc_dtype(ops.q.dtype)
-    dk, dv = ([jnp.zeros_like(x, acc) for x in _split(y, ring.pieces)] for y in kv[:2])
-    for q, key, pair in _pairs(ops, queries, _keys(ring, kv, step), first):
+    keys = _keys(ring, kv, step)
+    dk = [jnp.zeros_like(key.k, acc) for key in keys]
+    dv = [jnp.zeros_like(key.v, acc) for key in keys]
+    for q, key, pair in _pairs(ops, queries, keys, first):
         i, j = q.index, key.index
         update = functools.partial(_add_grads, ring.backend, res[i])
         dq[i], dk[j], dv[j] = _visit(pair, (dq[i], dk[j], dv[j]), update)
-    dkv = (jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1))
+    dkv = _pack_kv(jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1))
     if dkv_in is not None:
-        dkv = (dkv_in[0] + dkv[0], dkv_in[1] + dkv[1])
+        dkv = jax.tree.map(jnp.add, dkv_in, dkv)
     return dq, dkv
 
 
@@ -386,7 +418,7 @@ def ring_backward(
     res = [_Residuals(*r) for r in zip(*(_split(x, ring.pieces) for x in (out, lse, dout)))]
     acc = common.acc_dtype(ops.q.dtype)
     dq = [jnp.zeros_like(q.q, acc) for q in queries]
-    kv: KV = (ops.k, ops.v, ops.kv_segments)
+    kv = _kv_shard(ops)
     step = functools.partial(_backward_step, ring, ops, queries, res)
     if ring.size > 1:
         nxt = ring.shift(kv)
@@ -404,9 +436,14 @@ def ring_backward(
         (dq, nxt, dkv), _ = lax.scan(body, (dq, nxt, dkv), jnp.arange(1, ring.size - 1))
     if ring.size > 1:
         dq, dkv = step(dq, nxt, ring.shift(dkv), ring.size - 1)
+    # The last hop has no step left to overlap: it carries K/V's dtype (half float32's bytes in
+    # bf16), cast before it; the cast commutes with the transfer (the same bits arrive).
+    dk, dv = _unpack_kv(dkv)
+    dkv = _pack_kv(dk.astype(ops.k.dtype), dv.astype(ops.v.dtype))
+    if ring.size > 1:
         dkv = ring.shift(dkv)  # the last hop: each buffer back to its shard's device
     dq = jnp.concatenate(dq, axis=1).astype(ops.q.dtype)
-    return dq, dkv[0].astype(ops.k.dtype), dkv[1].astype(ops.v.dtype)
+    return dq, *_unpack_kv(dkv)
 
 
 # --------------------------------------------------------------------------------------------------

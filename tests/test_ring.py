@@ -1,8 +1,9 @@
 """Ring attention (`flashjax.ring_attention`) on 1, 2, 4 and 8 host devices (conftest.py asks XLA
 for 8): every layout and feature against `dot_product_attention` on the gathered sequence, forward
 and gradients; invisible pairs skipped and zigzag balanced (counted); the transfers independent of
-the step they overlap (jaxpr); memory per device linear in the shard (compiled); the all-gather
-baseline; the errors. The GPU tier (`-m gpu`) runs the compiled kernels on two GPUs.
+the step they overlap (jaxpr); K and V sent as one collective per hop (StableHLO); memory per
+device linear in the shard (compiled); the all-gather baseline; the errors. The GPU tier
+(`-m gpu`) runs the compiled kernels on two GPUs.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -268,6 +270,38 @@ def test_transfers_are_loop_carries_that_no_kernel_reads() -> None:
         assert not _kernels_reading(body, received)
         read = {x for e in body.eqns for x in e.invars if not isinstance(x, Literal)}
         assert not read.intersection(permutes[0].outvars)  # the K/V prefetch
+
+
+def _permutes(f, *args) -> collections.Counter:
+    """The collective-permutes of `jax.jit(f)` lowered to StableHLO (each loop body once, before
+    XLA's passes), counted by operand type, e.g. "2x1x32x1x16xbf16"."""
+    text = jax.jit(f).lower(*args).as_text()
+    ops = re.findall(r'"stablehlo\.collective_permute"\(.*: \(tensor<([^>]*)>\)', text)
+    return collections.Counter(ops)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_hop_sends_k_and_v_as_one_collective(n) -> None:
+    """K and V travel stacked, one collective-permute per hop (as two, XLA's GPU scheduler
+    exposed the first before step 0); the key segment ids as one more; the backward's dK/dV
+    buffer in float32, but its last hop, exposed, in K/V's dtype. In the program text a pass
+    sends K/V before step 0 and, for n > 2, once in the loop body (n - 2 iterations): n - 1
+    hops. The gradient's program holds the forward (custom_vjp), then the backward: K/V as the
+    forward, float32 dK/dV in the loop body and before the last step, the last hop in bf16."""
+    rows = 64 // n
+    kv, dkv, seg = f"2x1x{rows}x1x16xbf16", f"2x1x{rows}x1x16xf32", f"1x{rows}xi32"
+    want_fwd = {2: {kv: 1, seg: 1}, 4: {kv: 2, seg: 2}}[n]
+    want_grad = {2: {kv: 3, dkv: 1, seg: 2}, 4: {kv: 5, dkv: 2, seg: 4}}[n]
+    case = Case(B=1, T=64, S=64, N=2, K=1, H=16, features=("causal", "segments"))
+    q, k, v, _, kw = make_inputs(case)
+    f = sharded(ring_attention, mesh_of(n), "zigzag", kw, implementation="xla_chunked")
+    grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+    assert _permutes(f, q, k, v) == want_fwd
+    assert _permutes(grad, q, k, v) == want_grad
+    # K and V of two dtypes cannot stack: they travel as the pair.
+    v32 = v.astype(jnp.float32)
+    pair = ring._pack_kv(k, v32)
+    assert isinstance(pair, tuple) and all(a is b for a, b in zip(ring._unpack_kv(pair), (k, v32)))
 
 
 # --------------------------------------------------------------------------------------------------

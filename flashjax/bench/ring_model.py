@@ -7,7 +7,8 @@ pairs while the next shard travels one hop (`ppermute`); the two overlap, so a s
 `max(compute, transfer)`, except the last one (nothing left to receive):
 
     forward   = (n - 1) * max(c_f, x_kv) + c_f
-    backward  = (n - 1) * max(c_b, x_kv + x_dkv) + c_b + x_dkv   (the last dK/dV hop is exposed)
+    backward  = (n - 1) * max(c_b, x_kv + x_dkv) + c_b + x_kv   (the last dK/dV hop is exposed;
+                                                                 it travels in K/V's dtype)
     ideal     = n * c            (perfect scaling: the compute alone)
 
 with, per device holding `s` rows:
@@ -155,10 +156,9 @@ def ring_seconds(
     n = devices
     c_f, c_b = (step_compute(pairs, seq, mask, w) for w in ("fwd", "bwd"))
     x_kv = link.seconds(shape.kv_bytes(seq)) if n > 1 else 0.0
-    x_dkv = link.seconds(shape.dkv_bytes(seq)) if n > 1 else 0.0
     x_b = link.seconds(shape.kv_bytes(seq) + shape.dkv_bytes(seq)) if n > 1 else 0.0
     fwd = (n - 1) * max(c_f, x_kv) + c_f
-    bwd = (n - 1) * max(c_b, x_b) + c_b + x_dkv
+    bwd = (n - 1) * max(c_b, x_b) + c_b + x_kv  # the last dK/dV hop, cast to K/V's dtype
     ideal_f, ideal_b = n * c_f, n * c_b
     return {
         "fwd": fwd,
