@@ -73,11 +73,13 @@ _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 # Schedule options swept interleaved on these tiles (benchmarks/results/2026-11-30-h200-s6/tune,
 # ms non-causal / causal, grid order -> chosen): 128 longest_first 2.201 / 1.291 -> 2.113 / 1.204
 # (named barriers 11% slower, persistent 0-2% faster); 256 longest_first + no_auto_barriers +
-# named_barriers 1.931 / 1.333 -> 1.856 / 1.109 (persistent 17-21% slower); 64: every option
-# within 1.6% of the grid order (noise), none chosen.
+# named_barriers 1.931 / 1.333 -> 1.856 / 1.109 (persistent 17-21% slower); 64: every schedule
+# option within 1.6% of the grid order (noise), none chosen. fold_scale, flipped alone from these
+# choices (results/2026-11-30-h200-s6/followup): 64 3.010 / 1.728 -> 2.792 / 1.704 ms, 128
+# 2.154 / 1.224 -> 2.146 / 1.220 ms; not measured at 192/256, so off there.
 MOSAIC_FORWARD: dict[int, tuple[int, int, int, bool, bool, tuple[str, ...]]] = {
-    64: (64, 128, 2, True, True, ()),
-    128: (64, 128, 2, False, True, ("longest_first",)),
+    64: (64, 128, 2, True, True, ("fold_scale",)),
+    128: (64, 128, 2, False, True, ("longest_first", "fold_scale")),
     192: (64, 128, 1, False, True, ("longest_first", "no_auto_barriers", "named_barriers")),
     256: (64, 128, 1, False, True, ("longest_first", "no_auto_barriers", "named_barriers")),
 }
