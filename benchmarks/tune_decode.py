@@ -62,7 +62,7 @@ def sweep(shape, page: int, heads: tuple[int, int, int]) -> list[dict]:
     candidates = {("configs.py", planned): (None, None)}
     for (block_k, warps, stages), f in itertools.product(TILES, SPLIT_FACTORS):
         splits = max(1, min(configs.MAX_SPLITS, round(planned * f)))
-        cfg = DecodeConfig(block_k, warps, stages)
+        cfg = DecodeConfig(block_k, warps, stages, paged_block_k=block_k)
         candidates.setdefault((repr(cfg), splits), (cfg, splits))
     rows, measures = [], {}
     for key, (cfg, splits) in candidates.items():

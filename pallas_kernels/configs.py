@@ -164,6 +164,8 @@ class DecodeConfig:
 
     Attributes:
       block_k: keys per step of a program's walk (the packed query rows are the other tile side).
+      paged_block_k: the same for a paged cache (its blocks are gathered from pages, or sliced
+        from one page when pages are as large).
       num_warps, num_stages: Triton launch parameters.
       waves: `num_splits=None` asks for at most `waves * cores` programs in all (a partial last
         wave would take as long as a full one) ...
@@ -173,12 +175,13 @@ class DecodeConfig:
     Measured on the H200 (benchmarks/results/2026-11-30-h200-s6/decode_tune: 32 query / 8 KV
     heads, head dim 128, bf16): one wave (16 splits) 18.3 us at 1 x 8k and 76.4 us at 1 x 64k
     against two waves' (33 splits) 24.1 and 86.6 us; paged (16-key pages) 1 x 64k two waves
-    87.4 us, one 93.4 us.
+    87.4 us with 64-key blocks, 97.0 us with 128-key blocks, one wave 93.4 us.
     """
 
     block_k: int
     num_warps: int
     num_stages: int
+    paged_block_k: int = 64
     waves: int = 1
     paged_waves: int = 2
     min_blocks: int = 2
@@ -205,7 +208,7 @@ _DECODE_TABLE: dict[tuple[str, int], DecodeConfig] = {
 }
 # Interpret mode: small blocks and few "cores", so that tests at small shapes cross several key
 # blocks and several splits.
-_DECODE_INTERPRET = D(16, 4, 1, waves=1, paged_waves=1, min_blocks=1)
+_DECODE_INTERPRET = D(16, 4, 1, paged_block_k=16, waves=1, paged_waves=1, min_blocks=1)
 INTERPRET_CORES = 4
 # Streaming multiprocessors when the device does not say (an H100 / H200 has 132).
 DEFAULT_CORES = 132

@@ -71,7 +71,7 @@ def plan(
     if ops.page_table is None:
         block_k = _dividing_block(config.block_k, ops.seq_k)
     else:  # pages and blocks are powers of two: one divides the other
-        block_k = configs.fit_block(config.block_k, ops.seq_k)
+        block_k = configs.fit_block(config.paged_block_k, ops.seq_k)
     key_blocks = -(-ops.seq_k // block_k)
     if num_splits is None:
         cores = configs.core_count() if target != "interpret" else configs.INTERPRET_CORES
