@@ -31,7 +31,7 @@ def _head_dim(head_dim: int) -> int:
 
 
 def forward_config(head_dim: int) -> _forward.ForwardConfig:
-    block_q, block_kv, stages, early, pinned, schedule = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
+    block_q, block_kv, stages, early, pinned, options = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
     tiles = _forward.ForwardConfig(
         block_q=block_q,
         block_kv=block_kv,
@@ -39,7 +39,7 @@ def forward_config(head_dim: int) -> _forward.ForwardConfig:
         early_next_k=early,
         pinned_order=pinned,
     )
-    return _forward.with_options(tiles, schedule)
+    return _forward.with_options(tiles, options)
 
 
 def backward_config(head_dim: int) -> _backward.BackwardConfig:
