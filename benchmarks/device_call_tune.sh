@@ -1,11 +1,11 @@
 #!/bin/bash
-# One device call (about 9.5 minutes, `run` with timeout_s 600): the Mosaic kernels' schedule
+# One device call (about 9.5 minutes, `run` with timeout_s 600): the Mosaic kernels' on/off
 # options on configs.py's tiles, the candidates timed interleaved over rounds
-# (benchmarks/tune_mosaic.py: forward longest_first with heads varying fastest, no_auto_barriers,
-# persistent, named_barriers; backward no_auto_barriers and fused_dq, the single-kernel
-# backward), head dims 128, 64, 256, causal and not. First, those options against the float64
-# reference on two feature-rich cases (`pytest -m gpu_schedules`). Each sweep candidate is also
-# checked against configs.py's choice; a hang shows in the log as the last "checked" line.
+# (benchmarks/tune_mosaic.py: forward SCHEDULES; backward no_auto_barriers, fused_dq (the
+# single-kernel backward) and overlap_dv), head dims 128, 64, 256, causal and not. First, those
+# options against the float64 reference on feature-rich cases (`pytest -m gpu_schedules`).
+# Each sweep candidate is also checked against configs.py's choice; a hang shows in the log as
+# the last "checked" line.
 # Usage (device tool, from the repo root):
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_call_tune.sh
 source benchmarks/device_setup.sh

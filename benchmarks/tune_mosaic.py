@@ -68,14 +68,21 @@ def forward_candidates(head_dim: int, tiles: bool, toggles: bool) -> list[Forwar
     return [chosen] + variants + (grid if tiles else [])
 
 
+# The backward's on/off variants swept together: (no_auto_barriers, fused_dq, overlap_dv);
+# overlap_dv does not apply with fused_dq.
+BWD_VARIANTS = [
+    (nb, fd, ov) for nb, fd, ov in itertools.product((False, True), repeat=3) if not (fd and ov)
+]
+
+
 def backward_candidates(head_dim: int, tiles: bool) -> list[BackwardConfig]:
-    """configs.py's choice with each combination of `no_auto_barriers` and `fused_dq` (the
-    single-kernel backward); with `tiles`, the tile grid."""
+    """configs.py's choice with each of BWD_VARIANTS (`fused_dq`: the single-kernel backward;
+    `overlap_dv`: dS computed while the dV matmul runs); with `tiles`, the tile grid."""
     chosen = api.backward_config(head_dim)
     shapes = BWD_TILES[head_dim] if tiles else [(chosen.rows, chosen.cols, chosen.stages)]
     return [
-        BackwardConfig(rows=r, cols=c, stages=s, no_auto_barriers=nb, fused_dq=fd)
-        for (r, c, s), nb, fd in itertools.product(shapes, (False, True), (False, True))
+        BackwardConfig(rows=r, cols=c, stages=s, no_auto_barriers=nb, fused_dq=fd, overlap_dv=ov)
+        for (r, c, s), (nb, fd, ov) in itertools.product(shapes, BWD_VARIANTS)
     ]
 
 

@@ -131,6 +131,28 @@ def test_mosaic_schedule_options_lower() -> None:
     assert text.count("mosaic_gpu") >= 2  # forward, dK/dV with dQ fused (no dQ kernel)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_mosaic_overlapped_dkdv_lowers(dropout: float) -> None:
+    """`BackwardConfig.overlap_dv` (dS computed while the dV matmul runs, the wait by
+    `wgmma_accumulator_load(wait_n=1)`; GPU only, so interpret mode never runs it) lowers for
+    the H200, with and without dropout, at head dims 64 and 128."""
+    from pallas_kernels.mosaic.backward import BackwardConfig
+
+    bwd = BackwardConfig(overlap_dv=True)
+
+    def backward(ops):
+        out, lse = mosaic_api.forward(ops, interpret=False)
+        return mosaic_api.backward(ops, out, lse, out, None, interpret=False, config=bwd)
+
+    for head_dim in (64, 128):
+        q = jnp.zeros((2, 512, 4, head_dim), jnp.bfloat16)
+        kv = jnp.zeros((2, 512, 2, head_dim), jnp.bfloat16)
+        seeds = dict(dropout_rate=dropout, dropout_rng=jax.random.key(0)) if dropout else {}
+        ops = operands(q, kv, kv, is_causal=True, **seeds)
+        text = lowered_for_h200(backward, ops)
+        assert text.count("mosaic_gpu") >= 3  # forward, dK/dV, dQ
+
+
 def test_mosaic_kernels_trace_inside_shard_map() -> None:
     """Inside `jax.shard_map` (check_vma on, as ring attention and users call it), every operand
     varies over the mesh axis, so values a kernel reads from GMEM (visit-list counts, sequence

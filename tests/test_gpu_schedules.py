@@ -1,4 +1,4 @@
-"""The Mosaic kernels' schedule options and the single-kernel backward on the GPU, against the
+"""The Mosaic kernels' schedule options and the backward's variants on the GPU, against the
 float64 reference, case by case as the shared suite checks every backend: `pytest -m
 gpu_schedules tests/` (benchmarks/device_call_tune.sh runs it before its sweep). Not in the GPU
 tier (`-m gpu`): these options are off by default until swept, and one that hangs on the GPU
@@ -22,9 +22,11 @@ CASES = [
     Case(B=2, T=1000, S=1300, N=4, K=2, H=64, features=("lengths", "softcap")),
 ]
 # Each forward option alone and all together; the backward's single kernel with and without
-# Pallas' automatic barriers.
+# Pallas' automatic barriers, and the dK/dV kernel's overlapped order (with dropout too: its
+# factor enters dP after the overlapped wait).
 FORWARD = [(name,) for name in OPTIONS] + [OPTIONS]
-BACKWARD = [("fused_dq",), ("fused_dq", "no_auto_barriers")]
+BACKWARD = [("fused_dq",), ("fused_dq", "no_auto_barriers"), ("overlap_dv",)]
+DROPOUT = Case(B=1, T=1000, S=1100, N=4, K=2, H=128, features=("causal", "dropout"))
 
 
 def _check(case: Case, monkeypatch, forward=(), backward=()) -> None:
@@ -52,3 +54,8 @@ def test_forward_schedule_on_gpu(case: Case, options, monkeypatch) -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_single_kernel_backward_on_gpu(case: Case, options, monkeypatch) -> None:
     _check(case, monkeypatch, backward=options)
+
+
+@pytest.mark.gpu_schedules
+def test_overlapped_dkdv_with_dropout_on_gpu(monkeypatch) -> None:
+    _check(DROPOUT, monkeypatch, backward=("overlap_dv",))

@@ -51,6 +51,11 @@ class BackwardConfig:
     # deterministic). Interpret mode (no TMA reduction there) writes each part to its own
     # slice of a buffer that XLA sums.
     fused_dq: bool = False
+    # The dK/dV kernel issues dP^T = V dO^T and dV += P^T dO back to back and computes dS while
+    # the dV matmul still runs (`wgmma_accumulator_load(wait_n=1)`), then issues dK += dS^T Q:
+    # tokamax's order. Without it, dP is awaited before dV is issued. GPU only (interpret mode
+    # runs the plain order: no in-place accumulators there); not with `fused_dq`.
+    overlap_dv: bool = False
 
     @property
     def pingpong(self) -> bool:
@@ -130,6 +135,7 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     dtype = sc["k"].dtype
     turns = pp.Turn(sc["turn"], wg, enabled=config.pingpong)
     n = visits.count  # query tiles per query head; the steps run over (head, tile) pairs
+    overlap = config.overlap_dv and not interpret and not config.fused_dq
 
     plgpu.set_max_registers(config.registers[0], action="increase")
     my_k, my_v = sc["k"].at[wg], sc["v"].at[wg]
@@ -176,12 +182,18 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         plgpu.barrier_wait(sc["lse_loaded"].at[slot])
         p = _probs(s2, _vector(sc["lse"].at[slot], (bkv, bq), 1))
         plgpu.barrier_arrive(sc["lse_free"].at[slot])
-        plgpu.barrier_wait(sc["do_loaded"].at[slot])
-        dp = pp.matmul(my_v, sc["do"].at[slot].T, (bkv, bq))
-        p_dropped = p
+        factor = None
         if statics.has_dropout:  # transposed tile: queries along dim 1, keys along dim 0
             rows = pp.dropout_rows(statics, refs["seeds"], b, head, num_heads, qt * bq + rows0)
             factor = pp.dropout_factor(statics, rows, keys)
+        if overlap:
+            turns.done()
+            turns.wait()
+            return _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, (dk, dv))
+        plgpu.barrier_wait(sc["do_loaded"].at[slot])
+        dp = pp.matmul(my_v, sc["do"].at[slot].T, (bkv, bq))
+        p_dropped = p
+        if factor is not None:
             p_dropped, dp = p * factor, dp * factor
         plgpu.barrier_wait(sc["delta_loaded"].at[slot])
         _, ds = common.logits_grad(p, dp, _vector(sc["delta"].at[slot], (bkv, bq), 1), tanh)
@@ -209,6 +221,36 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     plgpu.copy_smem_to_gmem(my_k, refs["dk"].at[b, pl.ds(col0, bkv), kh])
     plgpu.copy_smem_to_gmem(my_v, refs["dv"].at[b, pl.ds(col0, bkv), kh])
     plgpu.wait_smem_to_gmem(0)
+
+
+def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv):
+    """`BackwardConfig.overlap_dv`: one step's dP, dV and dK matmuls with dS computed while the
+    dV matmul runs; `factor`: the dropout factor (None without dropout). Returns (dK, dV)."""
+    do, q = sc["do"].at[slot], sc["q"].at[slot]
+    dtype = do.dtype
+    p_dropped = p if factor is None else p * factor
+    plgpu.barrier_wait(sc["do_loaded"].at[slot])
+    plgpu.barrier_wait(sc["delta_loaded"].at[slot])
+    delta = _vector(sc["delta"].at[slot], p.shape, 1)
+
+    def accumulate(refs):
+        dk_ref, dv_ref = refs
+
+        def with_dp(dp_ref):
+            plgpu.wgmma(dp_ref, my_v, do.T)
+            plgpu.wgmma(dv_ref, p_dropped.astype(dtype), do)
+            dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dP done, dV in flight
+            if factor is not None:
+                dp = dp * factor
+            _, ds = common.logits_grad(p, dp, delta, tanh)
+            plgpu.wgmma(dk_ref, ds.astype(dtype), q)
+
+        pl.run_scoped(with_dp, plgpu.ACC(p.shape, jnp.float32))
+
+    dk, dv = pl.run_state(accumulate)((plgpu.ACC.init(dkdv[0]), plgpu.ACC.init(dkdv[1])))
+    for name in ("delta", "do", "q"):
+        plgpu.barrier_arrive(sc[f"{name}_free"].at[slot])
+    return dk, dv
 
 
 def _add_dq_part(refs, sc, ds, my_k, at, interpret: bool) -> None:
