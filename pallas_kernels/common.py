@@ -113,9 +113,10 @@ def hide(s: jax.Array, mask: jax.Array | None) -> jax.Array:
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
-def folded_scale(scale, statics: AttentionStatics, bias) -> float | None:
+def folded_scale(statics: AttentionStatics, bias) -> float | None:
     """The factor c with base-2 logits = c * qk when nothing else enters them (no soft-cap, no
     bias, a static positive scale), for `online_softmax_step(..., scale=c)`; else None."""
+    scale = statics.scale
     plain = statics.softcap is None and bias is None
     if plain and isinstance(scale, (int, float)) and scale > 0:
         return float(scale) * LOG2E

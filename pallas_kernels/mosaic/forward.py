@@ -152,7 +152,7 @@ def _consumer(
         bias = None
         if "bias" in refs:
             bias = pp.bias_tile(refs["bias"], b, h, row0, bq, kv * bkv, bkv)
-        folded = common.folded_scale(statics.scale, statics, bias) if config.fold_scale else None
+        folded = common.folded_scale(statics, bias) if config.fold_scale else None
         if folded is None:
             s2, _ = common.scores(s, statics.scale, statics, bias, mask)
             p, m, l, alpha = common.online_softmax_step(s2, m, l)
