@@ -3,7 +3,7 @@
 # the follow-up checks of session 6, each cut by its own time limit:
 # 1. the forward's folded scale against the float64 reference on the GPU (`-m gpu_schedules`);
 # 2. the Mosaic forward with each on/off option flipped from configs.py's choice, head dims 64
-#    and 128 (benchmarks/tune_mosaic.py --toggles --forward-only);
+#    and 128 (benchmarks/tune_mosaic.py --toggles --only fwd);
 # 3. the decode split rule: `bench --decode` at every bar shape, contiguous and paged;
 # 4. ring attention against the all-gather baseline on both GPUs: 128k rows per GPU full, then
 #    32k causal and full with the profile.
@@ -18,7 +18,7 @@ timeout 60 python3 -m pytest -m gpu_schedules tests/ -k fold_scale -v -rfE -p no
   -o faulthandler_timeout=50 > "$L/gpu_schedules.log" 2>&1
 tail -3 "$L/gpu_schedules.log"
 PYTHONPATH=$PYTHONPATH:benchmarks timeout "$(until_s 170)" python3 benchmarks/tune_mosaic.py \
-  "$L/tune_toggles.json" 64 128 --toggles --forward-only > "$L/tune_toggles.log" 2>&1
+  "$L/tune_toggles.json" 64 128 --toggles --only fwd > "$L/tune_toggles.log" 2>&1
 grep -A4 BEST "$L/tune_toggles.log" | grep -v "^--" | cut -c1-220
 timeout "$(until_s 260)" python3 -m flashjax bench --decode --no-flax \
   --shapes 1x8k,1x64k,8x16k,32x8k,64x4k \

@@ -5,7 +5,7 @@ causal and not, checks each candidate's output against the first's, times the ca
 interleaved over rounds (one block per candidate drifted by up to 12% on the H200), and prints the
 fastest.
 Usage on the GPU: python benchmarks/tune_mosaic.py OUT_JSON [HEAD_DIM ...] [--tiles] [--toggles]
-[--forward-only]
+[--only fwd|bwd]
 (default head dims 64 128 256; without --tiles only configs.py's tiles with each schedule option)
 """
 
@@ -20,7 +20,9 @@ import jax.numpy as jnp
 from tune import interleaved, operands, timeit
 
 from pallas_kernels.mosaic import api
+from pallas_kernels.mosaic.backward import OPTIONS as BWD_OPTIONS
 from pallas_kernels.mosaic.backward import BackwardConfig
+from pallas_kernels.mosaic.backward import with_options as bwd_with_options
 from pallas_kernels.mosaic.forward import OPTIONS, ForwardConfig, with_options
 
 SEQ = 8192
@@ -68,21 +70,33 @@ def forward_candidates(head_dim: int, tiles: bool, toggles: bool) -> list[Forwar
     return [chosen] + variants + (grid if tiles else [])
 
 
-# The backward's on/off variants swept together: (no_auto_barriers, fused_dq, overlap_dv);
-# overlap_dv does not apply with fused_dq.
-BWD_VARIANTS = [
-    (nb, fd, ov) for nb, fd, ov in itertools.product((False, True), repeat=3) if not (fd and ov)
+# The backward's option sets swept (backward.OPTIONS; fused_dq, 0.89-0.92x of the two kernels
+# at head dim 128 in session 6, is left out): each alone, then the overlapped orders together
+# with the schedule options.
+BWD_SCHEDULES = [
+    (),
+    ("overlap_dv",),
+    ("early_dp",),
+    ("no_pingpong",),
+    ("longest_first",),
+    ("early_dp", "overlap_dv"),
+    ("early_dp", "overlap_dv", "no_pingpong"),
+    ("early_dp", "overlap_dv", "longest_first"),
+    ("early_dp", "overlap_dv", "longest_first", "no_auto_barriers"),
 ]
+assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 
 
 def backward_candidates(head_dim: int, tiles: bool) -> list[BackwardConfig]:
-    """configs.py's choice with each of BWD_VARIANTS (`fused_dq`: the single-kernel backward;
-    `overlap_dv`: dS computed while the dV matmul runs); with `tiles`, the tile grid."""
+    """configs.py's choice (first), then its tiles with each option set of BWD_SCHEDULES; with
+    `tiles`, the tile grid with each option set too."""
     chosen = api.backward_config(head_dim)
-    shapes = BWD_TILES[head_dim] if tiles else [(chosen.rows, chosen.cols, chosen.stages)]
-    return [
-        BackwardConfig(rows=r, cols=c, stages=s, no_auto_barriers=nb, fused_dq=fd, overlap_dv=ov)
-        for (r, c, s), (nb, fd, ov) in itertools.product(shapes, BWD_VARIANTS)
+    shapes = [(chosen.rows, chosen.cols, chosen.stages)]
+    if tiles:
+        shapes += [t for t in BWD_TILES[head_dim] if t not in shapes]
+    return [chosen] + [
+        bwd_with_options(BackwardConfig(rows=r, cols=c, stages=st), combo)
+        for (r, c, st), combo in itertools.product(shapes, BWD_SCHEDULES)
     ]
 
 
@@ -91,9 +105,7 @@ def rel_err(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def sweep(
-    head_dim: int, causal: bool, tiles: bool, toggles: bool, forward_only: bool
-) -> list[dict]:
+def sweep(head_dim: int, causal: bool, tiles: bool, toggles: bool, kinds: str) -> list[dict]:
     """Every candidate compiled and checked against the first of its kind, then timed with the
     candidates interleaved over rounds (benchmarks/tune.py `interleaved`)."""
     ops, do = operands(SEQ, head_dim, causal)
@@ -113,11 +125,11 @@ def sweep(
         rows.append(row)
         print(f"  checked {kind} {cfg}: {row['status']}", flush=True)  # a hang shows where
 
-    for cfg in forward_candidates(head_dim, tiles, toggles):
+    for cfg in forward_candidates(head_dim, tiles, toggles) if "fwd" in kinds else []:
         fn = jax.jit(lambda ops, cfg=cfg: api.forward(ops, interpret=False, config=cfg))
         prepare("fwd", cfg, lambda fn=fn: fn(ops), flops)
     out, lse2 = api.forward(ops, interpret=False)
-    for cfg in [] if forward_only else backward_candidates(head_dim, tiles):
+    for cfg in backward_candidates(head_dim, tiles) if "bwd" in kinds else []:
         fn = jax.jit(
             lambda ops, out, lse2, do, cfg=cfg: api.backward(
                 ops, out, lse2, do, None, interpret=False, config=cfg
@@ -159,13 +171,14 @@ def main() -> None:
         action="store_true",
         help="forward: configs.py's choice with each on/off option flipped (not SCHEDULES)",
     )
-    p.add_argument("--forward-only", action="store_true", help="no backward candidates")
+    p.add_argument("--only", choices=("fwd", "bwd"), help="one kernel's candidates")
     args = p.parse_args()
     rows = []
     for head_dim in args.head_dims:
         for causal in (False, True):
             print(f"H={head_dim} T={SEQ} causal={causal}", flush=True)
-            rows += sweep(head_dim, causal, args.tiles, args.toggles, args.forward_only)
+            kinds = args.only or "fwd,bwd"
+            rows += sweep(head_dim, causal, args.tiles, args.toggles, kinds)
             report(rows, head_dim, causal)
             json.dump(rows, open(args.out, "w"), indent=1)
 

@@ -88,11 +88,12 @@ MOSAIC_FORWARD: dict[int, tuple[int, int, int, bool, bool, tuple[str, ...]]] = {
 # rows (K and V, or Q and dO) in shared memory beside the streamed ring: at head dims 192/256 two
 # stages would need 256 KiB of the 227, so only one fits (no ping-pong; columns cannot shrink
 # below 64, wgmma's contraction dim).
-MOSAIC_BACKWARD: dict[int, tuple[int, int, int]] = {
-    64: (64, 64, 3),
-    128: (64, 64, 2),
-    192: (64, 64, 1),
-    256: (64, 64, 1),
+# The fourth column: the backward's on/off options that are on (mosaic.backward.OPTIONS).
+MOSAIC_BACKWARD: dict[int, tuple[int, int, int, tuple[str, ...]]] = {
+    64: (64, 64, 3, ()),
+    128: (64, 64, 2, ()),
+    192: (64, 64, 1, ()),
+    256: (64, 64, 1, ()),
 }
 # Head dims whose backward the "mosaic" backend hands to the Triton kernels (same residuals: out
 # and the natural-log lse). Measured on the H200 (benchmarks/results/2026-11-30-h200-mosaic:

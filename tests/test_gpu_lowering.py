@@ -131,14 +131,24 @@ def test_mosaic_schedule_options_lower() -> None:
     assert text.count("mosaic_gpu") >= 2  # forward, dK/dV with dQ fused (no dQ kernel)
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(overlap_dv=True),
+        dict(overlap_dv=True, early_dp=True),
+        dict(early_dp=True, no_pingpong=True, longest_first=True),
+    ],
+    ids=lambda v: "+".join(v),
+)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_mosaic_overlapped_dkdv_lowers(dropout: float) -> None:
-    """`BackwardConfig.overlap_dv` (dS computed while the dV matmul runs, the wait by
-    `wgmma_accumulator_load(wait_n=1)`; GPU only, so interpret mode never runs it) lowers for
-    the H200, with and without dropout, at head dims 64 and 128."""
+def test_mosaic_overlapped_dkdv_lowers(variant: dict, dropout: float) -> None:
+    """The backward's overlapped orders lower for the H200, with and without dropout, at head
+    dims 64 and 128: `BackwardConfig.overlap_dv` (dS computed while the dV matmul runs, the wait
+    by `wgmma_accumulator_load(wait_n=1)`; GPU only, so interpret mode never runs it), with
+    `early_dp` (dP issued with S) and the other schedule variants."""
     from pallas_kernels.mosaic.backward import BackwardConfig
 
-    bwd = BackwardConfig(overlap_dv=True)
+    bwd = BackwardConfig(**variant)
 
     def backward(ops):
         out, lse = mosaic_api.forward(ops, interpret=False)

@@ -7,14 +7,13 @@ On the CPU the same options run in interpret mode in tests/test_mosaic.py."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from helpers import Case, make_inputs, served
 from test_suite import check_case
 
 from pallas_kernels import configs
 from pallas_kernels.mosaic import api
+from pallas_kernels.mosaic.backward import with_options as backward_options
 from pallas_kernels.mosaic.forward import OPTIONS, with_options
 
 CASES = [
@@ -22,10 +21,16 @@ CASES = [
     Case(B=2, T=1000, S=1300, N=4, K=2, H=64, features=("lengths", "softcap")),
 ]
 # Each forward option alone and all together; the backward's single kernel with and without
-# Pallas' automatic barriers, and the dK/dV kernel's overlapped order (with dropout too: its
-# factor enters dP after the overlapped wait).
+# Pallas' automatic barriers, its overlapped orders (with dropout too: its factor enters dP
+# after the overlapped wait) and schedule options.
 FORWARD = [(name,) for name in OPTIONS] + [OPTIONS]
-BACKWARD = [("fused_dq",), ("fused_dq", "no_auto_barriers"), ("overlap_dv",)]
+BACKWARD = [
+    ("fused_dq", "no_auto_barriers"),
+    ("overlap_dv",),
+    ("early_dp",),
+    ("early_dp", "overlap_dv", "longest_first"),
+    ("early_dp", "no_pingpong", "no_auto_barriers"),
+]
 DROPOUT = Case(B=1, T=1000, S=1100, N=4, K=2, H=128, features=("causal", "dropout"))
 
 
@@ -35,7 +40,7 @@ def _check(case: Case, monkeypatch, forward=(), backward=()) -> None:
     q, k, v, _, kw = make_inputs(case)
     assert served("mosaic", q, k, v, kw)  # else check_case would pass without running it
     fwd = with_options(api.forward_config(case.H), forward)
-    bwd = dataclasses.replace(api.backward_config(case.H), **dict.fromkeys(backward, True))
+    bwd = backward_options(api.backward_config(case.H), backward)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "forward_config", lambda head_dim: fwd)
     monkeypatch.setattr(api, "backward_config", lambda head_dim: bwd)
@@ -52,10 +57,11 @@ def test_forward_schedule_on_gpu(case: Case, options, monkeypatch) -> None:
 @pytest.mark.gpu_schedules
 @pytest.mark.parametrize("options", BACKWARD, ids="+".join)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_single_kernel_backward_on_gpu(case: Case, options, monkeypatch) -> None:
+def test_backward_variant_on_gpu(case: Case, options, monkeypatch) -> None:
     _check(case, monkeypatch, backward=options)
 
 
 @pytest.mark.gpu_schedules
 def test_overlapped_dkdv_with_dropout_on_gpu(monkeypatch) -> None:
     _check(DROPOUT, monkeypatch, backward=("overlap_dv",))
+    _check(DROPOUT, monkeypatch, backward=("early_dp", "overlap_dv"))

@@ -177,3 +177,37 @@ def test_schedules_compute_the_same(schedule, features) -> None:
     assert not interpreter.get_races().races_found
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize(
+    "variant, case",
+    [
+        (
+            dict(early_dp=True),
+            Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "segments")),
+        ),
+        (
+            dict(early_dp=True),
+            Case(B=1, T=113, S=150, N=4, K=1, H=64, features=("softcap", "dropout", "lengths")),
+        ),
+        (
+            dict(no_pingpong=True, longest_first=True),
+            Case(B=2, T=150, S=150, N=2, K=1, H=64, features=("lengths", "window")),
+        ),
+        (
+            dict(longest_first=True, early_dp=True),
+            Case(B=1, T=256, S=384, N=2, K=1, H=128, features=("blocks128",)),
+        ),
+    ],
+    ids=lambda x: "+".join(x) if isinstance(x, dict) else x.id,
+)
+def test_backward_variants(variant, case: Case, monkeypatch) -> None:
+    """The backward's schedule variants (BackwardConfig: `early_dp`, S and dP issued back to
+    back, P computed while dP runs; `no_pingpong`; `longest_first`, heads fastest and dQ's
+    query tiles reversed, with visit lists too) against the float64 reference, with no race."""
+    config = dataclasses.replace(api.backward_config(case.H), **variant)
+    monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
+    monkeypatch.setattr(api, "backward_config", lambda head_dim: config)
+    interpreter.reset_gpu_interpret_mode_state()
+    check_case(case, "mosaic")
+    assert not interpreter.get_races().races_found

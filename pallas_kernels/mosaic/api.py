@@ -43,8 +43,9 @@ def forward_config(head_dim: int) -> _forward.ForwardConfig:
 
 
 def backward_config(head_dim: int) -> _backward.BackwardConfig:
-    rows, cols, stages = configs.MOSAIC_BACKWARD[_head_dim(head_dim)]
-    return _backward.BackwardConfig(rows=rows, cols=cols, stages=stages)
+    rows, cols, stages, options = configs.MOSAIC_BACKWARD[_head_dim(head_dim)]
+    tiles = _backward.BackwardConfig(rows=rows, cols=cols, stages=stages)
+    return _backward.with_options(tiles, options)
 
 
 def backward_on_triton(head_dim: int) -> bool:

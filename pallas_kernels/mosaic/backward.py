@@ -37,7 +37,7 @@ class BackwardConfig:
     other (both multiples of 64: wgmma's contraction dim); `stages` slots in the ring.
 
     A consumer releases a slot only after its last matmul of the step, so with one slot the two
-    consumers do not ping-pong (`pingpong`): they would wait on their own release.
+    consumers do not ping-pong (`turns`): they would wait on their own release.
     """
 
     rows: int = 64
@@ -56,19 +56,44 @@ class BackwardConfig:
     # tokamax's order. Without it, dP is awaited before dV is issued. GPU only (interpret mode
     # runs the plain order: no in-place accumulators there); not with `fused_dq`.
     overlap_dv: bool = False
+    # Both kernels issue their two products of the streamed tile (S and dP: QK^T and dO V^T, or
+    # K Q^T and V dO^T) back to back and compute P while the dP matmul runs
+    # (`wgmma_accumulator_load(wait_n=1)`); without it, dP is issued after P is computed.
+    early_dp: bool = False
+    # No FA3 ping-pong of the two consumers (`pipeline.Turn`), as tokamax's sm90 backward runs
+    # them. With one stage there is none anyway (see the class docstring).
+    no_pingpong: bool = False
+    # Heads and batch rows the fastest grid axes, and the dQ kernel's query tiles in reverse
+    # order: under a causal mask the CTAs launched first are the longest (the dK/dV kernel's
+    # first key tiles see the most queries, the dQ kernel's last query tiles the most keys), as
+    # the forward's `longest_first`.
+    longest_first: bool = False
 
     @property
-    def pingpong(self) -> bool:
-        return self.stages >= 2
+    def turns(self) -> bool:
+        return not self.no_pingpong and self.stages >= 2
+
+
+# The BackwardConfig on/off flags: configs.py names the ones on per head dim;
+# benchmarks/tune_mosaic.py sweeps them.
+OPTIONS = ("no_auto_barriers", "fused_dq", "overlap_dv", "early_dp", "no_pingpong", "longest_first")
+
+
+def with_options(config: BackwardConfig, options) -> BackwardConfig:
+    """`config` with exactly the flags of OPTIONS named in `options` on (the rest off)."""
+    return pp.with_options(config, options, OPTIONS)
 
 
 def _kernel(body, out_type, scratch, grid, config, interpret):
+    """`grid`: (tiles, heads, batch rows), launched in `config`'s order (`longest_first`)."""
+    names = ("h", "b", "t") if config.longest_first else ("t", "h", "b")  # first: fastest
+    by_name = dict(zip(("t", "h", "b"), grid))
     return plgpu.kernel(
         body,
         out_type=out_type,
         scratch_types=(scratch,),
-        grid=grid,
-        grid_names=("t", "h", "b"),
+        grid=tuple(by_name[n] for n in names),
+        grid_names=names,
         num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=pp.compiler_params(config.no_auto_barriers),
@@ -94,16 +119,17 @@ def _launch_refs(refs, names, out_names):
     return dict(zip(names, ins)) | dict(zip(out_names, outs)), sc
 
 
-def _visits(refs: dict, statics, seq, row0, rows, cols, *, transposed: bool) -> pp.Visits:
-    """The CTA's column tiles: its row of the visit lists, or the visibility rule's ranges."""
+def _visits(refs: dict, statics, seq, t, rows, cols, *, transposed: bool) -> pp.Visits:
+    """The CTA's column tiles (it is row tile `t`, of `rows` rows): its row of the visit lists,
+    or the visibility rule's ranges."""
     if "full" in refs:
-        t, b = lax.axis_index("t"), lax.axis_index("b")
+        b = lax.axis_index("b")
         bt = b if refs["full"].shape[0] > 1 else 0
         return pp.list_visits(
             lambda j: refs["full"][bt, 0, t, j], lambda j: refs["partial"][bt, 0, t, j]
         )
     return pp.range_visits(
-        visibility.block_range(statics, row0, rows, cols, seq, transposed=transposed)
+        visibility.block_range(statics, t * rows, rows, cols, seq, transposed=transposed)
     )
 
 
@@ -133,8 +159,8 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     col0 = lax.axis_index("t") * (CONSUMERS * bkv) + wg * bkv  # this consumer's first key
     head_dim = sc["k"].shape[-1]
     dtype = sc["k"].dtype
-    turns = pp.Turn(sc["turn"], wg, enabled=config.pingpong)
-    n = visits.count  # query tiles per query head; the steps run over (head, tile) pairs
+    turns = pp.Turn(sc["turn"], wg, enabled=config.turns)
+    n = visits.count  # query tiles per query head
     overlap = config.overlap_dv and not interpret and not config.fused_dq
 
     plgpu.set_max_registers(config.registers[0], action="increase")
@@ -153,34 +179,50 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     rows0 = pp.iota((bkv, bq), 1)
     staging = sc["stage"].at[wg] if interpret else None
 
-    def step(i, carry):
+    def step(g, j, carry, *, masked: bool):
+        """Visit `j` (query tile `visits.tile(j)`) of query head `kh * group + g`."""
         dk, dv = carry
-        qt = visits.tile(lax.rem(i, n))  # query tile; the query head is kh * group + i // n
-        head = kh * group + lax.div(i, n)
-        slot = lax.rem(i, config.stages)
+        head, qt = kh * group + g, visits.tile(j)
+        slot = lax.rem(g * n + j, config.stages)  # the ring's visit g * n + j
+        q_tile, do_tile = sc["q"].at[slot], sc["do"].at[slot]
         plgpu.barrier_wait(sc["q_loaded"].at[slot])
-
-        def sT(acc_ref):
-            plgpu.wgmma(acc_ref, my_k, sc["q"].at[slot].T)
-            turns.sync()
-            return acc_ref[...]
-
-        # The element rule on every tile: the steps run over (head, query tile) pairs in one
-        # loop, so interior tiles are not split off (they are all visible anyway).
-        segments = {}
+        visible = None
         if kv_segments is not None:
             plgpu.barrier_wait(sc["q_seg_loaded"].at[slot])
-            segments = dict(
-                q_segments=_vector(sc["q_seg"].at[slot], (bkv, bq), 1), kv_segments=kv_segments
+        if masked:
+            segments = {}
+            if kv_segments is not None:
+                q_segments = _vector(sc["q_seg"].at[slot], (bkv, bq), 1)
+                segments = dict(q_segments=q_segments, kv_segments=kv_segments)
+            visible = visibility.element_visible(
+                statics, qt * bq + rows0, keys, seq, batch=b, head=head, **segments
             )
+        if kv_segments is not None:
             plgpu.barrier_arrive(sc["q_seg_free"].at[slot])
-        visible = visibility.element_visible(
-            statics, qt * bq + rows0, keys, seq, batch=b, head=head, **segments
-        )
-        qk = pl.run_scoped(sT, plgpu.ACC((bkv, bq), jnp.float32))
-        s2, tanh = common.scores(qk, statics.scale, statics, None, visible)
         plgpu.barrier_wait(sc["lse_loaded"].at[slot])
-        p = _probs(s2, _vector(sc["lse"].at[slot], (bkv, bq), 1))
+        lse = _vector(sc["lse"].at[slot], (bkv, bq), 1)
+
+        def probs(qk):
+            s2, tanh = common.scores(qk, statics.scale, statics, None, visible)
+            return _probs(s2, lse), tanh
+
+        def products(s_ref, dp_ref=None):  # dp_ref: `early_dp`, dP^T issued right after S^T
+            plgpu.wgmma(s_ref, my_k, q_tile.T)
+            if dp_ref is not None:
+                plgpu.wgmma(dp_ref, my_v, do_tile.T)
+            turns.sync()
+            if dp_ref is None:
+                return s_ref[...]
+            p, tanh = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))  # dP^T in flight
+            return p, tanh, dp_ref[...]
+
+        acc = plgpu.ACC((bkv, bq), jnp.float32)
+        dp = None
+        if config.early_dp:
+            plgpu.barrier_wait(sc["do_loaded"].at[slot])
+            p, tanh, dp = pl.run_scoped(products, acc, acc)
+        else:
+            p, tanh = probs(pl.run_scoped(products, acc))
         plgpu.barrier_arrive(sc["lse_free"].at[slot])
         factor = None
         if statics.has_dropout:  # transposed tile: queries along dim 1, keys along dim 0
@@ -189,9 +231,10 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         if overlap:
             turns.done()
             turns.wait()
-            return _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, (dk, dv))
-        plgpu.barrier_wait(sc["do_loaded"].at[slot])
-        dp = pp.matmul(my_v, sc["do"].at[slot].T, (bkv, bq))
+            return _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, (dk, dv), dp)
+        if dp is None:
+            plgpu.barrier_wait(sc["do_loaded"].at[slot])
+            dp = pp.matmul(my_v, do_tile.T, (bkv, bq))
         p_dropped = p
         if factor is not None:
             p_dropped, dp = p * factor, dp * factor
@@ -201,19 +244,25 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         turns.done()
         turns.wait()
         a = pp.operand(p_dropped.astype(dtype), staging, via_smem=interpret)
-        dv = pp.mma_into(dv, a, sc["do"].at[slot], in_place=not interpret)
+        dv = pp.mma_into(dv, a, do_tile, in_place=not interpret)
         plgpu.barrier_arrive(sc["do_free"].at[slot])
         ds16 = ds.astype(dtype)
         a = pp.operand(ds16, staging, via_smem=interpret)
-        dk = pp.mma_into(dk, a, sc["q"].at[slot], in_place=not interpret)
+        dk = pp.mma_into(dk, a, q_tile, in_place=not interpret)
         plgpu.barrier_arrive(sc["q_free"].at[slot])
         if config.fused_dq:
             _add_dq_part(refs, sc, ds16, my_k, (b, head, qt * bq), interpret)
         return dk, dv
 
+    def head_steps(g, carry):
+        """Every visit of query head `kh * group + g`: its tiles split by `visits.runs` into
+        masked and unmasked runs, so interior tiles skip the element rule."""
+
+        return pp.walk(visits, functools.partial(step, g), carry)
+
     zeros = plgpu.layout_cast(jnp.zeros((bkv, head_dim), jnp.float32), LAYOUT)
     turns.start()
-    dk, dv = lax.fori_loop(0, group * n, step, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, group, head_steps, (zeros, zeros))
     turns.finish()
     my_k[...] = (dk * statics.scale).astype(dtype)  # K and V are free again: stage dK, dV there
     my_v[...] = dv.astype(dtype)
@@ -223,29 +272,38 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv):
-    """`BackwardConfig.overlap_dv`: one step's dP, dV and dK matmuls with dS computed while the
-    dV matmul runs; `factor`: the dropout factor (None without dropout). Returns (dK, dV)."""
+def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, dp=None):
+    """`BackwardConfig.overlap_dv`: one step's dV and dK matmuls with dS computed while the dV
+    matmul runs, and before them the dP matmul (issued with dV, read with `wait_n=1`), unless
+    `dp` is given (`early_dp`: issued with S). `factor`: the dropout factor (None without
+    dropout). Returns (dK, dV)."""
     do, q = sc["do"].at[slot], sc["q"].at[slot]
     dtype = do.dtype
     p_dropped = p if factor is None else p * factor
-    plgpu.barrier_wait(sc["do_loaded"].at[slot])
+    if dp is None:
+        plgpu.barrier_wait(sc["do_loaded"].at[slot])
     plgpu.barrier_wait(sc["delta_loaded"].at[slot])
     delta = _vector(sc["delta"].at[slot], p.shape, 1)
 
     def accumulate(refs):
         dk_ref, dv_ref = refs
 
-        def with_dp(dp_ref):
-            plgpu.wgmma(dp_ref, my_v, do.T)
-            plgpu.wgmma(dv_ref, p_dropped.astype(dtype), do)
-            dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)  # dP done, dV in flight
+        def dk_after(dp):
             if factor is not None:
                 dp = dp * factor
             _, ds = common.logits_grad(p, dp, delta, tanh)
             plgpu.wgmma(dk_ref, ds.astype(dtype), q)
 
-        pl.run_scoped(with_dp, plgpu.ACC(p.shape, jnp.float32))
+        def with_dp(dp_ref):
+            plgpu.wgmma(dp_ref, my_v, do.T)
+            plgpu.wgmma(dv_ref, p_dropped.astype(dtype), do)
+            dk_after(plgpu.wgmma_accumulator_load(dp_ref, wait_n=1))  # dP done, dV in flight
+
+        if dp is None:
+            pl.run_scoped(with_dp, plgpu.ACC(p.shape, jnp.float32))
+        else:
+            plgpu.wgmma(dv_ref, p_dropped.astype(dtype), do)
+            dk_after(dp)  # while dV runs
 
     dk, dv = pl.run_state(accumulate)((plgpu.ACC.init(dkdv[0]), plgpu.ACC.init(dkdv[1])))
     for name in ("delta", "do", "q"):
@@ -327,8 +385,8 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
     def flashjax_mosaic_dkdv(*all_refs):
         refs, sc = _launch_refs(all_refs, names, ("dk", "dv"))
         seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
-        keys0 = lax.axis_index("t") * (CONSUMERS * bkv)
-        visits = _visits(refs, statics, seq, keys0, CONSUMERS * bkv, bq, transposed=True)
+        t = lax.axis_index("t")
+        visits = _visits(refs, statics, seq, t, CONSUMERS * bkv, bq, transposed=True)
         pp.warpgroups(
             functools.partial(
                 _dkdv_consumer,
@@ -375,15 +433,15 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
 # --------------------------------------------------------------------------------------------------
 
 
-def _dq_consumer(refs, sc, *, statics, config, visits, seq, interpret):
+def _dq_consumer(refs, sc, *, tile, statics, config, visits, seq, interpret):
     num_heads = refs["q"].shape[2]
     bq, bkv = config.rows, config.cols
     wg = lax.axis_index("wg")
     b, h = lax.axis_index("b"), lax.axis_index("h")
-    row0 = lax.axis_index("t") * (CONSUMERS * bq) + wg * bq
+    row0 = tile * (CONSUMERS * bq) + wg * bq
     head_dim = sc["q"].shape[-1]
     dtype = sc["q"].dtype
-    turns = pp.Turn(sc["turn"], wg, enabled=config.pingpong)
+    turns = pp.Turn(sc["turn"], wg, enabled=config.turns)
 
     plgpu.set_max_registers(config.registers[0], action="increase")
     my_q, my_do, my_stats = sc["q"].at[wg], sc["do"].at[wg], sc["stats"].at[wg]
@@ -410,13 +468,8 @@ def _dq_consumer(refs, sc, *, statics, config, visits, seq, interpret):
     def step(i, dq, *, masked: bool):
         kv = visits.tile(i)
         slot = lax.rem(i, config.stages)
+        k_tile, v_tile = sc["k"].at[slot], sc["v"].at[slot]
         plgpu.barrier_wait(sc["k_loaded"].at[slot])
-
-        def qk(acc_ref):
-            plgpu.wgmma(acc_ref, my_q, sc["k"].at[slot].T)
-            turns.sync()
-            return acc_ref[...]
-
         mask = None
         if q_segments is not None:
             plgpu.barrier_wait(sc["kv_seg_loaded"].at[slot])
@@ -430,11 +483,29 @@ def _dq_consumer(refs, sc, *, statics, config, visits, seq, interpret):
             )
         if q_segments is not None:
             plgpu.barrier_arrive(sc["kv_seg_free"].at[slot])
-        qk = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-        s2, tanh = common.scores(qk, statics.scale, statics, None, mask)
-        p = _probs(s2, lax.broadcast_in_dim(lse, (bq, bkv), [0]))
-        plgpu.barrier_wait(sc["v_loaded"].at[slot])
-        dp = pp.matmul(my_do, sc["v"].at[slot].T, (bq, bkv))
+
+        def probs(qk):
+            s2, tanh = common.scores(qk, statics.scale, statics, None, mask)
+            return _probs(s2, lax.broadcast_in_dim(lse, (bq, bkv), [0])), tanh
+
+        def products(s_ref, dp_ref=None):  # dp_ref: `early_dp`, dP issued right after S
+            plgpu.wgmma(s_ref, my_q, k_tile.T)
+            if dp_ref is not None:
+                plgpu.wgmma(dp_ref, my_do, v_tile.T)
+            turns.sync()
+            if dp_ref is None:
+                return s_ref[...]
+            p, tanh = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))  # dP in flight
+            return p, tanh, dp_ref[...]
+
+        acc = plgpu.ACC((bq, bkv), jnp.float32)
+        if config.early_dp:
+            plgpu.barrier_wait(sc["v_loaded"].at[slot])
+            p, tanh, dp = pl.run_scoped(products, acc, acc)
+        else:
+            p, tanh = probs(pl.run_scoped(products, acc))
+            plgpu.barrier_wait(sc["v_loaded"].at[slot])
+            dp = pp.matmul(my_do, v_tile.T, (bq, bkv))
         plgpu.barrier_arrive(sc["v_free"].at[slot])
         if statics.has_dropout:
             dp = dp * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
@@ -442,7 +513,7 @@ def _dq_consumer(refs, sc, *, statics, config, visits, seq, interpret):
         turns.done()
         turns.wait()
         a = pp.operand(ds.astype(dtype), staging, via_smem=interpret)
-        dq = pp.mma_into(dq, a, sc["k"].at[slot], in_place=not interpret)
+        dq = pp.mma_into(dq, a, k_tile, in_place=not interpret)
         plgpu.barrier_arrive(sc["k_free"].at[slot])
         return dq
 
@@ -488,13 +559,16 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
     def flashjax_mosaic_dq(*all_refs):
         refs, sc = _launch_refs(all_refs, names, ("dq",))
         seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
-        rows0 = lax.axis_index("t") * (CONSUMERS * bq)
-        visits = _visits(refs, statics, seq, rows0, CONSUMERS * bq, bkv, transposed=False)
+        t = lax.axis_index("t")
+        if config.longest_first:  # the last query tiles see the most keys under a causal mask
+            t = seq_q // (CONSUMERS * bq) - 1 - t
+        visits = _visits(refs, statics, seq, t, CONSUMERS * bq, bkv, transposed=False)
         pp.warpgroups(
             functools.partial(
                 _dq_consumer,
                 refs,
                 sc,
+                tile=t,
                 statics=statics,
                 config=config,
                 visits=visits,

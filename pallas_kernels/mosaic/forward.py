@@ -74,10 +74,7 @@ OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale")
 
 def with_options(config: ForwardConfig, options) -> ForwardConfig:
     """`config` with exactly the flags of OPTIONS named in `options` on (the rest off)."""
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown forward options {sorted(unknown)}; known: {OPTIONS}")
-    return dataclasses.replace(config, **{name: name in options for name in OPTIONS})
+    return pp.with_options(config, options, OPTIONS)
 
 
 def _consumer(

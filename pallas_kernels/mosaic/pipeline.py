@@ -182,6 +182,16 @@ def stream_barriers(count: int, stages: int) -> tuple:
     return loaded + free
 
 
+def with_options(config, options, known: tuple[str, ...]):
+    """`config` (a kernel's frozen dataclass) with exactly its on/off flags `known` that are
+    named in `options` on (the rest off)."""
+    unknown = set(options) - set(known)
+    if unknown:
+        name = type(config).__name__
+        raise ValueError(f"unknown {name} options {sorted(unknown)}; known: {known}")
+    return dataclasses.replace(config, **{flag: flag in options for flag in known})
+
+
 def compiler_params(no_auto_barriers: bool) -> plgpu.CompilerParams:
     """The kernels' compiler parameters. `no_auto_barriers`: Pallas inserts no barrier around
     SMEM loads and stores (`unsafe_no_auto_barriers`, as tokamax's sm90 kernels run; its
