@@ -94,10 +94,11 @@ def backward_candidates(head_dim: int, tiles: bool) -> list[BackwardConfig]:
     shapes = [(chosen.rows, chosen.cols, chosen.stages)]
     if tiles:
         shapes += [t for t in BWD_TILES[head_dim] if t not in shapes]
-    return [chosen] + [
+    candidates = [chosen] + [
         bwd_with_options(BackwardConfig(rows=r, cols=c, stages=st), combo)
         for (r, c, st), combo in itertools.product(shapes, BWD_SCHEDULES)
     ]
+    return list(dict.fromkeys(candidates))  # each once
 
 
 def rel_err(a, b) -> float:
