@@ -88,10 +88,13 @@ MOSAIC_FORWARD: dict[int, tuple[int, int, int, bool, bool, tuple[str, ...]]] = {
 # rows (K and V, or Q and dO) in shared memory beside the streamed ring: at head dims 192/256 two
 # stages would need 256 KiB of the 227, so only one fits (no ping-pong; columns cannot shrink
 # below 64, wgmma's contraction dim).
-# The fourth column: the backward's on/off options that are on (mosaic.backward.OPTIONS).
+# The fourth column: the backward's on/off options that are on (mosaic.backward.OPTIONS). Swept
+# interleaved on the H200 (benchmarks/results/2026-11-30-h200-s7/bwd, T = 8k, ms non-causal /
+# causal, no options -> chosen): head dim 128 6.249 / 3.416 -> 6.020 / 3.388; 64 8.326 / 4.342
+# -> 7.785 / 4.241. early_dp and overlap_dv with the ping-pong on were 8-20% slower than none.
 MOSAIC_BACKWARD: dict[int, tuple[int, int, int, tuple[str, ...]]] = {
-    64: (64, 64, 3, ()),
-    128: (64, 64, 2, ()),
+    64: (64, 64, 3, ("early_dp", "overlap_dv", "no_pingpong")),
+    128: (64, 64, 2, ("early_dp", "overlap_dv", "no_pingpong")),
     192: (64, 64, 1, ()),
     256: (64, 64, 1, ()),
 }
@@ -102,8 +105,10 @@ MOSAIC_BACKWARD: dict[int, tuple[int, int, int, tuple[str, ...]]] = {
 # the sweep's best D=64 tiles (64, 64, 3) reach 300 / 291, about Triton's). The single-kernel
 # backward (BackwardConfig.fused_dq) measured 0.89-0.92x of the two kernels at head dim 128 and
 # 0.97-1.02x at 64, and does not fit shared memory at 256 (benchmarks/results/2026-11-30-h200-s6);
-# it stays off.
-MOSAIC_BACKWARD_ON_TRITON: frozenset[int] = frozenset({64, 192, 256})
+# it stays off. Head dim 64 moved to Mosaic in session 7: with the options above 353 / 324
+# TFLOP/s at T = 8k against Triton's 319 / 300 in the standard bench of the same session
+# (benchmarks/results/2026-11-30-h200-s7/call1).
+MOSAIC_BACKWARD_ON_TRITON: frozenset[int] = frozenset({192, 256})
 MOSAIC_HEAD_DIM_MULTIPLE = 64  # wgmma tiles the head dim in 64-element (128-byte) swizzled rows
 
 # The pure-XLA chunked path (flashjax/backends/chunked.py): the largest tile, queries and keys, of

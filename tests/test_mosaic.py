@@ -90,7 +90,7 @@ def test_forward_lowers_for_the_gpu(head_dim: int, window, seq) -> None:
     ids=lambda c: c.id,
 )
 def test_backward_kernel_where_triton_serves(case: Case, monkeypatch) -> None:
-    """configs.MOSAIC_BACKWARD_ON_TRITON hands head dims 64 and 256 to the Triton backward; the
+    """configs.MOSAIC_BACKWARD_ON_TRITON hands head dims 192 and 256 to the Triton backward; the
     Mosaic backward kernel still runs them correctly (the suite covers it at head dim 128)."""
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     assert not api.backward_on_triton(case.H)
