@@ -76,10 +76,13 @@ _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 # named_barriers 1.931 / 1.333 -> 1.856 / 1.109 (persistent 17-21% slower); 64: every schedule
 # option within 1.6% of the grid order (noise), none chosen. fold_scale, flipped alone from these
 # choices (results/2026-11-30-h200-s6/followup): 64 3.010 / 1.728 -> 2.792 / 1.704 ms, 128
-# 2.154 / 1.224 -> 2.146 / 1.220 ms; not measured at 192/256, so off there.
+# 2.154 / 1.224 -> 2.146 / 1.220 ms; not measured at 192/256, so off there. At T = 512 (B = 32,
+# results/2026-11-30-h200-s7/short; ms non-causal / causal): head dim 64 longest_first 0.425 /
+# 0.370 -> 0.402 / 0.368 (on: within noise at 8k); 128 persistent 0.323 -> 0.299 non-causal
+# (on: 0-2% faster at 8k, equal causal).
 MOSAIC_FORWARD: dict[int, tuple[int, int, int, bool, bool, tuple[str, ...]]] = {
-    64: (64, 128, 2, True, True, ("fold_scale",)),
-    128: (64, 128, 2, False, True, ("longest_first", "fold_scale")),
+    64: (64, 128, 2, True, True, ("longest_first", "fold_scale")),
+    128: (64, 128, 2, False, True, ("longest_first", "persistent", "fold_scale")),
     192: (64, 128, 1, False, True, ("longest_first", "no_auto_barriers", "named_barriers")),
     256: (64, 128, 1, False, True, ("longest_first", "no_auto_barriers", "named_barriers")),
 }
@@ -92,9 +95,11 @@ MOSAIC_FORWARD: dict[int, tuple[int, int, int, bool, bool, tuple[str, ...]]] = {
 # interleaved on the H200 (benchmarks/results/2026-11-30-h200-s7/bwd, T = 8k, ms non-causal /
 # causal, no options -> chosen): head dim 128 6.249 / 3.416 -> 6.020 / 3.388; 64 8.326 / 4.342
 # -> 7.785 / 4.241. early_dp and overlap_dv with the ping-pong on were 8-20% slower than none.
+# no_auto_barriers on top at 128 (results/2026-11-30-h200-s7/short): 6.181 / 3.331 -> 6.012 /
+# 3.304.
 MOSAIC_BACKWARD: dict[int, tuple[int, int, int, tuple[str, ...]]] = {
     64: (64, 64, 3, ("early_dp", "overlap_dv", "no_pingpong")),
-    128: (64, 64, 2, ("early_dp", "overlap_dv", "no_pingpong")),
+    128: (64, 64, 2, ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers")),
     192: (64, 64, 1, ()),
     256: (64, 64, 1, ()),
 }
