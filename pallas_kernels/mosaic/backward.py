@@ -146,6 +146,48 @@ def _stream(sc: dict, name: str, source) -> pp.Stream:
     return pp.Stream(source, sc[name], sc[f"{name}_loaded"], sc[f"{name}_free"])
 
 
+def _tile_visible(sc: dict, stream: str, own_segments, slot, masked: bool, rule, transposed: bool):
+    """One step's element rule, `rule(**segment ids)` (`visibility.element_visible` with the
+    tile's rows and columns bound), or None for a tile without one (`masked` off). With segment
+    ids (`own_segments`: the consumer's, along dim 0), the step's streamed ids (ring `stream`,
+    along dim 1) are awaited and released either way. `transposed`: the dK/dV kernel's tile
+    (keys along dim 0)."""
+    if own_segments is not None:
+        plgpu.barrier_wait(sc[f"{stream}_loaded"].at[slot])
+    visible = None
+    if masked:
+        segments = {}
+        if own_segments is not None:
+            streamed = _vector(sc[stream].at[slot], own_segments.shape, 1)
+            q, kv = (streamed, own_segments) if transposed else (own_segments, streamed)
+            segments = dict(q_segments=q, kv_segments=kv)
+        visible = rule(**segments)
+    if own_segments is not None:
+        plgpu.barrier_arrive(sc[f"{stream}_free"].at[slot])
+    return visible
+
+
+def _scores_and_dp(shape, s_operands, dp_operands, turns, probs, *, early: bool):
+    """One step's S = a @ b (`s_operands`) turned into `probs(S) -> (P, tanh)`; with `early`
+    (`BackwardConfig.early_dp`) dP (`dp_operands`) is issued right after S and P is computed while
+    it runs. Returns (P, tanh, dP or None); the consumers' turn is synced after the issue."""
+
+    def products(s_ref, dp_ref=None):
+        plgpu.wgmma(s_ref, *s_operands)
+        if dp_ref is not None:
+            plgpu.wgmma(dp_ref, *dp_operands)
+        turns.sync()
+        if dp_ref is None:
+            return s_ref[...]
+        p, tanh = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))  # dP in flight
+        return p, tanh, dp_ref[...]
+
+    acc = plgpu.ACC(shape, jnp.float32)
+    if early:
+        return pl.run_scoped(products, acc, acc)
+    return (*probs(pl.run_scoped(products, acc)), None)
+
+
 # --------------------------------------------------------------------------------------------------
 # dK / dV
 # --------------------------------------------------------------------------------------------------
@@ -186,19 +228,10 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         slot = lax.rem(g * n + j, config.stages)  # the ring's visit g * n + j
         q_tile, do_tile = sc["q"].at[slot], sc["do"].at[slot]
         plgpu.barrier_wait(sc["q_loaded"].at[slot])
-        visible = None
-        if kv_segments is not None:
-            plgpu.barrier_wait(sc["q_seg_loaded"].at[slot])
-        if masked:
-            segments = {}
-            if kv_segments is not None:
-                q_segments = _vector(sc["q_seg"].at[slot], (bkv, bq), 1)
-                segments = dict(q_segments=q_segments, kv_segments=kv_segments)
-            visible = visibility.element_visible(
-                statics, qt * bq + rows0, keys, seq, batch=b, head=head, **segments
-            )
-        if kv_segments is not None:
-            plgpu.barrier_arrive(sc["q_seg_free"].at[slot])
+        rule = functools.partial(
+            visibility.element_visible, statics, qt * bq + rows0, keys, seq, batch=b, head=head
+        )
+        visible = _tile_visible(sc, "q_seg", kv_segments, slot, masked, rule, transposed=True)
         plgpu.barrier_wait(sc["lse_loaded"].at[slot])
         lse = _vector(sc["lse"].at[slot], (bkv, bq), 1)
 
@@ -206,23 +239,11 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
             s2, tanh = common.scores(qk, statics.scale, statics, None, visible)
             return _probs(s2, lse), tanh
 
-        def products(s_ref, dp_ref=None):  # dp_ref: `early_dp`, dP^T issued right after S^T
-            plgpu.wgmma(s_ref, my_k, q_tile.T)
-            if dp_ref is not None:
-                plgpu.wgmma(dp_ref, my_v, do_tile.T)
-            turns.sync()
-            if dp_ref is None:
-                return s_ref[...]
-            p, tanh = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))  # dP^T in flight
-            return p, tanh, dp_ref[...]
-
-        acc = plgpu.ACC((bkv, bq), jnp.float32)
-        dp = None
         if config.early_dp:
             plgpu.barrier_wait(sc["do_loaded"].at[slot])
-            p, tanh, dp = pl.run_scoped(products, acc, acc)
-        else:
-            p, tanh = probs(pl.run_scoped(products, acc))
+        p, tanh, dp = _scores_and_dp(
+            (bkv, bq), (my_k, q_tile.T), (my_v, do_tile.T), turns, probs, early=config.early_dp
+        )
         plgpu.barrier_arrive(sc["lse_free"].at[slot])
         factor = None
         if statics.has_dropout:  # transposed tile: queries along dim 1, keys along dim 0
@@ -470,40 +491,21 @@ def _dq_consumer(refs, sc, *, tile, statics, config, visits, seq, interpret):
         slot = lax.rem(i, config.stages)
         k_tile, v_tile = sc["k"].at[slot], sc["v"].at[slot]
         plgpu.barrier_wait(sc["k_loaded"].at[slot])
-        mask = None
-        if q_segments is not None:
-            plgpu.barrier_wait(sc["kv_seg_loaded"].at[slot])
-        if masked:
-            segments = {}
-            if q_segments is not None:
-                kv_seg = _vector(sc["kv_seg"].at[slot], (bq, bkv), 1)
-                segments = dict(q_segments=q_segments, kv_segments=kv_seg)
-            mask = visibility.element_visible(
-                statics, rows, kv * bkv + cols0, seq, batch=b, head=h, **segments
-            )
-        if q_segments is not None:
-            plgpu.barrier_arrive(sc["kv_seg_free"].at[slot])
+        rule = functools.partial(
+            visibility.element_visible, statics, rows, kv * bkv + cols0, seq, batch=b, head=h
+        )
+        mask = _tile_visible(sc, "kv_seg", q_segments, slot, masked, rule, transposed=False)
 
         def probs(qk):
             s2, tanh = common.scores(qk, statics.scale, statics, None, mask)
             return _probs(s2, lax.broadcast_in_dim(lse, (bq, bkv), [0])), tanh
 
-        def products(s_ref, dp_ref=None):  # dp_ref: `early_dp`, dP issued right after S
-            plgpu.wgmma(s_ref, my_q, k_tile.T)
-            if dp_ref is not None:
-                plgpu.wgmma(dp_ref, my_do, v_tile.T)
-            turns.sync()
-            if dp_ref is None:
-                return s_ref[...]
-            p, tanh = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))  # dP in flight
-            return p, tanh, dp_ref[...]
-
-        acc = plgpu.ACC((bq, bkv), jnp.float32)
         if config.early_dp:
             plgpu.barrier_wait(sc["v_loaded"].at[slot])
-            p, tanh, dp = pl.run_scoped(products, acc, acc)
-        else:
-            p, tanh = probs(pl.run_scoped(products, acc))
+        p, tanh, dp = _scores_and_dp(
+            (bq, bkv), (my_q, k_tile.T), (my_do, v_tile.T), turns, probs, early=config.early_dp
+        )
+        if dp is None:
             plgpu.barrier_wait(sc["v_loaded"].at[slot])
             dp = pp.matmul(my_do, v_tile.T, (bq, bkv))
         plgpu.barrier_arrive(sc["v_free"].at[slot])
