@@ -70,8 +70,9 @@ def forward_candidates(head_dim: int, tiles: bool, toggles: bool) -> list[Forwar
     return [chosen] + variants + (grid if tiles else [])
 
 
-# The backward's option sets swept (backward.OPTIONS; fused_dq, 0.89-0.92x of the two kernels
-# at head dim 128 in session 6, is left out). Session 7 (results/2026-11-30-h200-s7/bwd): the
+# The backward's option sets swept (backward.OPTIONS). fused_dq (5 GEMMs, not 7) was 0.89-0.92x
+# of the two kernels at head dim 128 in session 6, with the ping-pong and without the overlapped
+# orders; here it is swept with them. Session 7 (results/2026-11-30-h200-s7/bwd): the
 # overlapped orders are 8-20% slower with the consumers' ping-pong and fastest without it, so
 # they are swept without it.
 BWD_SCHEDULES = [
@@ -82,6 +83,8 @@ BWD_SCHEDULES = [
     ("early_dp", "overlap_dv", "no_pingpong"),
     ("early_dp", "overlap_dv", "no_pingpong", "longest_first"),
     ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
+    ("fused_dq", "early_dp", "overlap_dv", "no_pingpong"),
+    ("fused_dq", "early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
 ]
 assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 

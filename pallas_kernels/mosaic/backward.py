@@ -54,7 +54,8 @@ class BackwardConfig:
     # The dK/dV kernel issues dP^T = V dO^T and dV += P^T dO back to back and computes dS while
     # the dV matmul still runs (`wgmma_accumulator_load(wait_n=1)`), then issues dK += dS^T Q:
     # tokamax's order. Without it, dP is awaited before dV is issued. GPU only (interpret mode
-    # runs the plain order: no in-place accumulators there); not with `fused_dq`.
+    # runs the plain order: no in-place accumulators there). With `fused_dq` the step's dQ part
+    # is computed while the dK matmul runs.
     overlap_dv: bool = False
     # Both kernels issue their two products of the streamed tile (S and dP: QK^T and dO V^T, or
     # K Q^T and V dO^T) back to back and compute P while the dP matmul runs
@@ -203,7 +204,7 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     dtype = sc["k"].dtype
     turns = pp.Turn(sc["turn"], wg, enabled=config.turns)
     n = visits.count  # query tiles per query head
-    overlap = config.overlap_dv and not interpret and not config.fused_dq
+    overlap = config.overlap_dv and not interpret
 
     plgpu.set_max_registers(config.registers[0], action="increase")
     my_k, my_v = sc["k"].at[wg], sc["v"].at[wg]
@@ -252,7 +253,12 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         if overlap:
             turns.done()
             turns.wait()
-            return _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, (dk, dv), dp)
+            dq_part = None
+            if config.fused_dq:
+                dq_part = functools.partial(
+                    _add_dq_part, refs, sc, my_k=my_k, at=(b, head, qt * bq), interpret=interpret
+                )
+            return _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, (dk, dv), dp, dq_part)
         if dp is None:
             plgpu.barrier_wait(sc["do_loaded"].at[slot])
             dp = pp.matmul(my_v, do_tile.T, (bkv, bq))
@@ -272,7 +278,7 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         dk = pp.mma_into(dk, a, q_tile, in_place=not interpret)
         plgpu.barrier_arrive(sc["q_free"].at[slot])
         if config.fused_dq:
-            _add_dq_part(refs, sc, ds16, my_k, (b, head, qt * bq), interpret)
+            _add_dq_part(refs, sc, ds16, my_k=my_k, at=(b, head, qt * bq), interpret=interpret)
         return dk, dv
 
     def head_steps(g, carry):
@@ -293,11 +299,12 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, dp=None):
+def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, dp=None, dq_part=None):
     """`BackwardConfig.overlap_dv`: one step's dV and dK matmuls with dS computed while the dV
     matmul runs, and before them the dP matmul (issued with dV, read with `wait_n=1`), unless
     `dp` is given (`early_dp`: issued with S). `factor`: the dropout factor (None without
-    dropout). Returns (dK, dV)."""
+    dropout). `dq_part(dS^T)` (`fused_dq`: `_add_dq_part`) runs once dK is issued. Returns
+    (dK, dV)."""
     do, q = sc["do"].at[slot], sc["q"].at[slot]
     dtype = do.dtype
     p_dropped = p if factor is None else p * factor
@@ -313,7 +320,10 @@ def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, dp=None):
             if factor is not None:
                 dp = dp * factor
             _, ds = common.logits_grad(p, dp, delta, tanh)
-            plgpu.wgmma(dk_ref, ds.astype(dtype), q)
+            ds16 = ds.astype(dtype)
+            plgpu.wgmma(dk_ref, ds16, q)
+            if dq_part is not None:  # while dK runs
+                dq_part(ds16)
 
         def with_dp(dp_ref):
             plgpu.wgmma(dp_ref, my_v, do.T)
@@ -332,7 +342,7 @@ def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, dp=None):
     return dk, dv
 
 
-def _add_dq_part(refs, sc, ds, my_k, at, interpret: bool) -> None:
+def _add_dq_part(refs, sc, ds, *, my_k, at, interpret: bool) -> None:
     """`fused_dq`: this step's dQ part `dS K` (bq query rows x D, float32) added to dQ.
 
     `ds` is dS^T (keys x queries, the dK/dV kernel's transposed tile); staged in SMEM it is read
