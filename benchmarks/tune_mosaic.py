@@ -85,6 +85,8 @@ BWD_SCHEDULES = [
     ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
     ("fused_dq", "early_dp", "overlap_dv", "no_pingpong"),
     ("fused_dq", "early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
+    ("fused_dq", "pooled_dq", "early_dp", "overlap_dv", "no_pingpong"),
+    ("fused_dq", "pooled_dq", "early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
 ]
 assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 

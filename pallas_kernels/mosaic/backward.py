@@ -51,6 +51,12 @@ class BackwardConfig:
     # deterministic). Interpret mode (no TMA reduction there) writes each part to its own
     # slice of a buffer that XLA sums.
     fused_dq: bool = False
+    # With `fused_dq`: one dQ part per CTA step, not one per consumer. Both consumers stage
+    # their dS^T in SMEM and the consumers take turns (visit i: consumer i mod 2) computing
+    # dS K over both key tiles and adding it, which halves the float32 reduce-add traffic to
+    # GMEM (at seq 16k, head dim 128, one part per consumer step adds 34 GB). No ping-pong then
+    # (`turns`).
+    pooled_dq: bool = False
     # The dK/dV kernel issues dP^T = V dO^T and dV += P^T dO back to back and computes dS while
     # the dV matmul still runs (`wgmma_accumulator_load(wait_n=1)`), then issues dK += dS^T Q:
     # tokamax's order. Without it, dP is awaited before dV is issued. GPU only (interpret mode
@@ -72,12 +78,24 @@ class BackwardConfig:
 
     @property
     def turns(self) -> bool:
-        return not self.no_pingpong and self.stages >= 2
+        """The consumers ping-pong: not with one stage, nor with `pooled_dq` (each step's part
+        needs both consumers' dS^T of that step, where the ping-pong keeps them half a step
+        apart: they would wait on each other)."""
+        pooled = self.fused_dq and self.pooled_dq
+        return not self.no_pingpong and self.stages >= 2 and not pooled
 
 
 # The BackwardConfig on/off flags: configs.py names the ones on per head dim;
 # benchmarks/tune_mosaic.py sweeps them.
-OPTIONS = ("no_auto_barriers", "fused_dq", "overlap_dv", "early_dp", "no_pingpong", "longest_first")
+OPTIONS = (
+    "no_auto_barriers",
+    "fused_dq",
+    "pooled_dq",
+    "overlap_dv",
+    "early_dp",
+    "no_pingpong",
+    "longest_first",
+)
 
 
 def with_options(config: BackwardConfig, options) -> BackwardConfig:
@@ -228,6 +246,17 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         head, qt = kh * group + g, visits.tile(j)
         slot = lax.rem(g * n + j, config.stages)  # the ring's visit g * n + j
         q_tile, do_tile = sc["q"].at[slot], sc["do"].at[slot]
+        dq_part = None  # `fused_dq`: adds this step's dQ part, given dS^T
+        if config.fused_dq:
+            at = (b, head, qt * bq)
+            if config.pooled_dq:
+                dq_part = functools.partial(
+                    _add_pooled_dq_part, refs, sc, visit=g * n + j, at=at, interpret=interpret
+                )
+            else:
+                dq_part = functools.partial(
+                    _add_dq_part, refs, sc, my_k=my_k, at=at, interpret=interpret
+                )
         plgpu.barrier_wait(sc["q_loaded"].at[slot])
         rule = functools.partial(
             visibility.element_visible, statics, qt * bq + rows0, keys, seq, batch=b, head=head
@@ -253,11 +282,6 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         if overlap:
             turns.done()
             turns.wait()
-            dq_part = None
-            if config.fused_dq:
-                dq_part = functools.partial(
-                    _add_dq_part, refs, sc, my_k=my_k, at=(b, head, qt * bq), interpret=interpret
-                )
             return _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, (dk, dv), dp, dq_part)
         if dp is None:
             plgpu.barrier_wait(sc["do_loaded"].at[slot])
@@ -277,8 +301,8 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         a = pp.operand(ds16, staging, via_smem=interpret)
         dk = pp.mma_into(dk, a, q_tile, in_place=not interpret)
         plgpu.barrier_arrive(sc["q_free"].at[slot])
-        if config.fused_dq:
-            _add_dq_part(refs, sc, ds16, my_k=my_k, at=(b, head, qt * bq), interpret=interpret)
+        if dq_part is not None:
+            dq_part(ds16)
         return dk, dv
 
     def head_steps(g, carry):
@@ -291,6 +315,8 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     turns.start()
     dk, dv = lax.fori_loop(0, group, head_steps, (zeros, zeros))
     turns.finish()
+    if config.fused_dq and config.pooled_dq:  # the last part has read both K tiles
+        pl.when(group * n > 0)(lambda: plgpu.barrier_wait(sc["ds_free"]))
     my_k[...] = (dk * statics.scale).astype(dtype)  # K and V are free again: stage dK, dV there
     my_v[...] = dv.astype(dtype)
     plgpu.commit_smem()
@@ -303,8 +329,8 @@ def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, dp=None, dq_part=Non
     """`BackwardConfig.overlap_dv`: one step's dV and dK matmuls with dS computed while the dV
     matmul runs, and before them the dP matmul (issued with dV, read with `wait_n=1`), unless
     `dp` is given (`early_dp`: issued with S). `factor`: the dropout factor (None without
-    dropout). `dq_part(dS^T)` (`fused_dq`: `_add_dq_part`) runs once dK is issued. Returns
-    (dK, dV)."""
+    dropout). `dq_part(dS^T)` (`fused_dq`: `_add_dq_part` or `_add_pooled_dq_part`) runs once
+    dK is issued. Returns (dK, dV)."""
     do, q = sc["do"].at[slot], sc["q"].at[slot]
     dtype = do.dtype
     p_dropped = p if factor is None else p * factor
@@ -343,31 +369,64 @@ def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, dp=None, dq_part=Non
 
 
 def _add_dq_part(refs, sc, ds, *, my_k, at, interpret: bool) -> None:
-    """`fused_dq`: this step's dQ part `dS K` (bq query rows x D, float32) added to dQ.
-
-    `ds` is dS^T (keys x queries, the dK/dV kernel's transposed tile); staged in SMEM it is read
-    transposed as the wgmma's A operand (in interpret mode the dK matmul already staged it).
-    The part leaves through a float32 SMEM tile, once the previous part's copy has read it: on
-    the GPU by TMA reduce-add into `dq_acc` (B, Tp, N, D); in interpret mode into this
-    consumer's own slice of `dq_acc` (parts, B, Tp, N, D), summed by the host."""
+    """`fused_dq`: this consumer's dQ part of the step, `dS K` (bq query rows x D, float32),
+    added to dQ (`_send_dq_part`). `ds` is dS^T (keys x queries, the dK/dV kernel's transposed
+    tile); staged in SMEM it is read transposed as the wgmma's A operand (in interpret mode the
+    dK matmul already staged it)."""
     wg = lax.axis_index("wg")
-    b, head, row0 = at
     staged = sc["stage"].at[wg] if interpret else sc["ds"].at[wg]
     if not interpret:
         staged[...] = ds
         plgpu.commit_smem()
-    rows = staged.shape[1]
-    part = pp.matmul(staged.T, my_k, (rows, my_k.shape[-1]))
+    part = pp.matmul(staged.T, my_k, (staged.shape[1], my_k.shape[-1]))
+    _send_dq_part(refs, sc, part, at, interpret)
+
+
+def _add_pooled_dq_part(refs, sc, ds, *, visit, at, interpret: bool) -> None:
+    """`pooled_dq`: both consumers stage dS^T (`ds`), then consumer `visit mod CONSUMERS`
+    computes the CTA's dQ part over both key tiles and adds it (`_send_dq_part`). Barriers:
+    `ds_ready[c]` (every consumer's dS^T staged, awaited by consumer c, whose visits use it) and
+    `ds_free` (the last part has read the staged dS^T and the K tiles; every consumer awaits it
+    before staging the next, and before its epilogue overwrites its K tile)."""
+    wg = lax.axis_index("wg")
+    turn = lax.rem(visit, CONSUMERS)
+    pl.when(visit > 0)(lambda: plgpu.barrier_wait(sc["ds_free"]))
+    sc["ds"].at[wg][...] = ds
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(sc["ds_ready"].at[turn])
+
+    @pl.when(wg == turn)
+    def _():
+        plgpu.barrier_wait(sc["ds_ready"].at[turn])
+
+        def product(acc_ref):
+            for c in range(CONSUMERS):
+                plgpu.wgmma(acc_ref, sc["ds"].at[c].T, sc["k"].at[c])
+            return acc_ref[...]
+
+        shape = (sc["ds"].shape[-1], sc["k"].shape[-1])
+        part = pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+        plgpu.barrier_arrive(sc["ds_free"])
+        _send_dq_part(refs, sc, part, at, interpret)
+
+
+def _send_dq_part(refs, sc, part, at, interpret: bool) -> None:
+    """A dQ part (query rows x D, float32) added to dQ through this consumer's float32 SMEM
+    tile, once its previous part's copy has read it: on the GPU by TMA reduce-add into `dq_acc`
+    (B, Tp, N, D); in interpret mode (no TMA reduction there) into this consumer's own slice of
+    `dq_acc` (parts, B, Tp, N, D), summed by the host."""
+    wg = lax.axis_index("wg")
+    b, head, row0 = at
     out = sc["dq_part"].at[wg]
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     out[...] = part
     plgpu.commit_smem()
+    rows = pl.ds(row0, part.shape[0])
     if interpret:
         slot = lax.axis_index("t") * CONSUMERS + wg
-        plgpu.copy_smem_to_gmem(out, refs["dq_acc"].at[slot, b, pl.ds(row0, rows), head])
+        plgpu.copy_smem_to_gmem(out, refs["dq_acc"].at[slot, b, rows, head])
     else:
-        target = refs["dq_acc"].at[b, pl.ds(row0, rows), head]
-        plgpu.copy_smem_to_gmem(out, target, reduction_op="add")
+        plgpu.copy_smem_to_gmem(out, refs["dq_acc"].at[b, rows, head], reduction_op="add")
 
 
 def _dkdv_producer(refs, sc, *, config, visits, group):
@@ -451,8 +510,11 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
         scratch["stage"] = pp.smem_tile((CONSUMERS, bkv, bq), dtype)
     if config.fused_dq:
         scratch["dq_part"] = pp.smem_tile((CONSUMERS, bq, head_dim), jnp.float32)
-        if not via_smem:
+        if not via_smem or config.pooled_dq:
             scratch["ds"] = pp.smem_tile((CONSUMERS, bkv, bq), dtype)
+        if config.pooled_dq:
+            scratch["ds_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=CONSUMERS)
+            scratch["ds_free"] = plgpu.Barrier(num_arrivals=1)
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     grid = (seq_k // (CONSUMERS * bkv), num_kv_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())
