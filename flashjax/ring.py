@@ -75,6 +75,12 @@ from pallas_kernels.operands import EMPTY, FULL, PARTIAL, Operands, cotangent
 
 Layout = Literal["contiguous", "zigzag"]
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
+# How a step skips a wholly invisible pair: "switch" classifies every pair at run time and
+# branches (`lax.switch`; on a GPU each conditional reads its branch index on the host), "kernel"
+# runs every pair with its positions and lets the kernel skip the tiles no row sees (no
+# conditional; an empty pair costs a launch and a merge).
+PairDispatch = Literal["switch", "kernel"]
+PAIR_DISPATCHES: tuple[str, ...] = ("switch", "kernel")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,6 +156,7 @@ class Ring:
     size: int
     layout: str
     backend: backends.Backend
+    pair_dispatch: str = "switch"
 
     @property
     def pieces(self) -> int:
@@ -287,11 +294,15 @@ def pair_state(ops: Operands) -> jax.Array:
     ).astype(jnp.int32)
 
 
-def _visit(ops: Operands, carry, update: Callable[[Operands, object], object]):
+def _visit(ring: Ring, ops: Operands, carry, update: Callable[[Operands, object], object]):
     """`update(pair, carry)` unless the pair is wholly invisible (then `carry` as it is); a
-    FULL pair runs as `_dense(pair)`. The state is known at run time only: `lax.switch`."""
+    FULL pair runs as `_dense(pair)`. The state is known at run time only: `lax.switch`; with
+    `ring.pair_dispatch == "kernel"` every pair runs as it is (the kernel skips what no row
+    sees)."""
     if _always_full(ops):
         return update(_dense(ops), carry)
+    if ring.pair_dispatch == "kernel":
+        return update(ops, carry)
     branches = {
         EMPTY: lambda c: c,
         PARTIAL: lambda c: update(ops, c),
@@ -330,7 +341,7 @@ def _forward_step(
     accs = list(accs)
     update = functools.partial(_merge_pair, ring.backend)
     for q, _, pair in _pairs(ops, queries, _keys(ring, kv, step), first):
-        accs[q.index] = _visit(pair, accs[q.index], update)
+        accs[q.index] = _visit(ring, pair, accs[q.index], update)
     return accs
 
 
@@ -402,7 +413,7 @@ def _backward_step(
     for q, key, pair in _pairs(ops, queries, keys, first):
         i, j = q.index, key.index
         update = functools.partial(_add_grads, ring.backend, res[i])
-        dq[i], dk[j], dv[j] = _visit(pair, (dq[i], dk[j], dv[j]), update)
+        dq[i], dk[j], dv[j] = _visit(ring, pair, (dq[i], dk[j], dv[j]), update)
     dkv = _pack_kv(jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1))
     if dkv_in is not None:
         dkv = jax.tree.map(jnp.add, dkv_in, dkv)
@@ -528,6 +539,7 @@ def ring_attention(
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     implementation: Implementation | None = None,
+    pair_dispatch: PairDispatch = "switch",
 ) -> jax.Array:
     """Exact attention over a sequence sharded on mesh axis `axis_name`; call inside
     `jax.shard_map`.
@@ -552,12 +564,17 @@ def ring_attention(
       implementation: the kernel of every step, as `dot_product_attention`'s (None: its choice,
         "mosaic" on Hopper for what it serves, else "triton" on NVIDIA GPUs, "xla_chunked"
         elsewhere). "xla" cannot serve: it has no backward from given residuals.
+      pair_dispatch: how a step skips a (query piece, key piece) pair no query sees:
+        "switch" (a `lax.switch` on the pair's state, read on the host on a GPU) or "kernel"
+        (no conditional: the pair runs and its kernel skips every tile).
 
     Returns:
       `Float[Array, "B T N H"]` in query's dtype: this device's rows of the attention output.
       Differentiable (`jax.custom_vjp`; see the module docstring for the backward).
     """
     _check_call(query, layout)
+    if pair_dispatch not in PAIR_DISPATCHES:
+        raise ValueError(f"pair_dispatch must be one of {PAIR_DISPATCHES}; got {pair_dispatch!r}")
     ops = operands(
         query,
         key,
@@ -570,7 +587,8 @@ def ring_attention(
         kv_segment_ids=kv_segment_ids,
     )
     _check_ops(ops, layout)
-    ring = Ring(axis_name, _axis_size(axis_name), layout, _ring_backend(implementation, ops))
+    backend = _ring_backend(implementation, ops)
+    ring = Ring(axis_name, _axis_size(axis_name), layout, backend, pair_dispatch)
     return _ring_attention(ring, ops)
 
 

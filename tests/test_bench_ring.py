@@ -99,7 +99,7 @@ def test_ring_bench_runs_end_to_end_on_cpu(tmp_path) -> None:
     prediction beside each measured ring row, the files and plots."""
     argv = ["--ring", "--devices", "2", "--seqs-per-device", "32", "--masks", "causal"]
     argv += ["--bandwidth-mib", "0.0625,0.25", "--model-seqs", "32,256", "--model-devices", "2,16"]
-    argv += ["--out", str(tmp_path)]
+    argv += ["--impls", ",".join(ring.IMPLS), "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     data = json.loads((tmp_path / "ring.json").read_text())
     kinds = {r["kind"] for r in data["rows"]}

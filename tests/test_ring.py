@@ -147,6 +147,27 @@ def test_ring_matches_the_whole_sequence(layout, n, data, case, extra) -> None:
     assert_matches(got, want, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize(
+    "layout, n, features",
+    [("zigzag", 4, ("causal", "segments")), ("contiguous", 2, ("window", "softcap"))],
+)
+def test_ring_without_conditionals(layout, n, features) -> None:
+    """`pair_dispatch="kernel"`: every pair runs, with its positions, and no `lax.switch` is
+    traced (no conditional anywhere in the program); pairs no query sees add nothing, so the
+    forward and gradients still equal the whole sequence's."""
+    case = F32(B=2, T=64, N=4, K=2, H=32, features=features)
+    q, k, v, dout, kw = make_inputs(case, salt=layout)
+    f = sharded(ring_attention, mesh_of(n), layout, kw, pair_dispatch="kernel")
+    got = value_and_vjp(f, q, k, v, dout)
+    assert_matches(got, value_and_vjp(whole(kw), q, k, v, dout), rtol=1e-5, atol=2e-5)
+    program = jax.make_jaxpr(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2)))(q, k, v)
+    assert "cond[" not in str(program)
+    switched = sharded(ring_attention, mesh_of(n), layout, kw)
+    assert "cond[" in str(jax.make_jaxpr(switched)(q, k, v))  # what the default traces
+    with pytest.raises(ValueError, match="pair_dispatch must be one of"):
+        sharded(ring_attention, mesh_of(n), layout, kw, pair_dispatch="host")(q, k, v)
+
+
 def test_ring_with_the_kernels_interpreted() -> None:
     """The Pallas kernels (interpret mode) as the ring's steps: the diagonal without offsets,
     dense FULL pairs, PARTIAL pairs with offsets (segments)."""

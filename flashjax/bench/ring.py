@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -49,7 +50,11 @@ from typing import Any
 Row = dict[str, Any]
 Log = Callable[[str], None]
 AXIS = "sp"
-IMPLS = ("ring", "all_gather", "single")
+IMPLS = ("ring", "ring_kernel", "all_gather", "single")
+DEFAULT_IMPLS = ("ring", "all_gather", "single")
+# The ring's implementations and their `ring_attention(pair_dispatch=...)`: "ring_kernel" runs
+# every pair without a conditional (an A/B of the default's `lax.switch`).
+RING_DISPATCH = {"ring": "switch", "ring_kernel": "kernel"}
 STUDIES = ("bandwidth", "pair", "scaling")
 MASKS = ("causal", "full")
 MODES = ("fwd", "fwd+bwd")
@@ -98,7 +103,7 @@ class RingConfig:
     implementation: str | None = None  # the kernel of every step (None: the platform's default)
     masks: tuple[str, ...] = MASKS
     modes: tuple[str, ...] = MODES
-    impls: tuple[str, ...] = IMPLS
+    impls: tuple[str, ...] = DEFAULT_IMPLS
     studies: tuple[str, ...] = STUDIES
     bandwidth_mib: tuple[float, ...] = (16, 64, 256, 1024)
     single_max_seq: int = 1 << 19  # no single-device reference above this total sequence
@@ -174,7 +179,9 @@ def distributed(cfg: RingConfig, mesh, impl: str, mask: str, mode: str) -> Calla
 
     from flashjax.ring import all_gather_attention, ring_attention
 
-    attention = ring_attention if impl == "ring" else all_gather_attention
+    attention = all_gather_attention
+    if impl in RING_DISPATCH:
+        attention = functools.partial(ring_attention, pair_dispatch=RING_DISPATCH[impl])
     spec = PartitionSpec(None, AXIS)
 
     def per_device(q, k, v):
@@ -459,7 +466,7 @@ def scaling_rows(
 
 def _impls_in_order(cfg: RingConfig, total: int) -> list[str]:
     """`single` first (the others' reference), and only up to `single_max_seq`."""
-    order = [i for i in ("single", "ring", "all_gather") if i in cfg.impls]
+    order = [i for i in ("single", "ring", "ring_kernel", "all_gather") if i in cfg.impls]
     return [i for i in order if i != "single" or total <= cfg.single_max_seq]
 
 
@@ -562,7 +569,8 @@ def add_predictions(rows: list[Row], pairs, link, shape) -> None:
     for r in rows:
         if r.get("kind") != "scaling" or r["impl"] == "single" or r["status"] != "ok":
             continue
-        f = ring_model.ring_seconds if r["impl"] == "ring" else ring_model.all_gather_seconds
+        ring = r["impl"] in RING_DISPATCH
+        f = ring_model.ring_seconds if ring else ring_model.all_gather_seconds
         r["model_ms"] = (
             1e3 * f(r["devices"], r["seq_per_device"], r["mask"], shape, pairs, link)[r["mode"]]
         )
@@ -704,7 +712,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--masks", type=_choices(MASKS), default=MASKS, help="causal,full")
     p.add_argument("--modes", type=_choices(MODES), default=MODES, help="fwd,fwd+bwd")
-    p.add_argument("--impls", type=_choices(IMPLS), default=IMPLS, help="ring,all_gather,single")
+    p.add_argument(
+        "--impls",
+        type=_choices(IMPLS),
+        default=DEFAULT_IMPLS,
+        help="ring,all_gather,single (default); ring_kernel: the ring without conditionals",
+    )
     p.add_argument(
         "--studies",
         type=_choices(STUDIES),

@@ -29,7 +29,7 @@ CSV_FIELDS = (
     "status",
     "error",
 )
-IMPL_STYLE = {"ring": "C0", "all_gather": "C1", "single": "C2"}
+IMPL_STYLE = {"ring": "C0", "all_gather": "C1", "single": "C2", "ring_kernel": "C3"}
 
 
 def _rows(rows: Sequence[Row], kind: str, **where: Any) -> list[Row]:
@@ -99,9 +99,12 @@ def _save(fig: Any, path: Path, what: str, meta: dict[str, Any]) -> Path:
 
 def _label(impl: str, meta: dict[str, Any]) -> str:
     n = meta.get("config", {}).get("devices", "n")
-    return {"ring": f"ring ({n} devices)", "all_gather": f"all-gather ({n} devices)"}.get(
-        impl, "one device, whole sequence"
-    )
+    labels = {
+        "ring": f"ring ({n} devices)",
+        "ring_kernel": f"ring, no conditionals ({n} devices)",
+        "all_gather": f"all-gather ({n} devices)",
+    }
+    return labels.get(impl, "one device, whole sequence")
 
 
 def _title(what: str, meta: dict[str, Any]) -> str:
