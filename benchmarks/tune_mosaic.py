@@ -83,6 +83,7 @@ BWD_SCHEDULES = [
     ("early_dp", "overlap_dv", "no_pingpong"),
     ("early_dp", "overlap_dv", "no_pingpong", "longest_first"),
     ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
+    ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers", "one_body"),
     ("fused_dq", "early_dp", "overlap_dv", "no_pingpong"),
     ("fused_dq", "early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
     ("fused_dq", "pooled_dq", "early_dp", "overlap_dv", "no_pingpong"),

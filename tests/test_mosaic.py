@@ -207,6 +207,18 @@ def test_schedules_compute_the_same(schedule, features) -> None:
             Case(B=2, T=150, S=190, N=2, K=1, H=64, features=("lengths", "window")),
         ),
         (
+            dict(one_body=True),
+            Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "segments")),
+        ),
+        (
+            dict(one_body=True, early_dp=True),
+            Case(B=2, T=150, S=190, N=2, K=1, H=64, features=("lengths", "window", "dropout")),
+        ),
+        (
+            dict(one_body=True, longest_first=True),
+            Case(B=1, T=256, S=384, N=2, K=1, H=128, features=("blocks128",)),
+        ),
+        (
             dict(longest_first=True, early_dp=True),
             Case(B=1, T=256, S=384, N=2, K=1, H=128, features=("blocks128",)),
         ),
@@ -216,7 +228,9 @@ def test_schedules_compute_the_same(schedule, features) -> None:
 def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     """The backward's schedule variants (BackwardConfig: `early_dp`, S and dP issued back to
     back, P computed while dP runs; `no_pingpong`; `longest_first`, heads fastest and dQ's
-    query tiles reversed, with visit lists too) against the float64 reference, with no race."""
+    query tiles reversed, with visit lists too; `one_body`, the element rule under a `lax.cond`;
+    the single kernel, `fused_dq` and `pooled_dq`) against the float64 reference, with no
+    race."""
     config = dataclasses.replace(api.backward_config(case.H), **variant)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "backward_config", lambda head_dim: config)

@@ -117,11 +117,22 @@ def list_visits(full, partial) -> Visits:
     return Visits(count=count, runs=((0, n_full, False), (n_full, count, True)), tile=tile)
 
 
-def walk(visits: Visits, step: Callable, carry):
-    """Run `step(i, carry, masked=...)` over every visit, run by run. Each loop counts from 0 and
-    offsets the index: a run's start read from GMEM (visit lists, sequence info) is a value that
-    varies over a `shard_map` axis, and a loop index starting there would not match its own
-    increment's type under `check_vma`."""
+def walk(visits: Visits, step: Callable, carry, *, one_body: bool = False):
+    """Run `step(i, carry, masked=...)` over every visit, run by run (`masked` static: each run
+    its own loop). Each loop counts from 0 and offsets the index: a run's start read from GMEM
+    (visit lists, sequence info) is a value that varies over a `shard_map` axis, and a loop index
+    starting there would not match its own increment's type under `check_vma`. `one_body`: one
+    loop over every visit, `masked` then a traced bool (whether visit i lies in a masked run)."""
+    if one_body:
+
+        def visit(i, c):
+            masked = False
+            for start, stop, run_masked in visits.runs:
+                if run_masked:
+                    masked = masked | ((i >= start) & (i < stop))
+            return step(i, c, masked=masked)
+
+        return lax.fori_loop(0, visits.count, visit, carry)
     for start, stop, masked in visits.runs:
         carry = lax.fori_loop(
             0,
