@@ -99,7 +99,12 @@ MOSAIC_FORWARD: dict[int, tuple[int, int, int, bool, bool, tuple[str, ...]]] = {
 # no_auto_barriers on top at 128 (results/2026-11-30-h200-s7/short): 6.181 / 3.331 -> 6.012 /
 # 3.304.
 MOSAIC_BACKWARD: dict[int, tuple[int, int, int, tuple[str, ...]]] = {
-    64: (64, 64, 3, ("early_dp", "overlap_dv", "no_pingpong")),
+    64: (
+        64,
+        64,
+        3,
+        ("early_dp", "overlap_dv", "no_pingpong", "fused_dq", "pooled_dq", "no_auto_barriers"),
+    ),
     128: (64, 64, 2, ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers")),
     192: (64, 64, 1, ()),
     256: (64, 64, 1, ()),
@@ -113,7 +118,11 @@ MOSAIC_BACKWARD: dict[int, tuple[int, int, int, tuple[str, ...]]] = {
 # 0.97-1.02x at 64, and does not fit shared memory at 256 (benchmarks/results/2026-11-30-h200-s6);
 # it stays off. Head dim 64 moved to Mosaic in session 7: with the options above 353 / 324
 # TFLOP/s at T = 8k against Triton's 319 / 300 in the standard bench of the same session
-# (benchmarks/results/2026-11-30-h200-s7/call1).
+# (benchmarks/results/2026-11-30-h200-s7/call1). Session 8 (benchmarks/results/2026-11-30-h200-s8/
+# bwd, T = 8k): at head dim 64 the single kernel with pooled dQ parts (fused_dq + pooled_dq +
+# no_auto_barriers) ties the two kernels non-causal (7.51 vs 7.51 ms) and wins causal (3.93 vs
+# 4.20 ms), so it is head dim 64's default (deterministic=True drops fused_dq: two kernels); at
+# head dim 128 it is 1.55x slower and fused_dq alone 1.17x slower, and one_body 1-6% slower.
 MOSAIC_BACKWARD_ON_TRITON: frozenset[int] = frozenset({192, 256})
 MOSAIC_HEAD_DIM_MULTIPLE = 64  # wgmma tiles the head dim in 64-element (128-byte) swizzled rows
 
