@@ -22,16 +22,16 @@ gen() {  # batch size, deadline (seconds since start)
 }
 (
   export CUDA_VISIBLE_DEVICES=0
-  timeout 300 python3 -m examples.gpt2.bench --out "$L/gpt2" --only throughput \
-    --throughput small:1024,medium:1024 --backends cudnn,flashjax --budget-s 280 --grace-s 10 \
+  timeout 310 python3 -m examples.gpt2.bench --out "$L/gpt2" --only throughput \
+    --throughput small:1024,medium:1024 --backends cudnn,flashjax --budget-s 290 --grace-s 10 \
     > "$L/gpt2.log" 2>&1
 ) &
 (
   export CUDA_VISIBLE_DEVICES=1
-  timeout 140 python3 -m flashjax bench --decode --no-flax --max-minutes 1.8 --commit "$C" \
+  timeout 150 python3 -m flashjax bench --decode --no-flax --max-minutes 1.5 --commit "$C" \
     --out "$L/decode" > "$L/decode.log" 2>&1
-  gen 1 225
-  gen 32 300
+  gen 1 235
+  gen 32 310
 ) &
 wait
 timeout "$(until_s 545)" python3 -m flashjax bench --ring --seqs-per-device 32k \
