@@ -187,6 +187,8 @@ class DecodeConfig:
       block_k: keys per step of a program's walk (the packed query rows are the other tile side).
       paged_block_k: the same for a paged cache (its blocks are gathered from pages, or sliced
         from one page when pages are as large).
+      unsplit_block_k: the same for a contiguous cache when the call runs one split (batch x KV
+        heads fill the cores' waves), if it differs (None: block_k).
       num_warps, num_stages: Triton launch parameters.
       waves: `num_splits=None` asks for at most `waves * cores` programs in all (a partial last
         wave would take as long as a full one) ...
@@ -203,6 +205,7 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     paged_block_k: int = 64
+    unsplit_block_k: int | None = None
     waves: int = 1
     paged_waves: int = 2
     min_blocks: int = 2
@@ -214,14 +217,14 @@ D = DecodeConfig
 # Hopper's shared memory at head dim <= 128, 2 at 256 with 64-key blocks. The sm90 head dim 128
 # entry won the H200 sweep (benchmarks/tune_decode.py; results/2026-11-30-h200-s6/decode_tune:
 # block_k 64/128/256 x (4 warps, 3 stages)/(8, 2), at 1 x 8k and 1 x 64k); the other entries
-# follow it by shared memory (not swept), except head dim 64: 64-key blocks won GPT-2 small's
-# decode step (12 query / 12 KV heads, batch 32 x 2k keys: 59.5 us against 68.5 us with 128-key
-# blocks; batch 1 x 2k: 12.2-12.8 us for every tile; results/2026-11-30-h200-s8/tune_decode_gpt2);
-# sm80 is not measured.
+# follow it by shared memory (not swept), except head dim 64's one-split walk: on GPT-2 small's
+# decode step (12 query / 12 KV heads, 2k keys) 64-key blocks won at batch 32 (one split: 59.5 us
+# against 68.5 us with 128-key blocks) and lost at batch 1 (8 or 11 splits: 13.7 us against
+# 12.2 us; results/2026-11-30-h200-s8/tune_decode_gpt2); sm80 is not measured.
 _DECODE_TABLE: dict[tuple[str, int], DecodeConfig] = {
     ("sm90", 16): D(128, 4, 3),
     ("sm90", 32): D(128, 4, 3),
-    ("sm90", 64): D(64, 4, 3),
+    ("sm90", 64): D(128, 4, 3, unsplit_block_k=64),
     ("sm90", 128): D(128, 4, 3),
     ("sm90", 256): D(64, 4, 2),
     ("sm80", 16): D(128, 4, 2),

@@ -232,6 +232,27 @@ def test_split_rule() -> None:
     assert decode_api.plan(ops, num_splits=5, target="interpret").splits == 5
 
 
+def test_unsplit_block() -> None:
+    """`DecodeConfig.unsplit_block_k` sets the keys per step of a one-split walk only: the
+    contiguous cache's, not the paged one's, nor a split walk's."""
+    config = configs.DecodeConfig(128, 4, 3, unsplit_block_k=64, paged_block_k=32)
+
+    def plan(batch: int) -> tuple[int, int, int]:
+        x = make_inputs(DecodeCase(B=batch, T=1, N=4, K=2, H=16, S=512))
+        ops = flashjax.decode.decode_operands(x.q, x.k, x.v, x.lengths)
+        p = decode_api.plan(ops, target="sm90", config=config)  # 4 cores off-GPU
+        return p.splits, p.block_k, p.key_blocks
+
+    assert plan(4) == (1, 64, 8)  # 8 programs fill the 4 cores: one split
+    assert plan(1) == (2, 128, 4)  # 2 programs: 2 splits
+    table = jnp.arange(4 * 8, dtype=jnp.int32).reshape(4, 8)
+    x = make_inputs(DecodeCase(B=4, T=1, N=4, K=2, H=16, S=512))
+    pool = (y.reshape(32, 64, 2, 16) for y in (x.k, x.v))
+    ops = flashjax.decode.decode_operands(x.q, *pool, x.lengths, page_table=table)
+    paged = decode_api.plan(ops, target="sm90", config=config)
+    assert (paged.splits, paged.block_k) == (1, 32)
+
+
 @pytest.mark.parametrize("page", [16, 64, 256])
 def test_paged_plan_on_hopper(page: int) -> None:
     """On sm90 a paged cache walks 64-key blocks (the H200 sweep: 10% faster than 128 at pages

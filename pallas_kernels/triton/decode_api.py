@@ -68,16 +68,19 @@ def plan(
     heads, capacity and core count."""
     target = target or configs.gpu_target()
     config = config or configs.get_decode_config(ops.head_dim, target)
-    if ops.page_table is None:
-        block_k = _dividing_block(config.block_k, ops.seq_k)
-    else:  # pages and blocks are powers of two: one divides the other
+    paged = ops.page_table is not None
+    if paged:  # pages and blocks are powers of two: one divides the other
         block_k = configs.fit_block(config.paged_block_k, ops.seq_k)
+    else:
+        block_k = _dividing_block(config.block_k, ops.seq_k)
     key_blocks = -(-ops.seq_k // block_k)
     if num_splits is None:
         cores = configs.core_count() if target != "interpret" else configs.INTERPRET_CORES
-        paged = ops.page_table is not None
         programs = ops.batch * ops.num_kv_heads
         num_splits = configs.decode_splits(programs, key_blocks, cores, config, paged)
+    if num_splits == 1 and not paged and config.unsplit_block_k:
+        block_k = _dividing_block(config.unsplit_block_k, ops.seq_k)
+        key_blocks = -(-ops.seq_k // block_k)
     head_dim = configs.head_dim_bucket(ops.head_dim)
     stages = configs.decode_stages(config, block_k, head_dim, ops.q.dtype.itemsize)
     return DecodePlan(
