@@ -94,6 +94,33 @@ def test_trace_overlap_measures_nccl_time_under_kernels() -> None:
     assert ring.trace_overlap([])["overlapped_fraction"] is None
 
 
+def test_trace_breakdown_splits_each_gpu_time() -> None:
+    """GPU 1's stream: flashjax 0-10 us, a fusion 8-12 (2 us alone), idle 12-15, NCCL 15-20:
+    span 20, flashjax 10, nccl 5, other alone 2, idle 3. GPU 2: one flashjax kernel, 0-4. The
+    averages over both; the "XLA Ops" line and the host are left out."""
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:1"}},
+        {"ph": "M", "pid": 3, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 1, "tid": 5, "name": "thread_name", "args": {"name": "Stream #14"}},
+        {"ph": "M", "pid": 1, "tid": 6, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "M", "pid": 2, "tid": 5, "name": "thread_name", "args": {"name": "Stream #14"}},
+        {"ph": "M", "pid": 3, "tid": 5, "name": "thread_name", "args": {"name": "Stream #1"}},
+    ]
+    events = meta + [
+        {"ph": "X", "pid": 1, "tid": 5, "ts": 0, "dur": 10, "name": "flashjax_mosaic_fwd"},
+        {"ph": "X", "pid": 1, "tid": 5, "ts": 8, "dur": 4, "name": "loop_fusion"},
+        {"ph": "X", "pid": 1, "tid": 5, "ts": 15, "dur": 5, "name": "ncclDevKernel_SendRecv"},
+        {"ph": "X", "pid": 1, "tid": 6, "ts": 0, "dur": 40, "name": "custom-call.1"},
+        {"ph": "X", "pid": 2, "tid": 5, "ts": 0, "dur": 4, "name": "flashjax_mosaic_fwd"},
+        {"ph": "X", "pid": 3, "tid": 5, "ts": 0, "dur": 99, "name": "host"},
+    ]
+    got = ring.trace_breakdown(events)
+    want = {"span": 12, "flashjax": 7, "nccl": 2.5, "other_alone": 1, "idle": 1.5}
+    assert got == pytest.approx({f"{k}_ms": v / 1e3 for k, v in want.items()})
+    assert ring.trace_breakdown(events[len(meta) :]) == {}  # no GPU named
+
+
 def test_ring_bench_runs_end_to_end_on_cpu(tmp_path) -> None:
     """A tiny run on 2 host devices: every kind of row, errors near float32 rounding, a model
     prediction beside each measured ring row, the files and plots."""

@@ -23,8 +23,9 @@ Measures, on the devices of this host (n = `--devices`, default all; on a CPU, 4
              crossover rows per device where a step's transfer starts to hide behind its compute,
              and the model's prediction beside each measured ring row (`model_ms`).
 
-  profile    (`--profile`) a jax.profiler trace of two ring fwd+bwd calls, and how much of the
-             NCCL kernels' time some flashjax kernel ran beside (`trace_overlap`).
+  profile    (`--profile`) a jax.profiler trace of two ring calls (the first of --impls and of
+             --modes), how much of the NCCL kernels' time some flashjax kernel ran beside
+             (`trace_overlap`), and where each GPU's time went (`trace_breakdown`).
 
 Outputs in --out (default: a folder under the system's temporary directory): ring.json (meta +
 every row), ring.csv (scaling rows), ring.png (TFLOP/s per device against total sequence),
@@ -622,29 +623,97 @@ def trace_overlap(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _stream_events(events: Sequence[dict[str, Any]]) -> dict[Any, list[tuple[str, float, float]]]:
+    """Per GPU (a `pid` whose process_name names a GPU), the (name, start, end) in us of the
+    events on its streams (threads named "Stream ..."; not the "XLA Ops" / "XLA Modules" lines,
+    which repeat them per HLO op)."""
+    meta = [e for e in events if e.get("ph") == "M"]
+    gpus = {
+        e.get("pid")
+        for e in meta
+        if e.get("name") == "process_name"
+        and "gpu" in str(e.get("args", {}).get("name", "")).lower()
+    }
+    streams = {
+        (e.get("pid"), e.get("tid"))
+        for e in meta
+        if e.get("name") == "thread_name"
+        and "stream" in str(e.get("args", {}).get("name", "")).lower()
+    }
+    found: dict[Any, list[tuple[str, float, float]]] = {pid: [] for pid in gpus}
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and (e.get("pid"), e.get("tid")) in streams:
+            if e.get("pid") in found:
+                start = float(e["ts"])
+                found[e.get("pid")].append((str(e.get("name", "")), start, start + float(e["dur"])))
+    return found
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in _union(intervals))
+
+
+def trace_breakdown(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Where each GPU's time went in a trace (`_stream_events`), in ms, averaged over the GPUs:
+    `span` (first kernel start to last kernel end), `flashjax` (some flashjax kernel running),
+    `nccl` (some NCCL kernel running), `other_alone` (another kernel, e.g. the `(out, lse)`
+    merge's fusions, running while no flashjax kernel is), `idle` (no kernel at all). Empty if
+    the trace names no GPU stream."""
+    per_gpu = [spans for spans in _stream_events(events).values() if spans]
+    if not per_gpu:
+        return {}
+    totals = dict.fromkeys(("span", "flashjax", "nccl", "other_alone", "idle"), 0.0)
+    for spans in per_gpu:
+        every = [(a, b) for _, a, b in spans]
+        kinds = {"flashjax": [], "nccl": [], "other": []}
+        for name, a, b in spans:
+            low = name.lower()
+            kinds["nccl" if "nccl" in low else "flashjax" if "flashjax" in low else "other"].append(
+                (a, b)
+            )
+        span = max(b for _, b in every) - min(a for a, _ in every)
+        flash = _length(kinds["flashjax"])
+        totals["span"] += span
+        totals["flashjax"] += flash
+        totals["nccl"] += _length(kinds["nccl"])
+        totals["other_alone"] += _length(kinds["flashjax"] + kinds["other"]) - flash
+        totals["idle"] += span - _length(every)
+    return {f"{k}_ms": v / len(per_gpu) / 1e3 for k, v in totals.items()}
+
+
 def profile(cfg: RingConfig, out_dir: Path, log: Log, calls: int = 2) -> dict[str, Any]:
-    """A `jax.profiler` trace of `calls` ring forward+backward calls at the first rows per
-    device and mask (after one untimed call), in `out_dir`/profile, and `trace_overlap` of it.
+    """A `jax.profiler` trace of `calls` calls of the first ring program in `--impls` (ring or
+    ring_kernel) in the first mode of `--modes`, at the first rows per device and mask (after
+    one untimed call), in `out_dir`/profile, with `trace_overlap` and `trace_breakdown` of it.
     To look at it: the trace.json.gz in Perfetto (ui.perfetto.dev) or the folder in TensorBoard's
     profiler; the NCCL SendRecv kernels run on their own stream beside the flashjax kernels."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
     mesh = mesh_of(cfg.devices)
-    seq, mask = cfg.seqs_per_device[0], cfg.masks[0]
+    seq, mask, mode = cfg.seqs_per_device[0], cfg.masks[0], cfg.modes[0]
+    impl = next((i for i in cfg.impls if i in RING_DISPATCH), "ring")
     args = inputs(cfg, seq * cfg.devices, NamedSharding(mesh, PartitionSpec(None, AXIS)))
-    fn = distributed(cfg, mesh, "ring", mask, "fwd+bwd")
+    fn = distributed(cfg, mesh, impl, mask, mode)
     jax.block_until_ready(fn(*args))
     where = out_dir / "profile"
     with jax.profiler.trace(str(where)):
         for _ in range(calls):
             jax.block_until_ready(fn(*args))
     found = sorted(where.glob("plugins/profile/*/*.trace.json.gz"))
-    summary: dict[str, Any] = {"dir": str(where), "seq_per_device": seq, "mask": mask}
+    summary: dict[str, Any] = {
+        "dir": str(where),
+        "seq_per_device": seq,
+        "mask": mask,
+        "mode": mode,
+        "impl": impl,
+        "calls": calls,
+    }
     if found:
         with gzip.open(found[-1], "rt") as f:
-            summary |= trace_overlap(json.load(f).get("traceEvents", []))
-    log(f"profile of {calls} ring fwd+bwd calls ({seq}/device, {mask}) in {where}: {summary}")
+            events = json.load(f).get("traceEvents", [])
+        summary |= trace_overlap(events) | trace_breakdown(events)
+    log(f"profile of {calls} {impl} {mode} calls ({seq}/device, {mask}) in {where}: {summary}")
     return summary
 
 
@@ -785,8 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="also write a jax.profiler trace of two ring fwd+bwd calls (first shape) to "
-        "OUT/profile, to see the transfers overlap the kernels",
+        help="also write a jax.profiler trace of two ring calls (first shape, first of --impls "
+        "and --modes) to OUT/profile, with each GPU's time split by kernel kind",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="results folder (default: under the temp dir)")
