@@ -70,24 +70,27 @@ def forward_candidates(head_dim: int, tiles: bool, toggles: bool) -> list[Forwar
     return [chosen] + variants + (grid if tiles else [])
 
 
-# The backward's option sets swept (backward.OPTIONS). fused_dq (5 GEMMs, not 7) was 0.89-0.92x
-# of the two kernels at head dim 128 in session 6, with the ping-pong and without the overlapped
-# orders; here it is swept with them. Session 7 (results/2026-11-30-h200-s7/bwd): the
-# overlapped orders are 8-20% slower with the consumers' ping-pong and fastest without it, so
-# they are swept without it.
+# The backward's option sets swept (backward.OPTIONS). Session 7 (results/2026-11-30-h200-s7/bwd):
+# the overlapped orders are 8-20% slower with the consumers' ping-pong, so they run without it.
+# Session 8 (results/2026-11-30-h200-s8/bwd, T = 8k): at head dim 64 the single kernel with
+# pooled dQ parts won (now the default there), at 128 it lost by 15-35% and one_body by 1-6%;
+# at 16k the causal head dim 128 backward drops (423 TFLOP/s against 479 at 8k), so
+# longest_first (the dQ kernel's heaviest query tiles first) is swept with each.
 BWD_SCHEDULES = [
-    (),
-    ("no_pingpong",),
-    ("overlap_dv", "no_pingpong"),
-    ("early_dp", "no_pingpong"),
     ("early_dp", "overlap_dv", "no_pingpong"),
-    ("early_dp", "overlap_dv", "no_pingpong", "longest_first"),
     ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
-    ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers", "one_body"),
-    ("fused_dq", "early_dp", "overlap_dv", "no_pingpong"),
-    ("fused_dq", "early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
-    ("fused_dq", "pooled_dq", "early_dp", "overlap_dv", "no_pingpong"),
+    ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers", "longest_first"),
     ("fused_dq", "pooled_dq", "early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
+    (
+        "fused_dq",
+        "pooled_dq",
+        "early_dp",
+        "overlap_dv",
+        "no_pingpong",
+        "no_auto_barriers",
+        "longest_first",
+    ),
+    ("fused_dq", "early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
 ]
 assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 

@@ -203,6 +203,10 @@ def test_schedules_compute_the_same(schedule, features) -> None:
             Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "segments", "dropout")),
         ),
         (
+            dict(fused_dq=True, pooled_dq=True, no_pingpong=True, longest_first=True),
+            Case(B=2, T=256, S=384, N=2, K=1, H=64, features=("causal", "blocks128")),
+        ),
+        (
             dict(fused_dq=True, pooled_dq=True, no_pingpong=False),
             Case(B=2, T=150, S=190, N=2, K=1, H=64, features=("lengths", "window")),
         ),
