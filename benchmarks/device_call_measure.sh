@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$L/gpus.
 gen() {  # batch size, deadline (seconds since start)
   timeout "$(until_s "$2")" python3 -m examples.gpt2.generate --random-init --config small \
     --max-seq-len 2048 --prompt-len 1024 --new-tokens 1024 --batch-size "$1" \
-    --attention flashjax,xla,cudnn --repeats 3 --json "$L/gpt2-generate-b$1.json" \
+    --attention flashjax,xla,cudnn,none --repeats 3 --json "$L/gpt2-generate-b$1.json" \
     > "$L/gpt2-generate-b$1.log" 2>&1
 }
 (

@@ -103,6 +103,21 @@ def test_sampling_rules() -> None:
     )
 
 
+def test_no_attention_floor_runs_everything_but_attention(params) -> None:
+    """`--attention none` (the timing floor): the same loop and cache writes, no attention; an
+    unknown backend is refused."""
+    gen = generate.Generator(CONFIG, CacheAttention("none"), generate.Sampling())
+    prompt = jnp.zeros((2, 5), jnp.int32)
+    cache = generate.KVCache.zeros(CONFIG, 2, 9)
+    tokens, cache = gen.generate(params, cache, prompt, jax.random.key(0), 4)
+    assert tokens.shape == (2, 4)
+    written = np.asarray(cache.keys[0][:, :8])  # the prompt's 5 keys and 3 steps' (the last
+    assert np.all(np.any(written != 0, axis=(2, 3)))  # sampled token is not fed back)
+    assert not np.any(np.asarray(cache.keys[0][:, 8:]))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        CacheAttention("flash")
+
+
 def test_lengths_are_checked(params) -> None:
     gen = generate.Generator(CONFIG, CacheAttention("xla"), generate.Sampling())
     prompt = jnp.zeros((1, 60), jnp.int32)

@@ -40,6 +40,8 @@ import flashjax
 
 Backend = Literal["flashjax", "xla", "cudnn"]
 BACKENDS: tuple[str, ...] = ("flashjax", "xla", "cudnn")
+NO_ATTENTION = "none"  # generation only: CacheAttention's timing floor
+CACHE_BACKENDS: tuple[str, ...] = (*BACKENDS, NO_ATTENTION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,23 +265,28 @@ class CacheAttention:
     attention (prefill) and the new token's attention over the cache (a decode step).
 
     Attributes:
-      backend: "flashjax", "xla" or "cudnn".
+      backend: "flashjax", "xla" or "cudnn"; or `NO_ATTENTION` ("none"), a timing floor, not an
+        attention: each position's output is its own value (prefill) or query (decode step), so
+        a generation with it takes the time of everything but attention, and its speed over
+        another backend's is the most any attention could gain there (its text is noise).
       implementation: for "flashjax" only, `flashjax.decode_attention`'s `implementation` for
         the decode steps (None: the fastest available, "triton_decode" on NVIDIA GPUs); the
         prefill takes `dot_product_attention`'s default.
     """
 
-    backend: Backend = "flashjax"
+    backend: str = "flashjax"
     implementation: str | None = None
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend not in CACHE_BACKENDS:
+            raise ValueError(f"backend must be one of {CACHE_BACKENDS}, got {self.backend!r}")
         if self.implementation is not None and self.backend != "flashjax":
             raise ValueError("implementation applies to the flashjax backend only")
 
     def prefill(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """Causal attention of the prompt: `Float[Array, "B T N H"]` q, k, v -> out."""
+        if self.backend == NO_ATTENTION:
+            return v
         if self.backend == "flashjax":
             return flashjax.dot_product_attention(q, k, v, is_causal=True)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.backend)
@@ -289,6 +296,8 @@ class CacheAttention:
     ) -> jax.Array:
         """One new token per row, `Float[Array, "B 1 N H"]`, over caches `Float[Array, "B S N H"]`
         holding `Int[Array, "B"]` keys (the token's own included)."""
+        if self.backend == NO_ATTENTION:
+            return q
         if self.backend == "flashjax":
             return flashjax.decode_attention(
                 q, k_cache, v_cache, lengths, implementation=self.implementation

@@ -11,7 +11,8 @@ One generation is one jitted call: the prompt's forward pass fills the cache (pr
 its key and value into the cache at its position (`lax.dynamic_update_slice`, in place: the
 cache is a loop carry, and the call's cache argument is donated) and attend over the cache
 (`--attention flashjax`: `flashjax.decode_attention`, the split-KV kernel on a GPU; `xla` /
-`cudnn`: `jax.nn.dot_product_attention` with `key_value_seq_lengths`).
+`cudnn`: `jax.nn.dot_product_attention` with `key_value_seq_lengths`; `none`: no attention, the
+time of everything else, for the most any attention could gain).
 
 The pieces: `KVCache` (one buffer per layer and kind, so that a kernel reads a layer's cache in
 place, with no slice of a stacked array copied first), `Sampling` and `sample` (greedy,
@@ -37,7 +38,12 @@ from flax import nnx
 from jax import lax
 
 from examples.gpt2 import data, train
-from examples.gpt2.attention import BACKENDS, AttentionFn, CacheAttention
+from examples.gpt2.attention import (
+    CACHE_BACKENDS,
+    NO_ATTENTION,
+    AttentionFn,
+    CacheAttention,
+)
 from examples.gpt2.model import CONFIGS, GPT, Block, GPTConfig, get_config
 
 # --------------------------------------------------------------------------------------------------
@@ -159,8 +165,9 @@ class Generator:
 
     def __init__(self, config: GPTConfig, attention: CacheAttention, sampling: Sampling) -> None:
         self.config, self.attention, self.sampling = config, attention, sampling
-        abstract = nnx.eval_shape(
-            lambda: GPT(config, AttentionFn(attention.backend), rngs=nnx.Rngs(0))
+        model_attention = "xla" if attention.backend == NO_ATTENTION else attention.backend
+        abstract = nnx.eval_shape(  # (generation runs `attention`, not the model's attention)
+            lambda: GPT(config, AttentionFn(model_attention), rngs=nnx.Rngs(0))
         )
         self.graphdef, _ = nnx.split(abstract, nnx.Param)
         self.compiled = jax.jit(self._generate, static_argnums=4, donate_argnums=1)
@@ -299,8 +306,8 @@ def prompt_tokens(text: str, length: int | None, batch: int) -> np.ndarray:
 
 def _backends(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names or any(n not in BACKENDS for n in names):
-        raise argparse.ArgumentTypeError(f"a comma list of {', '.join(BACKENDS)}: {text!r}")
+    if not names or any(n not in CACHE_BACKENDS for n in names):
+        raise argparse.ArgumentTypeError(f"a comma list of {', '.join(CACHE_BACKENDS)}: {text!r}")
     return names
 
 
@@ -330,7 +337,9 @@ def _parser() -> argparse.ArgumentParser:
         "--attention",
         type=_backends,
         default=("flashjax",),
-        help=f"comma list of {', '.join(BACKENDS)} (default flashjax); several: a comparison",
+        help=f"comma list of {', '.join(CACHE_BACKENDS)} (default flashjax); several: a "
+        f"comparison; {NO_ATTENTION!r}: no attention at all, the time of everything else (its "
+        "speed over xla is the most any attention could reach; its text is noise)",
     )
     p.add_argument(
         "--flash-impl",
