@@ -13,18 +13,12 @@ source benchmarks/device_setup.sh
 L="$OUT/logs"
 mkdir -p "$L"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$L/gpus.txt"
-gen() {  # batch size, deadline (seconds since start)
-  timeout "$(until_s "$2")" python3 -m examples.gpt2.generate --random-init --config small \
-    --max-seq-len 2048 --prompt-len 1024 --new-tokens 1024 --batch-size "$1" \
-    --attention flashjax,xla,cudnn,none --repeats 3 --json "$L/gpt2-generate-b$1.json" \
-    > "$L/gpt2-generate-b$1.log" 2>&1
-}
 (
   export CUDA_VISIBLE_DEVICES=0
   timeout 200 python3 -m flashjax bench --decode --max-minutes 2 --commit "$C" \
     --out "$L/decode" > "$L/decode.log" 2>&1
-  gen 1 330
-  gen 32 410
+  gen 1 "$L" 330
+  gen 32 "$L" 410
 ) &
 (
   export CUDA_VISIBLE_DEVICES=1

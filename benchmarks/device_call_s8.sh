@@ -14,12 +14,6 @@ L="$OUT/logs"
 mkdir -p "$L"
 echo "commit $C" > "$L/commit.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$L/gpus.txt"
-gen() {  # batch size, deadline (seconds since start)
-  timeout "$(until_s "$2")" python3 -m examples.gpt2.generate --random-init --config small \
-    --max-seq-len 2048 --prompt-len 1024 --new-tokens 1024 --batch-size "$1" \
-    --attention flashjax,xla,cudnn,none --repeats 3 --json "$L/gpt2-generate-b$1.json" \
-    > "$L/gpt2-generate-b$1.log" 2>&1
-}
 (
   export CUDA_VISIBLE_DEVICES=0
   timeout 310 python3 -m examples.gpt2.bench --out "$L/gpt2" --only throughput \
@@ -30,8 +24,8 @@ gen() {  # batch size, deadline (seconds since start)
   export CUDA_VISIBLE_DEVICES=1
   timeout 150 python3 -m flashjax bench --decode --no-flax --max-minutes 1.5 --commit "$C" \
     --out "$L/decode" > "$L/decode.log" 2>&1
-  gen 1 235
-  gen 32 310
+  gen 1 "$L" 235
+  gen 32 "$L" 310
 ) &
 wait
 timeout "$(until_s 545)" python3 -m flashjax bench --ring --seqs-per-device 32k \

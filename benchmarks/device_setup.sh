@@ -1,8 +1,8 @@
 #!/bin/bash
 # Sourced by the benchmarks/device_call*.sh scripts on the device machine: unbuffered Python, the
 # commit being run (the device copy has no .git), tokamax from its wheels when `.tokamax` was
-# carried, `until_s MARK` (seconds left until MARK seconds since the start, at least 5) and
-# `gpu_tier LIMIT LOG` (the GPU test tier).
+# carried, `until_s MARK` (seconds left until MARK seconds since the start, at least 5),
+# `gpu_tier LIMIT LOG` (the GPU test tier) and `gen BATCH DIR DEADLINE` (GPT-2 small generation).
 export PYTHONUNBUFFERED=1
 C=${COMMIT:?set COMMIT to the commit being run (the device copy has no .git)}
 if [ -d .tokamax ]; then
@@ -26,4 +26,12 @@ gpu_tier() {
     stamp > "$log.rest"
   wait
   cat "$log.suite" "$log.rest" > "$log" && rm "$log.suite" "$log.rest"
+}
+# GPT-2 small generation at batch BATCH, 1k prompt + 1k new tokens, every attention (and `none`,
+# the floor without attention) until DEADLINE seconds since the start; log and JSON in DIR.
+gen() {
+  timeout "$(until_s "$3")" python3 -m examples.gpt2.generate --random-init --config small \
+    --max-seq-len 2048 --prompt-len 1024 --new-tokens 1024 --batch-size "$1" \
+    --attention flashjax,xla,cudnn,none --repeats 3 --json "$2/gpt2-generate-b$1.json" \
+    > "$2/gpt2-generate-b$1.log" 2>&1
 }
