@@ -1,9 +1,10 @@
 #!/bin/bash
 # One device call on nvidia-h200 (about 9.5 minutes, `run` with timeout_s 600): the open
 # questions session 8 left (benchmarks/results/2026-11-30-h200-s8/README.md, last section):
-#   1. the backward's longest_first with the defaults, on the GPU against the float64 reference;
+#   1. the backward's longest_first with the defaults, and split_dq (new), on the GPU against
+#      the float64 reference;
 #   2. the backward at T = 16k, head dims 128 and 64 (BWD_SCHEDULES: longest_first against the
-#      16k causal drop at 128);
+#      16k causal drop at 128; split_dq, the 5-GEMM kernel that might beat the two at 128);
 #   3. the forward at T = 1k, head dim 64 (SCHEDULES; its causal forward is 0.64x cuDNN there);
 #   4. the decode kernel with pages of 64 keys at 64x4k and 1x8k (paged 1.19x / 1.27x).
 # Usage (device tool, from the repo root):
@@ -13,9 +14,10 @@ export PYTHONPATH=$PYTHONPATH:benchmarks
 L="$OUT/logs"
 mkdir -p "$L"
 echo "commit $C" > "$L/commit.txt"
-timeout 100 python3 -m pytest -m gpu_schedules tests/test_gpu_schedules.py -k "longest_first" \
-  -v -rfE -p no:cacheprovider -o faulthandler_timeout=90 > "$L/gpu_schedules.log" 2>&1
-timeout "$(until_s 330)" python3 benchmarks/tune_mosaic.py "$L/tune_bwd16k.json" 128 64 \
+timeout 130 python3 -m pytest -m gpu_schedules tests/test_gpu_schedules.py \
+  -k "longest_first or split_dq" -v -rfE -p no:cacheprovider -o faulthandler_timeout=120 \
+  > "$L/gpu_schedules.log" 2>&1
+timeout "$(until_s 350)" python3 benchmarks/tune_mosaic.py "$L/tune_bwd16k.json" 128 64 \
   --only bwd --seq 16384 > "$L/tune_bwd16k.log" 2>&1
 timeout "$(until_s 450)" python3 benchmarks/tune_mosaic.py "$L/tune_fwd1k.json" 64 \
   --only fwd --seq 1024 > "$L/tune_fwd1k.log" 2>&1

@@ -75,7 +75,9 @@ def forward_candidates(head_dim: int, tiles: bool, toggles: bool) -> list[Forwar
 # Session 8 (results/2026-11-30-h200-s8/bwd, T = 8k): at head dim 64 the single kernel with
 # pooled dQ parts won (now the default there), at 128 it lost by 15-35% and one_body by 1-6%;
 # at 16k the causal head dim 128 backward drops (423 TFLOP/s against 479 at 8k), so
-# longest_first (the dQ kernel's heaviest query tiles first) is swept with each.
+# longest_first (the dQ kernel's heaviest query tiles first) is swept with each. split_dq (the
+# pooled dQ part's head dim shared by the consumers: a 64 x 64 float32 accumulator each at head
+# dim 128, not 64 x 128) is new in session 8, not yet run on a GPU.
 BWD_SCHEDULES = [
     ("early_dp", "overlap_dv", "no_pingpong"),
     ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
@@ -91,6 +93,16 @@ BWD_SCHEDULES = [
         "longest_first",
     ),
     ("fused_dq", "early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
+    ("fused_dq", "pooled_dq", "split_dq", "early_dp", "overlap_dv", "no_pingpong"),
+    (
+        "fused_dq",
+        "pooled_dq",
+        "split_dq",
+        "early_dp",
+        "overlap_dv",
+        "no_pingpong",
+        "no_auto_barriers",
+    ),
 ]
 assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 

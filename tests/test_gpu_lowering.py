@@ -139,6 +139,7 @@ def test_mosaic_schedule_options_lower() -> None:
         dict(early_dp=True, no_pingpong=True, longest_first=True),
         dict(fused_dq=True, early_dp=True, overlap_dv=True, no_pingpong=True),
         dict(fused_dq=True, pooled_dq=True, early_dp=True, overlap_dv=True),
+        dict(fused_dq=True, pooled_dq=True, split_dq=True, early_dp=True, overlap_dv=True),
         dict(one_body=True, early_dp=True, overlap_dv=True, no_pingpong=True),
     ],
     ids=lambda v: "+".join(v),

@@ -33,6 +33,7 @@ BACKWARD = [
     ("fused_dq", "early_dp", "overlap_dv", "no_pingpong"),
     ("fused_dq", "pooled_dq", "early_dp", "overlap_dv", "no_pingpong"),
     ("fused_dq", "pooled_dq", "early_dp", "overlap_dv", "no_pingpong", "longest_first"),
+    ("fused_dq", "pooled_dq", "split_dq", "early_dp", "overlap_dv", "no_pingpong"),
     ("one_body", "early_dp", "overlap_dv", "no_pingpong"),
 ]
 DROPOUT = Case(B=1, T=1000, S=1100, N=4, K=2, H=128, features=("causal", "dropout"))

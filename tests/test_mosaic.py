@@ -203,6 +203,14 @@ def test_schedules_compute_the_same(schedule, features) -> None:
             Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "segments", "dropout")),
         ),
         (
+            dict(fused_dq=True, pooled_dq=True, split_dq=True, early_dp=True, no_pingpong=True),
+            Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "segments", "dropout")),
+        ),
+        (
+            dict(fused_dq=True, pooled_dq=True, split_dq=True, no_pingpong=True),
+            Case(B=2, T=150, S=190, N=2, K=1, H=256, features=("lengths", "window")),
+        ),
+        (
             dict(fused_dq=True, pooled_dq=True, no_pingpong=True, longest_first=True),
             Case(B=2, T=256, S=384, N=2, K=1, H=64, features=("causal", "blocks128")),
         ),
@@ -233,8 +241,8 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     """The backward's schedule variants (BackwardConfig: `early_dp`, S and dP issued back to
     back, P computed while dP runs; `no_pingpong`; `longest_first`, heads fastest and dQ's
     query tiles reversed, with visit lists too; `one_body`, the element rule under a `lax.cond`;
-    the single kernel, `fused_dq` and `pooled_dq`) against the float64 reference, with no
-    race."""
+    the single kernel, `fused_dq`, `pooled_dq` and `split_dq`) against the float64 reference,
+    with no race."""
     config = dataclasses.replace(api.backward_config(case.H), **variant)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "backward_config", lambda head_dim: config)

@@ -1,4 +1,4 @@
-"""FlashAttention backward for Hopper on Pallas' Mosaic GPU backend: two kernels, deterministic.
+"""FlashAttention backward for Hopper on Pallas' Mosaic GPU backend: two kernels, or one.
 
 `delta = rowsum(dO * O)` and the base-2 logsumexp come from the caller. Both kernels use the
 three-warpgroup layout of pipeline.py (two consumers, one TMA producer) and recompute the scores:
@@ -9,9 +9,13 @@ three-warpgroup layout of pipeline.py (two consumers, one TMA producer) and reco
   S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q.
 - dQ: one CTA per (2 * rows queries, query head, batch row), like the forward: the producer
   streams K and V (and segment ids), each consumer accumulates dQ += dS K for its rows.
-Five of the seven matmuls are the FA2 backward's; QK^T and dO V^T are computed in both kernels
-(FA3's single kernel with a float32 dQ reduction is the next step: it cannot run in interpret
-mode). In interpret mode the register operands of wgmma are staged through shared memory.
+Five of the seven matmuls are the FA2 backward's; QK^T and dO V^T are computed in both kernels.
+The two kernels are deterministic. With `BackwardConfig.fused_dq` the dK/dV kernel also adds
+each step's dQ part (dS K, float32) to dQ in GMEM by TMA reduce-add, and the dQ kernel does not
+run: five matmuls, FA3's single kernel, whose adds land in a varying order (`pooled_dq`,
+`split_dq`: how the consumers share the part). In interpret mode the register operands of wgmma
+are staged through shared memory, and the dQ parts (no TMA reduction there) go to slices that
+the host sums.
 """
 
 from __future__ import annotations
@@ -57,6 +61,12 @@ class BackwardConfig:
     # GMEM (at seq 16k, head dim 128, one part per consumer step adds 34 GB). No ping-pong then
     # (`turns`).
     pooled_dq: bool = False
+    # With `pooled_dq`: every step both consumers compute the pooled part, each for its share of
+    # the head dim (D / 2 columns, over both key tiles), instead of one consumer the whole part
+    # on alternate steps: the float32 accumulator a consumer holds beside dK and dV is halved
+    # (64 x 64 at head dim 128, as FA3's backward splits dQ). Head dims below 128 (shares
+    # narrower than wgmma's 64-column swizzle) keep the alternating consumers.
+    split_dq: bool = False
     # The dK/dV kernel issues dP^T = V dO^T and dV += P^T dO back to back and computes dS while
     # the dV matmul still runs (`wgmma_accumulator_load(wait_n=1)`), then issues dK += dS^T Q:
     # tokamax's order. Without it, dP is awaited before dV is issued. GPU only (interpret mode
@@ -97,6 +107,7 @@ OPTIONS = (
     "no_auto_barriers",
     "fused_dq",
     "pooled_dq",
+    "split_dq",
     "overlap_dv",
     "early_dp",
     "no_pingpong",
@@ -233,6 +244,7 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     turns = pp.Turn(sc["turn"], wg, enabled=config.turns)
     n = visits.count  # query tiles per query head
     overlap = config.overlap_dv and not interpret
+    split = splits_dq(config, head_dim)
 
     plgpu.set_max_registers(config.registers[0], action="increase")
     my_k, my_v = sc["k"].at[wg], sc["v"].at[wg]
@@ -258,10 +270,16 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         q_tile, do_tile = sc["q"].at[slot], sc["do"].at[slot]
         dq_part = None  # `fused_dq`: adds this step's dQ part, given dS^T
         if config.fused_dq:
-            at = (b, head, qt * bq)
+            at = (b, head, qt * bq, 0)  # the part's first row and column
             if config.pooled_dq:
                 dq_part = functools.partial(
-                    _add_pooled_dq_part, refs, sc, visit=g * n + j, at=at, interpret=interpret
+                    _add_pooled_dq_part,
+                    refs,
+                    sc,
+                    visit=g * n + j,
+                    at=at,
+                    split=split,
+                    interpret=interpret,
                 )
             else:
                 dq_part = functools.partial(
@@ -395,51 +413,69 @@ def _add_dq_part(refs, sc, ds, *, my_k, at, interpret: bool) -> None:
     _send_dq_part(refs, sc, part, at, interpret)
 
 
-def _add_pooled_dq_part(refs, sc, ds, *, visit, at, interpret: bool) -> None:
-    """`pooled_dq`: both consumers stage dS^T (`ds`), then consumer `visit mod CONSUMERS`
-    computes the CTA's dQ part over both key tiles and adds it (`_send_dq_part`). Barriers:
-    `ds_ready[c]` (every consumer's dS^T staged, awaited by consumer c, whose visits use it) and
-    `ds_free` (the last part has read the staged dS^T and the K tiles; every consumer awaits it
-    before staging the next, and before its epilogue overwrites its K tile)."""
+def splits_dq(config: BackwardConfig, head_dim: int) -> bool:
+    """`split_dq` applies: the pooled part's columns shared by the consumers, each share a
+    multiple of 64 (a 128-byte swizzle row of bf16)."""
+    return config.fused_dq and config.pooled_dq and config.split_dq and head_dim % 128 == 0
+
+
+def _add_pooled_dq_part(refs, sc, ds, *, visit, at, split: bool, interpret: bool) -> None:
+    """`pooled_dq`: both consumers stage dS^T (`ds`), then the CTA's dQ part over both key tiles
+    is computed and added (`_send_dq_part`): by consumer `visit mod CONSUMERS`, or with `split`
+    (`split_dq`) by every consumer for its share of the head dim. Barriers: `ds_ready[c]`
+    (every consumer's dS^T staged, awaited by the consumers that compute with it: consumer c;
+    with `split` one barrier, every consumer) and `ds_free` (every computing consumer has read
+    the staged dS^T and the K tiles; every consumer awaits it before staging the next, and
+    before its epilogue overwrites its K tile)."""
     wg = lax.axis_index("wg")
     turn = lax.rem(visit, CONSUMERS)
+    ready = sc["ds_ready"].at[0 if split else turn]
     pl.when(visit > 0)(lambda: plgpu.barrier_wait(sc["ds_free"]))
     sc["ds"].at[wg][...] = ds
     plgpu.commit_smem()
-    plgpu.barrier_arrive(sc["ds_ready"].at[turn])
+    plgpu.barrier_arrive(ready)
 
-    @pl.when(wg == turn)
-    def _():
-        plgpu.barrier_wait(sc["ds_ready"].at[turn])
+    def compute():
+        plgpu.barrier_wait(ready)
+        head_dim = sc["k"].shape[-1]
+        width = head_dim // CONSUMERS if split else head_dim
+        col0 = wg * width if split else 0
 
         def product(acc_ref):
             for c in range(CONSUMERS):
-                plgpu.wgmma(acc_ref, sc["ds"].at[c].T, sc["k"].at[c])
+                k = sc["k"].at[c, :, pl.ds(col0, width)] if split else sc["k"].at[c]
+                plgpu.wgmma(acc_ref, sc["ds"].at[c].T, k)
             return acc_ref[...]
 
-        shape = (sc["ds"].shape[-1], sc["k"].shape[-1])
-        part = pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+        part = pl.run_scoped(product, plgpu.ACC((sc["ds"].shape[-1], width), jnp.float32))
         plgpu.barrier_arrive(sc["ds_free"])
-        _send_dq_part(refs, sc, part, at, interpret)
+        _send_dq_part(refs, sc, part, (*at[:3], col0), interpret)
+
+    if split:
+        compute()
+    else:
+        pl.when(wg == turn)(compute)
 
 
 def _send_dq_part(refs, sc, part, at, interpret: bool) -> None:
-    """A dQ part (query rows x D, float32) added to dQ through this consumer's float32 SMEM
-    tile, once its previous part's copy has read it: on the GPU by TMA reduce-add into `dq_acc`
-    (B, Tp, N, D); in interpret mode (no TMA reduction there) into this consumer's own slice of
-    `dq_acc` (parts, B, Tp, N, D), summed by the host."""
+    """A dQ part (query rows x columns, float32) added to dQ through this consumer's float32
+    SMEM tile, once its previous part's copy has read it: on the GPU by TMA reduce-add into
+    `dq_acc` (B, Tp, N, D); in interpret mode (no TMA reduction there) into this consumer's own
+    slice of `dq_acc` (parts, B, Tp, N, D), summed by the host. `at`: (batch row, head, first
+    row, first column)."""
     wg = lax.axis_index("wg")
-    b, head, row0 = at
+    b, head, row0, col0 = at
     out = sc["dq_part"].at[wg]
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     out[...] = part
     plgpu.commit_smem()
-    rows = pl.ds(row0, part.shape[0])
+    rows, cols = pl.ds(row0, part.shape[0]), pl.ds(col0, part.shape[1])
     if interpret:
         slot = lax.axis_index("t") * CONSUMERS + wg
-        plgpu.copy_smem_to_gmem(out, refs["dq_acc"].at[slot, b, rows, head])
+        plgpu.copy_smem_to_gmem(out, refs["dq_acc"].at[slot, b, rows, head, cols])
     else:
-        plgpu.copy_smem_to_gmem(out, refs["dq_acc"].at[b, rows, head], reduction_op="add")
+        target = refs["dq_acc"].at[b, rows, head, cols]
+        plgpu.copy_smem_to_gmem(out, target, reduction_op="add")
 
 
 def _dkdv_producer(refs, sc, *, config, visits, group):
@@ -522,12 +558,15 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
     if via_smem:
         scratch["stage"] = pp.smem_tile((CONSUMERS, bkv, bq), dtype)
     if config.fused_dq:
-        scratch["dq_part"] = pp.smem_tile((CONSUMERS, bq, head_dim), jnp.float32)
+        split = splits_dq(config, head_dim)
+        width = head_dim // CONSUMERS if split else head_dim
+        scratch["dq_part"] = pp.smem_tile((CONSUMERS, bq, width), jnp.float32)
         if not via_smem or config.pooled_dq:
             scratch["ds"] = pp.smem_tile((CONSUMERS, bkv, bq), dtype)
-        if config.pooled_dq:
-            scratch["ds_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=CONSUMERS)
-            scratch["ds_free"] = plgpu.Barrier(num_arrivals=1)
+        if config.pooled_dq:  # see _add_pooled_dq_part
+            ready = 1 if split else CONSUMERS
+            scratch["ds_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=ready)
+            scratch["ds_free"] = plgpu.Barrier(num_arrivals=CONSUMERS if split else 1)
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     grid = (seq_k // (CONSUMERS * bkv), num_kv_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())
