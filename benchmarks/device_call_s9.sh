@@ -5,7 +5,8 @@
 #      the float64 reference;
 #   2. the backward at T = 16k, head dims 128 and 64 (BWD_SCHEDULES: longest_first against the
 #      16k causal drop at 128; split_dq, the 5-GEMM kernel that might beat the two at 128);
-#   3. the forward at T = 1k, head dim 64 (SCHEDULES; its causal forward is 0.64x cuDNN there);
+#   3. the forward at T = 1k, head dim 64 (SCHEDULES, with lazy_rescale and persistent; its
+#      causal forward is 0.64x cuDNN there); lazy_rescale also runs in step 1's gpu_schedules;
 #   4. the decode kernel with pages of 64 keys at 64x4k and 1x8k (paged 1.19x / 1.27x).
 # Usage (device tool, from the repo root):
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_call_s9.sh
@@ -14,9 +15,9 @@ export PYTHONPATH=$PYTHONPATH:benchmarks
 L="$OUT/logs"
 mkdir -p "$L"
 echo "commit $C" > "$L/commit.txt"
-timeout 130 python3 -m pytest -m gpu_schedules tests/test_gpu_schedules.py \
-  -k "longest_first or split_dq" -v -rfE -p no:cacheprovider -o faulthandler_timeout=120 \
-  > "$L/gpu_schedules.log" 2>&1
+timeout 150 python3 -m pytest -m gpu_schedules tests/test_gpu_schedules.py \
+  -k "longest_first or split_dq or lazy_rescale" -v -rfE -p no:cacheprovider \
+  -o faulthandler_timeout=140 > "$L/gpu_schedules.log" 2>&1
 timeout "$(until_s 350)" python3 benchmarks/tune_mosaic.py "$L/tune_bwd16k.json" 128 64 \
   --only bwd --seq 16384 > "$L/tune_bwd16k.log" 2>&1
 timeout "$(until_s 450)" python3 benchmarks/tune_mosaic.py "$L/tune_fwd1k.json" 64 \

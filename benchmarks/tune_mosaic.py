@@ -44,6 +44,11 @@ SCHEDULES = [
     ("no_auto_barriers", "named_barriers"),
     ("no_auto_barriers", "named_barriers", "persistent"),
     ("no_auto_barriers", "named_barriers", "longest_first"),
+    # Session 8: the defaults at head dims 64 and 128 with FA4's conditional rescaling (new, not
+    # yet run on a GPU) and with the persistent grid (short sequences).
+    ("longest_first", "fold_scale", "lazy_rescale"),
+    ("longest_first", "fold_scale", "persistent"),
+    ("longest_first", "fold_scale", "lazy_rescale", "persistent"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 BWD_TILES = {

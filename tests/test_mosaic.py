@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import Case, make_inputs
+from helpers import Case, assert_close, make_inputs, run, run_reference64
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interpreter
 from test_suite import check_case
 
 from flashjax import dot_product_attention
 from flashjax.attention import operands
-from pallas_kernels import configs
+from pallas_kernels import common, configs
 from pallas_kernels.mosaic import api, backward, forward
 from pallas_kernels.operands import AttentionStatics
 
@@ -145,6 +145,71 @@ def test_fold_scale_forward(case: Case, monkeypatch) -> None:
     interpreter.reset_gpu_interpret_mode_state()
     check_case(case, "mosaic")
     assert not interpreter.get_races().races_found
+
+
+@pytest.mark.parametrize(
+    "options, case",
+    [
+        (
+            ("lazy_rescale",),
+            Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "segments")),
+        ),
+        (
+            ("lazy_rescale",),
+            Case(B=2, T=150, S=150, N=2, K=1, H=64, features=("lengths", "dropout")),
+        ),
+        (
+            ("lazy_rescale", "fold_scale"),
+            Case(B=1, T=113, S=400, N=2, K=1, H=64, features=("window",)),
+        ),
+    ],
+    ids=lambda x: "+".join(x) if isinstance(x, tuple) else x.id,
+)
+def test_lazy_rescale_forward(options, case: Case, monkeypatch) -> None:
+    """`ForwardConfig.lazy_rescale` (FA4's conditional rescaling) against the float64
+    reference, forward and gradients (which recompute from its logsumexp), with no race."""
+    config = forward.with_options(api.forward_config(case.H), options)
+    monkeypatch.setattr(api, "forward_config", lambda head_dim: config)
+    interpreter.reset_gpu_interpret_mode_state()
+    check_case(case, "mosaic")
+    assert not interpreter.get_races().races_found
+
+
+def _lazy_steps(s2: np.ndarray, rows: int, cols: int) -> tuple[int, int]:
+    """(kept, rescaled) steps after the first of `common.online_softmax_step_lazy`'s rule on
+    base-2 logits `s2 (T, S)`, for each tile of `rows` query rows walking `cols`-key tiles."""
+    kept = rescaled = 0
+    for r in range(0, s2.shape[0], rows):
+        m = np.full(min(rows, s2.shape[0] - r), -np.inf)
+        for c in range(0, s2.shape[1], cols):
+            new = np.maximum(m, s2[r : r + rows, c : c + cols].max(axis=1))
+            if np.isfinite(m).all() and (new - m).max() <= common.RESCALE_THRESHOLD:
+                kept += 1
+            else:
+                rescaled += c > 0
+                m = new
+    return kept, rescaled
+
+
+def test_lazy_rescale_with_a_growing_max(monkeypatch) -> None:
+    """Keys whose norm grows along the sequence: the running max stays put for some steps and
+    moves past the threshold on others (checked on the inputs, by the rule), and the output
+    still meets the float64 reference."""
+    case = Case(B=1, T=128, S=1024, N=2, K=1, H=64)
+    q, k, v, dout, _ = make_inputs(case)
+    ramp = jnp.linspace(1.0, 6.0, case.S, dtype=jnp.float32)[None, :, None, None]
+    k = (k.astype(jnp.float32) * ramp).astype(k.dtype)
+    config = forward.with_options(api.forward_config(case.H), ("lazy_rescale",))
+    monkeypatch.setattr(api, "forward_config", lambda head_dim: config)
+    scale = case.H**-0.5 * np.log2(np.e)
+    for h in range(case.N):
+        s2 = np.einsum("td,sd->ts", np.float64(q[0, :, h]), np.float64(k[0, :, 0])) * scale
+        kept, rescaled = _lazy_steps(s2, config.block_q, config.block_kv)
+        assert kept > 0 and rescaled > 0, (kept, rescaled)
+    got = run("mosaic", q, k, v, dout, {})
+    want = run_reference64(q, k, v, dout, {})
+    naive = run("xla", q, k, v, dout, {})
+    assert_close(got, naive, want, label="lazy_rescale growing max")
 
 
 @pytest.mark.parametrize(

@@ -62,14 +62,19 @@ class ForwardConfig:
     # The scale folded into the softmax's exponent (`common.folded_scale`): the row max of the
     # unscaled scores, then one FMA and an exp2 per element. Only without soft-cap and bias.
     fold_scale: bool = False
+    # FA4's conditional rescaling (`common.online_softmax_step_lazy`): a step whose rows' maxima
+    # all stay within `common.RESCALE_THRESHOLD` of the running max skips rescaling the
+    # accumulator (a `lax.cond` on the consumer's tile); its weights are taken against the old
+    # max.
+    lazy_rescale: bool = False
 
 
 # The ForwardConfig flags that change how the work is scheduled, not what is computed (the
-# output is bitwise the same: tests/test_mosaic.py), and every on/off flag: those and
-# `fold_scale`, which rounds the logits differently (within the reference rule). configs.py names
-# the ones on per head dim; benchmarks/tune_mosaic.py sweeps them.
+# output is bitwise the same: tests/test_mosaic.py), and every on/off flag: those, and
+# `fold_scale` and `lazy_rescale`, which round differently (within the reference rule).
+# configs.py names the ones on per head dim; benchmarks/tune_mosaic.py sweeps them.
 SCHEDULE_OPTIONS = ("longest_first", "no_auto_barriers", "persistent", "named_barriers")
-OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale")
+OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale", "lazy_rescale")
 
 
 def with_options(config: ForwardConfig, options) -> ForwardConfig:
@@ -152,12 +157,16 @@ def _consumer(
         folded = common.folded_scale(statics, bias) if config.fold_scale else None
         if folded is None:
             s2, _ = common.scores(s, statics.scale, statics, bias, mask)
-            p, m, l, alpha = common.online_softmax_step(s2, m, l)
         else:
-            p, m, l, alpha = common.online_softmax_step(common.hide(s, mask), m, l, folded)
+            s2 = common.hide(s, mask)
+        if config.lazy_rescale:
+            p, m, l, alpha, keep = common.online_softmax_step_lazy(s2, m, l, folded)
+        else:
+            p, m, l, alpha = common.online_softmax_step(s2, m, l, folded)
+            keep = None
         if statics.has_dropout:  # after the running sum: l normalizes the undropped weights
             p = p * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        acc = _rescaled(acc, alpha, keep)
         p16 = p.astype(dtype)
         if config.pinned_order:
             acc, p16 = lax.optimization_barrier((acc, p16))
@@ -190,6 +199,16 @@ def _consumer(
     plgpu.copy_smem_to_gmem(my_q, refs["out"].at[b, pl.ds(row0, bq), h])
     plgpu.copy_smem_to_gmem(sc["lse"].at[wg], refs["lse"].at[b, h, pl.ds(row0, bq)])
     plgpu.wait_smem_to_gmem(0)
+
+
+def _rescaled(acc: jax.Array, alpha: jax.Array, keep: jax.Array | None) -> jax.Array:
+    """The accumulator times `alpha` per row; unchanged where `keep` (`lazy_rescale`: the
+    multiply is skipped, not done by ones)."""
+
+    def rescale(acc):
+        return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+    return rescale(acc) if keep is None else lax.cond(keep, lambda a: a, rescale, acc)
 
 
 def _streams(refs: dict, sc: dict, b, kh, bkv: int) -> list[pp.Stream]:
