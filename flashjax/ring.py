@@ -334,14 +334,24 @@ def _merge_pair(backend: backends.Backend, pair: Operands, acc: Acc) -> Acc:
     return merge_attention(acc[0], acc[1], out, lse)
 
 
+def _take_pair(backend: backends.Backend, pair: Operands, acc: Acc) -> Acc:
+    """A query piece's first pair: its result is the running one (merged into the empty start,
+    out 0 and lse -inf, it would come out the same, bit for bit), with no merge pass."""
+    out, lse = backend.forward(pair)
+    return out.astype(acc[0].dtype), lse.astype(acc[1].dtype)
+
+
 def _forward_step(
     ring: Ring, ops: Operands, queries: Sequence[_Queries], accs, kv: KV, step, first=False
 ) -> list[Acc]:
-    """Merge the attention of every query piece over the K/V shard held at `step`."""
+    """Merge the attention of every query piece over the K/V shard held at `step` (on the
+    `first` step, a piece's first pair is taken as it is)."""
     accs = list(accs)
-    update = functools.partial(_merge_pair, ring.backend)
+    fresh = {q.index for q in queries} if first else set()
     for q, _, pair in _pairs(ops, queries, _keys(ring, kv, step), first):
-        accs[q.index] = _visit(ring, pair, accs[q.index], update)
+        update = _take_pair if q.index in fresh else _merge_pair
+        fresh.discard(q.index)
+        accs[q.index] = _visit(ring, pair, accs[q.index], functools.partial(update, ring.backend))
     return accs
 
 

@@ -231,6 +231,27 @@ def test_causal_ring_skips_invisible_pairs_balances_and_matches(layout, monkeypa
         assert [counts[(what, r)] for r in range(4)] == want, (what, counts)
 
 
+@pytest.mark.parametrize("layout, pieces", [("contiguous", 1), ("zigzag", 2)])
+def test_first_pair_of_each_piece_is_taken_without_a_merge(layout, pieces, monkeypatch) -> None:
+    """The forward traces each step's pairs three times (the first step, the scan's body, the
+    last step); on the first, each query piece's first pair is its running result as it is,
+    so `pieces` fewer merges are traced than pairs, and the result is unchanged."""
+    merges: list = []
+    merge = ring.merge_attention
+
+    def counted(*args):
+        merges.append(1)
+        return merge(*args)
+
+    monkeypatch.setattr(ring, "merge_attention", counted)
+    case = F32(B=1, T=64, N=2, K=1, H=32)
+    q, k, v, dout, kw = make_inputs(case, salt=layout)
+    f = sharded(ring_attention, mesh_of(4), layout, kw)
+    got = jax.jit(f)(q, k, v)
+    assert len(merges) == 3 * pieces * pieces - pieces
+    np.testing.assert_allclose(got, whole(kw)(q, k, v), rtol=1e-5, atol=2e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # Overlap: the transfers do not depend on the step they run beside
 # --------------------------------------------------------------------------------------------------
