@@ -139,6 +139,53 @@ def online_softmax_start(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array
     )
 
 
+# FlashAttention-4's conditional rescaling: the running max a tile's weights are taken against
+# stays put while no row's max grows past it by more than this (base 2), so the weights stay
+# <= 2**8 (exact in float32 and bfloat16 alike: only the exponent grows) and what was
+# accumulated needs no rescaling.
+RESCALE_THRESHOLD = 8.0
+
+
+def running_max(
+    s2: jax.Array, m_prev: jax.Array, scale: float | None = None, lazy: bool = False
+) -> tuple[jax.Array, jax.Array | None]:
+    """The running max after a key tile, and (with `lazy`, FA4's conditional rescaling) whether
+    it was kept: a scalar bool, True when no row's max grew past `m_prev` by more than
+    `RESCALE_THRESHOLD`, and then the max is `m_prev` (None without `lazy`). `scale`: as in
+    `online_softmax_step`."""
+    row_max = jnp.max(s2, axis=-1)
+    m_new = jnp.maximum(m_prev, row_max if scale is None else row_max * scale)
+    if not lazy:
+        return m_new, None
+    # A row with nothing visible yet and still nothing grows by 0; one seeing its first key, by
+    # inf (m_prev = -inf): the first visible tile always sets the max.
+    grow = jnp.where(m_new == -jnp.inf, 0.0, m_new - m_prev)
+    keep = jnp.max(grow) <= RESCALE_THRESHOLD
+    keep_rows = jnp.broadcast_to(keep, m_prev.shape)  # (Mosaic GPU selects without broadcasting)
+    return jnp.where(keep_rows, m_prev, m_new), keep
+
+
+def softmax_weights(
+    s2: jax.Array,
+    m_prev: jax.Array,
+    m_new: jax.Array,
+    l_prev: jax.Array,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(p, l_new, alpha)` of a key tile against the running max `m_new` (`running_max`):
+    weights `p = 2**(s2 - m_new)`, the new running sum, and `alpha` that rescales what was
+    accumulated before the tile (1 where the max was kept, 0 for a row still empty)."""
+    m_use = safe_max(m_new)
+    # m_use is finite, so a row with nothing visible before this tile (m_prev = -inf) gets
+    # alpha = 0 exactly. (Subtracting a stand-in for m_prev instead overflows to inf once the
+    # row's logits are below -128 in base 2, and inf * 0 is NaN.)
+    alpha = jnp.exp2(m_prev - m_use)
+    logits = s2 if scale is None else s2 * scale
+    p = jnp.exp2(logits - m_use[..., None])
+    l_new = alpha * l_prev + jnp.sum(p, axis=-1)
+    return p, l_new, alpha
+
+
 def online_softmax_step(
     s2: jax.Array, m_prev: jax.Array, l_prev: jax.Array, scale: float | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -152,48 +199,9 @@ def online_softmax_step(
     multiply-add and an exp2 (FA3's folding of the scale into the exponent): one multiply per
     element fewer.
     """
-    row_max = jnp.max(s2, axis=-1)
-    m_new = jnp.maximum(m_prev, row_max if scale is None else row_max * scale)
-    m_use = safe_max(m_new)
-    # m_use is finite, so a row with nothing visible before this tile (m_prev = -inf) gets
-    # alpha = 0 exactly. (Subtracting a stand-in for m_prev instead overflows to inf once the
-    # row's logits are below -128 in base 2, and inf * 0 is NaN.)
-    alpha = jnp.exp2(m_prev - m_use)
-    logits = s2 if scale is None else s2 * scale
-    p = jnp.exp2(logits - m_use[..., None])
-    l_new = alpha * l_prev + jnp.sum(p, axis=-1)
+    m_new, _ = running_max(s2, m_prev, scale)
+    p, l_new, alpha = softmax_weights(s2, m_prev, m_new, l_prev, scale)
     return p, m_new, l_new, alpha
-
-
-# FlashAttention-4's conditional rescaling: the running max a tile's weights are taken against
-# stays put while no row's max grows past it by more than this (base 2), so the weights stay
-# <= 2**8 (exact in float32 and bfloat16 alike: only the exponent grows) and what was
-# accumulated needs no rescaling.
-RESCALE_THRESHOLD = 8.0
-
-
-def online_softmax_step_lazy(
-    s2: jax.Array, m_prev: jax.Array, l_prev: jax.Array, scale: float | None = None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """`online_softmax_step` with FA4's conditional rescaling: returns `(p, m, l, alpha, keep)`,
-    where `keep` (a scalar bool) says that no row's max grew by more than `RESCALE_THRESHOLD`
-    over `m_prev`: then `m` is `m_prev`, the weights are taken against it, `alpha` is 1 and the
-    caller may skip rescaling its accumulator. Otherwise as `online_softmax_step`. The result
-    (`finalize`) is the same up to rounding: the weights are exact powers of two apart."""
-    row_max = jnp.max(s2, axis=-1)
-    m_new = jnp.maximum(m_prev, row_max if scale is None else row_max * scale)
-    # A row with nothing visible yet and still nothing grows by 0; one seeing its first key, by
-    # inf (m_prev = -inf): the first visible tile always sets the max.
-    grow = jnp.where(m_new == -jnp.inf, 0.0, m_new - m_prev)
-    keep = jnp.max(grow) <= RESCALE_THRESHOLD
-    keep_rows = jnp.broadcast_to(keep, m_prev.shape)  # (Mosaic GPU selects without broadcasting)
-    m_next = jnp.where(keep_rows, m_prev, m_new)
-    m_use = safe_max(m_next)
-    alpha = jnp.exp2(m_prev - m_use)  # 1 where kept (m_prev finite), 0 for a still empty row
-    logits = s2 if scale is None else s2 * scale
-    p = jnp.exp2(logits - m_use[..., None])
-    l_new = alpha * l_prev + jnp.sum(p, axis=-1)
-    return p, m_next, l_new, alpha, keep
 
 
 def finalize(acc: jax.Array, m: jax.Array, l: jax.Array) -> tuple[jax.Array, jax.Array]:

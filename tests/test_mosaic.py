@@ -176,7 +176,7 @@ def test_lazy_rescale_forward(options, case: Case, monkeypatch) -> None:
 
 
 def _lazy_steps(s2: np.ndarray, rows: int, cols: int) -> tuple[int, int]:
-    """(kept, rescaled) steps after the first of `common.online_softmax_step_lazy`'s rule on
+    """(kept, rescaled) steps after the first of `common.running_max(lazy=True)`'s rule on
     base-2 logits `s2 (T, S)`, for each tile of `rows` query rows walking `cols`-key tiles."""
     kept = rescaled = 0
     for r in range(0, s2.shape[0], rows):

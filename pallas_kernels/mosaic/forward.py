@@ -62,7 +62,7 @@ class ForwardConfig:
     # The scale folded into the softmax's exponent (`common.folded_scale`): the row max of the
     # unscaled scores, then one FMA and an exp2 per element. Only without soft-cap and bias.
     fold_scale: bool = False
-    # FA4's conditional rescaling (`common.online_softmax_step_lazy`): a step whose rows' maxima
+    # FA4's conditional rescaling (`common.running_max(lazy=True)`): a step whose rows' maxima
     # all stay within `common.RESCALE_THRESHOLD` of the running max skips rescaling the
     # accumulator (a `lax.cond` on the consumer's tile); its weights are taken against the old
     # max.
@@ -159,11 +159,9 @@ def _consumer(
             s2, _ = common.scores(s, statics.scale, statics, bias, mask)
         else:
             s2 = common.hide(s, mask)
-        if config.lazy_rescale:
-            p, m, l, alpha, keep = common.online_softmax_step_lazy(s2, m, l, folded)
-        else:
-            p, m, l, alpha = common.online_softmax_step(s2, m, l, folded)
-            keep = None
+        m_new, keep = common.running_max(s2, m, folded, lazy=config.lazy_rescale)
+        p, l, alpha = common.softmax_weights(s2, m, m_new, l, folded)
+        m = m_new
         if statics.has_dropout:  # after the running sum: l normalizes the undropped weights
             p = p * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
         acc = _rescaled(acc, alpha, keep)
