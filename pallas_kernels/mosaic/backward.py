@@ -435,15 +435,14 @@ def _add_pooled_dq_part(refs, sc, ds, *, visit, at, split: bool, interpret: bool
     plgpu.commit_smem()
     plgpu.barrier_arrive(ready)
 
-    def compute():
+    def compute(col0: int, width: int):  # static columns: no traced offset into a swizzled tile
         plgpu.barrier_wait(ready)
-        head_dim = sc["k"].shape[-1]
-        width = head_dim // CONSUMERS if split else head_dim
-        col0 = wg * width if split else 0
 
         def product(acc_ref):
             for c in range(CONSUMERS):
-                k = sc["k"].at[c, :, pl.ds(col0, width)] if split else sc["k"].at[c]
+                k = sc["k"].at[c]
+                if width < k.shape[-1]:
+                    k = k.at[:, pl.ds(col0, width)]
                 plgpu.wgmma(acc_ref, sc["ds"].at[c].T, k)
             return acc_ref[...]
 
@@ -451,10 +450,13 @@ def _add_pooled_dq_part(refs, sc, ds, *, visit, at, split: bool, interpret: bool
         plgpu.barrier_arrive(sc["ds_free"])
         _send_dq_part(refs, sc, part, (*at[:3], col0), interpret)
 
-    if split:
-        compute()
+    head_dim = sc["k"].shape[-1]
+    if split:  # consumer c: columns c * D / CONSUMERS ...
+        width = head_dim // CONSUMERS
+        for c in range(CONSUMERS):
+            pl.when(wg == c)(functools.partial(compute, c * width, width))
     else:
-        pl.when(wg == turn)(compute)
+        pl.when(wg == turn)(functools.partial(compute, 0, head_dim))
 
 
 def _send_dq_part(refs, sc, part, at, interpret: bool) -> None:
