@@ -83,31 +83,18 @@ def forward_candidates(head_dim: int, tiles: bool, toggles: bool) -> list[Forwar
 # longest_first (the dQ kernel's heaviest query tiles first) is swept with each. split_dq (the
 # pooled dQ part's head dim shared by the consumers: a 64 x 64 float32 accumulator each at head
 # dim 128, not 64 x 128) is new in session 8, not yet run on a GPU.
+_ORDER = ("early_dp", "overlap_dv", "no_pingpong")  # the overlapped orders, no ping-pong
+_NAB = (*_ORDER, "no_auto_barriers")
+_POOLED = ("fused_dq", "pooled_dq")
 BWD_SCHEDULES = [
-    ("early_dp", "overlap_dv", "no_pingpong"),
-    ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
-    ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers", "longest_first"),
-    ("fused_dq", "pooled_dq", "early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
-    (
-        "fused_dq",
-        "pooled_dq",
-        "early_dp",
-        "overlap_dv",
-        "no_pingpong",
-        "no_auto_barriers",
-        "longest_first",
-    ),
-    ("fused_dq", "early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers"),
-    ("fused_dq", "pooled_dq", "split_dq", "early_dp", "overlap_dv", "no_pingpong"),
-    (
-        "fused_dq",
-        "pooled_dq",
-        "split_dq",
-        "early_dp",
-        "overlap_dv",
-        "no_pingpong",
-        "no_auto_barriers",
-    ),
+    _ORDER,
+    _NAB,
+    (*_NAB, "longest_first"),
+    (*_POOLED, *_NAB),
+    (*_POOLED, *_NAB, "longest_first"),
+    ("fused_dq", *_NAB),
+    (*_POOLED, "split_dq", *_ORDER),
+    (*_POOLED, "split_dq", *_NAB),
 ]
 assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 

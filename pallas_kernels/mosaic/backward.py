@@ -244,7 +244,7 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     turns = pp.Turn(sc["turn"], wg, enabled=config.turns)
     n = visits.count  # query tiles per query head
     overlap = config.overlap_dv and not interpret
-    split = splits_dq(config, head_dim)
+    split = _splits_dq(config, head_dim)
 
     plgpu.set_max_registers(config.registers[0], action="increase")
     my_k, my_v = sc["k"].at[wg], sc["v"].at[wg]
@@ -413,7 +413,7 @@ def _add_dq_part(refs, sc, ds, *, my_k, at, interpret: bool) -> None:
     _send_dq_part(refs, sc, part, at, interpret)
 
 
-def splits_dq(config: BackwardConfig, head_dim: int) -> bool:
+def _splits_dq(config: BackwardConfig, head_dim: int) -> bool:
     """`split_dq` applies: the pooled part's columns shared by the consumers, each share a
     multiple of 64 (a 128-byte swizzle row of bf16)."""
     return config.fused_dq and config.pooled_dq and config.split_dq and head_dim % 128 == 0
@@ -560,7 +560,7 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
     if via_smem:
         scratch["stage"] = pp.smem_tile((CONSUMERS, bkv, bq), dtype)
     if config.fused_dq:
-        split = splits_dq(config, head_dim)
+        split = _splits_dq(config, head_dim)
         width = head_dim // CONSUMERS if split else head_dim
         scratch["dq_part"] = pp.smem_tile((CONSUMERS, bq, width), jnp.float32)
         if not via_smem or config.pooled_dq:
