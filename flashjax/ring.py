@@ -338,7 +338,9 @@ def _take_pair(backend: backends.Backend, pair: Operands, acc: Acc) -> Acc:
     """A query piece's first pair: its result is the running one (merged into the empty start,
     out 0 and lse -inf, it would come out the same, bit for bit), with no merge pass."""
     out, lse = backend.forward(pair)
-    return out.astype(acc[0].dtype), lse.astype(acc[1].dtype)
+    # A Pallas kernel's outputs vary over no mesh axis; the running result does (lax.switch
+    # needs one type from every branch).
+    return backends.varying_like((out.astype(acc[0].dtype), lse.astype(acc[1].dtype)), acc[0])
 
 
 def _forward_step(

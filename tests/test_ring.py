@@ -252,6 +252,25 @@ def test_first_pair_of_each_piece_is_taken_without_a_merge(layout, pieces, monke
     np.testing.assert_allclose(got, whole(kw)(q, k, v), rtol=1e-5, atol=2e-5)
 
 
+def test_kernel_outputs_that_vary_over_no_axis_trace(monkeypatch) -> None:
+    """A Pallas kernel's outputs vary over no mesh axis (on the GPU, with check_vma on): the
+    first pair taken as the running result must still have the type of the `lax.switch`'s other
+    branch, the carry, which varies over the sequence axis (the 2-GPU tier caught this)."""
+    inner = backends.REGISTRY["xla_chunked"]
+
+    def forward(ops):  # the shapes and dtypes of the kernels' outputs, varying over nothing
+        out, lse = inner.forward(ops)
+        return jnp.zeros(out.shape, out.dtype), jnp.zeros(lse.shape, lse.dtype)
+
+    monkeypatch.setitem(
+        backends.REGISTRY, "unvarying", dataclasses.replace(inner, name="unvarying", forward=forward)
+    )
+    case = F32(B=1, T=64, N=2, K=1, H=32, features=("causal",))
+    q, k, v, _, kw = make_inputs(case)
+    f = sharded(ring_attention, mesh_of(2), "zigzag", kw, implementation="unvarying")
+    assert "cond[" in str(jax.make_jaxpr(f)(q, k, v))
+
+
 # --------------------------------------------------------------------------------------------------
 # Overlap: the transfers do not depend on the step they run beside
 # --------------------------------------------------------------------------------------------------
