@@ -237,7 +237,9 @@ def test_split_rule() -> None:
 def test_unsplit_block() -> None:
     """`DecodeConfig.unsplit_block_k` sets the keys per step of a one-split walk only: the
     contiguous cache's, not the paged one's, nor a split walk's."""
-    config = configs.DecodeConfig(128, 4, 3, unsplit_block_k=64, paged_block_k=32)
+    config = configs.DecodeConfig(
+        128, 4, 3, unsplit_block_k=64, paged_block_k=32, paged_min_splits=1
+    )
 
     def plan(batch: int) -> tuple[int, int, int]:
         x = make_inputs(DecodeCase(B=batch, T=1, N=4, K=2, H=16, S=512))
