@@ -194,16 +194,16 @@ class DecodeConfig:
         wave would take as long as a full one) ...
       paged_waves: ... `paged_waves * cores` for a paged cache (its gathers wait longer: more
         programs in flight hide it);
-      paged_min_splits: ... and, for a paged cache, at least this many splits even when the
-        batch fills the cores;
+      paged_overfull_splits: ... and, for a paged cache whose batch x KV heads alone are more
+        than `paged_waves` waves, this many;
       min_blocks: ... and at least this many key blocks of the cache's capacity per split.
     Measured on the H200 (benchmarks/results/2026-11-30-h200-s6/decode_tune: 32 query / 8 KV
     heads, head dim 128, bf16): one wave (16 splits) 18.3 us at 1 x 8k and 76.4 us at 1 x 64k
     against two waves' (33 splits) 24.1 and 86.6 us; paged (16-key pages) 1 x 64k two waves
-    87.4 us with 64-key blocks, 97.0 us with 128-key blocks, one wave 93.4 us. A paged cache
-    at 64 x 4k (512 programs) takes 320 us in one split and 282 us in two (16-key pages; 64-key:
-    315 / 278 us; contiguous 268 us), while at 32 x 8k one split and four are within 0.5%
-    (results/2026-11-30-h200-s9: tune_decode, call4 and s9).
+    87.4 us with 64-key blocks, 97.0 us with 128-key blocks, one wave 93.4 us. Paged caches at
+    512 programs in all run slow: 64 x 4k (512 programs a split) takes 320 us in one split and
+    282 us in two (16-key pages; 64-key: 315 / 278 us; contiguous 268 us), 32 x 8k (256) 277 us
+    in one split, 318 us in two, 279 us in four (results/2026-11-30-h200-s9: s9, call4, decode).
     """
 
     block_k: int
@@ -213,7 +213,7 @@ class DecodeConfig:
     unsplit_block_k: int | None = None
     waves: int = 1
     paged_waves: int = 2
-    paged_min_splits: int = 2
+    paged_overfull_splits: int = 2
     min_blocks: int = 2
 
 
@@ -242,7 +242,7 @@ _DECODE_TABLE: dict[tuple[str, int], DecodeConfig] = {
 # Interpret mode: small blocks and few "cores", so that tests at small shapes cross several key
 # blocks and several splits.
 _DECODE_INTERPRET = D(
-    16, 4, 1, paged_block_k=16, waves=1, paged_waves=1, paged_min_splits=1, min_blocks=1
+    16, 4, 1, paged_block_k=16, waves=1, paged_waves=1, paged_overfull_splits=1, min_blocks=1
 )
 INTERPRET_CORES = 4
 # Streaming multiprocessors when the device does not say (an H100 / H200 has 132).
@@ -284,11 +284,13 @@ def decode_splits(
 
     `programs` is the number of programs one split launches (batch x KV heads), `key_blocks` the
     cache's capacity in key blocks. Splits are added while the programs fit `config.waves` waves
-    of the cores (`paged_waves` and at least `paged_min_splits` for a paged cache), as long as
+    of the cores (`paged_waves` for a paged cache, `paged_overfull_splits` past them), as long as
     each split keeps `config.min_blocks` blocks (Flash-Decoding's rule: parallelism over the keys
     only where batch x heads leave cores idle).
     """
     waves = config.paged_waves if paged else config.waves
-    wanted = max(cores * waves // max(1, programs), config.paged_min_splits if paged else 1)
+    wanted = cores * waves // max(1, programs)
+    if paged and wanted == 0:
+        wanted = config.paged_overfull_splits
     most = max(1, key_blocks // config.min_blocks)
     return max(1, min(wanted, most, MAX_SPLITS))

@@ -223,7 +223,8 @@ def test_split_rule() -> None:
     assert configs.decode_splits(8, 512, 132, config, paged=True) == 33  # two waves
     assert configs.decode_splits(24, 512, 132, config) == 5  # no partial wave: 120 programs
     assert configs.decode_splits(512, 32, 132, config) == 1  # 64 x 4k: the batch fills the GPU
-    assert configs.decode_splits(512, 32, 132, config, paged=True) == 2  # paged: at least 2
+    assert configs.decode_splits(512, 32, 132, config, paged=True) == 2  # paged, past 2 waves
+    assert configs.decode_splits(256, 64, 132, config, paged=True) == 1  # 32 x 8k: within them
     assert configs.decode_splits(512, 2, 132, config, paged=True) == 1  # ... 2 blocks per split
     assert configs.decode_splits(8, 4, 132, config) == 2  # a short cache: 2 blocks per split
     case = DecodeCase(B=1, T=1, N=4, K=2, H=16, S=160)
@@ -238,7 +239,7 @@ def test_unsplit_block() -> None:
     """`DecodeConfig.unsplit_block_k` sets the keys per step of a one-split walk only: the
     contiguous cache's, not the paged one's, nor a split walk's."""
     config = configs.DecodeConfig(
-        128, 4, 3, unsplit_block_k=64, paged_block_k=32, paged_min_splits=1
+        128, 4, 3, unsplit_block_k=64, paged_block_k=32, paged_overfull_splits=1
     )
 
     def plan(batch: int) -> tuple[int, int, int]:
