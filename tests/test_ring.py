@@ -262,9 +262,8 @@ def test_kernel_outputs_that_vary_over_no_axis_trace(monkeypatch) -> None:
         out, lse = inner.forward(ops)
         return jnp.zeros(out.shape, out.dtype), jnp.zeros(lse.shape, lse.dtype)
 
-    monkeypatch.setitem(
-        backends.REGISTRY, "unvarying", dataclasses.replace(inner, name="unvarying", forward=forward)
-    )
+    unvarying = dataclasses.replace(inner, name="unvarying", forward=forward)
+    monkeypatch.setitem(backends.REGISTRY, "unvarying", unvarying)
     case = F32(B=1, T=64, N=2, K=1, H=32, features=("causal",))
     q, k, v, _, kw = make_inputs(case)
     f = sharded(ring_attention, mesh_of(2), "zigzag", kw, implementation="unvarying")
