@@ -49,6 +49,10 @@ SCHEDULES = [
     ("longest_first", "fold_scale", "lazy_rescale"),
     ("longest_first", "fold_scale", "persistent"),
     ("longest_first", "fold_scale", "lazy_rescale", "persistent"),
+    # Session 9: the epilogue's stores awaited until read only (new, not yet run on a GPU), with
+    # the defaults and with the persistent grid (the next tile's Q waits on that store).
+    ("longest_first", "fold_scale", "async_store"),
+    ("longest_first", "fold_scale", "async_store", "persistent"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 BWD_TILES = {
@@ -95,6 +99,8 @@ BWD_SCHEDULES = [
     ("fused_dq", *_NAB),
     (*_POOLED, "split_dq", *_ORDER),
     (*_POOLED, "split_dq", *_NAB),
+    (*_NAB, "async_store"),  # session 9, not yet run on a GPU
+    (*_POOLED, *_NAB, "async_store"),
 ]
 assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 

@@ -136,7 +136,7 @@ def test_mosaic_schedule_options_lower() -> None:
     [
         dict(overlap_dv=True),
         dict(overlap_dv=True, early_dp=True),
-        dict(early_dp=True, no_pingpong=True, longest_first=True),
+        dict(early_dp=True, no_pingpong=True, longest_first=True, async_store=True),
         dict(fused_dq=True, early_dp=True, overlap_dv=True, no_pingpong=True),
         dict(fused_dq=True, pooled_dq=True, early_dp=True, overlap_dv=True),
         dict(fused_dq=True, pooled_dq=True, split_dq=True, early_dp=True, overlap_dv=True),

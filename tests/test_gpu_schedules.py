@@ -35,6 +35,8 @@ BACKWARD = [
     ("fused_dq", "pooled_dq", "early_dp", "overlap_dv", "no_pingpong", "longest_first"),
     ("fused_dq", "pooled_dq", "split_dq", "early_dp", "overlap_dv", "no_pingpong"),
     ("one_body", "early_dp", "overlap_dv", "no_pingpong"),
+    ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers", "async_store"),
+    ("fused_dq", "pooled_dq", "early_dp", "overlap_dv", "no_pingpong", "async_store"),
 ]
 DROPOUT = Case(B=1, T=1000, S=1100, N=4, K=2, H=128, features=("causal", "dropout"))
 

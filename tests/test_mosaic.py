@@ -221,6 +221,7 @@ def test_lazy_rescale_with_a_growing_max(monkeypatch) -> None:
         (dict(persistent=True, longest_first=True), ("causal", "segments")),
         (dict(named_barriers=True), ("causal",)),
         (dict(named_barriers=True, persistent=True), ("causal", "segments")),
+        (dict(async_store=True, persistent=True), ("causal", "segments")),
     ],
     ids=lambda x: "+".join(x),
 )
@@ -229,7 +230,9 @@ def test_schedules_compute_the_same(schedule, features) -> None:
     (`longest_first`: the tiles reversed, heads and batch rows the fastest grid axes;
     `persistent`: one CTA per "core" (4 in interpret mode) looping over 12 tiles, its K/V ring
     running on across tiles), or how the consumers take turns (`named_barriers`, emulated by
-    mbarriers here: a protocol that left a wait unmet would hang or leave a phase unconsumed):
+    mbarriers here: a protocol that left a wait unmet would hang or leave a phase unconsumed), or
+    how long the epilogue waits for its stores (`async_store`: until read; persistent, the next
+    tile's Q lands in the buffer the output left from):
     the output and logsumexp are bitwise those of the grid order, and the race detector finds
     nothing."""
     case = Case(B=2, T=300, S=300, N=2, K=1, H=64, features=features)
@@ -276,7 +279,13 @@ def test_schedules_compute_the_same(schedule, features) -> None:
             Case(B=2, T=150, S=190, N=2, K=1, H=256, features=("lengths", "window")),
         ),
         (
-            dict(fused_dq=True, pooled_dq=True, no_pingpong=True, longest_first=True),
+            dict(
+                fused_dq=True,
+                pooled_dq=True,
+                no_pingpong=True,
+                longest_first=True,
+                async_store=True,
+            ),
             Case(B=2, T=256, S=384, N=2, K=1, H=64, features=("causal", "blocks128")),
         ),
         (
@@ -306,8 +315,8 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     """The backward's schedule variants (BackwardConfig: `early_dp`, S and dP issued back to
     back, P computed while dP runs; `no_pingpong`; `longest_first`, heads fastest and dQ's
     query tiles reversed, with visit lists too; `one_body`, the element rule under a `lax.cond`;
-    the single kernel, `fused_dq`, `pooled_dq` and `split_dq`) against the float64 reference,
-    with no race."""
+    the single kernel, `fused_dq`, `pooled_dq` and `split_dq`; `async_store`) against the float64
+    reference, with no race."""
     config = dataclasses.replace(api.backward_config(case.H), **variant)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "backward_config", lambda head_dim: config)

@@ -91,6 +91,9 @@ class BackwardConfig:
     # backward lowered for the H200 on CPU: 1.13 MB of module text in 0.81 s with the runs,
     # 0.83 MB in 0.57 s with one body; 0.95 MB in 0.65 s at d0f89a3, before the runs).
     one_body: bool = False
+    # Each kernel's output stores awaited only until they have read shared memory
+    # (`pipeline.wait_stores`).
+    async_store: bool = False
 
     @property
     def turns(self) -> bool:
@@ -113,6 +116,7 @@ OPTIONS = (
     "no_pingpong",
     "longest_first",
     "one_body",
+    "async_store",
 )
 
 
@@ -353,7 +357,7 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(my_k, refs["dk"].at[b, pl.ds(col0, bkv), kh])
     plgpu.copy_smem_to_gmem(my_v, refs["dv"].at[b, pl.ds(col0, bkv), kh])
-    plgpu.wait_smem_to_gmem(0)
+    pp.wait_stores(config.async_store)
 
 
 def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, dp=None, dq_part=None):
@@ -655,7 +659,7 @@ def _dq_consumer(refs, sc, *, tile, statics, config, visits, seq, interpret):
     my_q[...] = (dq * statics.scale).astype(dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(my_q, refs["dq"].at[b, pl.ds(row0, bq), h])
-    plgpu.wait_smem_to_gmem(0)
+    pp.wait_stores(config.async_store)
 
 
 def _dq_producer(refs, sc, *, config, visits, group):

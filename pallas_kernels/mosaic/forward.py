@@ -67,13 +67,21 @@ class ForwardConfig:
     # accumulator (a `lax.cond` on the consumer's tile); its weights are taken against the old
     # max.
     lazy_rescale: bool = False
+    # The output's TMA store awaited only until it has read shared memory (`pipeline.wait_stores`).
+    async_store: bool = False
 
 
 # The ForwardConfig flags that change how the work is scheduled, not what is computed (the
 # output is bitwise the same: tests/test_mosaic.py), and every on/off flag: those, and
 # `fold_scale` and `lazy_rescale`, which round differently (within the reference rule).
 # configs.py names the ones on per head dim; benchmarks/tune_mosaic.py sweeps them.
-SCHEDULE_OPTIONS = ("longest_first", "no_auto_barriers", "persistent", "named_barriers")
+SCHEDULE_OPTIONS = (
+    "longest_first",
+    "no_auto_barriers",
+    "persistent",
+    "named_barriers",
+    "async_store",
+)
 OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale", "lazy_rescale")
 
 
@@ -196,7 +204,7 @@ def _consumer(
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(my_q, refs["out"].at[b, pl.ds(row0, bq), h])
     plgpu.copy_smem_to_gmem(sc["lse"].at[wg], refs["lse"].at[b, h, pl.ds(row0, bq)])
-    plgpu.wait_smem_to_gmem(0)
+    pp.wait_stores(config.async_store)
 
 
 def _rescaled(acc: jax.Array, alpha: jax.Array, keep: jax.Array | None) -> jax.Array:

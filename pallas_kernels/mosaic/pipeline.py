@@ -203,6 +203,13 @@ def with_options(config, options, known: tuple[str, ...]):
     return dataclasses.replace(config, **{flag: flag in options for flag in known})
 
 
+def wait_stores(async_store: bool) -> None:
+    """Await this thread's SMEM -> GMEM copies (the epilogue's last step): until they have read
+    shared memory (`async_store`, FA3's epilogue: enough to reuse the buffers or to exit, the
+    writes landing while the CTA ends or, persistent, loads its next tile) or until they landed."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=async_store)
+
+
 def compiler_params(no_auto_barriers: bool) -> plgpu.CompilerParams:
     """The kernels' compiler parameters. `no_auto_barriers`: Pallas inserts no barrier around
     SMEM loads and stores (`unsafe_no_auto_barriers`, as tokamax's sm90 kernels run; its
