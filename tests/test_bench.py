@@ -309,6 +309,9 @@ class _BrokenRunner(Runner):
     def prepare(self, kind):
         return self.inner.prepare(kind)
 
+    def run(self, kind):
+        return self.inner.run(kind)
+
     def outputs(self, kind, batch, heads):
         return self.inner.outputs(kind, batch, heads)
 

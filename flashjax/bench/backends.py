@@ -48,6 +48,10 @@ class Runner(abc.ABC):
         """Compile (or first-run) program `kind`; its extra device memory in bytes, or None."""
 
     @abc.abstractmethod
+    def run(self, kind: str) -> Any:
+        """Launch the prepared program `kind` once (asynchronously where the runtime is)."""
+
+    @abc.abstractmethod
     def outputs(self, kind: str, batch: int, heads: int) -> tuple[np.ndarray, ...]:
         """Run `kind` once: out (and dq, dk, dv) as float32 `(b, T, n, H)`, the leading slice."""
 
@@ -131,11 +135,11 @@ class JaxRunner(Runner):
         self._compiled[kind] = jax.jit(fn).lower(*args).compile()
         return _temp_bytes(self._compiled[kind])
 
-    def _run(self, kind: str) -> Any:
+    def run(self, kind: str) -> Any:
         return self._compiled[kind](*self._programs[kind][1])
 
     def outputs(self, kind: str, batch: int, heads: int) -> tuple[np.ndarray, ...]:
-        results = _as_tuple(self._run(kind))
+        results = _as_tuple(self.run(kind))
         return tuple(
             np.asarray(jax.device_get(x[:batch, :, :heads])).astype(np.float32) for x in results
         )
@@ -208,7 +212,7 @@ class TorchRunner(Runner):
         self._do = do
         torch.cuda.synchronize()
 
-    def _run(self, kind: str) -> tuple:
+    def run(self, kind: str) -> tuple:
         torch = self._torch
         if kind == "fwd":
             with torch.no_grad(), self._context():
@@ -223,18 +227,18 @@ class TorchRunner(Runner):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        results = self._run(kind)
+        results = self.run(kind)
         torch.cuda.synchronize()
         produced = sum(x.numel() * x.element_size() for x in results)
         return max(0, torch.cuda.max_memory_allocated() - base - produced)
 
     def outputs(self, kind: str, batch: int, heads: int) -> tuple[np.ndarray, ...]:
         return tuple(
-            x[:batch, :heads].transpose(1, 2).float().cpu().numpy() for x in self._run(kind)
+            x[:batch, :heads].transpose(1, 2).float().cpu().numpy() for x in self.run(kind)
         )
 
     def time(self, kind: str, policy: timing.TimingPolicy) -> timing.Timing:
-        return timing.median_time(lambda: self._run(kind), timing.measure_torch, policy)
+        return timing.median_time(lambda: self.run(kind), timing.measure_torch, policy)
 
     def peak_bytes(self) -> int | None:
         return int(self._torch.cuda.max_memory_allocated())

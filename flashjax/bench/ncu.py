@@ -46,7 +46,8 @@ CANDIDATES = (
     "/opt/nvidia/nsight-compute/*/ncu",
     "/usr/local/cuda*/nsight-compute*/ncu",
 )
-# Byte units ncu may print (decimal prefixes; `--print-units base` asks for plain "byte").
+# Units ncu may print, to base units (bytes: decimal prefixes, `--print-units base` asks for
+# plain "byte"; times: seconds); others (%, counts, ratios) are taken as they are.
 UNIT_SCALE: dict[str, float] = {
     "byte": 1.0,
     "kbyte": 1e3,
@@ -60,6 +61,11 @@ UNIT_SCALE: dict[str, float] = {
     "kib": 2.0**10,
     "mib": 2.0**20,
     "gib": 2.0**30,
+    # Times, in seconds.
+    "nsecond": 1e-9,
+    "usecond": 1e-6,
+    "msecond": 1e-3,
+    "second": 1.0,
 }
 
 
@@ -99,10 +105,14 @@ def command(
     target: Sequence[str],
     metrics: Sequence[str] = METRICS,
     kernel_regex: str | None = None,
+    sections: Sequence[str] = (),
 ) -> list[str]:
-    """The ncu command line that profiles `target` (argv) inside its profiler ranges only."""
-    cmd = [
-        ncu,
+    """The ncu command line that profiles `target` (argv) inside its profiler ranges only, with
+    `metrics` (names, or ncu's `regex:` patterns) and whole report `sections`."""
+    cmd = [ncu]
+    for section in sections:
+        cmd += ["--section", section]
+    cmd += [
         "--metrics",
         ",".join(metrics),
         "--clock-control",
@@ -121,7 +131,8 @@ def command(
 
 
 def _number(text: str, unit: str) -> float | None:
-    """A metric value in bytes: thousands separators dropped, scaled by its unit."""
+    """A metric value in base units (bytes, seconds): thousands separators dropped, scaled by
+    its unit."""
     text = text.strip().replace(",", "")
     if not text or text.lower() in ("n/a", "nan"):
         return None

@@ -1,0 +1,14 @@
+#!/bin/bash
+# One device call on nvidia-h200 (up to 9.5 minutes; each of the 10 runs is a fresh process under
+# ncu): Nsight Compute sections, pipe utilisation, stall reasons and shared-memory bank conflicts
+# of the kernels where the Hopper issue's bars are missed, flashjax's beside cuDNN's
+# (benchmarks/ncu_kernels.py; OUT/logs/ncu/summary.txt, one CSV per run).
+# Usage (device tool, from the repo root):
+#   COMMIT=$(git rev-parse --short HEAD) [CASES=fwd-d64-causal-1k,...] bash benchmarks/device_call_ncu.sh
+source benchmarks/device_setup.sh
+mkdir -p "$OUT/logs"
+echo "commit $C" > "$OUT/logs/commit.txt"
+timeout 560 python3 benchmarks/ncu_kernels.py "$OUT/logs/ncu" ${CASES:+--cases "$CASES"} \
+  > "$OUT/logs/ncu.log" 2>&1
+cat "$OUT/logs/ncu/summary.txt" 2>/dev/null || tail -20 "$OUT/logs/ncu.log"
+cd "$OUT" && tar czf logs.tgz logs && rm -rf logs

@@ -1,0 +1,140 @@
+"""Nsight Compute profile of the kernels where the Hopper issue's bars are missed ("profile (ncu:
+tensor-pipe utilisation, stalls, SMEM bank conflicts)"), flashjax's beside cuDNN's.
+
+Each (case, backend) runs in its own worker process under ncu, which profiles only the one call
+inside `flashjax.bench.ncu.profiler_range()` (after compiling it and one warm-up call), with the
+SECTIONS and METRICS below: every pipe's utilisation, the warps' stall reasons per issued
+instruction, shared-memory bank conflicts. Per kernel it prints (and appends to
+OUT/summary.txt as each run ends) the duration, SM throughput, registers, occupancy, the busiest
+pipes, the top stall reasons and the bank conflicts; each run's CSV is OUT/CASE-BACKEND.csv.
+
+Usage (a GPU with ncu; benchmarks/device_call_ncu.sh):
+  python3 benchmarks/ncu_kernels.py OUT [--cases NAME,...] [--backends NAME,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flashjax.bench import ncu
+from flashjax.bench.cases import Case
+
+# The cells of session 8's bench (results/2026-11-30-h200-s8/call2) furthest from the bars, at
+# the bench's shapes (batch x seq = 16k tokens, heads x head dim = 2048): (case, program).
+CASES: dict[str, tuple[Case, str]] = {
+    "fwd-d64-causal-1k": (Case(16, 1024, 32, 64, True), "fwd"),  # 0.64x cuDNN
+    "fwd-d64-full-1k": (Case(16, 1024, 32, 64, False), "fwd"),  # 0.91x
+    "fwd-d128-full-16k": (Case(1, 16384, 16, 128, False), "fwd"),  # 0.84 of the ceiling
+    "bwd-d128-full-4k": (Case(4, 4096, 16, 128, False), "fwd_bwd"),  # backward 0.81x
+    "bwd-d128-causal-16k": (Case(1, 16384, 16, 128, True), "fwd_bwd"),  # backward 0.81x
+}
+BACKENDS = ("flashjax_mosaic", "jax_cudnn")
+SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats")
+PIPES = r"regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active"
+STALLS = r"regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+CONFLICTS = (
+    "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
+    "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum",
+)
+METRICS = ("gpu__time_duration.sum", PIPES, STALLS, *CONFLICTS)
+TIMEOUT_S = 240
+
+
+def worker(backend_name: str, case_name: str) -> int:
+    """Inside ncu: compile the case's program, run it once, then once inside the profiler
+    range."""
+    import jax
+
+    from flashjax.bench import backends, cases
+
+    case, kind = CASES[case_name]
+    backend = next(b for b in backends.all_backends() if b.name == backend_name)
+    if (why := backend.unavailable() or backend.unsupported(case)) is not None:
+        print(f"{backend_name} cannot run {case_name}: {why}", file=sys.stderr)
+        return 2
+    runner = backend.runner(case, cases.make_inputs(case))
+    runner.prepare(kind)
+    jax.block_until_ready(runner.run(kind))
+    with ncu.profiler_range():
+        jax.block_until_ready(runner.run(kind))
+    return 0
+
+
+def _top(metrics: dict[str, float], prefix: str, suffix: str, count: int) -> str:
+    """The `count` largest metrics named `prefix` + X + `suffix`, as "X value" pairs."""
+    found = {
+        name[len(prefix) : -len(suffix)]: value
+        for name, value in metrics.items()
+        if name.startswith(prefix) and name.endswith(suffix)
+    }
+    best = sorted(found.items(), key=lambda kv: -kv[1])[:count]
+    return ", ".join(f"{name} {value:.3g}" for name, value in best) or "-"
+
+
+def summary(kernel: ncu.Kernel) -> str:
+    """One kernel's line: what limits it, in ncu's words."""
+    m = kernel.metrics
+    duration = m.get("gpu__time_duration.sum")
+    fields = [
+        kernel.name[:60],
+        f"{duration * 1e6:.1f} us" if duration is not None else "? us",
+        f"SM {m.get('Compute (SM) Throughput', float('nan')):.0f}%",
+        f"mem {m.get('Memory Throughput', float('nan')):.0f}%",
+        f"regs {m.get('Registers Per Thread', float('nan')):.0f}",
+        f"occupancy {m.get('Achieved Occupancy', float('nan')):.1f}%",
+        "pipes: " + _top(m, "sm__pipe_", "_cycles_active.avg.pct_of_peak_sustained_active", 4),
+        "stalls: " + _top(m, "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio", 5),
+        "bank conflicts ld/st: " + "/".join(f"{m[c]:.3g}" if c in m else "?" for c in CONFLICTS),
+    ]
+    return " | ".join(fields)
+
+
+def profile(out: Path, case_name: str, backend_name: str, ncu_path: str) -> list[str]:
+    """Run one worker under ncu; its CSV in `out`, the summary lines."""
+    target = [sys.executable, __file__, "--worker", backend_name, case_name]
+    cmd = ncu.command(ncu_path, target, METRICS, sections=SECTIONS)
+    code, stdout, stderr = ncu.run(cmd, TIMEOUT_S)
+    if code != 0 and ncu.unknown_metric(stdout + stderr):  # a pattern this ncu lacks: sections
+        cmd = ncu.command(ncu_path, target, ("gpu__time_duration.sum",), sections=SECTIONS)
+        code, stdout, stderr = ncu.run(cmd, TIMEOUT_S)
+    (out / f"{case_name}-{backend_name}.csv").write_text(stdout)
+    head = f"{case_name} {backend_name}"
+    if code != 0:
+        why = "timed out" if code is None else ncu.failure_reason(stdout + stderr, code)
+        return [f"{head}: {why}"]
+    return [head] + ["  " + summary(k) for k in ncu.parse_csv(stdout)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", nargs="?", type=Path)
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--worker", nargs=2, metavar=("BACKEND", "CASE"))
+    p.add_argument("--ncu", default=None, help="the ncu executable (default: found)")
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(*args.worker)
+    if args.out is None:
+        p.error("OUT is required")
+    names = args.cases.split(",")
+    if unknown := [n for n in names if n not in CASES]:
+        p.error(f"unknown cases {unknown}; known: {list(CASES)}")
+    ncu_path = ncu.find_ncu(args.ncu)
+    if ncu_path is None:
+        p.error("ncu not found (--ncu)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "summary.txt", "w") as summary_file:  # written as each run ends
+        for name in names:
+            for backend in args.backends.split(","):
+                text = "\n".join(profile(args.out, name, backend, ncu_path))
+                print(text, flush=True)
+                summary_file.write(text + "\n")
+                summary_file.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
