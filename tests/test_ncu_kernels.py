@@ -77,3 +77,50 @@ def test_arguments(script, tmp_path) -> None:
     with pytest.raises(SystemExit):
         script.main([])  # OUT is required
     assert set(script.CASES) >= {"fwd-d64-causal-1k", "bwd-d128-causal-16k"}
+
+
+def _fake_ncu(tmp_path: Path, csv_text: str) -> str:
+    """An executable standing in for ncu: with a `regex:` metric it fails as an ncu without that
+    metric does; otherwise it prints `csv_text` (it never runs the worker)."""
+    (tmp_path / "sample.csv").write_text(csv_text)
+    fake = tmp_path / "ncu"
+    fake.write_text(
+        "#!/bin/bash\n"
+        'if [[ "$*" == *regex:* ]]; then\n'
+        '  echo "==ERROR== Failed to find metric regex:x"; exit 1\n'
+        "fi\n"
+        f'cat "{tmp_path / "sample.csv"}"\n'
+    )
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_driver_falls_back_to_sections_and_writes_the_summary(script, tmp_path) -> None:
+    kernel = "cudnn_fmha_fwd"
+    rows = [
+        _line(0, kernel, "GPU Speed Of Light Throughput", "Compute (SM) Throughput", "%", "80"),
+        _line(
+            0, kernel, "Command line profiler metrics", "gpu__time_duration.sum", "nsecond", "1,250"
+        ),
+    ]
+    fake = _fake_ncu(tmp_path, NCU_COLUMNS + "\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    args = [str(out), "--cases", "fwd-d64-causal-1k", "--backends", "jax_cudnn", "--ncu", fake]
+    assert script.main(args) == 0
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[0] == "fwd-d64-causal-1k jax_cudnn"
+    assert summary[1].startswith("  cudnn_fmha_fwd | 1.2 us | SM 80% | mem nan%")
+    assert (out / "fwd-d64-causal-1k-jax_cudnn.csv").read_text().startswith('"ID"')
+
+
+def test_driver_reports_a_failed_run(script, tmp_path) -> None:
+    fake = tmp_path / "ncu"
+    fake.write_text(
+        '#!/bin/bash\necho "==ERROR== The application returned an error code (2)."\nexit 2\n'
+    )
+    fake.chmod(0o755)
+    lines = script.profile(tmp_path, "fwd-d64-full-1k", "flashjax_mosaic", str(fake))
+    assert lines == [
+        "fwd-d64-full-1k flashjax_mosaic: ncu exited 2: "
+        "==ERROR== The application returned an error code (2)."
+    ]
