@@ -51,10 +51,12 @@ SCHEDULES = [
     ("longest_first", "fold_scale", "lazy_rescale"),
     ("longest_first", "fold_scale", "persistent"),
     ("longest_first", "fold_scale", "lazy_rescale", "persistent"),
-    # Session 9: the epilogue's stores awaited until read only (new, not yet run on a GPU), with
-    # the defaults and with the persistent grid (the next tile's Q waits on that store).
+    # Session 9: the epilogue's stores awaited until read only, and the producer prefetching Q
+    # (new, not yet run on a GPU), with the defaults and with the persistent grid (its next
+    # tile's Q waits on that store).
     ("longest_first", "fold_scale", "async_store"),
     ("longest_first", "fold_scale", "async_store", "persistent"),
+    ("longest_first", "fold_scale", "async_store", "persistent", "prefetch_q"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 BWD_TILES = {

@@ -20,10 +20,10 @@ CASES = [
     Case(B=2, T=1024, S=1100, N=8, K=2, H=128, features=("causal", "segments")),
     Case(B=2, T=1000, S=1300, N=4, K=2, H=64, features=("lengths", "softcap")),
 ]
-# Each forward option alone and all together; the backward's single kernel with and without
-# Pallas' automatic barriers, its overlapped orders (with dropout too: its factor enters dP
-# after the overlapped wait) and schedule options.
-FORWARD = [(name,) for name in OPTIONS] + [OPTIONS]
+# Each forward option alone, the persistent grid with the prefetched Q, and all together; the
+# backward's single kernel with and without Pallas' automatic barriers, its overlapped orders
+# (with dropout too: its factor enters dP after the overlapped wait) and schedule options.
+FORWARD = [(name,) for name in OPTIONS] + [("persistent", "prefetch_q", "async_store"), OPTIONS]
 BACKWARD = [
     ("fused_dq", "no_auto_barriers"),
     ("overlap_dv",),

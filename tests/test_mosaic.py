@@ -222,6 +222,8 @@ def test_lazy_rescale_with_a_growing_max(monkeypatch) -> None:
         (dict(named_barriers=True), ("causal",)),
         (dict(named_barriers=True, persistent=True), ("causal", "segments")),
         (dict(async_store=True, persistent=True), ("causal", "segments")),
+        (dict(prefetch_q=True), ("lengths",)),
+        (dict(prefetch_q=True, persistent=True, async_store=True), ("causal", "segments")),
     ],
     ids=lambda x: "+".join(x),
 )
@@ -232,7 +234,8 @@ def test_schedules_compute_the_same(schedule, features) -> None:
     running on across tiles), or how the consumers take turns (`named_barriers`, emulated by
     mbarriers here: a protocol that left a wait unmet would hang or leave a phase unconsumed), or
     how long the epilogue waits for its stores (`async_store`: until read; persistent, the next
-    tile's Q lands in the buffer the output left from):
+    tile's Q lands in the buffer the output left from), or who loads Q (`prefetch_q`: the
+    producer, into a ring of two slots that the consumers free after their output's store):
     the output and logsumexp are bitwise those of the grid order, and the race detector finds
     nothing."""
     case = Case(B=2, T=300, S=300, N=2, K=1, H=64, features=features)

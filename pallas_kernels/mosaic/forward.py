@@ -69,6 +69,16 @@ class ForwardConfig:
     lazy_rescale: bool = False
     # The output's TMA store awaited only until it has read shared memory (`pipeline.wait_stores`).
     async_store: bool = False
+    # The producer loads the Q tiles (and query segment ids) into a ring of two slots, which the
+    # consumers free after their output's store: a persistent CTA's next Q lands while the
+    # current tile runs (FA3's producer loads Q), instead of each consumer loading its own at
+    # the tile's start.
+    prefetch_q: bool = False
+
+    @property
+    def q_slots(self) -> int:
+        """The Q ring's slots: two when the producer prefetches, else one."""
+        return 2 if self.prefetch_q else 1
 
 
 # The ForwardConfig flags that change how the work is scheduled, not what is computed (the
@@ -81,6 +91,7 @@ SCHEDULE_OPTIONS = (
     "persistent",
     "named_barriers",
     "async_store",
+    "prefetch_q",
 )
 OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale", "lazy_rescale")
 
@@ -90,13 +101,36 @@ def with_options(config: ForwardConfig, options) -> ForwardConfig:
     return pp.with_options(config, options, OPTIONS)
 
 
+def _load_q(refs: dict, sc: dict, tile, consumer, slot, barrier, block_q: int) -> None:
+    """TMA `consumer`'s rows of query tile `tile = (qt, h, b)` (and their segment ids) into Q
+    ring slot `slot`, arriving on `barrier`."""
+    qt, h, b = tile
+    rows = pl.ds(qt * (CONSUMERS * block_q) + consumer * block_q, block_q)
+    buffer = slot * CONSUMERS + consumer
+    plgpu.copy_gmem_to_smem(refs["q"].at[b, rows, h], sc["q"].at[buffer], barrier)
+    if "q_seg" in refs:
+        plgpu.copy_gmem_to_smem(refs["q_seg"].at[b, rows], sc["q_seg"].at[buffer], barrier)
+
+
+def _produce_q(refs: dict, sc: dict, tile, tiles_done, block_q: int) -> None:
+    """`prefetch_q`: the producer's loads of query tile `tile`, the CTA's tile `tiles_done`,
+    into its ring slot once the consumers have freed it (from the ring's second lap on)."""
+    slot = pp.ring_slot(tiles_done, 2)
+    if not isinstance(tiles_done, int):
+        pl.when(tiles_done >= 2)(lambda: plgpu.barrier_wait(sc["q_free"].at[slot]))
+    for consumer in range(CONSUMERS):
+        _load_q(refs, sc, tile, consumer, slot, sc["q_loaded"].at[slot], block_q)
+
+
 def _consumer(
     refs: dict, sc: dict, tile, done, *, statics, config, visits, seq, num_heads, interpret
 ):
-    """One consumer's work on query tile `tile = (qt, h, b)`; `done`: the key visits of the
-    CTA's earlier tiles (the K/V ring's slots continue from there)."""
+    """One consumer's work on query tile `tile = (qt, h, b)`; `done`: `(visits, tiles)`, the key
+    visits and the query tiles of the CTA's earlier tiles (the K/V ring's slots continue from
+    there, the Q ring's with `prefetch_q`)."""
     bq, bkv = config.block_q, config.block_kv
     qt, h, b = tile
+    done, tiles_done = done
     wg = lax.axis_index("wg")
     row0 = qt * (CONSUMERS * bq) + wg * bq
     head_dim = sc["q"].shape[-1]
@@ -106,16 +140,20 @@ def _consumer(
     else:
         turns = pp.Turn(sc["turn"], wg)
 
-    my_q = sc["q"].at[wg]
-    loaded = sc["q_loaded"].at[wg]
-    plgpu.copy_gmem_to_smem(refs["q"].at[b, pl.ds(row0, bq), h], my_q, loaded)
+    q_slot = pp.ring_slot(tiles_done, config.q_slots)
+    my_q = sc["q"].at[q_slot * CONSUMERS + wg]
+    if config.prefetch_q:
+        loaded = sc["q_loaded"].at[q_slot]
+    else:
+        loaded = sc["q_loaded"].at[wg]
+        _load_q(refs, sc, tile, wg, 0, loaded, bq)
+    plgpu.barrier_wait(loaded)  # one phase: every copy to it arrived
     q_segments = None
     if "q_seg" in refs:
-        plgpu.copy_gmem_to_smem(refs["q_seg"].at[b, pl.ds(row0, bq)], sc["q_seg"].at[wg], loaded)
-    plgpu.barrier_wait(loaded)  # one phase: every copy to it arrived
-    if "q_seg" in refs:
         q_segments = lax.broadcast_in_dim(
-            plgpu.load(sc["q_seg"].at[wg], layout=LAYOUT.reduce(1)), (bq, bkv), [0]
+            plgpu.load(sc["q_seg"].at[q_slot * CONSUMERS + wg], layout=LAYOUT.reduce(1)),
+            (bq, bkv),
+            [0],
         )
 
     rows = row0 + pp.iota((bq, bkv), 0)
@@ -205,6 +243,17 @@ def _consumer(
     plgpu.copy_smem_to_gmem(my_q, refs["out"].at[b, pl.ds(row0, bq), h])
     plgpu.copy_smem_to_gmem(sc["lse"].at[wg], refs["lse"].at[b, h, pl.ds(row0, bq)])
     pp.wait_stores(config.async_store)
+    if config.prefetch_q:  # the output has left the slot: the producer may refill it
+        plgpu.barrier_arrive(sc["q_free"].at[q_slot])
+
+
+def _q_barrier(config: ForwardConfig, per_copy: int) -> plgpu.Barrier:
+    """The Q tiles' arrival barriers: one per Q ring slot, for both consumers' copies, when the
+    producer prefetches; else one per consumer, for its own. `per_copy`: the copies of one
+    consumer's rows (Q, and the query segment ids)."""
+    if config.prefetch_q:
+        return plgpu.Barrier(num_arrivals=CONSUMERS * per_copy, num_barriers=2)
+    return plgpu.Barrier(num_arrivals=per_copy, num_barriers=CONSUMERS)
 
 
 def _rescaled(acc: jax.Array, alpha: jax.Array, keep: jax.Array | None) -> jax.Array:
@@ -293,6 +342,7 @@ def forward(
             return seq, pp.range_visits(ranges)
 
         def consume(tile, done):
+            visits_done, tiles_done = done
             seq, visits = work_of(tile[0], tile[2])
             _consumer(
                 refs,
@@ -306,13 +356,17 @@ def forward(
                 num_heads=num_heads,
                 interpret=via_smem,
             )
-            return done + visits.count
+            return visits_done + visits.count, tiles_done + 1
 
         def produce(tile, done):
+            visits_done, tiles_done = done
             qt, h, b = tile
             _, visits = work_of(qt, b)
-            pp.stream(_streams(refs, sc, b, lax.div(h, group), bkv), visits, stages, done)
-            return done + visits.count
+            if config.prefetch_q:
+                _produce_q(refs, sc, tile, tiles_done, bq)
+            streams = _streams(refs, sc, b, lax.div(h, group), bkv)
+            pp.stream(streams, visits, stages, visits_done)
+            return visits_done + visits.count, tiles_done + 1
 
         frees = [sc[f"{name}_free"] for name in ("k", "v", "kv_seg") if f"{name}_free" in sc]
 
@@ -322,18 +376,25 @@ def forward(
 
         def producer():
             plgpu.set_max_registers(config.registers[1], action="decrease")
-            pp.drain(frees, each_tile(produce), stages)
+            visits_done, tiles_done = each_tile(produce)
+            pp.drain(frees, visits_done, stages)
+            if config.prefetch_q:
+                pp.drain([sc["q_free"]], tiles_done, 2)
 
         pp.warpgroups(consumer, producer)
 
     def each_tile(work):
         """`work((qt, h, b), done) -> done` over this CTA's query tiles (one, or with `persistent`
-        its share of all, in `order`); returns the key visits done."""
+        its share of all, in `order`), `done` the key visits and query tiles so far; returns
+        them at the end."""
+        start = (0, 0)  # a CTA with one tile: its counts stay static
         if not config.persistent:
             tile = tuple(lax.axis_index(name) for name in ("q", "h", "b"))
-            return work(_ordered(tile), 0)
+            return work(_ordered(tile), start)
 
-        @plgpu.nd_loop(tuple(grid[n] for n in reversed(order)), collective_axes="sm", init_carry=0)
+        @plgpu.nd_loop(
+            tuple(grid[n] for n in reversed(order)), collective_axes="sm", init_carry=start
+        )
         def done(info, carry):
             index = dict(zip(reversed(order), info.index))
             return work(_ordered(tuple(index[n] for n in ("q", "h", "b"))), carry)
@@ -347,16 +408,18 @@ def forward(
     dtype = q.dtype
     k_loaded, v_loaded, k_free, v_free = pp.stream_barriers(2, stages)
     scratch = dict(
-        q=pp.smem_tile((CONSUMERS, bq, head_dim), dtype),
+        q=pp.smem_tile((config.q_slots * CONSUMERS, bq, head_dim), dtype),
         k=pp.smem_tile((stages, bkv, head_dim), dtype),
         v=pp.smem_tile((stages, bkv, head_dim), dtype),
         lse=plgpu.SMEM((CONSUMERS, bq), jnp.float32),
-        q_loaded=plgpu.Barrier(num_arrivals=2 if "q_seg" in extras else 1, num_barriers=CONSUMERS),
+        q_loaded=_q_barrier(config, per_copy=2 if "q_seg" in extras else 1),
         k_loaded=k_loaded,
         v_loaded=v_loaded,
         k_free=k_free,
         v_free=v_free,
     )
+    if config.prefetch_q:
+        scratch["q_free"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2)
     if not config.named_barriers:
         scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     elif via_smem:  # NamedTurn's emulation: one mbarrier per hardware barrier
@@ -366,7 +429,7 @@ def forward(
     if "q_seg" in extras:
         seg_loaded, seg_free = pp.stream_barriers(1, stages)
         scratch |= dict(
-            q_seg=plgpu.SMEM((CONSUMERS, bq), jnp.int32),
+            q_seg=plgpu.SMEM((config.q_slots * CONSUMERS, bq), jnp.int32),
             kv_seg=plgpu.SMEM((stages, bkv), jnp.int32),
             kv_seg_loaded=seg_loaded,
             kv_seg_free=seg_free,

@@ -173,10 +173,23 @@ def stream(streams: Sequence[Stream], visits: Visits, stages: int, done=0) -> No
             plgpu.copy_gmem_to_smem(s.source(tile), s.ring.at[slot], s.loaded.at[slot])
 
 
+def ring_slot(count, slots: int):
+    """The slot of a ring of `slots` that use number `count` takes (`count` static where it is:
+    Mosaic GPU lowers no arithmetic on constants alone)."""
+    if slots == 1:
+        return 0
+    return count % slots if isinstance(count, int) else lax.rem(count, slots)
+
+
 def drain(frees: Sequence, total, stages: int) -> None:
     """Observe the consumers' releases (`frees`: the streams' `free` barriers) of the last
     `stages` of `total` visits, so every barrier phase is consumed before the CTA exits (the
-    interpreter checks it; on the GPU it costs the producer a wait)."""
+    interpreter checks it; on the GPU it costs the producer a wait). `total` may be static."""
+    if isinstance(total, int):
+        for j in range(max(total - stages, 0), total):
+            for free in frees:
+                plgpu.barrier_wait(free.at[j % stages])
+        return
     first = jnp.maximum(total - stages, 0)  # counted from 0: see `walk`
 
     @pl.loop(0, total - first)
