@@ -116,7 +116,7 @@ def _produce_q(refs: dict, sc: dict, tile, tiles_done, block_q: int) -> None:
     """`prefetch_q`: the producer's loads of query tile `tile`, the CTA's tile `tiles_done`,
     into its ring slot once the consumers have freed it (from the ring's second lap on)."""
     slot = pp.ring_slot(tiles_done, 2)
-    if not isinstance(tiles_done, int):
+    if not isinstance(tiles_done, int):  # static: a one-tile CTA, on the ring's first lap
         pl.when(tiles_done >= 2)(lambda: plgpu.barrier_wait(sc["q_free"].at[slot]))
     for consumer in range(CONSUMERS):
         _load_q(refs, sc, tile, consumer, slot, sc["q_loaded"].at[slot], block_q)
@@ -141,7 +141,8 @@ def _consumer(
         turns = pp.Turn(sc["turn"], wg)
 
     q_slot = pp.ring_slot(tiles_done, config.q_slots)
-    my_q = sc["q"].at[q_slot * CONSUMERS + wg]
+    my_buffer = q_slot * CONSUMERS + wg  # of the Q (and query segment id) ring: see `_load_q`
+    my_q = sc["q"].at[my_buffer]
     if config.prefetch_q:
         loaded = sc["q_loaded"].at[q_slot]
     else:
@@ -151,9 +152,7 @@ def _consumer(
     q_segments = None
     if "q_seg" in refs:
         q_segments = lax.broadcast_in_dim(
-            plgpu.load(sc["q_seg"].at[q_slot * CONSUMERS + wg], layout=LAYOUT.reduce(1)),
-            (bq, bkv),
-            [0],
+            plgpu.load(sc["q_seg"].at[my_buffer], layout=LAYOUT.reduce(1)), (bq, bkv), [0]
         )
 
     rows = row0 + pp.iota((bq, bkv), 0)
