@@ -6,10 +6,10 @@
 # is also checked against configs.py's choice; a hang shows in the log as the last "checked" line.
 # SWEEPS: space-separated DIMS:ONLY:SEQ[:tiles] (ONLY fwd, bwd or empty for both; tiles: the
 # tile grid too), run in order within the time left; default one sweep of head dims 128, 64,
-# 256 at 8k, both kernels.
+# 256 at 8k, both kernels. WITH: every sweep's option sets only those that include this option.
 # Usage (device tool, from the repo root):
 #   COMMIT=$(git rev-parse --short HEAD) [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
-#     bash benchmarks/device_call_tune.sh
+#     [WITH=async_store] bash benchmarks/device_call_tune.sh
 source benchmarks/device_setup.sh
 export PYTHONPATH=$PYTHONPATH:benchmarks
 L="$OUT/logs"
@@ -22,7 +22,7 @@ for sweep in ${SWEEPS:-128,64,256::8192}; do
   IFS=: read -r dims only seq tiles <<< "$sweep"
   name="tune_${dims//,/-}_${only:-both}_$seq"
   timeout "$(until_s 585)" python3 benchmarks/tune_mosaic.py "$L/$name.json" ${dims//,/ } \
-    ${only:+--only "$only"} --seq "$seq" ${tiles:+--tiles} > "$L/$name.log" 2>&1
+    ${only:+--only "$only"} --seq "$seq" ${tiles:+--tiles} ${WITH:+--with "$WITH"} > "$L/$name.log" 2>&1
   grep -A4 BEST "$L/$name.log"
 done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs

@@ -66,16 +66,23 @@ BWD_TILES = {
 }
 
 
-def forward_candidates(head_dim: int, tiles: bool, toggles: bool) -> list[ForwardConfig]:
-    """configs.py's choice (first), then with the options of SCHEDULES; with `toggles`, instead
-    the choice with each flag of OPTIONS flipped, one at a time; with `tiles`, the tile x flag
-    grid too."""
+def _having(combos: list[tuple[str, ...]], option: str | None) -> list[tuple[str, ...]]:
+    """The option sets that include `option` (all of them when None)."""
+    return [c for c in combos if option is None or option in c]
+
+
+def forward_candidates(
+    head_dim: int, tiles: bool, toggles: bool, option: str | None = None
+) -> list[ForwardConfig]:
+    """configs.py's choice (first), then with the options of SCHEDULES (those with `option`
+    only, when given); with `toggles`, instead the choice with each flag of OPTIONS flipped, one
+    at a time; with `tiles`, the tile x flag grid too."""
     chosen = api.forward_config(head_dim)
     if toggles:
         on = {name for name in OPTIONS if getattr(chosen, name)}
         variants = [with_options(chosen, on ^ {name}) for name in OPTIONS]
     else:
-        variants = [with_options(chosen, s) for s in SCHEDULES]
+        variants = [with_options(chosen, s) for s in _having(SCHEDULES, option)]
     grid = [
         ForwardConfig(block_q=q, block_kv=kv, stages=st, early_next_k=e, pinned_order=p)
         for (q, kv, st), (e, p) in itertools.product(FWD_TILES[head_dim], FLAGS)
@@ -109,16 +116,18 @@ BWD_SCHEDULES = [
 assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 
 
-def backward_candidates(head_dim: int, tiles: bool) -> list[BackwardConfig]:
-    """configs.py's choice (first), then its tiles with each option set of BWD_SCHEDULES; with
-    `tiles`, the tile grid with each option set too."""
+def backward_candidates(
+    head_dim: int, tiles: bool, option: str | None = None
+) -> list[BackwardConfig]:
+    """configs.py's choice (first), then its tiles with each option set of BWD_SCHEDULES (those
+    with `option` only, when given); with `tiles`, the tile grid with each option set too."""
     chosen = api.backward_config(head_dim)
     shapes = [(chosen.rows, chosen.cols, chosen.stages)]
     if tiles:
         shapes += [t for t in BWD_TILES[head_dim] if t not in shapes]
     candidates = [chosen] + [
         bwd_with_options(BackwardConfig(rows=r, cols=c, stages=st), combo)
-        for (r, c, st), combo in itertools.product(shapes, BWD_SCHEDULES)
+        for (r, c, st), combo in itertools.product(shapes, _having(BWD_SCHEDULES, option))
     ]
     return list(dict.fromkeys(candidates))  # each once
 
@@ -129,7 +138,13 @@ def rel_err(a, b) -> float:
 
 
 def sweep(
-    head_dim: int, causal: bool, tiles: bool, toggles: bool, kinds: str, seq: int = SEQ
+    head_dim: int,
+    causal: bool,
+    tiles: bool,
+    toggles: bool,
+    kinds: str,
+    seq: int = SEQ,
+    option: str | None = None,
 ) -> list[dict]:
     """Every candidate compiled and checked against the first of its kind, then timed with the
     candidates interleaved over rounds (benchmarks/tune.py `interleaved`)."""
@@ -150,11 +165,11 @@ def sweep(
         rows.append(row)
         print(f"  checked {kind} {cfg}: {row['status']}", flush=True)  # a hang shows where
 
-    for cfg in forward_candidates(head_dim, tiles, toggles) if "fwd" in kinds else []:
+    for cfg in forward_candidates(head_dim, tiles, toggles, option) if "fwd" in kinds else []:
         fn = jax.jit(lambda ops, cfg=cfg: api.forward(ops, interpret=False, config=cfg))
         prepare("fwd", cfg, lambda fn=fn: fn(ops), flops)
     out, lse2 = api.forward(ops, interpret=False)
-    for cfg in backward_candidates(head_dim, tiles) if "bwd" in kinds else []:
+    for cfg in backward_candidates(head_dim, tiles, option) if "bwd" in kinds else []:
         fn = jax.jit(
             lambda ops, out, lse2, do, cfg=cfg: api.backward(
                 ops, out, lse2, do, None, interpret=False, config=cfg
@@ -198,13 +213,14 @@ def main() -> None:
     )
     p.add_argument("--only", choices=("fwd", "bwd"), help="one kernel's candidates")
     p.add_argument("--seq", type=int, default=SEQ, help="sequence length (B * T = 16k)")
+    p.add_argument("--with", dest="option", help="only the option sets that include this option")
     args = p.parse_args()
     rows = []
     for head_dim in args.head_dims:
         for causal in (False, True):
             print(f"H={head_dim} T={args.seq} causal={causal}", flush=True)
             kinds = args.only or "fwd,bwd"
-            rows += sweep(head_dim, causal, args.tiles, args.toggles, kinds, args.seq)
+            rows += sweep(head_dim, causal, args.tiles, args.toggles, kinds, args.seq, args.option)
             report(rows, head_dim, causal)
             json.dump(rows, open(args.out, "w"), indent=1)
 

@@ -66,6 +66,10 @@ UNIT_SCALE: dict[str, float] = {
     "usecond": 1e-6,
     "msecond": 1e-3,
     "second": 1.0,
+    "ns": 1e-9,
+    "us": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
 }
 
 
@@ -163,11 +167,13 @@ def parse_csv(text: str) -> list[Kernel]:
     kernels: dict[int, Kernel] = {}
     if "Metric Name" in col:
         for r in body:
-            if len(r) != len(header) or not r[0].strip().isdigit():
+            # A metric's line stops after its value when no rule applies to it.
+            if len(r) <= col["Metric Value"] or not r[0].strip().isdigit():
                 continue
             kid = int(r[0])
             kernel = kernels.setdefault(kid, Kernel(kid, r[col["Kernel Name"]], {}))
-            value = _number(r[col["Metric Value"]], r[col.get("Metric Unit", -1)])
+            unit = r[col["Metric Unit"]] if "Metric Unit" in col else ""
+            value = _number(r[col["Metric Value"]], unit)
             if value is not None:
                 kernel.metrics[r[col["Metric Name"]]] = value
     else:
