@@ -30,8 +30,19 @@ def _head_dim(head_dim: int) -> int:
     return _round_up(head_dim, configs.MOSAIC_HEAD_DIM_MULTIPLE)
 
 
-def forward_config(head_dim: int) -> _forward.ForwardConfig:
-    block_q, block_kv, stages, early, pinned, options = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
+def causal_call(ops: Operands) -> bool:
+    """Causal (top-left or, with offsets, bottom-right): a query tile's work grows with its row,
+    which configs.MOSAIC_FORWARD's seventh column schedules for."""
+    return ops.statics.window == (None, 0)
+
+
+def forward_config(head_dim: int, causal: bool = False) -> _forward.ForwardConfig:
+    """configs.MOSAIC_FORWARD's choice for this head dim (and its causal options, `causal`)."""
+    block_q, block_kv, stages, early, pinned, options, causal_options = configs.MOSAIC_FORWARD[
+        _head_dim(head_dim)
+    ]
+    if causal:
+        options = (*options, *causal_options)
     tiles = _forward.ForwardConfig(
         block_q=block_q,
         block_kv=block_kv,
@@ -137,7 +148,7 @@ def forward(
     `interpret`: None picks interpret mode off the GPU (see `interpret_params`); `config`: tiles
     other than configs.py's (benchmarks/tune_mosaic.py)."""
     ops = _past_lengths_zeroed(ops)
-    cfg = config or forward_config(ops.head_dim)
+    cfg = config or forward_config(ops.head_dim, causal_call(ops))
     t = _round_up(ops.seq_q, CONSUMERS * cfg.block_q)
     s = _round_up(ops.seq_k, cfg.block_kv)
     d = _head_dim(ops.head_dim)
