@@ -72,12 +72,12 @@ def _having(combos: list[tuple[str, ...]], option: str | None) -> list[tuple[str
 
 
 def forward_candidates(
-    head_dim: int, tiles: bool, toggles: bool, option: str | None = None, causal: bool = False
+    head_dim: int, tiles: bool, toggles: bool, option: str | None = None, causal_rows=None
 ) -> list[ForwardConfig]:
     """configs.py's choice (first), then with the options of SCHEDULES (those with `option`
     only, when given); with `toggles`, instead the choice with each flag of OPTIONS flipped, one
     at a time; with `tiles`, the tile x flag grid too."""
-    chosen = api.forward_config(head_dim, causal)
+    chosen = api.forward_config(head_dim, causal_rows)
     if toggles:
         on = {name for name in OPTIONS if getattr(chosen, name)}
         variants = [with_options(chosen, on ^ {name}) for name in OPTIONS]
@@ -166,7 +166,9 @@ def sweep(
         print(f"  checked {kind} {cfg}: {row['status']}", flush=True)  # a hang shows where
 
     for cfg in (
-        forward_candidates(head_dim, tiles, toggles, option, causal) if "fwd" in kinds else []
+        forward_candidates(head_dim, tiles, toggles, option, seq if causal else None)
+        if "fwd" in kinds
+        else []
     ):
         fn = jax.jit(lambda ops, cfg=cfg: api.forward(ops, interpret=False, config=cfg))
         prepare("fwd", cfg, lambda fn=fn: fn(ops), flops)

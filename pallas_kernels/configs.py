@@ -81,13 +81,18 @@ _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 # 0.370 -> 0.402 / 0.368 (on: within noise at 8k); 128 persistent 0.323 -> 0.299 non-causal,
 # but with longest_first and fold_scale on, the standard bench (s7/final) lost 5-20% at
 # 1k-16k with it, so it stays off.
-# The seventh column: options added for causal calls (`causal_call`: the work of a query tile
-# grows with its row). Session 10 (results/2026-11-30-h200-s10/tune, these choices -> with FA3's
-# persistent schedule: persistent + async_store + prefetch_q, ms non-causal / causal): head dim
-# 64 at T = 1k 0.540 / 0.420 -> 0.520 / 0.375, at 4k 1.492 / 1.008 -> 1.606 / 0.967; 128 at 2k
-# 0.725 / 0.519 -> 0.808 / 0.524 (async_store alone 0.727 / 0.506, within the spread). So at
-# head dim 64 causal only.
-MOSAIC_FORWARD: dict[int, tuple[int, int, int, bool, bool, tuple[str, ...], tuple[str, ...]]] = {
+# The seventh column: `(up to T, options)`, options added for causal calls of at most T query
+# rows (`causal_call`: the work of a query tile grows with its row). Session 10
+# (results/2026-11-30-h200-s10; FA3's persistent schedule: persistent + async_store +
+# prefetch_q), swept interleaved, ms non-causal / causal, these choices -> with it: head dim 64
+# at T = 1k 0.540 / 0.420 -> 0.520 / 0.375, at 4k 1.492 / 1.008 -> 1.606 / 0.967; 128 at 2k
+# 0.725 / 0.519 -> 0.808 / 0.524 (async_store alone 0.727 / 0.506, within the spread). The
+# standard bench with it on for head dim 64 causal (same run as cuDNN, TFLOP/s with it vs the
+# session 8 bench without): 1k 306 vs 194, 2k 338 vs 314, 4k 372 vs 368, but 8k 382 vs 408 and
+# 16k 408 vs 439. So head dim 64, causal, up to 4k query rows.
+MOSAIC_FORWARD: dict[
+    int, tuple[int, int, int, bool, bool, tuple[str, ...], tuple[int, tuple[str, ...]]]
+] = {
     64: (
         64,
         128,
@@ -95,11 +100,27 @@ MOSAIC_FORWARD: dict[int, tuple[int, int, int, bool, bool, tuple[str, ...], tupl
         True,
         True,
         ("longest_first", "fold_scale"),
-        ("persistent", "async_store", "prefetch_q"),
+        (4096, ("persistent", "async_store", "prefetch_q")),
     ),
-    128: (64, 128, 2, False, True, ("longest_first", "fold_scale"), ()),
-    192: (64, 128, 1, False, True, ("longest_first", "no_auto_barriers", "named_barriers"), ()),
-    256: (64, 128, 1, False, True, ("longest_first", "no_auto_barriers", "named_barriers"), ()),
+    128: (64, 128, 2, False, True, ("longest_first", "fold_scale"), (0, ())),
+    192: (
+        64,
+        128,
+        1,
+        False,
+        True,
+        ("longest_first", "no_auto_barriers", "named_barriers"),
+        (0, ()),
+    ),
+    256: (
+        64,
+        128,
+        1,
+        False,
+        True,
+        ("longest_first", "no_auto_barriers", "named_barriers"),
+        (0, ()),
+    ),
 }
 # The backward's two kernels: (rows per consumer, columns per step, stages), the same for both
 # (dK/dV: rows of keys, columns of queries; dQ: the other way round). Each consumer keeps its own

@@ -56,7 +56,7 @@ def _check(case: Case, monkeypatch, forward=(), backward=()) -> None:
     fwd = with_options(api.forward_config(case.H), forward)
     bwd = backward_options(api.backward_config(case.H), backward)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
-    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal=False: fwd)
+    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal_rows=None: fwd)
     monkeypatch.setattr(api, "backward_config", lambda head_dim: bwd)
     check_case(case, "mosaic")
 

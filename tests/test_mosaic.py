@@ -141,7 +141,7 @@ def test_fold_scale_forward(case: Case, monkeypatch) -> None:
     """`ForwardConfig.fold_scale` (row max of the unscaled scores, the scale folded into the
     exponent) against the float64 reference, with no race; with a soft-cap it falls back."""
     folded = forward.with_options(api.forward_config(case.H), ("fold_scale",))
-    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal=False: folded)
+    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal_rows=None: folded)
     interpreter.reset_gpu_interpret_mode_state()
     check_case(case, "mosaic")
     assert not interpreter.get_races().races_found
@@ -169,7 +169,7 @@ def test_lazy_rescale_forward(options, case: Case, monkeypatch) -> None:
     """`ForwardConfig.lazy_rescale` (FA4's conditional rescaling) against the float64
     reference, forward and gradients (which recompute from its logsumexp), with no race."""
     config = forward.with_options(api.forward_config(case.H), options)
-    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal=False: config)
+    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal_rows=None: config)
     interpreter.reset_gpu_interpret_mode_state()
     check_case(case, "mosaic")
     assert not interpreter.get_races().races_found
@@ -200,7 +200,7 @@ def test_lazy_rescale_with_a_growing_max(monkeypatch) -> None:
     ramp = jnp.linspace(1.0, 6.0, case.S, dtype=jnp.float32)[None, :, None, None]
     k = (k.astype(jnp.float32) * ramp).astype(k.dtype)
     config = forward.with_options(api.forward_config(case.H), ("lazy_rescale",))
-    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal=False: config)
+    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal_rows=None: config)
     scale = case.H**-0.5 * np.log2(np.e)
     for h in range(case.N):
         s2 = np.einsum("td,sd->ts", np.float64(q[0, :, h]), np.float64(k[0, :, 0])) * scale
@@ -329,8 +329,8 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
 
 
 def test_causal_calls_take_the_causal_schedule(monkeypatch) -> None:
-    """A causal call runs configs.MOSAIC_FORWARD's causal options (at head dim 64 FA3's
-    persistent schedule), any other call the head dim's plain choice."""
+    """A causal call of at most configs.MOSAIC_FORWARD's length runs the table's causal options
+    (at head dim 64 FA3's persistent schedule), any other call the head dim's plain choice."""
     seen = []
 
     def capture(*args, config, **kwargs):
@@ -339,9 +339,16 @@ def test_causal_calls_take_the_causal_schedule(monkeypatch) -> None:
 
     forward_kernel = forward.forward
     monkeypatch.setattr(forward, "forward", capture)
-    for features in (("causal",), ("lengths",), ("window",)):
-        q, k, v, _, kw = make_inputs(Case(B=1, T=130, S=130, N=2, K=1, H=64, features=features))
+    monkeypatch.setitem(
+        configs.MOSAIC_FORWARD,
+        64,
+        (*configs.MOSAIC_FORWARD[64][:6], (200, ("persistent", "prefetch_q"))),
+    )
+    calls = [(130, ("causal",)), (130, ("lengths",)), (130, ("window",)), (260, ("causal",))]
+    for t, features in calls:
+        q, k, v, _, kw = make_inputs(Case(B=1, T=t, S=t, N=2, K=1, H=64, features=features))
         api.forward(operands(q, k, v, **kw))
-    causal, plain = api.forward_config(64, causal=True), api.forward_config(64)
+    causal, plain = api.forward_config(64, causal_rows=130), api.forward_config(64)
     assert causal.persistent and causal.prefetch_q and not plain.persistent
-    assert seen == [causal, plain, plain]
+    assert api.forward_config(64, causal_rows=201) == plain
+    assert seen == [causal, plain, plain, plain]

@@ -30,18 +30,20 @@ def _head_dim(head_dim: int) -> int:
     return _round_up(head_dim, configs.MOSAIC_HEAD_DIM_MULTIPLE)
 
 
-def causal_call(ops: Operands) -> bool:
-    """Causal (top-left or, with offsets, bottom-right): a query tile's work grows with its row,
-    which configs.MOSAIC_FORWARD's seventh column schedules for."""
-    return ops.statics.window == (None, 0)
+def causal_call(ops: Operands) -> int | None:
+    """A causal call's query rows (top-left or, with offsets, bottom-right causal: a query tile's
+    work grows with its row, which configs.MOSAIC_FORWARD's seventh column schedules for); None
+    for any other call."""
+    return ops.seq_q if ops.statics.window == (None, 0) else None
 
 
-def forward_config(head_dim: int, causal: bool = False) -> _forward.ForwardConfig:
-    """configs.MOSAIC_FORWARD's choice for this head dim (and its causal options, `causal`)."""
-    block_q, block_kv, stages, early, pinned, options, causal_options = configs.MOSAIC_FORWARD[
-        _head_dim(head_dim)
-    ]
-    if causal:
+def forward_config(head_dim: int, causal_rows: int | None = None) -> _forward.ForwardConfig:
+    """configs.MOSAIC_FORWARD's choice for this head dim, and its causal options for a causal
+    call of `causal_rows` query rows up to the table's length."""
+    block_q, block_kv, stages, early, pinned, options, (up_to, causal_options) = (
+        configs.MOSAIC_FORWARD[_head_dim(head_dim)]
+    )
+    if causal_rows is not None and causal_rows <= up_to:
         options = (*options, *causal_options)
     tiles = _forward.ForwardConfig(
         block_q=block_q,
