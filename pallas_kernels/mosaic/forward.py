@@ -136,7 +136,8 @@ def _consumer(
     head_dim = sc["q"].shape[-1]
     dtype = sc["q"].dtype
     if config.named_barriers:
-        turns = pp.NamedTurn(wg, emulation=sc["turn"] if interpret else None)
+        emulation = sc["turn"] if interpret else None
+        turns = pp.NamedTurn(wg, emulation, persistent=config.persistent)
     else:
         turns = pp.Turn(sc["turn"], wg)
 
@@ -422,7 +423,8 @@ def forward(
     if not config.named_barriers:
         scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     elif via_smem:  # NamedTurn's emulation: one mbarrier per hardware barrier
-        scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=CONSUMERS)
+        named = CONSUMERS + 1 if config.persistent else CONSUMERS
+        scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=named)
     if via_smem:
         scratch["p"] = pp.smem_tile((CONSUMERS, bq, bkv), dtype)
     if "q_seg" in extras:
