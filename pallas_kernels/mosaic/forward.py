@@ -136,8 +136,7 @@ def _consumer(
     head_dim = sc["q"].shape[-1]
     dtype = sc["q"].dtype
     if config.named_barriers:
-        emulation = sc["turn"] if interpret else None
-        turns = pp.NamedTurn(wg, emulation, persistent=config.persistent)
+        turns = pp.NamedTurn(wg, emulation=sc["turn"] if interpret else None)
     else:
         turns = pp.Turn(sc["turn"], wg)
 
@@ -423,8 +422,7 @@ def forward(
     if not config.named_barriers:
         scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     elif via_smem:  # NamedTurn's emulation: one mbarrier per hardware barrier
-        named = CONSUMERS + 1 if config.persistent else CONSUMERS
-        scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=named)
+        scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=CONSUMERS)
     if via_smem:
         scratch["p"] = pp.smem_tile((CONSUMERS, bq, bkv), dtype)
     if "q_seg" in extras:

@@ -267,8 +267,7 @@ class Turn:
 
 
 # Hardware barrier ids of the ping-pong with named barriers: 0 is the CTA's, 1..3 Mosaic GPU's
-# warpgroup barriers (warpgroup index + 1); consumer c waits on NAMED_TURN + c, and a persistent
-# CTA's consumers meet at a tile's end on NAMED_TURN + CONSUMERS.
+# warpgroup barriers (warpgroup index + 1); consumer c waits on NAMED_TURN + c.
 NAMED_TURN = 4
 
 
@@ -290,25 +289,16 @@ class NamedTurn:
     on barrier NAMED_TURN + c, which the other consumer signals (`bar.arrive`) after issuing its
     QK^T. The interpreter runs no inline PTX: with `emulation` (two mbarriers of two arrivals)
     each named barrier is an mbarrier (`bar.arrive`: arrive; `bar.sync`: arrive and wait), so
-    interpret mode checks the protocol (every wait met, every phase consumed, no race).
+    interpret mode checks the protocol (every wait met, every phase consumed, no race)."""
 
-    `persistent`: the CTA runs more tiles after this one. A hardware barrier counts arrivals, so
-    consumer 0's closing arrive must be consumed (by consumer 1's last wait) before consumer 0
-    arrives again in its next tile, or its two arrivals complete a phase alone (256 threads)
-    and the turns slip (wrong outputs on the H200, session 10, once prefetch_q and async_store
-    let consumer 0 reach its next tile sooner): `finish` then ends with both consumers meeting
-    on a third barrier, NAMED_TURN + 2 (the emulation's third mbarrier)."""
+    def __init__(self, wg: jax.Array, emulation=None):
+        self.wg, self.emulation = wg, emulation
 
-    def __init__(self, wg: jax.Array, emulation=None, *, persistent: bool = False):
-        self.wg, self.emulation, self.persistent = wg, emulation, persistent
-
-    def _barrier(self, op: str, index: int) -> None:
-        """`op` on the ping-pong's barrier `index` (consumer c's turn: c; a tile's end:
-        CONSUMERS)."""
+    def _barrier(self, op: str, consumer: int) -> None:
         if self.emulation is None:
-            _named_barrier(op, NAMED_TURN + index)
+            _named_barrier(op, NAMED_TURN + consumer)
             return
-        barrier = self.emulation.at[index]
+        barrier = self.emulation.at[consumer]
         plgpu.barrier_arrive(barrier)
         if op == "sync":
             plgpu.barrier_wait(barrier)
@@ -332,8 +322,6 @@ class NamedTurn:
 
     def finish(self) -> None:  # consumer 0's last signal balances consumer 1's first wait
         pl.when(self.wg == 0)(functools.partial(self._barrier, "arrive", 1))
-        if self.persistent:  # after consumer 1's last wait: both meet before the next tile
-            self._barrier("sync", CONSUMERS)
 
 
 def seq_of(seq_ref, static: tuple[int, int, int, int], batch: jax.Array) -> tuple:
