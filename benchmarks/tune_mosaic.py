@@ -78,9 +78,12 @@ def forward_candidates(
     only, when given); with `toggles`, instead the choice with each flag of OPTIONS flipped, one
     at a time; with `tiles`, the tile x flag grid too."""
     chosen = api.forward_config(head_dim, causal_rows)
-    if toggles:
+    if toggles:  # (prefetch_q with named_barriers raises: ForwardConfig)
         on = {name for name in OPTIONS if getattr(chosen, name)}
-        variants = [with_options(chosen, on ^ {name}) for name in OPTIONS]
+        flips = [on ^ {name} for name in OPTIONS]
+        variants = [
+            with_options(chosen, f) for f in flips if not {"prefetch_q", "named_barriers"} <= f
+        ]
     else:
         variants = [with_options(chosen, s) for s in _having(SCHEDULES, option)]
     grid = [

@@ -352,3 +352,9 @@ def test_causal_calls_take_the_causal_schedule(monkeypatch) -> None:
     assert causal.persistent and causal.prefetch_q and not plain.persistent
     assert api.forward_config(64, causal_rows=201) == plain
     assert seen == [causal, plain, plain, plain]
+
+
+def test_prefetch_q_with_named_barriers_raises() -> None:
+    """The one pair of forward options that gave wrong outputs on the H200 is refused by name."""
+    with pytest.raises(ValueError, match="prefetch_q with named_barriers"):
+        forward.with_options(api.forward_config(64), ("prefetch_q", "named_barriers"))
