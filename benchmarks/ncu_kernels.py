@@ -38,7 +38,15 @@ CONFLICTS = (
     "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
     "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum",
 )
-METRICS = ("gpu__time_duration.sum", PIPES, STALLS, *CONFLICTS)
+# Sectors of local memory (register spills) loaded and stored, and of global loads: session 10's
+# profile showed flashjax's kernels stalled on the long scoreboard (L1TEX: global or local
+# memory) 5x as often per instruction as cuDNN's.
+MEMORY = (
+    "l1tex__t_sectors_pipe_lsu_mem_local_op_ld.sum",
+    "l1tex__t_sectors_pipe_lsu_mem_local_op_st.sum",
+    "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum",
+)
+METRICS = ("gpu__time_duration.sum", PIPES, STALLS, *CONFLICTS, *MEMORY)
 TIMEOUT_S = 240
 
 
@@ -63,13 +71,20 @@ def worker(backend_name: str, case_name: str) -> int:
 
 
 def _top(metrics: dict[str, float], prefix: str, suffix: str, count: int) -> str:
-    """The `count` largest metrics named `prefix` + X + `suffix`, as "X value" pairs."""
+    """The `count` largest metrics named `prefix` + X + `suffix`, as "X value" pairs; of the
+    ones with equal values (ncu's aliases: the tensor pipe under five names, "shared" among them)
+    the shortest, a tensor pipe's first."""
     found = {
         name[len(prefix) : -len(suffix)]: value
         for name, value in metrics.items()
         if name.startswith(prefix) and name.endswith(suffix)
     }
-    best = sorted(found.items(), key=lambda kv: -kv[1])[:count]
+    distinct: dict[float, str] = {}
+    for name, value in sorted(
+        found.items(), key=lambda kv: (not kv[0].startswith("tensor"), len(kv[0]))
+    ):
+        distinct.setdefault(value, name)
+    best = sorted(((n, v) for v, n in distinct.items()), key=lambda kv: -kv[1])[:count]
     return ", ".join(f"{name} {value:.3g}" for name, value in best) or "-"
 
 
@@ -87,6 +102,8 @@ def summary(kernel: ncu.Kernel) -> str:
         "pipes: " + _top(m, "sm__pipe_", "_cycles_active.avg.pct_of_peak_sustained_active", 4),
         "stalls: " + _top(m, "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio", 5),
         "bank conflicts ld/st: " + "/".join(f"{m[c]:.3g}" if c in m else "?" for c in CONFLICTS),
+        "sectors local ld/st, global ld: "
+        + "/".join(f"{m[c]:.3g}" if c in m else "?" for c in MEMORY),
     ]
     return " | ".join(fields)
 

@@ -124,3 +124,42 @@ def test_driver_reports_a_failed_run(script, tmp_path) -> None:
         "fwd-d64-full-1k flashjax_mosaic: ncu exited 2: "
         "==ERROR== The application returned an error code (2)."
     ]
+
+
+def test_summary_reads_ncus_own_csv(script) -> None:
+    """Lines as ncu 2025 writes them on the H200 (results/2026-11-30-h200-s10/ncu): five more
+    columns for its rules after the value, which a metric line without a rule leaves off (its
+    line ends after the value), times in "ns", numbers with thousands separators, and the
+    tensor pipe under several names with one value."""
+    header = NCU_COLUMNS_2025
+    kernel = "flashjax_mosaic_forward_mosaic_gpu_kernel"
+
+    def line(metric: str, unit: str, value: str) -> str:
+        return (
+            f'"0","497","python3.12","127.0.0.1","{kernel}","1","14","(384, 1, 1)",'
+            f'"(8, 16, 32)","0","9.0","Command line profiler metrics","{metric}","{unit}",'
+            f'"{value}",'
+        )
+
+    piped = "sm__pipe_{}_cycles_active.avg.pct_of_peak_sustained_active"
+    rows = [
+        line("gpu__time_duration.sum", "ns", "280,224"),
+        line(piped.format("shared"), "%", "30.38"),
+        line(piped.format("tensor"), "%", "30.38"),
+        line(piped.format("tensor_op_hmma"), "%", "30.38"),
+        line(piped.format("alu"), "%", "30.09"),
+        line(script.CONFLICTS[1], "", "65,749"),
+    ]
+    text = "==PROF== Connected to process 497\n" + header + "\n" + "\n".join(rows) + "\n"
+    (parsed,) = ncu.parse_csv(text)
+    line_ = script.summary(parsed)
+    assert "280.2 us" in line_
+    assert "pipes: tensor 30.4, alu 30.1 |" in line_  # one name for the tensor pipe
+    assert "bank conflicts ld/st: ?/6.57e+04" in line_
+
+
+NCU_COLUMNS_2025 = (
+    '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+    '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value",'
+    '"Rule Name","Rule Type","Rule Description","Estimated Speedup Type","Estimated Speedup"'
+)

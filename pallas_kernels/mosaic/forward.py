@@ -79,7 +79,7 @@ class ForwardConfig:
         if self.prefetch_q and self.named_barriers:
             raise ValueError(
                 "ForwardConfig: prefetch_q with named_barriers is not supported (wrong outputs "
-                "on the H200 in 7 of 12 runs, session 10; each alone is correct)"
+                "or hangs on the H200 in 9 of 15 runs, session 10; each alone is correct)"
             )
 
     @property
