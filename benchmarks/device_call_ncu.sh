@@ -4,11 +4,15 @@
 # of the kernels where the Hopper issue's bars are missed, flashjax's beside cuDNN's
 # (benchmarks/ncu_kernels.py; OUT/logs/ncu/summary.txt, one CSV per run).
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) [CASES=fwd-d64-causal-1k,...] bash benchmarks/device_call_ncu.sh
+#   COMMIT=$(git rev-parse --short HEAD) [CASES=fwd-d64-causal-1k,...] [BACKENDS=flashjax_mosaic] \
+#     [SASS=1] bash benchmarks/device_call_ncu.sh
+# SASS=1: each run also writes the kernels' SASS with its stall samples (a second ncu run each:
+# name two or three cases).
 source benchmarks/device_setup.sh
 mkdir -p "$OUT/logs"
 echo "commit $C" > "$OUT/logs/commit.txt"
 timeout 560 python3 benchmarks/ncu_kernels.py "$OUT/logs/ncu" ${CASES:+--cases "$CASES"} \
+  ${BACKENDS:+--backends "$BACKENDS"} ${SASS:+--sass} \
   > "$OUT/logs/ncu.log" 2>&1
 cat "$OUT/logs/ncu/summary.txt" 2>/dev/null || tail -20 "$OUT/logs/ncu.log"
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs

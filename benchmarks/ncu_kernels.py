@@ -8,8 +8,13 @@ instruction, shared-memory bank conflicts. Per kernel it prints (and appends to
 OUT/summary.txt as each run ends) the duration, SM throughput, registers, occupancy, the busiest
 pipes, the top stall reasons and the bank conflicts; each run's CSV is OUT/CASE-BACKEND.csv.
 
+With `--sass`, each run is followed by a second one that writes ncu's source page,
+OUT/CASE-BACKEND-sass.csv: the attention kernels' SASS, one line per instruction with its
+warp-stall samples (SourceCounters), to find the instructions behind a stall reason (session 10:
+flashjax's kernels stall on the long scoreboard 5x as often as cuDNN's).
+
 Usage (a GPU with ncu; benchmarks/device_call_ncu.sh):
-  python3 benchmarks/ncu_kernels.py OUT [--cases NAME,...] [--backends NAME,...]
+  python3 benchmarks/ncu_kernels.py OUT [--cases NAME,...] [--backends NAME,...] [--sass]
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ MEMORY = (
 )
 METRICS = ("gpu__time_duration.sum", PIPES, STALLS, *CONFLICTS, *MEMORY)
 TIMEOUT_S = 240
+# The attention kernels of each backend (not XLA's fusions around them), for the SASS page.
+ATTENTION_KERNELS = r"flashjax_mosaic|sdpa"
 
 
 def worker(backend_name: str, case_name: str) -> int:
@@ -124,6 +131,28 @@ def profile(out: Path, case_name: str, backend_name: str, ncu_path: str) -> list
     return [head] + ["  " + summary(k) for k in ncu.parse_csv(stdout)]
 
 
+def profile_sass(out: Path, case_name: str, backend_name: str, ncu_path: str) -> str:
+    """Run one worker under ncu for its source page; the CSV in `out`, one line saying how
+    many lines it has or why it failed."""
+    target = [sys.executable, __file__, "--worker", backend_name, case_name]
+    cmd = ncu.command(
+        ncu_path,
+        target,
+        ("gpu__time_duration.sum",),
+        kernel_regex=ATTENTION_KERNELS,
+        sections=("SourceCounters",),
+        sass=True,
+    )
+    code, stdout, stderr = ncu.run(cmd, TIMEOUT_S)
+    path = out / f"{case_name}-{backend_name}-sass.csv"
+    path.write_text(stdout)
+    head = f"{case_name} {backend_name} sass"
+    if code != 0:
+        why = "timed out" if code is None else ncu.failure_reason(stdout + stderr, code)
+        return f"{head}: {why}"
+    return f"{head}: {len(stdout.splitlines())} lines in {path.name}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", nargs="?", type=Path)
@@ -131,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--worker", nargs=2, metavar=("BACKEND", "CASE"))
     p.add_argument("--ncu", default=None, help="the ncu executable (default: found)")
+    p.add_argument("--sass", action="store_true", help="also each kernel's SASS with its stalls")
     args = p.parse_args(argv)
     if args.worker:
         return worker(*args.worker)
@@ -146,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out / "summary.txt", "w") as summary_file:  # written as each run ends
         for name in names:
             for backend in args.backends.split(","):
-                text = "\n".join(profile(args.out, name, backend, ncu_path))
+                lines = profile(args.out, name, backend, ncu_path)
+                if args.sass:
+                    lines.append(profile_sass(args.out, name, backend, ncu_path))
+                text = "\n".join(lines)
                 print(text, flush=True)
                 summary_file.write(text + "\n")
                 summary_file.flush()

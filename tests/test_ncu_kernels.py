@@ -80,13 +80,14 @@ def test_arguments(script, tmp_path) -> None:
 
 
 def _fake_ncu(tmp_path: Path, csv_text: str) -> str:
-    """An executable standing in for ncu: with a `regex:` metric it fails as an ncu without that
-    metric does; otherwise it prints `csv_text` (it never runs the worker)."""
+    """An executable standing in for ncu: with a `regex:` metric (after the first, as METRICS
+    has them) it fails as an ncu without that metric does; otherwise it prints `csv_text` (it
+    never runs the worker)."""
     (tmp_path / "sample.csv").write_text(csv_text)
     fake = tmp_path / "ncu"
     fake.write_text(
         "#!/bin/bash\n"
-        'if [[ "$*" == *regex:* ]]; then\n'
+        'if [[ "$*" == *,regex:* ]]; then\n'
         '  echo "==ERROR== Failed to find metric regex:x"; exit 1\n'
         "fi\n"
         f'cat "{tmp_path / "sample.csv"}"\n'
@@ -163,3 +164,22 @@ NCU_COLUMNS_2025 = (
     '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value",'
     '"Rule Name","Rule Type","Rule Description","Estimated Speedup Type","Estimated Speedup"'
 )
+
+
+def test_sass_page_command_and_driver(script, tmp_path) -> None:
+    """`--sass`: a second run per case asks ncu for its source page (SASS with the
+    SourceCounters section's stall samples) of the attention kernels only, and keeps it."""
+    cmd = ncu.command("/opt/ncu", ["python3", "x.py"], sections=("SourceCounters",), sass=True)
+    assert cmd[cmd.index("--page") + 1] == "source"
+    assert cmd[cmd.index("--print-source") + 1] == "sass"
+    assert "--page" not in ncu.command("/opt/ncu", ["python3", "x.py"])
+    row = _line(0, "flashjax_mosaic_forward", "Occupancy", "Achieved Occupancy", "%", "18")
+    fake = _fake_ncu(tmp_path, NCU_COLUMNS + "\n" + row + "\n")
+    out = tmp_path / "out"
+    args = [str(out), "--cases", "fwd-d64-full-1k", "--backends", "flashjax_mosaic"]
+    assert script.main([*args, "--ncu", fake, "--sass"]) == 0
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[-1] == (
+        "fwd-d64-full-1k flashjax_mosaic sass: 2 lines in fwd-d64-full-1k-flashjax_mosaic-sass.csv"
+    )
+    assert (out / "fwd-d64-full-1k-flashjax_mosaic-sass.csv").read_text().startswith('"ID"')

@@ -110,9 +110,12 @@ def command(
     metrics: Sequence[str] = METRICS,
     kernel_regex: str | None = None,
     sections: Sequence[str] = (),
+    sass: bool = False,
 ) -> list[str]:
     """The ncu command line that profiles `target` (argv) inside its profiler ranges only, with
-    `metrics` (names, or ncu's `regex:` patterns) and whole report `sections`."""
+    `metrics` (names, or ncu's `regex:` patterns) and whole report `sections`; `sass`: ncu's
+    source page instead of the details page, one line per SASS instruction with its metrics
+    (the SourceCounters section's stall samples, which say where a kernel waits)."""
     cmd = [ncu]
     for section in sections:
         cmd += ["--section", section]
@@ -131,6 +134,8 @@ def command(
     ]
     if kernel_regex:
         cmd += ["--kernel-name", f"regex:{kernel_regex}"]
+    if sass:
+        cmd += ["--page", "source", "--print-source", "sass"]
     return cmd + list(target)
 
 
