@@ -61,9 +61,24 @@ _TABLE: dict[tuple[str, int], AttentionConfig] = {
 # CPU interpret mode: speed is irrelevant, coverage of block boundaries is what matters.
 _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 
-# Hopper kernels on Mosaic GPU (pallas_kernels/mosaic): (block_q per consumer warpgroup, block_kv,
-# K/V ring stages, early_next_k, pinned_order, the on/off options that are on; see
-# mosaic.forward.ForwardConfig and OPTIONS) per head dim bucket.
+
+@dataclasses.dataclass(frozen=True)
+class MosaicForward:
+    """One row of MOSAIC_FORWARD: the tiles and flags of mosaic.forward.ForwardConfig, the
+    on/off options (mosaic.forward.OPTIONS) that are on, and those added for a causal call of
+    at most `causal_up_to` query rows."""
+
+    block_q: int  # per consumer warpgroup
+    block_kv: int
+    stages: int  # of the K/V ring
+    early_next_k: bool = False
+    pinned_order: bool = True
+    options: tuple[str, ...] = ()
+    causal_up_to: int = 0
+    causal_options: tuple[str, ...] = ()
+
+
+# Hopper kernels on Mosaic GPU (pallas_kernels/mosaic), per head dim bucket.
 # Tiles swept on the H200 (benchmarks/tune_mosaic.py, results in
 # benchmarks/results/2026-11-30-h200-mosaic/tune_mosaic.json; bf16, B*T = 16k at T = 8k, TFLOP/s
 # non-causal / causal of the chosen config vs the first candidate, tokamax's own default
@@ -81,8 +96,7 @@ _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 # 0.370 -> 0.402 / 0.368 (on: within noise at 8k); 128 persistent 0.323 -> 0.299 non-causal,
 # but with longest_first and fold_scale on, the standard bench (s7/final) lost 5-20% at
 # 1k-16k with it, so it stays off.
-# The seventh column: `(up to T, options)`, options added for causal calls of at most T query
-# rows (`causal_call`: the work of a query tile grows with its row). Session 10
+# The causal options (`api.causal_call`: a causal query tile's work grows with its row). Session 10
 # (results/2026-11-30-h200-s10; FA3's persistent schedule: persistent + async_store +
 # prefetch_q), swept interleaved, ms non-causal / causal, these choices -> with it: head dim 64
 # at T = 1k 0.540 / 0.420 -> 0.520 / 0.375, at 4k 1.492 / 1.008 -> 1.606 / 0.967; 128 at 2k
@@ -90,37 +104,19 @@ _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 # standard bench with it on for head dim 64 causal (same run as cuDNN, TFLOP/s with it vs the
 # session 8 bench without): 1k 306 vs 194, 2k 338 vs 314, 4k 372 vs 368, but 8k 382 vs 408 and
 # 16k 408 vs 439. So head dim 64, causal, up to 4k query rows.
-MOSAIC_FORWARD: dict[
-    int, tuple[int, int, int, bool, bool, tuple[str, ...], tuple[int, tuple[str, ...]]]
-] = {
-    64: (
+MOSAIC_FORWARD: dict[int, MosaicForward] = {
+    64: MosaicForward(
         64,
         128,
         2,
-        True,
-        True,
-        ("longest_first", "fold_scale"),
-        (4096, ("persistent", "async_store", "prefetch_q")),
+        early_next_k=True,
+        options=("longest_first", "fold_scale"),
+        causal_up_to=4096,
+        causal_options=("persistent", "async_store", "prefetch_q"),
     ),
-    128: (64, 128, 2, False, True, ("longest_first", "fold_scale"), (0, ())),
-    192: (
-        64,
-        128,
-        1,
-        False,
-        True,
-        ("longest_first", "no_auto_barriers", "named_barriers"),
-        (0, ()),
-    ),
-    256: (
-        64,
-        128,
-        1,
-        False,
-        True,
-        ("longest_first", "no_auto_barriers", "named_barriers"),
-        (0, ()),
-    ),
+    128: MosaicForward(64, 128, 2, options=("longest_first", "fold_scale")),
+    192: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "named_barriers")),
+    256: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "named_barriers")),
 }
 # The backward's two kernels: (rows per consumer, columns per step, stages), the same for both
 # (dK/dV: rows of keys, columns of queries; dQ: the other way round). Each consumer keeps its own

@@ -329,7 +329,7 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
 
 
 def test_causal_calls_take_the_causal_schedule(monkeypatch) -> None:
-    """A causal call of at most configs.MOSAIC_FORWARD's length runs the table's causal options
+    """A causal call of at most its row's `causal_up_to` query rows runs the row's causal options
     (at head dim 64 FA3's persistent schedule), any other call the head dim's plain choice."""
     seen = []
 
@@ -339,11 +339,8 @@ def test_causal_calls_take_the_causal_schedule(monkeypatch) -> None:
 
     forward_kernel = forward.forward
     monkeypatch.setattr(forward, "forward", capture)
-    monkeypatch.setitem(
-        configs.MOSAIC_FORWARD,
-        64,
-        (*configs.MOSAIC_FORWARD[64][:6], (200, ("persistent", "prefetch_q"))),
-    )
+    row = dataclasses.replace(configs.MOSAIC_FORWARD[64], causal_up_to=200)
+    monkeypatch.setitem(configs.MOSAIC_FORWARD, 64, row)
     calls = [(130, ("causal",)), (130, ("lengths",)), (130, ("window",)), (260, ("causal",))]
     for t, features in calls:
         q, k, v, _, kw = make_inputs(Case(B=1, T=t, S=t, N=2, K=1, H=64, features=features))

@@ -32,25 +32,24 @@ def _head_dim(head_dim: int) -> int:
 
 def causal_call(ops: Operands) -> int | None:
     """A causal call's query rows (top-left or, with offsets, bottom-right causal: a query tile's
-    work grows with its row, which configs.MOSAIC_FORWARD's seventh column schedules for); None
+    work grows with its row, which configs.MOSAIC_FORWARD's causal options schedule for); None
     for any other call."""
     return ops.seq_q if ops.statics.window == (None, 0) else None
 
 
 def forward_config(head_dim: int, causal_rows: int | None = None) -> _forward.ForwardConfig:
-    """configs.MOSAIC_FORWARD's choice for this head dim, and its causal options for a causal
-    call of `causal_rows` query rows up to the table's length."""
-    block_q, block_kv, stages, early, pinned, options, (up_to, causal_options) = (
-        configs.MOSAIC_FORWARD[_head_dim(head_dim)]
-    )
-    if causal_rows is not None and causal_rows <= up_to:
-        options = (*options, *causal_options)
+    """configs.MOSAIC_FORWARD's choice for this head dim, with its causal options for a causal
+    call of `causal_rows` query rows up to the row's `causal_up_to`."""
+    row = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
+    options = row.options
+    if causal_rows is not None and causal_rows <= row.causal_up_to:
+        options = (*options, *row.causal_options)
     tiles = _forward.ForwardConfig(
-        block_q=block_q,
-        block_kv=block_kv,
-        stages=stages,
-        early_next_k=early,
-        pinned_order=pinned,
+        block_q=row.block_q,
+        block_kv=row.block_kv,
+        stages=row.stages,
+        early_next_k=row.early_next_k,
+        pinned_order=row.pinned_order,
     )
     return _forward.with_options(tiles, options)
 
