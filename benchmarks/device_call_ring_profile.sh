@@ -5,8 +5,13 @@
 # compute), the ring against one GPU (`scaling`), and a profile of the ring forward whose
 # `trace_breakdown` splits each GPU's time into flashjax kernels, NCCL, other kernels alone (the
 # merges) and idle. TIER=1 runs the whole GPU tier first (290 s; the 2-GPU ring tests included).
+# XLA_EXTRA (XLA flags): the causal run once more with them, in the same call (logs/causal-xla):
+# e.g. `--xla_gpu_enable_dynamic_slice_fusion=true`, which may let the kernels read the K/V
+# pieces in place from the travelling buffer instead of the ~0.45 ms of copies per call
+# (session 9's profile).
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) [TIER=1] bash benchmarks/device_call_ring_profile.sh
+#   COMMIT=$(git rev-parse --short HEAD) [TIER=1] [XLA_EXTRA=...] \
+#     bash benchmarks/device_call_ring_profile.sh
 source benchmarks/device_setup.sh
 mkdir -p "$OUT/logs"
 base=0
@@ -15,12 +20,18 @@ if [ "${TIER:-0}" = 1 ]; then
   grep -E "FAILED|ERROR|passed|failed" "$OUT/logs/gpu_tier.log" | tail -20
   base=$SECONDS
 fi
-for mask in full causal; do
-  timeout "$(until_s $((base + $([ $mask = full ] && echo 145 || echo 285))))" python3 -m flashjax bench \
-    --ring --seqs-per-device 32k --masks $mask --modes fwd --impls single,ring \
-    --studies pair,scaling --profile --max-minutes 2 --commit "$C" --out "$OUT/logs/$mask" \
-    > "$OUT/logs/$mask.log" 2>&1
-  grep -E "profile of|pair |ring |single " "$OUT/logs/$mask.log" | cut -c1-400 | tail -12
-  find "$OUT/logs/$mask/profile" -name "*.xplane.pb" -delete  # keep the trace.json.gz only
+runs="full:145 causal:285"
+[ -n "${XLA_EXTRA:-}" ] && runs="full:120 causal:240 causal-xla:330"
+for run in $runs; do
+  IFS=: read -r name until <<< "$run"
+  (
+    [ "$name" = causal-xla ] && export XLA_FLAGS="${XLA_FLAGS:-} $XLA_EXTRA"
+    timeout "$(until_s $((base + until)))" python3 -m flashjax bench \
+      --ring --seqs-per-device 32k --masks "${name%-xla}" --modes fwd --impls single,ring \
+      --studies pair,scaling --profile --max-minutes 2 --commit "$C" --out "$OUT/logs/$name" \
+      > "$OUT/logs/$name.log" 2>&1
+  )
+  grep -E "profile of|pair |ring |single " "$OUT/logs/$name.log" | cut -c1-400 | tail -12
+  find "$OUT/logs/$name/profile" -name "*.xplane.pb" -delete  # keep the trace.json.gz only
 done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs
