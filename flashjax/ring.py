@@ -294,14 +294,41 @@ def pair_state(ops: Operands) -> jax.Array:
     ).astype(jnp.int32)
 
 
-def _visit(ring: Ring, ops: Operands, carry, update: Callable[[Operands, object], object]):
+def _known_state(ring: Ring, ops: Operands, q: _Queries, key: _Keys, first: bool) -> int | None:
+    """A pair's state where the layout alone decides it, else None (known at run time only).
+    With a causal-type window (right bound 0) and pieces of one length: a piece against itself
+    on the first step is the diagonal (PARTIAL); in the zigzag layout a shard's early piece
+    (chunk r < n) comes before every late piece (chunk 2n-1-s >= n) of any shard, so the early
+    queries see no late key (EMPTY) and the late queries see every early key (FULL, when no
+    left bound or segment ids hide any)."""
+    if ops.statics.window[1] != 0 or ops.seq_q != ops.seq_k:
+        return None
+    if first and q.index == key.index:
+        return PARTIAL
+    if ring.layout != "zigzag" or q.index == key.index:
+        return None
+    if q.index < key.index:
+        return EMPTY
+    full = ops.statics.window[0] is None and not ops.has_segments
+    return FULL if full else None
+
+
+def _visit(
+    ring: Ring,
+    ops: Operands,
+    carry,
+    update: Callable[[Operands, object], object],
+    known: int | None = None,
+):
     """`update(pair, carry)` unless the pair is wholly invisible (then `carry` as it is); a
-    FULL pair runs as `_dense(pair)`. The state is known at run time only: `lax.switch`; with
-    `ring.pair_dispatch == "kernel"` every pair runs as it is (the kernel skips what no row
-    sees)."""
-    if _always_full(ops):
+    FULL pair runs as `_dense(pair)`. The state is `known` (`_known_state`) or known at run time
+    only: `lax.switch`; with `ring.pair_dispatch == "kernel"` every such pair runs as it is (the
+    kernel skips what no row sees)."""
+    if _always_full(ops) or known == FULL:
         return update(_dense(ops), carry)
-    if ring.pair_dispatch == "kernel":
+    if known == EMPTY:
+        return carry
+    if known == PARTIAL or ring.pair_dispatch == "kernel":
         return update(ops, carry)
     branches = {
         EMPTY: lambda c: c,
@@ -311,15 +338,19 @@ def _visit(ring: Ring, ops: Operands, carry, update: Callable[[Operands, object]
     return lax.switch(pair_state(ops), [branches[s] for s in sorted(branches)], carry)
 
 
-def _pairs(ops: Operands, queries: Sequence[_Queries], keys: Sequence[_Keys], first: bool):
-    """Every (query piece, key piece) of a step with its operands. Positions matter only through
-    a window (causal included); on the first step a piece meets itself (same shard, same index)
-    and, when queries and keys have one length, both start at one position: no offsets needed."""
+def _pairs(
+    ring: Ring, ops: Operands, queries: Sequence[_Queries], keys: Sequence[_Keys], first: bool
+):
+    """Every (query piece, key piece) of a step with its operands and its state where the
+    layout decides it (`_known_state`). Positions matter only through a window (causal
+    included); on the first step a piece meets itself (same shard, same index) and, when
+    queries and keys have one length, both start at one position: no offsets needed."""
     windowed = ops.statics.window != (None, None)
     for q in queries:
         for key in keys:
             aligned = first and q.index == key.index and ops.seq_q == ops.seq_k
-            yield q, key, _pair(ops, q, key, positional=windowed and not aligned)
+            pair = _pair(ops, q, key, positional=windowed and not aligned)
+            yield q, key, pair, _known_state(ring, ops, q, key, first)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,10 +381,11 @@ def _forward_step(
     `first` step, a piece's first pair is taken as it is)."""
     accs = list(accs)
     fresh = {q.index for q in queries} if first else set()
-    for q, _, pair in _pairs(ops, queries, _keys(ring, kv, step), first):
+    for q, _, pair, known in _pairs(ring, ops, queries, _keys(ring, kv, step), first):
         update = _take_pair if q.index in fresh else _merge_pair
         fresh.discard(q.index)
-        accs[q.index] = _visit(ring, pair, accs[q.index], functools.partial(update, ring.backend))
+        update = functools.partial(update, ring.backend)
+        accs[q.index] = _visit(ring, pair, accs[q.index], update, known)
     return accs
 
 
@@ -422,10 +454,10 @@ def _backward_step(
     keys = _keys(ring, kv, step)
     dk = [jnp.zeros_like(key.k, acc) for key in keys]
     dv = [jnp.zeros_like(key.v, acc) for key in keys]
-    for q, key, pair in _pairs(ops, queries, keys, first):
+    for q, key, pair, known in _pairs(ring, ops, queries, keys, first):
         i, j = q.index, key.index
         update = functools.partial(_add_grads, ring.backend, res[i])
-        dq[i], dk[j], dv[j] = _visit(ring, pair, (dq[i], dk[j], dv[j]), update)
+        dq[i], dk[j], dv[j] = _visit(ring, pair, (dq[i], dk[j], dv[j]), update, known)
     dkv = _pack_kv(jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1))
     if dkv_in is not None:
         dkv = jax.tree.map(jnp.add, dkv_in, dkv)

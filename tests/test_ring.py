@@ -231,6 +231,31 @@ def test_causal_ring_skips_invisible_pairs_balances_and_matches(layout, monkeypa
         assert [counts[(what, r)] for r in range(4)] == want, (what, counts)
 
 
+@pytest.mark.parametrize(
+    "layout, features, conditionals",
+    [
+        ("contiguous", ("causal",), 2),
+        ("zigzag", ("causal",), 4),
+        ("zigzag", ("causal", "segments"), 7),
+    ],
+)
+def test_the_layout_decides_pair_states_without_a_conditional(
+    layout, features, conditionals
+) -> None:
+    """Causal on 4 devices: a piece against itself on the first step is known partial and, in
+    the zigzag layout, a shard's early queries against any shard's late keys known empty, its
+    late queries against early keys known full (unless segment ids may hide some): only the
+    other pairs, whose state depends on the device, branch on it (`lax.switch`). The forward
+    traces the first step, the scan's body and the last step: contiguous 0 + 1 + 1
+    conditionals (of 1 pair a step), zigzag 0 + 2 + 2 (of 4), with segments 1 + 3 + 3."""
+    case = F32(B=2, T=64, N=4, K=2, H=32, features=features)
+    q, k, v, dout, kw = make_inputs(case, salt=layout)
+    f = sharded(ring_attention, mesh_of(4), layout, kw)
+    assert str(jax.make_jaxpr(f)(q, k, v)).count("cond[") == conditionals
+    got = value_and_vjp(f, q, k, v, dout)
+    assert_matches(got, value_and_vjp(whole(kw), q, k, v, dout), rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("layout, pieces", [("contiguous", 1), ("zigzag", 2)])
 def test_first_pair_of_each_piece_is_taken_without_a_merge(layout, pieces, monkeypatch) -> None:
     """The forward traces each step's pairs three times (the first step, the scan's body, the
