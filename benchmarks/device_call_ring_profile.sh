@@ -5,10 +5,12 @@
 # compute), the ring against one GPU (`scaling`), and a profile of the ring forward whose
 # `trace_breakdown` splits each GPU's time into flashjax kernels, NCCL, other kernels alone (the
 # merges) and idle. TIER=1 runs the whole GPU tier first (290 s; the 2-GPU ring tests included).
-# XLA_EXTRA (XLA flags): the causal run once more with them, in the same call (logs/causal-xla):
-# e.g. `--xla_gpu_enable_dynamic_slice_fusion=true`, which may let the kernels read the K/V
-# pieces in place from the travelling buffer instead of the ~0.45 ms of copies per call
-# (session 9's profile).
+# XLA_EXTRA (XLA flags): the causal run once more with them, in the same call (logs/causal-xla),
+# the ring sending K and V as two buffers (`ring_pair`: no stacked copy) and profiled. E.g.
+# `--xla_gpu_collective_permute_combine_threshold_bytes=1073741824` (XLA may combine the two
+# hops into one collective: the 0.32 ms stack gone) and
+# `--xla_gpu_enable_dynamic_slice_fusion=true` (the kernels may read the K/V pieces in place
+# instead of the ~0.45 ms of copies per call; session 9's profile).
 # Usage (device tool, from the repo root):
 #   COMMIT=$(git rev-parse --short HEAD) [TIER=1] [XLA_EXTRA=...] \
 #     bash benchmarks/device_call_ring_profile.sh
@@ -27,11 +29,12 @@ for run in $runs; do
   (
     [ "$name" = causal-xla ] && export XLA_FLAGS="${XLA_FLAGS:-} $XLA_EXTRA"
     timeout "$(until_s $((base + until)))" python3 -m flashjax bench \
-      --ring --seqs-per-device 32k --masks "${name%-xla}" --modes fwd --impls single,ring \
+      --ring --seqs-per-device 32k --masks "${name%-xla}" --modes fwd \
+      --impls "single,$([ "$name" = causal-xla ] && echo ring_pair || echo ring)" \
       --studies pair,scaling --profile --max-minutes 2 --commit "$C" --out "$OUT/logs/$name" \
       > "$OUT/logs/$name.log" 2>&1
   )
-  grep -E "profile of|pair |ring |single " "$OUT/logs/$name.log" | cut -c1-400 | tail -12
+  grep -E "profile of|pair |ring |ring_pair |single " "$OUT/logs/$name.log" | cut -c1-400 | tail -12
   find "$OUT/logs/$name/profile" -name "*.xplane.pb" -delete  # keep the trace.json.gz only
 done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs

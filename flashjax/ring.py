@@ -81,6 +81,11 @@ LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
 # conditional; an empty pair costs a launch and a merge).
 PairDispatch = Literal["switch", "kernel"]
 PAIR_DISPATCHES: tuple[str, ...] = ("switch", "kernel")
+# What a hop sends: "stacked", K and V copied into one buffer (one collective; see Overlap in
+# the module docstring), or "pair", the two arrays as they are (two collectives, no copy; XLA's
+# GPU flag --xla_gpu_collective_permute_combine_threshold_bytes may combine them into one).
+KvTransfer = Literal["stacked", "pair"]
+KV_TRANSFERS: tuple[str, ...] = ("stacked", "pair")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,6 +162,7 @@ class Ring:
     layout: str
     backend: backends.Backend
     pair_dispatch: str = "switch"
+    kv_transfer: str = "stacked"
 
     @property
     def pieces(self) -> int:
@@ -220,11 +226,12 @@ def _queries(ring: Ring, ops: Operands) -> list[_Queries]:
 PackedKV = jax.Array | tuple[jax.Array, jax.Array]
 
 
-def _pack_kv(k: jax.Array, v: jax.Array) -> PackedKV:
+def _pack_kv(ring: Ring, k: jax.Array, v: jax.Array) -> PackedKV:
     """K and V stacked on a new leading axis, `(2, B, S, K, H)`, so that a hop sends them as one
     collective (see Overlap in the module docstring); the pair as it is if their shapes or dtypes
-    differ (then two collectives). `operands` gives K and V one shape, dtypes may differ."""
-    if k.shape == v.shape and k.dtype == v.dtype:
+    differ (then two collectives) or the ring sends pairs (`kv_transfer="pair"`). `operands`
+    gives K and V one shape, dtypes may differ."""
+    if ring.kv_transfer == "stacked" and k.shape == v.shape and k.dtype == v.dtype:
         return jnp.stack([k, v])
     return k, v
 
@@ -234,13 +241,13 @@ def _unpack_kv(kv: PackedKV) -> tuple[jax.Array, jax.Array]:
     return kv[0], kv[1]
 
 
-# The K/V shard that travels: (_pack_kv(k, v), kv_segments).
+# The K/V shard that travels: (_pack_kv(ring, k, v), kv_segments).
 KV = tuple[PackedKV, jax.Array | None]
 
 
-def _kv_shard(ops: Operands) -> KV:
+def _kv_shard(ring: Ring, ops: Operands) -> KV:
     """This device's K/V shard, packed to travel."""
-    return _pack_kv(ops.k, ops.v), ops.kv_segments
+    return _pack_kv(ring, ops.k, ops.v), ops.kv_segments
 
 
 def _keys(ring: Ring, kv: KV, step) -> list[_Keys]:
@@ -395,7 +402,7 @@ def ring_forward(ring: Ring, ops: Operands) -> tuple[jax.Array, jax.Array]:
     queries = _queries(ring, ops)
     acc = common.acc_dtype(ops.q.dtype)
     accs = [(jnp.zeros_like(q.q, acc), jnp.full_like(q.q[..., 0], -jnp.inf, acc)) for q in queries]
-    kv = _kv_shard(ops)
+    kv = _kv_shard(ring, ops)
     step = functools.partial(_forward_step, ring, ops, queries)
     if ring.size > 1:
         nxt = ring.shift(kv)  # arrives during step 0
@@ -458,7 +465,7 @@ def _backward_step(
         i, j = q.index, key.index
         update = functools.partial(_add_grads, ring.backend, res[i])
         dq[i], dk[j], dv[j] = _visit(ring, pair, (dq[i], dk[j], dv[j]), update, known)
-    dkv = _pack_kv(jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1))
+    dkv = _pack_kv(ring, jnp.concatenate(dk, axis=1), jnp.concatenate(dv, axis=1))
     if dkv_in is not None:
         dkv = jax.tree.map(jnp.add, dkv_in, dkv)
     return dq, dkv
@@ -473,7 +480,7 @@ def ring_backward(
     res = [_Residuals(*r) for r in zip(*(_split(x, ring.pieces) for x in (out, lse, dout)))]
     acc = common.acc_dtype(ops.q.dtype)
     dq = [jnp.zeros_like(q.q, acc) for q in queries]
-    kv = _kv_shard(ops)
+    kv = _kv_shard(ring, ops)
     step = functools.partial(_backward_step, ring, ops, queries, res)
     if ring.size > 1:
         nxt = ring.shift(kv)
@@ -494,7 +501,7 @@ def ring_backward(
     # The last hop has no step left to overlap: it carries K/V's dtype (half float32's bytes in
     # bf16), cast before it; the cast commutes with the transfer (the same bits arrive).
     dk, dv = _unpack_kv(dkv)
-    dkv = _pack_kv(dk.astype(ops.k.dtype), dv.astype(ops.v.dtype))
+    dkv = _pack_kv(ring, dk.astype(ops.k.dtype), dv.astype(ops.v.dtype))
     if ring.size > 1:
         dkv = ring.shift(dkv)  # the last hop: each buffer back to its shard's device
     dq = jnp.concatenate(dq, axis=1).astype(ops.q.dtype)
@@ -584,6 +591,7 @@ def ring_attention(
     kv_segment_ids: jax.Array | None = None,
     implementation: Implementation | None = None,
     pair_dispatch: PairDispatch = "switch",
+    kv_transfer: KvTransfer = "stacked",
 ) -> jax.Array:
     """Exact attention over a sequence sharded on mesh axis `axis_name`; call inside
     `jax.shard_map`.
@@ -611,6 +619,8 @@ def ring_attention(
       pair_dispatch: how a step skips a (query piece, key piece) pair no query sees:
         "switch" (a `lax.switch` on the pair's state, read on the host on a GPU) or "kernel"
         (no conditional: the pair runs and its kernel skips every tile).
+      kv_transfer: what a hop sends: "stacked" (K and V copied into one buffer: one collective)
+        or "pair" (the two arrays: two collectives, no copy).
 
     Returns:
       `Float[Array, "B T N H"]` in query's dtype: this device's rows of the attention output.
@@ -619,6 +629,8 @@ def ring_attention(
     _check_call(query, layout)
     if pair_dispatch not in PAIR_DISPATCHES:
         raise ValueError(f"pair_dispatch must be one of {PAIR_DISPATCHES}; got {pair_dispatch!r}")
+    if kv_transfer not in KV_TRANSFERS:
+        raise ValueError(f"kv_transfer must be one of {KV_TRANSFERS}; got {kv_transfer!r}")
     ops = operands(
         query,
         key,
@@ -632,7 +644,7 @@ def ring_attention(
     )
     _check_ops(ops, layout)
     backend = _ring_backend(implementation, ops)
-    ring = Ring(axis_name, _axis_size(axis_name), layout, backend, pair_dispatch)
+    ring = Ring(axis_name, _axis_size(axis_name), layout, backend, pair_dispatch, kv_transfer)
     return _ring_attention(ring, ops)
 
 

@@ -385,8 +385,24 @@ def test_a_hop_sends_k_and_v_as_one_collective(n) -> None:
     assert _permutes(grad, q, k, v) == want_grad
     # K and V of two dtypes cannot stack: they travel as the pair.
     v32 = v.astype(jnp.float32)
-    pair = ring._pack_kv(k, v32)
+    stacked = ring.Ring(SEQ, n, "zigzag", backends.REGISTRY["xla_chunked"])
+    pair = ring._pack_kv(stacked, k, v32)
     assert isinstance(pair, tuple) and all(a is b for a, b in zip(ring._unpack_kv(pair), (k, v32)))
+
+
+def test_kv_transfer_pair_sends_two_buffers_and_matches() -> None:
+    """`kv_transfer="pair"`: K and V travel as they are, two collectives a hop and no stacked
+    copy (XLA may combine them); the result and gradients are the stacked ring's."""
+    n, rows = 4, 16
+    case = Case(B=1, T=64, S=64, N=2, K=1, H=16, features=("causal",))
+    q, k, v, dout, kw = make_inputs(case)
+    f = sharded(ring_attention, mesh_of(n), "zigzag", kw, kv_transfer="pair")
+    assert _permutes(f, q, k, v) == {f"1x{rows}x1x16xbf16": 4}  # K and V, two hops
+    got = value_and_vjp(f, q, k, v, dout)
+    stacked = sharded(ring_attention, mesh_of(n), "zigzag", kw)
+    assert_matches(got, value_and_vjp(stacked, q, k, v, dout), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="kv_transfer must be one of"):
+        sharded(ring_attention, mesh_of(n), "zigzag", kw, kv_transfer="copy")(q, k, v)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -51,11 +51,16 @@ from typing import Any
 Row = dict[str, Any]
 Log = Callable[[str], None]
 AXIS = "sp"
-IMPLS = ("ring", "ring_kernel", "all_gather", "single")
+# The ring's implementations and their `ring_attention` keywords: "ring_kernel" runs every pair
+# without a conditional (an A/B of the default's `lax.switch`), "ring_pair" sends K and V as two
+# buffers instead of one stacked copy (an A/B of the stack, with XLA flags that combine them).
+RING_VARIANTS: dict[str, dict[str, str]] = {
+    "ring": {},
+    "ring_kernel": {"pair_dispatch": "kernel"},
+    "ring_pair": {"kv_transfer": "pair"},
+}
+IMPLS = ("single", *RING_VARIANTS, "all_gather")  # the order they run in
 DEFAULT_IMPLS = ("ring", "all_gather", "single")
-# The ring's implementations and their `ring_attention(pair_dispatch=...)`: "ring_kernel" runs
-# every pair without a conditional (an A/B of the default's `lax.switch`).
-RING_DISPATCH = {"ring": "switch", "ring_kernel": "kernel"}
 STUDIES = ("bandwidth", "pair", "scaling")
 MASKS = ("causal", "full")
 MODES = ("fwd", "fwd+bwd")
@@ -181,8 +186,8 @@ def distributed(cfg: RingConfig, mesh, impl: str, mask: str, mode: str) -> Calla
     from flashjax.ring import all_gather_attention, ring_attention
 
     attention = all_gather_attention
-    if impl in RING_DISPATCH:
-        attention = functools.partial(ring_attention, pair_dispatch=RING_DISPATCH[impl])
+    if impl in RING_VARIANTS:
+        attention = functools.partial(ring_attention, **RING_VARIANTS[impl])
     spec = PartitionSpec(None, AXIS)
 
     def per_device(q, k, v):
@@ -467,7 +472,7 @@ def scaling_rows(
 
 def _impls_in_order(cfg: RingConfig, total: int) -> list[str]:
     """`single` first (the others' reference), and only up to `single_max_seq`."""
-    order = [i for i in ("single", "ring", "ring_kernel", "all_gather") if i in cfg.impls]
+    order = [i for i in IMPLS if i in cfg.impls]
     return [i for i in order if i != "single" or total <= cfg.single_max_seq]
 
 
@@ -570,7 +575,7 @@ def add_predictions(rows: list[Row], pairs, link, shape) -> None:
     for r in rows:
         if r.get("kind") != "scaling" or r["impl"] == "single" or r["status"] != "ok":
             continue
-        ring = r["impl"] in RING_DISPATCH
+        ring = r["impl"] in RING_VARIANTS
         f = ring_model.ring_seconds if ring else ring_model.all_gather_seconds
         r["model_ms"] = (
             1e3 * f(r["devices"], r["seq_per_device"], r["mask"], shape, pairs, link)[r["mode"]]
@@ -682,8 +687,8 @@ def trace_breakdown(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def profile(cfg: RingConfig, out_dir: Path, log: Log, calls: int = 2) -> dict[str, Any]:
-    """A `jax.profiler` trace of `calls` calls of the first ring program in `--impls` (ring or
-    ring_kernel) in the first mode of `--modes`, at the first rows per device and mask (after
+    """A `jax.profiler` trace of `calls` calls of the first ring program in `--impls` (one of
+    RING_VARIANTS) in the first mode of `--modes`, at the first rows per device and mask (after
     one untimed call), in `out_dir`/profile, with `trace_overlap` and `trace_breakdown` of it.
     To look at it: the trace.json.gz in Perfetto (ui.perfetto.dev) or the folder in TensorBoard's
     profiler; the NCCL SendRecv kernels run on their own stream beside the flashjax kernels."""
@@ -692,7 +697,7 @@ def profile(cfg: RingConfig, out_dir: Path, log: Log, calls: int = 2) -> dict[st
 
     mesh = mesh_of(cfg.devices)
     seq, mask, mode = cfg.seqs_per_device[0], cfg.masks[0], cfg.modes[0]
-    impl = next((i for i in cfg.impls if i in RING_DISPATCH), "ring")
+    impl = next((i for i in cfg.impls if i in RING_VARIANTS), "ring")
     args = inputs(cfg, seq * cfg.devices, NamedSharding(mesh, PartitionSpec(None, AXIS)))
     fn = distributed(cfg, mesh, impl, mask, mode)
     jax.block_until_ready(fn(*args))
@@ -785,7 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--impls",
         type=_choices(IMPLS),
         default=DEFAULT_IMPLS,
-        help="ring,all_gather,single (default); ring_kernel: the ring without conditionals",
+        help="ring,all_gather,single (default); ring_kernel: the ring without conditionals; "
+        "ring_pair: the ring sending K and V as two buffers",
     )
     p.add_argument(
         "--studies",

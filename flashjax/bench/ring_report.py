@@ -29,7 +29,13 @@ CSV_FIELDS = (
     "status",
     "error",
 )
-IMPL_STYLE = {"ring": "C0", "all_gather": "C1", "single": "C2", "ring_kernel": "C3"}
+IMPL_STYLE = {
+    "ring": "C0",
+    "all_gather": "C1",
+    "single": "C2",
+    "ring_kernel": "C3",
+    "ring_pair": "C4",
+}
 
 
 def _rows(rows: Sequence[Row], kind: str, **where: Any) -> list[Row]:
@@ -102,6 +108,7 @@ def _label(impl: str, meta: dict[str, Any]) -> str:
     labels = {
         "ring": f"ring ({n} devices)",
         "ring_kernel": f"ring, no conditionals ({n} devices)",
+        "ring_pair": f"ring, K and V as two buffers ({n} devices)",
         "all_gather": f"all-gather ({n} devices)",
     }
     return labels.get(impl, "one device, whole sequence")
