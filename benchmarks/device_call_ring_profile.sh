@@ -11,8 +11,11 @@
 # hops into one collective: the 0.32 ms stack gone) and
 # `--xla_gpu_enable_dynamic_slice_fusion=true` (the kernels may read the K/V pieces in place
 # instead of the ~0.45 ms of copies per call; session 9's profile).
+# IMPLS: the full and causal runs' implementations (default single,ring; e.g.
+# single,ring,ring_in_place: the forward's kernels reading the key pieces in place); the profile
+# is of the first ring variant among them.
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) [TIER=1] [XLA_EXTRA=...] \
+#   COMMIT=$(git rev-parse --short HEAD) [TIER=1] [XLA_EXTRA=...] [IMPLS=...] \
 #     bash benchmarks/device_call_ring_profile.sh
 source benchmarks/device_setup.sh
 mkdir -p "$OUT/logs"
@@ -30,11 +33,11 @@ for run in $runs; do
     [ "$name" = causal-xla ] && export XLA_FLAGS="${XLA_FLAGS:-} $XLA_EXTRA"
     timeout "$(until_s $((base + until)))" python3 -m flashjax bench \
       --ring --seqs-per-device 32k --masks "${name%-xla}" --modes fwd \
-      --impls "single,$([ "$name" = causal-xla ] && echo ring_pair || echo ring)" \
+      --impls "$([ "$name" = causal-xla ] && echo single,ring_pair || echo "${IMPLS:-single,ring}")" \
       --studies pair,scaling --profile --max-minutes 2 --commit "$C" --out "$OUT/logs/$name" \
       > "$OUT/logs/$name.log" 2>&1
   )
-  grep -E "profile of|pair |ring |ring_pair |single " "$OUT/logs/$name.log" | cut -c1-400 | tail -12
+  grep -E "profile of|pair |ring |ring_[a-z_]+ |single " "$OUT/logs/$name.log" | cut -c1-400 | tail -12
   find "$OUT/logs/$name/profile" -name "*.xplane.pb" -delete  # keep the trace.json.gz only
 done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs

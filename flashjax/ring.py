@@ -83,9 +83,11 @@ PairDispatch = Literal["switch", "kernel"]
 PAIR_DISPATCHES: tuple[str, ...] = ("switch", "kernel")
 # What a hop sends: "stacked", K and V copied into one buffer (one collective; see Overlap in
 # the module docstring), or "pair", the two arrays as they are (two collectives, no copy; XLA's
-# GPU flag --xla_gpu_collective_permute_combine_threshold_bytes may combine them into one).
-KvTransfer = Literal["stacked", "pair"]
-KV_TRANSFERS: tuple[str, ...] = ("stacked", "pair")
+# GPU flag --xla_gpu_collective_permute_combine_threshold_bytes may combine them into one);
+# "in_place": stacked, and the forward's kernels read each key piece in place from the buffer
+# where the backend can (`Backend.forward_in_place`: mosaic) instead of a copy of it.
+KvTransfer = Literal["stacked", "pair", "in_place"]
+KV_TRANSFERS: tuple[str, ...] = ("stacked", "pair", "in_place")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,13 +195,16 @@ class _Queries:
 @dataclasses.dataclass(frozen=True)
 class _Keys:
     """One key piece of the K/V shard held at some step: k, v `(B, C, K, H)`, segment ids
-    `(B, C)` or None, the global position of its key 0 and its index in the shard."""
+    `(B, C)` or None, the global position of its key 0, its index in the shard, and (with
+    `kv_transfer="in_place"`) the stacked buffer it is rows of, for the forward to read in
+    place."""
 
     k: jax.Array
     v: jax.Array
     segments: jax.Array | None
     start: jax.Array
     index: int
+    source: tuple[jax.Array, int] | None = None  # (stacked K/V buffer, row of k's row 0)
 
 
 def _split(x: jax.Array | None, count: int) -> list[jax.Array | None]:
@@ -231,7 +236,7 @@ def _pack_kv(ring: Ring, k: jax.Array, v: jax.Array) -> PackedKV:
     collective (see Overlap in the module docstring); the pair as it is if their shapes or dtypes
     differ (then two collectives) or the ring sends pairs (`kv_transfer="pair"`). `operands`
     gives K and V one shape, dtypes may differ."""
-    if ring.kv_transfer == "stacked" and k.shape == v.shape and k.dtype == v.dtype:
+    if ring.kv_transfer != "pair" and k.shape == v.shape and k.dtype == v.dtype:
         return jnp.stack([k, v])
     return k, v
 
@@ -256,8 +261,16 @@ def _keys(ring: Ring, kv: KV, step) -> list[_Keys]:
     packed, segments = kv
     k, v, seg = (_split(x, ring.pieces) for x in (*_unpack_kv(packed), segments))
     size = k[0].shape[1]
+    in_place = ring.kv_transfer == "in_place" and not isinstance(packed, tuple)
     return [
-        _Keys(k[i], v[i], seg[i], piece_start(ring.layout, shard, i, size, ring.size), i)
+        _Keys(
+            k[i],
+            v[i],
+            seg[i],
+            piece_start(ring.layout, shard, i, size, ring.size),
+            i,
+            (packed, i * size) if in_place else None,
+        )
         for i in range(ring.pieces)
     ]
 
@@ -367,15 +380,15 @@ def _pairs(
 Acc = tuple[jax.Array, jax.Array]  # running (out (B, C, N, H), lse (B, C, N)), float32
 
 
-def _merge_pair(backend: backends.Backend, pair: Operands, acc: Acc) -> Acc:
-    out, lse = backend.forward(pair)
+def _merge_pair(backend: backends.Backend, key: _Keys, pair: Operands, acc: Acc) -> Acc:
+    out, lse = backend.forward_from(pair, key.source)
     return merge_attention(acc[0], acc[1], out, lse)
 
 
-def _take_pair(backend: backends.Backend, pair: Operands, acc: Acc) -> Acc:
+def _take_pair(backend: backends.Backend, key: _Keys, pair: Operands, acc: Acc) -> Acc:
     """A query piece's first pair: its result is the running one (merged into the empty start,
     out 0 and lse -inf, it would come out the same, bit for bit), with no merge pass."""
-    out, lse = backend.forward(pair)
+    out, lse = backend.forward_from(pair, key.source)
     # A Pallas kernel's outputs vary over no mesh axis; the running result does (lax.switch
     # needs one type from every branch).
     return backends.varying_like((out.astype(acc[0].dtype), lse.astype(acc[1].dtype)), acc[0])
@@ -388,10 +401,10 @@ def _forward_step(
     `first` step, a piece's first pair is taken as it is)."""
     accs = list(accs)
     fresh = {q.index for q in queries} if first else set()
-    for q, _, pair, known in _pairs(ring, ops, queries, _keys(ring, kv, step), first):
+    for q, key, pair, known in _pairs(ring, ops, queries, _keys(ring, kv, step), first):
         update = _take_pair if q.index in fresh else _merge_pair
         fresh.discard(q.index)
-        update = functools.partial(update, ring.backend)
+        update = functools.partial(update, ring.backend, key)
         accs[q.index] = _visit(ring, pair, accs[q.index], update, known)
     return accs
 
@@ -620,7 +633,9 @@ def ring_attention(
         "switch" (a `lax.switch` on the pair's state, read on the host on a GPU) or "kernel"
         (no conditional: the pair runs and its kernel skips every tile).
       kv_transfer: what a hop sends: "stacked" (K and V copied into one buffer: one collective)
-        or "pair" (the two arrays: two collectives, no copy).
+        or "pair" (the two arrays: two collectives, no copy); "in_place": stacked, and the
+        forward's kernels read each key piece in place from the buffer where the backend can
+        ("mosaic"), instead of a copy of the piece.
 
     Returns:
       `Float[Array, "B T N H"]` in query's dtype: this device's rows of the attention output.

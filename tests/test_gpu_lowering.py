@@ -235,3 +235,19 @@ def test_mosaic_forward_with_a_bias_lowers(shape) -> None:
     ops = operands(q, kv, kv, jnp.ones(shape, jnp.float32), is_causal=True)
     text = lowered_for_h200(lambda ops: mosaic_api.forward(ops, interpret=False), ops)
     assert text.count("mosaic_gpu") >= 1
+
+
+def test_mosaic_forward_reading_keys_in_place_lowers() -> None:
+    """The forward reading a ring's key piece in place (`kv_source`: rows 256.. of a stacked
+    `(2, B, S, K, H)` K/V buffer, passed as both K and V) lowers for the H200, and without a copy
+    of the piece: no slice of the buffer is left in the program."""
+    q = jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
+    buffer = jnp.zeros((2, 1, 512, 2, 128), jnp.bfloat16)
+
+    def forward(q, buffer):
+        piece = buffer[:, :, 256:]
+        ops = operands(q, piece[0], piece[1], is_causal=True)
+        return mosaic_api.forward(ops, interpret=False, kv_source=(buffer, 256))
+
+    text = lowered_for_h200(forward, q, buffer)
+    assert text.count("mosaic_gpu") >= 1 and "stablehlo.slice" not in text

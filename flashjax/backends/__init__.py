@@ -45,6 +45,16 @@ class Backend:
     description: str
     kernels: bool = False
     pages: bool = False  # reads a paged KV cache (Operands.page_table) itself; else gathered
+    # `forward(ops, (buffer, row0))` reading ops' K and V in place as rows row0.. of a stacked
+    # `(2, B, S, K, H)` buffer, where it can (a ring's travelling K/V: no copies of the pieces);
+    # None: the ring passes the pieces.
+    forward_in_place: Callable[[Operands, tuple[jax.Array, int]], tuple] | None = None
+
+    def forward_from(self, ops: Operands, kv_source: tuple[jax.Array, int] | None):
+        """`forward(ops)`, reading K/V in place from `kv_source` when given and supported."""
+        if kv_source is None or self.forward_in_place is None:
+            return self.forward(ops)
+        return self.forward_in_place(ops, kv_source)
 
     def run(self, ops: Operands) -> tuple[jax.Array, jax.Array]:
         """`(out, logsumexp)`, differentiable: the backward recomputes from (out, logsumexp)."""

@@ -19,8 +19,8 @@ from pallas_kernels.operands import Operands, cotangent
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _forward(ops: Operands) -> tuple[jax.Array, jax.Array]:
-    out, lse2 = api.forward(ops)
+def _forward(ops: Operands, kv_source: api.KvSource | None = None) -> tuple[jax.Array, jax.Array]:
+    out, lse2 = api.forward(ops, kv_source=kv_source)
     return out, jnp.swapaxes(lse2, 1, 2) * common.LN2
 
 
@@ -69,4 +69,5 @@ BACKEND = Backend(
     platforms=("gpu",),  # sm90 only: `_unsupported` declines other GPUs
     description="Hopper kernels on Mosaic GPU (FA3 forward; two-kernel backward)",
     kernels=True,
+    forward_in_place=_forward,
 )

@@ -53,11 +53,13 @@ Log = Callable[[str], None]
 AXIS = "sp"
 # The ring's implementations and their `ring_attention` keywords: "ring_kernel" runs every pair
 # without a conditional (an A/B of the default's `lax.switch`), "ring_pair" sends K and V as two
-# buffers instead of one stacked copy (an A/B of the stack, with XLA flags that combine them).
+# buffers instead of one stacked copy (an A/B of the stack, with XLA flags that combine them),
+# "ring_in_place" lets the forward's kernels read the key pieces in place from the stack.
 RING_VARIANTS: dict[str, dict[str, str]] = {
     "ring": {},
     "ring_kernel": {"pair_dispatch": "kernel"},
     "ring_pair": {"kv_transfer": "pair"},
+    "ring_in_place": {"kv_transfer": "in_place"},
 }
 IMPLS = ("single", *RING_VARIANTS, "all_gather")  # the order they run in
 DEFAULT_IMPLS = ("ring", "all_gather", "single")
@@ -791,7 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_choices(IMPLS),
         default=DEFAULT_IMPLS,
         help="ring,all_gather,single (default); ring_kernel: the ring without conditionals; "
-        "ring_pair: the ring sending K and V as two buffers",
+        "ring_pair: the ring sending K and V as two buffers; ring_in_place: its kernels reading "
+        "the key pieces in place",
     )
     p.add_argument(
         "--studies",

@@ -35,6 +35,7 @@ IMPL_STYLE = {
     "single": "C2",
     "ring_kernel": "C3",
     "ring_pair": "C4",
+    "ring_in_place": "C5",
 }
 
 
@@ -109,6 +110,7 @@ def _label(impl: str, meta: dict[str, Any]) -> str:
         "ring": f"ring ({n} devices)",
         "ring_kernel": f"ring, no conditionals ({n} devices)",
         "ring_pair": f"ring, K and V as two buffers ({n} devices)",
+        "ring_in_place": f"ring, key pieces read in place ({n} devices)",
         "all_gather": f"all-gather ({n} devices)",
     }
     return labels.get(impl, "one device, whole sequence")

@@ -21,6 +21,9 @@ from pallas_kernels.mosaic import forward as _forward
 from pallas_kernels.mosaic.pipeline import CONSUMERS
 from pallas_kernels.operands import Operands
 
+# A stacked `(2, B, S, K, H)` K/V buffer and the row of the call's key 0 in it (`forward`).
+KvSource = tuple[jax.Array, int]
+
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
@@ -142,18 +145,40 @@ def _bias(ops: Operands, t: int, s: int) -> jax.Array | None:
     return pad_axis(bias, 3, s) if bias.shape[3] > 1 else bias
 
 
+def _in_place(ops: Operands, kv: KvSource | None, s: int, d: int) -> bool:
+    """Whether the kernel can read `ops`' keys in place from `kv`: no padding of the keys or the
+    head dim and no lengths (each would need a copy), and the rows inside the buffer."""
+    if kv is None:
+        return False
+    buffer, row0 = kv
+    fits = buffer.shape[0] == 2 and buffer.shape[1] == ops.batch and row0 + s <= buffer.shape[2]
+    plain = s == ops.seq_k and d == ops.head_dim and ops.kv_lengths is None
+    return fits and plain and buffer.shape[3:] == ops.k.shape[2:] and buffer.dtype == ops.k.dtype
+
+
 def forward(
-    ops: Operands, interpret: bool | None = None, config: _forward.ForwardConfig | None = None
+    ops: Operands,
+    interpret: bool | None = None,
+    config: _forward.ForwardConfig | None = None,
+    kv_source: KvSource | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`out (B, T, N, H)` in q's dtype and base-2 logsumexp `lse2 (B, N, T)` float32.
     `interpret`: None picks interpret mode off the GPU (see `interpret_params`); `config`: tiles
-    other than configs.py's (benchmarks/tune_mosaic.py)."""
+    other than configs.py's (benchmarks/tune_mosaic.py); `kv_source`: `(buffer, row0)`, the
+    stacked `(2, B, S, K, H)` buffer that `ops.k` and `ops.v` are rows row0.. of (a ring's
+    travelling K/V), which the kernel then reads in place where it can (`_in_place`), instead
+    of the copies."""
     ops = _past_lengths_zeroed(ops)
     cfg = config or forward_config(ops.head_dim, causal_call(ops))
     t = _round_up(ops.seq_q, CONSUMERS * cfg.block_q)
     s = _round_up(ops.seq_k, cfg.block_kv)
     d = _head_dim(ops.head_dim)
     q, k, v = padded_qkv(ops, t, s, d)
+    kv_at = (0, 0, 0)
+    if _in_place(ops, kv_source, s, d):
+        buffer, row0 = kv_source
+        k = v = buffer.reshape(2 * ops.batch, *buffer.shape[2:])  # a bitcast: no copy
+        kv_at = (0, ops.batch, row0)
     rows = CONSUMERS * cfg.block_q
     lists = None
     if uses_lists(ops):
@@ -167,6 +192,7 @@ def forward(
         seq_lens=(ops.seq_q, ops.seq_k),
         extras=_extras(ops, t, s, lists) | {"bias": _bias(ops, t, s)},
         interpret=interpret_params(interpret),
+        kv_at=kv_at,
     )
     return out[:, : ops.seq_q, :, : ops.head_dim], lse2[:, :, : ops.seq_q]
 

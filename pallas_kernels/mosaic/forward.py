@@ -272,16 +272,21 @@ def _rescaled(acc: jax.Array, alpha: jax.Array, keep: jax.Array | None) -> jax.A
     return rescale(acc) if keep is None else lax.cond(keep, lambda a: a, rescale, acc)
 
 
-def _streams(refs: dict, sc: dict, b, kh, bkv: int) -> list[pp.Stream]:
-    """What the producer streams for batch row `b`, KV head `kh`: K and V tiles (and the keys'
-    segment ids)."""
+# Where the keys lie in the k and v arrays (`forward`'s `kv_at`).
+KvAt = tuple[int, int, int]
 
-    def rows_of(ref):
-        return lambda kv: ref.at[b, pl.ds(kv * bkv, bkv), kh]
+
+def _streams(refs: dict, sc: dict, b, kh, bkv: int, kv_at: KvAt) -> list[pp.Stream]:
+    """What the producer streams for batch row `b`, KV head `kh`: K and V tiles (and the keys'
+    segment ids), at `kv_at` in their arrays."""
+    k_batch, v_batch, row0 = kv_at
+
+    def rows_of(ref, batch0):
+        return lambda kv: ref.at[b + batch0, pl.ds(row0 + kv * bkv, bkv), kh]
 
     streams = [
-        pp.Stream(rows_of(refs["k"]), sc["k"], sc["k_loaded"], sc["k_free"]),
-        pp.Stream(rows_of(refs["v"]), sc["v"], sc["v_loaded"], sc["v_free"]),
+        pp.Stream(rows_of(refs["k"], k_batch), sc["k"], sc["k_loaded"], sc["k_free"]),
+        pp.Stream(rows_of(refs["v"], v_batch), sc["v"], sc["v_loaded"], sc["v_free"]),
     ]
     if "kv_seg" in refs:
         kv_seg = refs["kv_seg"]
@@ -306,9 +311,14 @@ def forward(
     seq_lens: tuple[int, int],
     extras: dict[str, jax.Array] | None = None,
     interpret: plgpu.InterpretGPUParams | None = None,
+    kv_at: KvAt = (0, 0, 0),
 ) -> tuple[jax.Array, jax.Array]:
     """Padded q `(B, Tp, N, D)`, k, v `(B, Sp, K, D)` (Tp a multiple of 2 * block_q, Sp of
     block_kv, D a multiple of 64) -> `(out (B, Tp, N, D), lse2 (B, N, Tp) float32)`.
+
+    `kv_at`: where the keys lie in k and v when those are larger arrays read in place
+    (`(k's batch row of batch row 0, v's, the row of key 0)`: one buffer passed as both, its
+    first B batch rows K's and the next B V's, as `api.forward` reads a ring's stacked K/V).
 
     `seq_lens`: the real (T, S); rows and keys past them are padding the visibility rule hides.
     `extras`, each optional: "seq" `(B, 4)` int32 offsets and lengths (`Operands.seq_info`);
@@ -370,7 +380,7 @@ def forward(
             _, visits = work_of(qt, b)
             if config.prefetch_q:
                 _produce_q(refs, sc, tile, tiles_done, bq)
-            streams = _streams(refs, sc, b, lax.div(h, group), bkv)
+            streams = _streams(refs, sc, b, lax.div(h, group), bkv, kv_at)
             pp.stream(streams, visits, stages, visits_done)
             return visits_done + visits.count, tiles_done + 1
 
