@@ -24,6 +24,7 @@ from jax.sharding import Mesh, PartitionSpec
 import flashjax
 from flashjax import backends, ring
 from flashjax.ring import all_gather_attention, ring_attention, zigzag_permute, zigzag_unpermute
+from pallas_kernels.operands import cotangent
 
 SEQ = "sp"
 RING_KEYWORDS = ("is_causal", "local_window_size", "logits_soft_cap")
@@ -304,16 +305,24 @@ def test_kernel_outputs_that_vary_over_no_axis_trace(monkeypatch) -> None:
     branch, the carry, which varies over the sequence axis (the 2-GPU tier caught this)."""
     inner = backends.REGISTRY["xla_chunked"]
 
-    def forward(ops):  # the shapes and dtypes of the kernels' outputs, varying over nothing
-        out, lse = inner.forward(ops)
-        return jnp.zeros(out.shape, out.dtype), jnp.zeros(lse.shape, lse.dtype)
+    def unvarying(x):
+        return jnp.zeros(x.shape, x.dtype)
 
-    unvarying = dataclasses.replace(inner, name="unvarying", forward=forward)
-    monkeypatch.setitem(backends.REGISTRY, "unvarying", unvarying)
+    def forward(ops):  # the shapes and dtypes of the kernels' outputs, varying over nothing
+        return tuple(map(unvarying, inner.forward(ops)))
+
+    def backward(ops, out, lse, dout, dlse):  # the backward kernels' likewise
+        return cotangent(ops, q=unvarying(ops.q), k=unvarying(ops.k), v=unvarying(ops.v))
+
+    backend = dataclasses.replace(inner, name="unvarying", forward=forward, backward=backward)
+    monkeypatch.setitem(backends.REGISTRY, "unvarying", backend)
     case = F32(B=1, T=64, N=2, K=1, H=32, features=("causal",))
     q, k, v, _, kw = make_inputs(case)
-    f = sharded(ring_attention, mesh_of(2), "zigzag", kw, implementation="unvarying")
-    assert "cond[" in str(jax.make_jaxpr(f)(q, k, v))
+    for layout, n in (("zigzag", 2), ("zigzag", 4), ("contiguous", 4)):
+        f = sharded(ring_attention, mesh_of(n), layout, kw, implementation="unvarying")
+        assert "cond[" in str(jax.make_jaxpr(f)(q, k, v))
+        # The gradient too: the pairs the layout decides run outside any lax.switch.
+        jax.make_jaxpr(jax.grad(lambda *a, f=f: f(*a).sum(), argnums=(0, 1, 2)))(q, k, v)
 
 
 # --------------------------------------------------------------------------------------------------
