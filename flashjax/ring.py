@@ -71,7 +71,7 @@ from flashjax import backends
 from flashjax.attention import Implementation, dot_product_attention, operands
 from flashjax.merge import merge_attention
 from pallas_kernels import common, visibility
-from pallas_kernels.operands import EMPTY, FULL, PARTIAL, Operands, cotangent
+from pallas_kernels.operands import EMPTY, FULL, PARTIAL, KvSource, Operands, cotangent
 
 Layout = Literal["contiguous", "zigzag"]
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
@@ -204,7 +204,7 @@ class _Keys:
     segments: jax.Array | None
     start: jax.Array
     index: int
-    source: tuple[jax.Array, int] | None = None  # (stacked K/V buffer, row of k's row 0)
+    source: KvSource | None = None
 
 
 def _split(x: jax.Array | None, count: int) -> list[jax.Array | None]:

@@ -204,6 +204,12 @@ _DATA_FIELDS = [f.name for f in dataclasses.fields(Operands) if f.name != "stati
 jax.tree_util.register_dataclass(Operands, data_fields=_DATA_FIELDS, meta_fields=["statics"])
 
 
+# Where a call's K and V may be read in place (a ring's travelling K/V): a stacked
+# `(2, B, S, K, H)` buffer and the row of the call's key 0 in it; `ops.k` and `ops.v` are
+# buffer[0] and buffer[1] from that row on (`Backend.forward_in_place`).
+KvSource = tuple[jax.Array, int]
+
+
 def cotangent(ops: Operands, **grads: jax.Array | None) -> Operands:
     """The cotangent of `ops` for a custom_vjp backward: `grads` for the float operands named
     (q, k, v, bias, scale), float0 zeros for the integer ones, None where `ops` has None."""

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.operands import Operands
+from pallas_kernels.operands import KvSource, Operands
 
 Forward = Callable[[Operands], tuple[jax.Array, jax.Array]]
 Backward = Callable[[Operands, jax.Array, jax.Array, jax.Array, jax.Array | None], Operands]
@@ -45,12 +45,11 @@ class Backend:
     description: str
     kernels: bool = False
     pages: bool = False  # reads a paged KV cache (Operands.page_table) itself; else gathered
-    # `forward(ops, (buffer, row0))` reading ops' K and V in place as rows row0.. of a stacked
-    # `(2, B, S, K, H)` buffer, where it can (a ring's travelling K/V: no copies of the pieces);
-    # None: the ring passes the pieces.
-    forward_in_place: Callable[[Operands, tuple[jax.Array, int]], tuple] | None = None
+    # `forward(ops, kv_source)` reading ops' K and V in place from a `KvSource` where it can (a
+    # ring's travelling K/V: no copies of the pieces); None: the ring passes the pieces.
+    forward_in_place: Callable[[Operands, KvSource], tuple[jax.Array, jax.Array]] | None = None
 
-    def forward_from(self, ops: Operands, kv_source: tuple[jax.Array, int] | None):
+    def forward_from(self, ops: Operands, kv_source: KvSource | None):
         """`forward(ops)`, reading K/V in place from `kv_source` when given and supported."""
         if kv_source is None or self.forward_in_place is None:
             return self.forward(ops)

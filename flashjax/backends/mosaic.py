@@ -14,12 +14,12 @@ import jax.numpy as jnp
 from flashjax.backends import Backend, triton
 from pallas_kernels import common, configs, visibility
 from pallas_kernels.mosaic import api
-from pallas_kernels.operands import Operands, cotangent
+from pallas_kernels.operands import KvSource, Operands, cotangent
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _forward(ops: Operands, kv_source: api.KvSource | None = None) -> tuple[jax.Array, jax.Array]:
+def _forward(ops: Operands, kv_source: KvSource | None = None) -> tuple[jax.Array, jax.Array]:
     out, lse2 = api.forward(ops, kv_source=kv_source)
     return out, jnp.swapaxes(lse2, 1, 2) * common.LN2
 

@@ -19,10 +19,7 @@ from pallas_kernels.host import backward_residuals, pad_axis, padded_qkv, zero_r
 from pallas_kernels.mosaic import backward as _backward
 from pallas_kernels.mosaic import forward as _forward
 from pallas_kernels.mosaic.pipeline import CONSUMERS
-from pallas_kernels.operands import Operands
-
-# A stacked `(2, B, S, K, H)` K/V buffer and the row of the call's key 0 in it (`forward`).
-KvSource = tuple[jax.Array, int]
+from pallas_kernels.operands import KvSource, Operands
 
 
 def _round_up(x: int, m: int) -> int:
