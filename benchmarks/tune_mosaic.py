@@ -57,6 +57,13 @@ SCHEDULES = [
     ("longest_first", "fold_scale", "async_store"),
     ("longest_first", "fold_scale", "async_store", "persistent"),
     ("longest_first", "fold_scale", "async_store", "persistent", "prefetch_q"),
+    # Session 11: FA3's intra-warpgroup overlap (new, not yet run on a GPU), with the defaults,
+    # with FA4's conditional rescaling, without automatic barriers, and in FA3's persistent
+    # schedule (head dim 64's causal default).
+    ("longest_first", "fold_scale", "overlap_qk"),
+    ("longest_first", "fold_scale", "overlap_qk", "lazy_rescale"),
+    ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers"),
+    ("longest_first", "fold_scale", "overlap_qk", "async_store", "persistent", "prefetch_q"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 BWD_TILES = {

@@ -133,6 +133,26 @@ def test_mosaic_schedule_options_lower() -> None:
         assert text.count("mosaic_gpu") >= 2  # forward, dK/dV with dQ fused (no dQ kernel)
 
 
+@pytest.mark.parametrize("feature", ["plain", "segments", "block-mask", "bias-dropout-softcap"])
+def test_mosaic_overlapped_forward_lowers(feature: str) -> None:
+    """The forward with FA3's intra-warpgroup overlap (`overlap_qk`: the next tile's QK^T in
+    flight during the softmax, the PV in flight into the next step; GPU only, as interpret mode
+    runs no in-place PV) lowers for the H200 at head dims 64 and 128 with every masking path:
+    the element masks of partial tiles, the keys' segment-id stream, bias, dropout, soft-cap,
+    FA4's conditional rescaling."""
+    for head_dim in (64, 128):
+        q = jnp.zeros((B, T, N, head_dim), jnp.bfloat16)
+        kv = jnp.zeros((B, S, K, head_dim), jnp.bfloat16)
+        ops = operands(q, kv, kv, **FEATURES[feature])
+        fwd = with_options(mosaic_api.forward_config(head_dim), ["overlap_qk", "lazy_rescale"])
+        assert fwd.overlap_qk
+
+        def forward(ops, fwd=fwd):
+            return mosaic_api.forward(ops, interpret=False, config=fwd)
+
+        assert lowered_for_h200(forward, ops).count("mosaic_gpu") >= 1
+
+
 @pytest.mark.parametrize(
     "variant",
     [

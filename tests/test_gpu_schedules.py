@@ -77,3 +77,12 @@ def test_backward_variant_on_gpu(case: Case, options, monkeypatch) -> None:
 def test_overlapped_dkdv_with_dropout_on_gpu(monkeypatch) -> None:
     _check(DROPOUT, monkeypatch, backward=("overlap_dv",))
     _check(DROPOUT, monkeypatch, backward=("early_dp", "overlap_dv"))
+
+
+@pytest.mark.gpu_schedules
+def test_overlapped_forward_with_dropout_on_gpu(monkeypatch) -> None:
+    """FA3's intra-warpgroup overlap with dropout (its factor on the weights of the step whose
+    PV is left in flight) and FA4's conditional rescaling (a `lax.cond` on the in-flight
+    accumulator)."""
+    _check(DROPOUT, monkeypatch, forward=("overlap_qk",))
+    _check(DROPOUT, monkeypatch, forward=("overlap_qk", "lazy_rescale", "longest_first"))

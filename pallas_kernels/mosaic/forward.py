@@ -17,6 +17,7 @@ staging tile. Output and base-2 logsumexp leave through shared memory (TMA).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,10 @@ class ForwardConfig:
     # current tile runs (FA3's producer loads Q), instead of each consumer loading its own at
     # the tile's start.
     prefetch_q: bool = False
+    # FA3's intra-warpgroup overlap (`_consumer`'s `overlapped`): each step issues the next
+    # key tile's QK^T before its softmax and leaves its PV in flight into the next step's
+    # softmax (a second S accumulator in registers). Off in interpret mode (no in-place PV).
+    overlap_qk: bool = False
 
     def __post_init__(self):
         if self.prefetch_q and self.named_barriers:
@@ -99,6 +104,7 @@ SCHEDULE_OPTIONS = (
     "named_barriers",
     "async_store",
     "prefetch_q",
+    "overlap_qk",
 )
 OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale", "lazy_rescale")
 
@@ -167,25 +173,16 @@ def _consumer(
     if statics.has_dropout:
         row_keys = pp.dropout_rows(statics, refs["seeds"], b, h, num_heads, rows)
 
-    early = config.early_next_k and not interpret
+    early = config.early_next_k and not config.overlap_qk and not interpret
 
     def wait_k(i):
         plgpu.barrier_wait(sc["k_loaded"].at[lax.rem(done + i, config.stages)])
 
-    def step(i, carry, *, masked: bool):
-        acc, m, l = carry
+    def weights(i, s, m, l, *, masked: bool):
+        """Key visit i's scores `s` (QK^T, float32) -> its bf16/fp16 weights, the running max
+        and sum after it, and the accumulator's rescale `(alpha, keep)`."""
         kv = visits.tile(i)
         slot = lax.rem(done + i, config.stages)
-        if not early:
-            wait_k(i)
-
-        def qk(acc_ref):
-            plgpu.wgmma(acc_ref, my_q, sc["k"].at[slot].T)
-            turns.sync()  # QK issued: the other consumer may issue its matmul
-            return acc_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-        plgpu.barrier_arrive(sc["k_free"].at[slot])
         mask = None
         if masked:
             segments = {}
@@ -213,11 +210,25 @@ def _consumer(
             s2 = common.hide(s, mask)
         m_new, keep = common.running_max(s2, m, folded, lazy=config.lazy_rescale)
         p, l, alpha = common.softmax_weights(s2, m, m_new, l, folded)
-        m = m_new
         if statics.has_dropout:  # after the running sum: l normalizes the undropped weights
             p = p * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
-        acc = _rescaled(acc, alpha, keep)
-        p16 = p.astype(dtype)
+        return p.astype(dtype), m_new, l, (alpha, keep)
+
+    def step(i, carry, *, masked: bool):
+        acc, m, l = carry
+        slot = lax.rem(done + i, config.stages)
+        if not early:
+            wait_k(i)
+
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, my_q, sc["k"].at[slot].T)
+            turns.sync()  # QK issued: the other consumer may issue its matmul
+            return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+        plgpu.barrier_arrive(sc["k_free"].at[slot])
+        p16, m, l, rescale = weights(i, s, m, l, masked=masked)
+        acc = _rescaled(acc, *rescale)
         if config.pinned_order:
             acc, p16 = lax.optimization_barrier((acc, p16))
             m, l = lax.optimization_barrier((m, l))
@@ -231,6 +242,55 @@ def _consumer(
         plgpu.barrier_arrive(sc["v_free"].at[slot])
         return acc, m, l
 
+    def overlapped(init, o_ref, s_ref):
+        """FA3's intra-warpgroup overlap (`overlap_qk`): visit i issues the QK^T of visit i + 1
+        into `s_ref` before its own softmax, and its PV into the accumulator `o_ref` after,
+        left in flight into visit i + 1's softmax; one wait per visit for both."""
+        count = visits.count
+        o_ref[...] = init[0]
+
+        @pl.when(count > 0)
+        def _():
+            wait_k(0)
+            plgpu.wgmma(s_ref, my_q, sc["k"].at[lax.rem(done, config.stages)].T)
+
+        s0 = s_ref[...]
+        first_slot = lax.rem(done, config.stages)
+        pl.when(count > 0)(lambda: plgpu.barrier_arrive(sc["k_free"].at[first_slot]))
+
+        def step(i, carry, *, masked: bool):
+            m, l, s = carry
+            slot = lax.rem(done + i, config.stages)
+            next_slot = lax.rem(done + i + 1, config.stages)
+            has_next = i + 1 < count
+
+            @pl.when(has_next)
+            def _():
+                wait_k(i + 1)
+                plgpu.wgmma(s_ref, my_q, sc["k"].at[next_slot].T)
+
+            turns.sync()
+            p16, m, l, rescale = weights(i, s, m, l, masked=masked)
+            if config.pinned_order:
+                p16, m, l = lax.optimization_barrier((p16, m, l))
+            plgpu.wgmma_wait(0)  # visit i - 1's PV and visit i + 1's QK^T
+            prev_slot = lax.rem(done + i + config.stages - 1, config.stages)
+            pl.when(i > 0)(lambda: plgpu.barrier_arrive(sc["v_free"].at[prev_slot]))
+            pl.when(has_next)(lambda: plgpu.barrier_arrive(sc["k_free"].at[next_slot]))
+            s_next = plgpu.wgmma_accumulator_load(s_ref, wait_n=None)
+            o_ref[...] = _rescaled(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), *rescale)
+            turns.done()
+            plgpu.barrier_wait(sc["v_loaded"].at[slot])
+            turns.wait()
+            plgpu.wgmma(o_ref, p16, sc["v"].at[slot])
+            return m, l, s_next
+
+        m, l, _ = pp.walk(visits, step, (*init[1:], s0))
+        acc = o_ref[...]  # waits for the last PV
+        last = lax.rem(done + count + config.stages - 1, config.stages)
+        pl.when(count > 0)(lambda: plgpu.barrier_arrive(sc["v_free"].at[last]))
+        return acc, m, l
+
     turns.start()
     if early:
         pl.when(visits.count > 0)(lambda: wait_k(0))
@@ -239,7 +299,14 @@ def _consumer(
         plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), LAYOUT.reduce(1)),
         plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), LAYOUT.reduce(1)),
     )
-    carry = pp.walk(visits, step, carry)
+    if config.overlap_qk and not interpret:
+        carry = pl.run_scoped(
+            functools.partial(overlapped, carry),
+            plgpu.ACC((bq, head_dim), jnp.float32),
+            plgpu.ACC((bq, bkv), jnp.float32),
+        )
+    else:
+        carry = pp.walk(visits, step, carry)
     turns.finish()
     out, lse2 = common.finalize(*carry)
 
