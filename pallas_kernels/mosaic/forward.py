@@ -75,9 +75,9 @@ class ForwardConfig:
     # current tile runs (FA3's producer loads Q), instead of each consumer loading its own at
     # the tile's start.
     prefetch_q: bool = False
-    # FA3's intra-warpgroup overlap (`_consumer`'s `overlapped`): each step issues the next
-    # key tile's QK^T before its softmax and leaves its PV in flight into the next step's
-    # softmax (a second S accumulator in registers). Off in interpret mode (no in-place PV).
+    # FA3's intra-warpgroup overlap (`_consumer`'s `overlapped`): each step issues its QK^T,
+    # then the previous tile's PV, and runs its softmax while that PV is in flight; no
+    # ping-pong. Off in interpret mode (no in-place PV).
     overlap_qk: bool = False
 
     def __post_init__(self):
@@ -148,7 +148,10 @@ def _consumer(
     row0 = qt * (CONSUMERS * bq) + wg * bq
     head_dim = sc["q"].shape[-1]
     dtype = sc["q"].dtype
-    if config.named_barriers:
+    overlap = config.overlap_qk and not interpret
+    if overlap:
+        turns = pp.Turn(None, wg, enabled=False)
+    elif config.named_barriers:
         turns = pp.NamedTurn(wg, emulation=sc["turn"] if interpret else None)
     else:
         turns = pp.Turn(sc["turn"], wg)
@@ -173,13 +176,13 @@ def _consumer(
     if statics.has_dropout:
         row_keys = pp.dropout_rows(statics, refs["seeds"], b, h, num_heads, rows)
 
-    early = config.early_next_k and not config.overlap_qk and not interpret
+    early = config.early_next_k and not overlap and not interpret
 
     def wait_k(i):
         plgpu.barrier_wait(sc["k_loaded"].at[lax.rem(done + i, config.stages)])
 
     def weights(i, s, m, l, *, masked: bool):
-        """Key visit i's scores `s` (QK^T, float32) -> its bf16/fp16 weights, the running max
+        """Key visit i's scores `s` (QK^T, float32) -> its weights (float32), the running max
         and sum after it, and the accumulator's rescale `(alpha, keep)`."""
         kv = visits.tile(i)
         slot = lax.rem(done + i, config.stages)
@@ -212,7 +215,7 @@ def _consumer(
         p, l, alpha = common.softmax_weights(s2, m, m_new, l, folded)
         if statics.has_dropout:  # after the running sum: l normalizes the undropped weights
             p = p * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
-        return p.astype(dtype), m_new, l, (alpha, keep)
+        return p, m_new, l, (alpha, keep)
 
     def step(i, carry, *, masked: bool):
         acc, m, l = carry
@@ -227,7 +230,8 @@ def _consumer(
 
         s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
         plgpu.barrier_arrive(sc["k_free"].at[slot])
-        p16, m, l, rescale = weights(i, s, m, l, masked=masked)
+        p, m, l, rescale = weights(i, s, m, l, masked=masked)
+        p16 = p.astype(dtype)
         acc = _rescaled(acc, *rescale)
         if config.pinned_order:
             acc, p16 = lax.optimization_barrier((acc, p16))
@@ -243,51 +247,59 @@ def _consumer(
         return acc, m, l
 
     def overlapped(init, o_ref, s_ref):
-        """FA3's intra-warpgroup overlap (`overlap_qk`): visit i issues the QK^T of visit i + 1
-        into `s_ref` before its own softmax, and its PV into the accumulator `o_ref` after,
-        left in flight into visit i + 1's softmax; one wait per visit for both."""
+        """FA3's intra-warpgroup overlap (`overlap_qk`), in FA3's order: visit i issues its
+        QK^T, then the rescale and PV of visit i - 1 (`o_ref`), awaits the QK^T alone, and runs
+        its softmax while that PV is in flight; its weights (float32) pass the PV's wait before
+        they become the next PV's operand, so no register an in-flight wgmma reads is written.
+        Each consumer on its own: no ping-pong (`turns` is off)."""
         count = visits.count
         o_ref[...] = init[0]
+        s_zeros = plgpu.layout_cast(jnp.zeros((bq, bkv), jnp.float32), LAYOUT)
+
+        def step(i, carry, *, masked: bool):
+            m, l, p_prev, rescale_prev = carry
+            slot = lax.rem(done + i, config.stages)
+            prev = lax.rem(done + i + config.stages - 1, config.stages)
+            wait_k(i)
+            s_ref[...] = s_zeros
+            plgpu.wgmma(s_ref, my_q, sc["k"].at[slot].T)
+
+            @pl.when(i > 0)
+            def _():
+                o = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)
+                o_ref[...] = _rescaled(o, *rescale_prev)
+                plgpu.barrier_wait(sc["v_loaded"].at[prev])
+                plgpu.wgmma(o_ref, p_prev, sc["v"].at[prev])
+                plgpu.wgmma_wait(1)  # this visit's QK^T; the PV stays in flight
+
+            @pl.when(i == 0)
+            def _():
+                plgpu.wgmma_wait(0)
+
+            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=None)
+            plgpu.barrier_arrive(sc["k_free"].at[slot])
+            p, m, l, rescale = weights(i, s, m, l, masked=masked)
+            plgpu.wgmma_wait(0)  # the PV of visit i - 1
+            pl.when(i > 0)(lambda: plgpu.barrier_arrive(sc["v_free"].at[prev]))
+            p, m, l = lax.optimization_barrier((p, m, l))  # computed past the wait
+            return m, l, p.astype(dtype), rescale
+
+        keep0 = jnp.bool_(True) if config.lazy_rescale else None
+        start = (
+            *init[1:],
+            plgpu.layout_cast(jnp.zeros((bq, bkv), dtype), LAYOUT),
+            (plgpu.layout_cast(jnp.ones((bq,), jnp.float32), LAYOUT.reduce(1)), keep0),
+        )
+        m, l, p_last, rescale_last = pp.walk(visits, step, start)
+        last = lax.rem(done + count + config.stages - 1, config.stages)
 
         @pl.when(count > 0)
         def _():
-            wait_k(0)
-            plgpu.wgmma(s_ref, my_q, sc["k"].at[lax.rem(done, config.stages)].T)
+            o_ref[...] = _rescaled(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), *rescale_last)
+            plgpu.barrier_wait(sc["v_loaded"].at[last])
+            plgpu.wgmma(o_ref, p_last, sc["v"].at[last])
 
-        s0 = s_ref[...]
-        first_slot = lax.rem(done, config.stages)
-        pl.when(count > 0)(lambda: plgpu.barrier_arrive(sc["k_free"].at[first_slot]))
-
-        def step(i, carry, *, masked: bool):
-            m, l, s = carry
-            slot = lax.rem(done + i, config.stages)
-            next_slot = lax.rem(done + i + 1, config.stages)
-            has_next = i + 1 < count
-
-            @pl.when(has_next)
-            def _():
-                wait_k(i + 1)
-                plgpu.wgmma(s_ref, my_q, sc["k"].at[next_slot].T)
-
-            turns.sync()
-            p16, m, l, rescale = weights(i, s, m, l, masked=masked)
-            if config.pinned_order:
-                p16, m, l = lax.optimization_barrier((p16, m, l))
-            plgpu.wgmma_wait(0)  # visit i - 1's PV and visit i + 1's QK^T
-            prev_slot = lax.rem(done + i + config.stages - 1, config.stages)
-            pl.when(i > 0)(lambda: plgpu.barrier_arrive(sc["v_free"].at[prev_slot]))
-            pl.when(has_next)(lambda: plgpu.barrier_arrive(sc["k_free"].at[next_slot]))
-            s_next = plgpu.wgmma_accumulator_load(s_ref, wait_n=None)
-            o_ref[...] = _rescaled(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), *rescale)
-            turns.done()
-            plgpu.barrier_wait(sc["v_loaded"].at[slot])
-            turns.wait()
-            plgpu.wgmma(o_ref, p16, sc["v"].at[slot])
-            return m, l, s_next
-
-        m, l, _ = pp.walk(visits, step, (*init[1:], s0))
         acc = o_ref[...]  # waits for the last PV
-        last = lax.rem(done + count + config.stages - 1, config.stages)
         pl.when(count > 0)(lambda: plgpu.barrier_arrive(sc["v_free"].at[last]))
         return acc, m, l
 
@@ -299,7 +311,7 @@ def _consumer(
         plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), LAYOUT.reduce(1)),
         plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), LAYOUT.reduce(1)),
     )
-    if config.overlap_qk and not interpret:
+    if overlap:
         carry = pl.run_scoped(
             functools.partial(overlapped, carry),
             plgpu.ACC((bq, head_dim), jnp.float32),
