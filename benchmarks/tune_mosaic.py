@@ -23,7 +23,7 @@ from pallas_kernels.mosaic import api
 from pallas_kernels.mosaic.backward import OPTIONS as BWD_OPTIONS
 from pallas_kernels.mosaic.backward import BackwardConfig
 from pallas_kernels.mosaic.backward import with_options as bwd_with_options
-from pallas_kernels.mosaic.forward import OPTIONS, ForwardConfig, with_options
+from pallas_kernels.mosaic.forward import EXCLUSIVE, OPTIONS, ForwardConfig, with_options
 
 SEQ = 8192
 # (block_q, block_kv, stages) per head dim; shared memory: Q 2 x block_q x D plus K and V
@@ -63,7 +63,7 @@ SCHEDULES = [
     ("longest_first", "fold_scale", "overlap_qk"),
     ("longest_first", "fold_scale", "overlap_qk", "lazy_rescale"),
     ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers"),
-    ("longest_first", "fold_scale", "overlap_qk", "async_store", "persistent", "prefetch_q"),
+    ("longest_first", "fold_scale", "overlap_qk", "async_store", "persistent"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 BWD_TILES = {
@@ -85,11 +85,11 @@ def forward_candidates(
     only, when given); with `toggles`, instead the choice with each flag of OPTIONS flipped, one
     at a time; with `tiles`, the tile x flag grid too."""
     chosen = api.forward_config(head_dim, causal_rows)
-    if toggles:  # (prefetch_q with named_barriers raises: ForwardConfig)
+    if toggles:  # (the pairs of EXCLUSIVE raise: ForwardConfig)
         on = {name for name in OPTIONS if getattr(chosen, name)}
         flips = [on ^ {name} for name in OPTIONS]
         variants = [
-            with_options(chosen, f) for f in flips if not {"prefetch_q", "named_barriers"} <= f
+            with_options(chosen, f) for f in flips if not any(set(p) <= f for p in EXCLUSIVE)
         ]
     else:
         variants = [with_options(chosen, s) for s in _having(SCHEDULES, option)]

@@ -19,7 +19,7 @@ from flashjax import BlockMask
 from flashjax.attention import operands
 from flashjax.decode import decode_operands
 from pallas_kernels.mosaic import api as mosaic_api
-from pallas_kernels.mosaic.forward import OPTIONS, with_options
+from pallas_kernels.mosaic.forward import WIDEST, with_options
 from pallas_kernels.triton import api as triton_api
 from pallas_kernels.triton import decode_api
 
@@ -121,8 +121,8 @@ def test_mosaic_schedule_options_lower() -> None:
     kv = jnp.zeros((2, 512, 2, 128), jnp.bfloat16)
     ops = operands(q, kv, kv, is_causal=True)
     # Every option on but one of the two that do not go together (ForwardConfig).
-    for off in ("prefetch_q", "named_barriers"):
-        fwd = with_options(mosaic_api.forward_config(128), [o for o in OPTIONS if o != off])
+    for widest in WIDEST:
+        fwd = with_options(mosaic_api.forward_config(128), widest)
         bwd = BackwardConfig(no_auto_barriers=True, fused_dq=True)
 
         def forward_and_backward(ops, fwd=fwd, bwd=bwd):

@@ -14,7 +14,7 @@ from test_suite import check_case
 from pallas_kernels import configs
 from pallas_kernels.mosaic import api
 from pallas_kernels.mosaic.backward import with_options as backward_options
-from pallas_kernels.mosaic.forward import OPTIONS, with_options
+from pallas_kernels.mosaic.forward import OPTIONS, WIDEST, with_options
 
 CASES = [
     Case(B=2, T=1024, S=1100, N=8, K=2, H=128, features=("causal", "segments")),
@@ -22,13 +22,11 @@ CASES = [
 ]
 # The backward's single kernel with and without Pallas' automatic barriers, its overlapped orders
 # (with dropout too: its factor enters dP after the overlapped wait) and schedule options.
-# Each forward option alone, the persistent grid with the prefetched Q, and every option on but
-# one of the two that do not go together (ForwardConfig: prefetch_q with named_barriers gave
-# wrong outputs on the H200).
+# Each forward option alone, the persistent grid with the prefetched Q, and the widest option
+# sets ForwardConfig takes (forward.WIDEST: the pairs of forward.EXCLUSIVE gave wrong outputs
+# on the H200).
 FORWARD = [(name,) for name in OPTIONS] + [("persistent", "prefetch_q", "async_store")]
-FORWARD += [
-    tuple(name for name in OPTIONS if name != off) for off in ("prefetch_q", "named_barriers")
-]
+FORWARD += list(WIDEST)
 BACKWARD = [
     ("fused_dq", "no_auto_barriers"),
     ("overlap_dv",),
