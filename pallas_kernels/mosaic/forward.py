@@ -264,56 +264,59 @@ def _consumer(
         QK^T, then the rescale and PV of visit i - 1 (`o_ref`), awaits the QK^T alone, and runs
         its softmax while that PV is in flight; its weights (float32) pass the PV's wait before
         they become the next PV's operand, so no register an in-flight wgmma reads is written.
-        Each consumer on its own: no ping-pong (`turns` is off)."""
+        Visit 0 (under a cond: a CTA may have none) and the last PV are peeled off the loop, so
+        the loop's waits are unconditional (ptxas serializes the wgmmas otherwise). Each
+        consumer on its own: no ping-pong (`turns` is off)."""
         count = visits.count
         o_ref[...] = init[0]
         s_zeros = plgpu.layout_cast(jnp.zeros((bq, bkv), jnp.float32), LAYOUT)
 
-        def step(i, carry, *, masked: bool):
-            m, l, p_prev, rescale_prev = carry
-            slot = lax.rem(done + i, config.stages)
-            prev = lax.rem(done + i + config.stages - 1, config.stages)
+        def slot(i):
+            return lax.rem(done + i, config.stages)
+
+        def issue_qk(i):
             wait_k(i)
             s_ref[...] = s_zeros
-            plgpu.wgmma(s_ref, my_q, sc["k"].at[slot].T)
+            plgpu.wgmma(s_ref, my_q, sc["k"].at[slot(i)].T)
 
-            @pl.when(i > 0)
-            def _():
-                o = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)
-                o_ref[...] = _rescaled(o, *rescale_prev)
-                plgpu.barrier_wait(sc["v_loaded"].at[prev])
-                plgpu.wgmma(o_ref, p_prev, sc["v"].at[prev])
-                plgpu.wgmma_wait(1)  # this visit's QK^T; the PV stays in flight
-
-            @pl.when(i == 0)
-            def _():
-                plgpu.wgmma_wait(0)
-
+        def scores(i):
             s = plgpu.wgmma_accumulator_load(s_ref, wait_n=None)
-            plgpu.barrier_arrive(sc["k_free"].at[slot])
-            p, m, l, rescale = weights(i, s, m, l, masked=masked)
+            plgpu.barrier_arrive(sc["k_free"].at[slot(i)])
+            return s
+
+        def issue_pv(j, p16, rescale):
+            o_ref[...] = _rescaled(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), *rescale)
+            plgpu.barrier_wait(sc["v_loaded"].at[slot(j)])
+            plgpu.wgmma(o_ref, p16, sc["v"].at[slot(j)])
+
+        def first():
+            issue_qk(0)
+            plgpu.wgmma_wait(0)
+            p, m, l, rescale = weights(0, scores(0), *init[1:], masked=True)
+            return m, l, p.astype(dtype), rescale
+
+        def nothing():
+            keep = jnp.bool_(True) if config.lazy_rescale else None
+            ones = plgpu.layout_cast(jnp.ones((bq,), jnp.float32), LAYOUT.reduce(1))
+            zeros = plgpu.layout_cast(jnp.zeros((bq, bkv), dtype), LAYOUT)
+            return *init[1:], zeros, (ones, keep)
+
+        def step(i, carry, *, masked: bool):
+            m, l, p_prev, rescale_prev = carry
+            issue_qk(i)
+            issue_pv(i - 1, p_prev, rescale_prev)
+            plgpu.wgmma_wait(1)  # this visit's QK^T; the PV stays in flight
+            p, m, l, rescale = weights(i, scores(i), m, l, masked=masked)
             plgpu.wgmma_wait(0)  # the PV of visit i - 1
-            pl.when(i > 0)(lambda: plgpu.barrier_arrive(sc["v_free"].at[prev]))
+            plgpu.barrier_arrive(sc["v_free"].at[slot(i - 1)])
             p, m, l = lax.optimization_barrier((p, m, l))  # computed past the wait
             return m, l, p.astype(dtype), rescale
 
-        keep0 = jnp.bool_(True) if config.lazy_rescale else None
-        start = (
-            *init[1:],
-            plgpu.layout_cast(jnp.zeros((bq, bkv), dtype), LAYOUT),
-            (plgpu.layout_cast(jnp.ones((bq,), jnp.float32), LAYOUT.reduce(1)), keep0),
-        )
-        m, l, p_last, rescale_last = pp.walk(visits, step, start)
-        last = lax.rem(done + count + config.stages - 1, config.stages)
-
-        @pl.when(count > 0)
-        def _():
-            o_ref[...] = _rescaled(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), *rescale_last)
-            plgpu.barrier_wait(sc["v_loaded"].at[last])
-            plgpu.wgmma(o_ref, p_last, sc["v"].at[last])
-
+        start = lax.cond(count > 0, first, nothing)
+        m, l, p_last, rescale_last = pp.walk(pp.after_first(visits), step, start)
+        pl.when(count > 0)(lambda: issue_pv(count - 1, p_last, rescale_last))
         acc = o_ref[...]  # waits for the last PV
-        pl.when(count > 0)(lambda: plgpu.barrier_arrive(sc["v_free"].at[last]))
+        pl.when(count > 0)(lambda: plgpu.barrier_arrive(sc["v_free"].at[slot(count - 1)]))
         return acc, m, l
 
     turns.start()

@@ -117,6 +117,21 @@ def list_visits(full, partial) -> Visits:
     return Visits(count=count, runs=((0, n_full, False), (n_full, count, True)), tile=tile)
 
 
+def after_first(visits: Visits) -> Visits:
+    """`visits` without visit 0 (each run clipped to start at 1), for a walk whose first visit
+    is peeled off; the indices stay those of `visits`."""
+
+    def clip(start, stop):
+        if isinstance(start, int) and isinstance(stop, int):
+            start = max(start, 1)
+            return start, max(stop, start)
+        start = jnp.maximum(start, 1)
+        return start, jnp.maximum(stop, start)
+
+    runs = tuple((*clip(start, stop), masked) for start, stop, masked in visits.runs)
+    return dataclasses.replace(visits, runs=runs)
+
+
 def walk(visits: Visits, step: Callable, carry, *, one_body: bool = False):
     """Run `step(i, carry, masked=...)` over every visit, run by run (`masked` static: each run
     its own loop). Each loop counts from 0 and offsets the index: a run's start read from GMEM
