@@ -57,11 +57,9 @@ SCHEDULES = [
     ("longest_first", "fold_scale", "async_store"),
     ("longest_first", "fold_scale", "async_store", "persistent"),
     ("longest_first", "fold_scale", "async_store", "persistent", "prefetch_q"),
-    # Session 11: FA3's intra-warpgroup overlap (new, not yet run on a GPU), with the defaults,
-    # with FA4's conditional rescaling, without automatic barriers, and in FA3's persistent
-    # schedule (head dim 64's causal default).
+    # Session 11: FA3's intra-warpgroup overlap, with the defaults, without automatic barriers,
+    # and persistent (head dim 64's causal default, less prefetch_q: forward.EXCLUSIVE).
     ("longest_first", "fold_scale", "overlap_qk"),
-    ("longest_first", "fold_scale", "overlap_qk", "lazy_rescale"),
     ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers"),
     ("longest_first", "fold_scale", "overlap_qk", "async_store", "persistent"),
 ]

@@ -359,3 +359,4 @@ def test_exclusive_forward_options_raise() -> None:
             forward.with_options(api.forward_config(64), (first, second, "fold_scale"))
     for widest in forward.WIDEST:
         assert forward.with_options(api.forward_config(64), widest).persistent
+    assert "prefetch_q" in forward.WIDEST[1] and "overlap_qk" in forward.WIDEST[0]
