@@ -84,3 +84,21 @@ def test_overlapped_forward_with_dropout_on_gpu(monkeypatch) -> None:
     accumulator)."""
     _check(DROPOUT, monkeypatch, forward=("overlap_qk",))
     _check(DROPOUT, monkeypatch, forward=("overlap_qk", "lazy_rescale", "longest_first"))
+
+
+# Session 11's candidate default for head dim 128 without a causal mask: 1.09x (2k) and 1.18x
+# (8k) the forward's default in the interleaved sweeps.
+OVERLAPPED = ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers")
+
+
+@pytest.mark.gpu_schedules
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=2, T=1024, S=1100, N=8, K=2, H=128, features=("segments",)),
+        Case(B=2, T=1000, S=1300, N=4, K=4, H=128, features=("lengths", "softcap")),
+    ],
+    ids=lambda c: c.id,
+)
+def test_overlapped_default_candidate_on_gpu(case: Case, monkeypatch) -> None:
+    _check(case, monkeypatch, forward=OVERLAPPED)
