@@ -135,16 +135,16 @@ def test_mosaic_schedule_options_lower() -> None:
 
 @pytest.mark.parametrize("feature", ["plain", "segments", "block-mask", "bias-dropout-softcap"])
 def test_mosaic_overlapped_forward_lowers(feature: str) -> None:
-    """The forward with FA3's intra-warpgroup overlap (`overlap_qk`: the next tile's QK^T in
-    flight during the softmax, the PV in flight into the next step; GPU only, as interpret mode
-    runs no in-place PV) lowers for the H200 at head dims 64 and 128 with every masking path:
-    the element masks of partial tiles, the keys' segment-id stream, bias, dropout, soft-cap,
-    FA4's conditional rescaling."""
+    """The forward with FA3's intra-warpgroup overlap (`overlap_qk`: each step's softmax runs
+    while the previous tile's PV is in flight; GPU only, as interpret mode runs no in-place PV)
+    lowers for the H200 at head dims 64 and 128 with every masking path: the element masks of
+    partial tiles, the keys' segment-id stream, bias, dropout, soft-cap; without automatic
+    barriers (the candidate default at head dim 128)."""
     for head_dim in (64, 128):
         q = jnp.zeros((B, T, N, head_dim), jnp.bfloat16)
         kv = jnp.zeros((B, S, K, head_dim), jnp.bfloat16)
         ops = operands(q, kv, kv, **FEATURES[feature])
-        fwd = with_options(mosaic_api.forward_config(head_dim), ["overlap_qk", "lazy_rescale"])
+        fwd = with_options(mosaic_api.forward_config(head_dim), ["overlap_qk", "no_auto_barriers"])
         assert fwd.overlap_qk
 
         def forward(ops, fwd=fwd):
