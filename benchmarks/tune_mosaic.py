@@ -61,6 +61,8 @@ SCHEDULES = [
     # and persistent (head dim 64's causal default, less prefetch_q: forward.EXCLUSIVE).
     ("longest_first", "fold_scale", "overlap_qk"),
     ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers"),
+    ("longest_first", "fold_scale", "overlap_qk", "named_barriers"),  # + FA3's ping-pong
+    ("longest_first", "fold_scale", "overlap_qk", "named_barriers", "no_auto_barriers"),
     ("longest_first", "fold_scale", "overlap_qk", "async_store", "persistent"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)

@@ -139,12 +139,15 @@ def test_mosaic_overlapped_forward_lowers(feature: str) -> None:
     while the previous tile's PV is in flight; GPU only, as interpret mode runs no in-place PV)
     lowers for the H200 at head dims 64 and 128 with every masking path: the element masks of
     partial tiles, the keys' segment-id stream, bias, dropout, soft-cap; without automatic
-    barriers (the candidate default at head dim 128)."""
+    barriers (the candidate default at head dim 128), there with FA3's ping-pong on named
+    barriers (`pipeline.IssueTurn`)."""
     for head_dim in (64, 128):
         q = jnp.zeros((B, T, N, head_dim), jnp.bfloat16)
         kv = jnp.zeros((B, S, K, head_dim), jnp.bfloat16)
         ops = operands(q, kv, kv, **FEATURES[feature])
-        fwd = with_options(mosaic_api.forward_config(head_dim), ["overlap_qk", "no_auto_barriers"])
+        options = ["overlap_qk", "no_auto_barriers"]
+        options += ["named_barriers"] if head_dim == 128 else []
+        fwd = with_options(mosaic_api.forward_config(head_dim), options)
         assert fwd.overlap_qk
 
         def forward(ops, fwd=fwd):

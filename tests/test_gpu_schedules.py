@@ -86,12 +86,16 @@ def test_overlapped_forward_with_dropout_on_gpu(monkeypatch) -> None:
     _check(DROPOUT, monkeypatch, forward=("overlap_qk", "lazy_rescale", "longest_first"))
 
 
-# Session 11's candidate default for head dim 128 without a causal mask: 1.09x (2k) and 1.18x
-# (8k) the forward's default in the interleaved sweeps.
-OVERLAPPED = ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers")
+# Session 11's candidate default for head dim 128 without a causal mask (1.09x at 2k and 1.18x
+# at 8k the forward's default in the interleaved sweeps), and with FA3's ping-pong on top.
+OVERLAPPED = [
+    ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers"),
+    ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers", "named_barriers"),
+]
 
 
 @pytest.mark.gpu_schedules
+@pytest.mark.parametrize("options", OVERLAPPED, ids="+".join)
 @pytest.mark.parametrize(
     "case",
     [
@@ -100,5 +104,5 @@ OVERLAPPED = ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers")
     ],
     ids=lambda c: c.id,
 )
-def test_overlapped_default_candidate_on_gpu(case: Case, monkeypatch) -> None:
-    _check(case, monkeypatch, forward=OVERLAPPED)
+def test_overlapped_default_candidate_on_gpu(case: Case, options, monkeypatch) -> None:
+    _check(case, monkeypatch, forward=options)

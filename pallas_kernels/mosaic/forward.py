@@ -76,8 +76,9 @@ class ForwardConfig:
     # the tile's start.
     prefetch_q: bool = False
     # FA3's intra-warpgroup overlap (`_consumer`'s `overlapped`): each step issues its QK^T,
-    # then the previous tile's PV, and runs its softmax while that PV is in flight; no
-    # ping-pong. Off in interpret mode (no in-place PV).
+    # then the previous tile's PV, and runs its softmax while that PV is in flight; with
+    # `named_barriers` the consumers take turns issuing (FA3's ping-pong), else no ping-pong.
+    # Off in interpret mode (no in-place PV).
     overlap_qk: bool = False
 
     def __post_init__(self):
@@ -173,6 +174,7 @@ def _consumer(
     head_dim = sc["q"].shape[-1]
     dtype = sc["q"].dtype
     overlap = config.overlap_qk and not interpret
+    issue_turn = pp.IssueTurn(wg) if overlap and config.named_barriers else None
     if overlap:
         turns = pp.Turn(None, wg, enabled=False)
     elif config.named_barriers:
@@ -276,8 +278,9 @@ def _consumer(
         its softmax while that PV is in flight; its weights (float32) pass the PV's wait before
         they become the next PV's operand, so no register an in-flight wgmma reads is written.
         Visit 0 (under a cond: a CTA may have none) and the last PV are peeled off the loop, so
-        the loop's waits are unconditional (ptxas serializes the wgmmas otherwise). Each
-        consumer on its own: no ping-pong (`turns` is off)."""
+        the loop's waits are unconditional (ptxas serializes the wgmmas otherwise). With
+        `named_barriers`, FA3's ping-pong around each step's issues (`pipeline.IssueTurn`);
+        without, each consumer on its own (`turns` is off)."""
         count = visits.count
         o_ref[...] = init[0]
         s_zeros = plgpu.layout_cast(jnp.zeros((bq, bkv), jnp.float32), LAYOUT)
@@ -314,8 +317,12 @@ def _consumer(
 
         def step(i, carry, *, masked: bool):
             m, l, p_prev, rescale_prev = carry
+            if issue_turn is not None:
+                issue_turn.acquire()
             issue_qk(i)
             issue_pv(i - 1, p_prev, rescale_prev)
+            if issue_turn is not None:
+                issue_turn.release()
             plgpu.wgmma_wait(1)  # this visit's QK^T; the PV stays in flight
             p, m, l, rescale = weights(i, scores(i), m, l, masked=masked)
             plgpu.wgmma_wait(0)  # the PV of visit i - 1
@@ -324,7 +331,11 @@ def _consumer(
             return m, l, p.astype(dtype), rescale
 
         start = lax.cond(count > 0, first, nothing)
+        if issue_turn is not None:
+            issue_turn.start()
         m, l, p_last, rescale_last = pp.walk(pp.after_first(visits), step, start)
+        if issue_turn is not None:
+            issue_turn.finish()
         pl.when(count > 0)(lambda: issue_pv(count - 1, p_last, rescale_last))
         acc = o_ref[...]  # waits for the last PV
         pl.when(count > 0)(lambda: plgpu.barrier_arrive(sc["v_free"].at[slot(count - 1)]))

@@ -339,6 +339,35 @@ class NamedTurn:
         pl.when(self.wg == 0)(functools.partial(self._barrier, "arrive", 1))
 
 
+class IssueTurn:
+    """FA3's ping-pong for consumers that issue all of a step's matmuls at once (the forward's
+    `overlap_qk`): consumer c waits (`bar.sync`) on hardware barrier NAMED_TURN + c before
+    issuing and signals the other's (`bar.arrive`) after, so the two consumers' issues
+    alternate and each one's softmax runs while the other's matmuls do. Consumer 1 pre-signals
+    consumer 0's barrier (`start`), consumer 0 consumes the last signal (`finish`). GPU only
+    (inline PTX; the overlapped forward does not run in interpret mode)."""
+
+    def __init__(self, wg: jax.Array):
+        self.wg = wg
+
+    def _each(self, op: str, other: bool) -> None:
+        for c in range(CONSUMERS):
+            target = CONSUMERS - 1 - c if other else c
+            pl.when(self.wg == c)(functools.partial(_named_barrier, op, NAMED_TURN + target))
+
+    def acquire(self) -> None:  # before issuing: until the other consumer has issued
+        self._each("sync", other=False)
+
+    def release(self) -> None:  # after issuing: the other consumer may issue
+        self._each("arrive", other=True)
+
+    def start(self) -> None:
+        pl.when(self.wg == 1)(functools.partial(_named_barrier, "arrive", NAMED_TURN))
+
+    def finish(self) -> None:
+        pl.when(self.wg == 0)(functools.partial(_named_barrier, "sync", NAMED_TURN))
+
+
 def seq_of(seq_ref, static: tuple[int, int, int, int], batch: jax.Array) -> tuple:
     """`(q_offset, kv_offset, q_len, kv_len)` of a batch row: scalars read from the `(B, 4)`
     int32 GMEM operand (`Operands.seq_info`), or the static `(0, 0, T, S)` when the call has no
