@@ -12,6 +12,7 @@ Usage on the GPU: python benchmarks/tune_mosaic.py OUT_JSON [HEAD_DIM ...] [--ti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 
@@ -66,6 +67,14 @@ SCHEDULES = [
     ("longest_first", "fold_scale", "overlap_qk", "async_store", "persistent"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
+# Session 11: three consumer warpgroups at head dim 64 (FA3's 192-row tiles; new, not yet run on
+# a GPU), swept when no option or `--with consumers` is named.
+THREE_CONSUMERS = [
+    ("longest_first", "fold_scale"),
+    ("longest_first", "fold_scale", "overlap_qk"),
+    ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers"),
+    ("longest_first", "fold_scale", "persistent", "async_store", "prefetch_q"),
+]
 BWD_TILES = {
     64: [(64, 64, 2), (64, 64, 3), (64, 128, 2)],
     128: [(64, 64, 2), (64, 64, 3), (64, 128, 1)],
@@ -97,6 +106,10 @@ def forward_candidates(
         ForwardConfig(block_q=q, block_kv=kv, stages=st, early_next_k=e, pinned_order=p)
         for (q, kv, st), (e, p) in itertools.product(FWD_TILES[head_dim], FLAGS)
     ]
+    if head_dim == 64 and option in (None, "consumers"):
+        variants += [
+            dataclasses.replace(with_options(chosen, s), consumers=3) for s in THREE_CONSUMERS
+        ]
     return [chosen] + variants + (grid if tiles else [])
 
 

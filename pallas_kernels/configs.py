@@ -71,6 +71,7 @@ class MosaicForward:
     block_q: int  # per consumer warpgroup
     block_kv: int
     stages: int  # of the K/V ring
+    consumers: int = 2  # consumer warpgroups per CTA
     early_next_k: bool = False
     pinned_order: bool = True
     options: tuple[str, ...] = ()

@@ -133,6 +133,25 @@ def test_mosaic_schedule_options_lower() -> None:
         assert text.count("mosaic_gpu") >= 2  # forward, dK/dV with dQ fused (no dQ kernel)
 
 
+@pytest.mark.parametrize("feature", ["plain", "segments"])
+def test_mosaic_three_consumer_forward_lowers(feature: str) -> None:
+    """The head dim 64 forward with three consumer warpgroups (FA3's 192-row tiles), plain and
+    with FA3's intra-warpgroup overlap, lowers for the H200."""
+    import dataclasses
+
+    q = jnp.zeros((B, T, N, 64), jnp.bfloat16)
+    kv = jnp.zeros((B, S, K, 64), jnp.bfloat16)
+    ops = operands(q, kv, kv, **FEATURES[feature])
+    for options in (("fold_scale",), ("fold_scale", "overlap_qk", "persistent")):
+        base = with_options(mosaic_api.forward_config(64), options)
+        fwd = dataclasses.replace(base, consumers=3)
+
+        def forward(ops, fwd=fwd):
+            return mosaic_api.forward(ops, interpret=False, config=fwd)
+
+        assert lowered_for_h200(forward, ops).count("mosaic_gpu") >= 1
+
+
 @pytest.mark.parametrize("feature", ["plain", "segments", "block-mask", "bias-dropout-softcap"])
 def test_mosaic_overlapped_forward_lowers(feature: str) -> None:
     """The forward with FA3's intra-warpgroup overlap (`overlap_qk`: each step's softmax runs

@@ -7,6 +7,8 @@ On the CPU the same options run in interpret mode in tests/test_mosaic.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from helpers import Case, make_inputs, served
 from test_suite import check_case
@@ -44,12 +46,13 @@ BACKWARD = [
 DROPOUT = Case(B=1, T=1000, S=1100, N=4, K=2, H=128, features=("causal", "dropout"))
 
 
-def _check(case: Case, monkeypatch, forward=(), backward=()) -> None:
+def _check(case: Case, monkeypatch, forward=(), backward=(), consumers: int = 2) -> None:
     if configs.gpu_target() != "sm90":
         pytest.skip("the Mosaic kernels run on Hopper (sm90) only")
     q, k, v, _, kw = make_inputs(case)
     assert served("mosaic", q, k, v, kw)  # else check_case would pass without running it
     fwd = with_options(api.forward_config(case.H), forward)
+    fwd = dataclasses.replace(fwd, consumers=consumers)
     bwd = backward_options(api.backward_config(case.H), backward)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "forward_config", lambda head_dim, causal_rows=None: fwd)
@@ -106,3 +109,18 @@ OVERLAPPED = [
 )
 def test_overlapped_default_candidate_on_gpu(case: Case, options, monkeypatch) -> None:
     _check(case, monkeypatch, forward=options)
+
+
+@pytest.mark.gpu_schedules
+@pytest.mark.parametrize("options", [("fold_scale",), ("fold_scale", "overlap_qk")], ids="+".join)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=2, T=1000, S=1300, N=4, K=2, H=64, features=("lengths", "softcap")),
+        Case(B=2, T=1024, S=1024, N=8, K=2, H=64, features=("causal", "segments")),
+    ],
+    ids=lambda c: c.id,
+)
+def test_three_consumers_on_gpu(case: Case, options, monkeypatch) -> None:
+    """Three consumer warpgroups at head dim 64 (FA3's 192-row tiles), plain and overlapped."""
+    _check(case, monkeypatch, forward=options, consumers=3)

@@ -68,7 +68,7 @@ def test_forward_lowers_for_the_gpu(head_dim: int, window, seq) -> None:
     itself need the GPU tier.)"""
     t, s = seq
     cfg = api.forward_config(head_dim)
-    rows = forward.CONSUMERS * cfg.block_q
+    rows = cfg.rows
     tp, sp = -(-t // rows) * rows, -(-s // cfg.block_kv) * cfg.block_kv
     q = jax.ShapeDtypeStruct((2, tp, 4, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, sp, 2, head_dim), jnp.bfloat16)
@@ -173,6 +173,31 @@ def test_lazy_rescale_forward(options, case: Case, monkeypatch) -> None:
     interpreter.reset_gpu_interpret_mode_state()
     check_case(case, "mosaic")
     assert not interpreter.get_races().races_found
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=1, T=200, S=260, N=4, K=2, H=64, features=("causal", "segments")),
+        Case(B=2, T=150, S=300, N=2, K=1, H=64, features=("lengths", "softcap")),
+    ],
+    ids=lambda c: c.id,
+)
+def test_three_consumers_forward(case: Case, monkeypatch) -> None:
+    """`ForwardConfig.consumers=3` (FA3's 192-row tiles at head dim 64: three consumer
+    warpgroups, no ping-pong) against the float64 reference, with no race; the persistent grid
+    on the causal case."""
+    options = ("fold_scale", "persistent") if "causal" in case.features else ("fold_scale",)
+    config = dataclasses.replace(
+        forward.with_options(api.forward_config(case.H), options), consumers=3
+    )
+    assert config.rows == 192 and config.register_split == (160, 32)
+    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal_rows=None: config)
+    interpreter.reset_gpu_interpret_mode_state()
+    check_case(case, "mosaic")
+    assert not interpreter.get_races().races_found
+    with pytest.raises(ValueError, match="consumers"):
+        dataclasses.replace(config, consumers=3, named_barriers=True)
 
 
 def _lazy_steps(s2: np.ndarray, rows: int, cols: int) -> tuple[int, int]:

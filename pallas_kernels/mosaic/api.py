@@ -48,6 +48,7 @@ def forward_config(head_dim: int, causal_rows: int | None = None) -> _forward.Fo
         block_q=row.block_q,
         block_kv=row.block_kv,
         stages=row.stages,
+        consumers=row.consumers,
         early_next_k=row.early_next_k,
         pinned_order=row.pinned_order,
     )
@@ -97,7 +98,7 @@ def cta_tiles(head_dim: int) -> tuple[tuple[int, int], ...]:
     """The (query rows, keys) tiles of the three kernels' CTAs: a block mask must be made of
     whole tiles of each (`visibility.tile_divides_mask`)."""
     fwd, bwd = forward_config(head_dim), backward_config(head_dim)
-    tiles = ((CONSUMERS * fwd.block_q, fwd.block_kv),)
+    tiles = ((fwd.rows, fwd.block_kv),)
     if not backward_on_triton(head_dim):
         tiles += ((bwd.cols, CONSUMERS * bwd.rows), (CONSUMERS * bwd.rows, bwd.cols))  # dK/dV, dQ
     return tiles
@@ -167,7 +168,7 @@ def forward(
     of the copies."""
     ops = _past_lengths_zeroed(ops)
     cfg = config or forward_config(ops.head_dim, causal_call(ops))
-    t = _round_up(ops.seq_q, CONSUMERS * cfg.block_q)
+    t = _round_up(ops.seq_q, cfg.rows)
     s = _round_up(ops.seq_k, cfg.block_kv)
     d = _head_dim(ops.head_dim)
     q, k, v = padded_qkv(ops, t, s, d)
@@ -176,7 +177,7 @@ def forward(
         buffer, row0 = kv_source
         k = v = buffer.reshape(2 * ops.batch, *buffer.shape[2:])  # a bitcast: no copy
         kv_at = (0, ops.batch, row0)
-    rows = CONSUMERS * cfg.block_q
+    rows = cfg.rows
     lists = None
     if uses_lists(ops):
         lists = visit_lists(ops, rows, cfg.block_kv, t // rows, s // cfg.block_kv)

@@ -1,17 +1,19 @@
 """FlashAttention forward for Hopper on Pallas' Mosaic GPU backend (the FA3 design).
 
-Grid: one CTA per (query tile of 2 * block_q rows, query head, batch row). A CTA has three
-warpgroups (pipeline.py): two consumers, each owning block_q query rows, and one producer that
-streams K and V tiles (and the keys' segment ids) into a ring of `stages` shared-memory slots with
-TMA. Every warpgroup walks the same key tiles (`pipeline.Visits`): the CTA's
-`visibility.block_range` over its 2 * block_q rows, or, with segment ids or a block mask, the CTA's
-visit lists (full tiles, then partial ones), so each tile is loaded once; partial tiles get the
-element mask of `visibility.element_visible` (a consumer whose rows cannot see a tile adds nothing).
+Grid: one CTA per (query tile of `consumers * block_q` rows, query head, batch row). A CTA has
+`consumers` (2, or 3 as FA3 at head dim 64) consumer warpgroups, each owning block_q query rows,
+and one producer (pipeline.py) that streams K and V tiles (and the keys' segment ids) into a
+ring of `stages` shared-memory slots with TMA. Every warpgroup walks the same key tiles
+(`pipeline.Visits`): the CTA's `visibility.block_range` over its rows, or, with segment ids or
+a block mask, the CTA's visit lists (full tiles, then partial ones), so each tile is loaded
+once; partial tiles get the element mask of `visibility.element_visible` (a consumer whose rows
+cannot see a tile adds nothing).
 
 The consumers keep S, P and the output accumulator in registers (WGMMA layout), work in base 2
-(`common.scores`) and take turns on the tensor cores (`pipeline.Turn`). QK^T reads Q and K from
-shared memory; PV reads P from registers (on the GPU) or, in interpret mode, from a shared-memory
-staging tile. Output and base-2 logsumexp leave through shared memory (TMA).
+(`common.scores`) and, two of them, take turns on the tensor cores (`pipeline.Turn`). QK^T
+reads Q and K from shared memory; PV reads P from registers (on the GPU) or, in interpret mode,
+from a shared-memory staging tile. Output and base-2 logsumexp leave through shared memory
+(TMA).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import common, configs, visibility
 from pallas_kernels.mosaic import pipeline as pp
-from pallas_kernels.mosaic.pipeline import CONSUMERS, LAYOUT
+from pallas_kernels.mosaic.pipeline import LAYOUT
 from pallas_kernels.operands import AttentionStatics
 
 
@@ -39,7 +41,10 @@ class ForwardConfig:
     block_q: int = 64
     block_kv: int = 128
     stages: int = 2
-    registers: tuple[int, int] = (232, 40)  # consumer, producer (setmaxnreg)
+    # Consumer warpgroups per CTA, each block_q rows: 2 (ping-pong), or 3 (FA3's head dim 64
+    # tiles, 192 rows: no ping-pong, each consumer on its own; registers (160, 32) then).
+    consumers: int = 2
+    registers: tuple[int, int] | None = None  # consumer, producer (setmaxnreg); None: by consumers
     # Wait for the next K tile while this step's PV matmul runs (instead of at the next step's
     # start), and pin the order of the softmax's results before the PV matmul (an optimization
     # barrier); both as tokamax's sm90 kernel does. Off in interpret mode (no in-place PV).
@@ -82,6 +87,12 @@ class ForwardConfig:
     overlap_qk: bool = False
 
     def __post_init__(self):
+        if self.consumers not in (2, 3):
+            raise ValueError(f"ForwardConfig: consumers must be 2 or 3, got {self.consumers}")
+        if self.consumers != 2 and self.named_barriers:
+            raise ValueError(
+                "ForwardConfig: named_barriers (a two-consumer ping-pong) needs consumers=2"
+            )
         on = {name for name in OPTIONS if getattr(self, name)}
         for pair in EXCLUSIVE:
             if set(pair) <= on:
@@ -89,6 +100,17 @@ class ForwardConfig:
                     f"ForwardConfig: {pair[0]} with {pair[1]} is not supported (wrong outputs "
                     "on the H200: see EXCLUSIVE; each alone is correct)"
                 )
+
+    @property
+    def rows(self) -> int:
+        """Query rows per CTA tile."""
+        return self.consumers * self.block_q
+
+    @property
+    def register_split(self) -> tuple[int, int]:
+        """setmaxnreg's (consumer, producer) registers: `registers`, or what fills the 64K
+        register file at this many warpgroups."""
+        return self.registers or {2: (232, 40), 3: (160, 32)}[self.consumers]
 
     @property
     def q_slots(self) -> int:
@@ -139,25 +161,26 @@ def with_options(config: ForwardConfig, options) -> ForwardConfig:
     return pp.with_options(config, options, OPTIONS)
 
 
-def _load_q(refs: dict, sc: dict, tile, consumer, slot, barrier, block_q: int) -> None:
+def _load_q(refs: dict, sc: dict, tile, consumer, slot, barrier, config: ForwardConfig) -> None:
     """TMA `consumer`'s rows of query tile `tile = (qt, h, b)` (and their segment ids) into Q
     ring slot `slot`, arriving on `barrier`."""
     qt, h, b = tile
-    rows = pl.ds(qt * (CONSUMERS * block_q) + consumer * block_q, block_q)
-    buffer = slot * CONSUMERS + consumer
+    block_q = config.block_q
+    rows = pl.ds(qt * config.rows + consumer * block_q, block_q)
+    buffer = slot * config.consumers + consumer
     plgpu.copy_gmem_to_smem(refs["q"].at[b, rows, h], sc["q"].at[buffer], barrier)
     if "q_seg" in refs:
         plgpu.copy_gmem_to_smem(refs["q_seg"].at[b, rows], sc["q_seg"].at[buffer], barrier)
 
 
-def _produce_q(refs: dict, sc: dict, tile, tiles_done, block_q: int) -> None:
+def _produce_q(refs: dict, sc: dict, tile, tiles_done, config: ForwardConfig) -> None:
     """`prefetch_q`: the producer's loads of query tile `tile`, the CTA's tile `tiles_done`,
     into its ring slot once the consumers have freed it (from the ring's second lap on)."""
     slot = pp.ring_slot(tiles_done, 2)
     if not isinstance(tiles_done, int):  # static: a one-tile CTA, on the ring's first lap
         pl.when(tiles_done >= 2)(lambda: plgpu.barrier_wait(sc["q_free"].at[slot]))
-    for consumer in range(CONSUMERS):
-        _load_q(refs, sc, tile, consumer, slot, sc["q_loaded"].at[slot], block_q)
+    for consumer in range(config.consumers):
+        _load_q(refs, sc, tile, consumer, slot, sc["q_loaded"].at[slot], config)
 
 
 def _consumer(
@@ -170,12 +193,12 @@ def _consumer(
     qt, h, b = tile
     done, tiles_done = done
     wg = lax.axis_index("wg")
-    row0 = qt * (CONSUMERS * bq) + wg * bq
+    row0 = qt * config.rows + wg * bq
     head_dim = sc["q"].shape[-1]
     dtype = sc["q"].dtype
     overlap = config.overlap_qk and not interpret
     issue_turn = pp.IssueTurn(wg) if overlap and config.named_barriers else None
-    if overlap:
+    if overlap or config.consumers != 2:  # (the ping-pong is for two consumers)
         turns = pp.Turn(None, wg, enabled=False)
     elif config.named_barriers:
         turns = pp.NamedTurn(wg, emulation=sc["turn"] if interpret else None)
@@ -183,13 +206,13 @@ def _consumer(
         turns = pp.Turn(sc["turn"], wg)
 
     q_slot = pp.ring_slot(tiles_done, config.q_slots)
-    my_buffer = q_slot * CONSUMERS + wg  # of the Q (and query segment id) ring: see `_load_q`
+    my_buffer = q_slot * config.consumers + wg  # of the Q (and query segment id) ring: `_load_q`
     my_q = sc["q"].at[my_buffer]
     if config.prefetch_q:
         loaded = sc["q_loaded"].at[q_slot]
     else:
         loaded = sc["q_loaded"].at[wg]
-        _load_q(refs, sc, tile, wg, 0, loaded, bq)
+        _load_q(refs, sc, tile, wg, 0, loaded, config)
     plgpu.barrier_wait(loaded)  # one phase: every copy to it arrived
     q_segments = None
     if "q_seg" in refs:
@@ -375,8 +398,8 @@ def _q_barrier(config: ForwardConfig, per_copy: int) -> plgpu.Barrier:
     producer prefetches; else one per consumer, for its own. `per_copy`: the copies of one
     consumer's rows (Q, and the query segment ids)."""
     if config.prefetch_q:
-        return plgpu.Barrier(num_arrivals=CONSUMERS * per_copy, num_barriers=2)
-    return plgpu.Barrier(num_arrivals=per_copy, num_barriers=CONSUMERS)
+        return plgpu.Barrier(num_arrivals=config.consumers * per_copy, num_barriers=2)
+    return plgpu.Barrier(num_arrivals=per_copy, num_barriers=config.consumers)
 
 
 def _rescaled(acc: jax.Array, alpha: jax.Array, keep: jax.Array | None) -> jax.Array:
@@ -430,7 +453,7 @@ def forward(
     interpret: plgpu.InterpretGPUParams | None = None,
     kv_at: KvAt = (0, 0, 0),
 ) -> tuple[jax.Array, jax.Array]:
-    """Padded q `(B, Tp, N, D)`, k, v `(B, Sp, K, D)` (Tp a multiple of 2 * block_q, Sp of
+    """Padded q `(B, Tp, N, D)`, k, v `(B, Sp, K, D)` (Tp a multiple of config.rows, Sp of
     block_kv, D a multiple of 64) -> `(out (B, Tp, N, D), lse2 (B, N, Tp) float32)`.
 
     `kv_at`: where the keys lie in k and v when those are larger arrays read in place
@@ -453,7 +476,8 @@ def forward(
     extras = {name: x for name, x in (extras or {}).items() if x is not None}
     names = ("q", "k", "v", *extras)
 
-    q_tiles = seq_q // (CONSUMERS * bq)
+    q_tiles = seq_q // config.rows
+    consumers = config.consumers
     grid = {"q": q_tiles, "h": num_heads, "b": batch}
     order = ("h", "b", "q") if config.longest_first else ("q", "h", "b")  # first: fastest
 
@@ -470,8 +494,8 @@ def forward(
                 return seq, pp.list_visits(
                     lambda j: refs["full"][bt, 0, qt, j], lambda j: refs["partial"][bt, 0, qt, j]
                 )
-            cta_rows = qt * (CONSUMERS * bq)
-            ranges = visibility.block_range(statics, cta_rows, CONSUMERS * bq, bkv, seq)
+            cta_rows = qt * config.rows
+            ranges = visibility.block_range(statics, cta_rows, config.rows, bkv, seq)
             return seq, pp.range_visits(ranges)
 
         def consume(tile, done):
@@ -496,7 +520,7 @@ def forward(
             qt, h, b = tile
             _, visits = work_of(qt, b)
             if config.prefetch_q:
-                _produce_q(refs, sc, tile, tiles_done, bq)
+                _produce_q(refs, sc, tile, tiles_done, config)
             streams = _streams(refs, sc, b, lax.div(h, group), bkv, kv_at)
             pp.stream(streams, visits, stages, visits_done)
             return visits_done + visits.count, tiles_done + 1
@@ -504,17 +528,17 @@ def forward(
         frees = [sc[f"{name}_free"] for name in ("k", "v", "kv_seg") if f"{name}_free" in sc]
 
         def consumer():
-            plgpu.set_max_registers(config.registers[0], action="increase")
+            plgpu.set_max_registers(config.register_split[0], action="increase")
             each_tile(consume)
 
         def producer():
-            plgpu.set_max_registers(config.registers[1], action="decrease")
+            plgpu.set_max_registers(config.register_split[1], action="decrease")
             visits_done, tiles_done = each_tile(produce)
             pp.drain(frees, visits_done, stages)
             if config.prefetch_q:
                 pp.drain([sc["q_free"]], tiles_done, 2)
 
-        pp.warpgroups(consumer, producer)
+        pp.warpgroups(consumer, producer, consumers)
 
     def each_tile(work):
         """`work((qt, h, b), done) -> done` over this CTA's query tiles (one, or with `persistent`
@@ -539,12 +563,12 @@ def forward(
         return (q_tiles - 1 - qt if config.longest_first else qt), h, b
 
     dtype = q.dtype
-    k_loaded, v_loaded, k_free, v_free = pp.stream_barriers(2, stages)
+    k_loaded, v_loaded, k_free, v_free = pp.stream_barriers(2, stages, consumers)
     scratch = dict(
-        q=pp.smem_tile((config.q_slots * CONSUMERS, bq, head_dim), dtype),
+        q=pp.smem_tile((config.q_slots * consumers, bq, head_dim), dtype),
         k=pp.smem_tile((stages, bkv, head_dim), dtype),
         v=pp.smem_tile((stages, bkv, head_dim), dtype),
-        lse=plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+        lse=plgpu.SMEM((consumers, bq), jnp.float32),
         q_loaded=_q_barrier(config, per_copy=2 if "q_seg" in extras else 1),
         k_loaded=k_loaded,
         v_loaded=v_loaded,
@@ -552,17 +576,17 @@ def forward(
         v_free=v_free,
     )
     if config.prefetch_q:
-        scratch["q_free"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=2)
+        scratch["q_free"] = plgpu.Barrier(num_arrivals=consumers, num_barriers=2)
     if not config.named_barriers:
-        scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS)
+        scratch["turn"] = plgpu.Barrier(num_arrivals=consumers)
     elif via_smem:  # NamedTurn's emulation: one mbarrier per hardware barrier
-        scratch["turn"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=CONSUMERS)
+        scratch["turn"] = plgpu.Barrier(num_arrivals=consumers, num_barriers=consumers)
     if via_smem:
-        scratch["p"] = pp.smem_tile((CONSUMERS, bq, bkv), dtype)
+        scratch["p"] = pp.smem_tile((consumers, bq, bkv), dtype)
     if "q_seg" in extras:
-        seg_loaded, seg_free = pp.stream_barriers(1, stages)
+        seg_loaded, seg_free = pp.stream_barriers(1, stages, consumers)
         scratch |= dict(
-            q_seg=plgpu.SMEM((config.q_slots * CONSUMERS, bq), jnp.int32),
+            q_seg=plgpu.SMEM((config.q_slots * consumers, bq), jnp.int32),
             kv_seg=plgpu.SMEM((stages, bkv), jnp.int32),
             kv_seg_loaded=seg_loaded,
             kv_seg_free=seg_free,
@@ -580,7 +604,7 @@ def forward(
         out_type=out_type,
         scratch_types=(scratch,),
         **launch,
-        num_threads=CONSUMERS + 1,
+        num_threads=consumers + 1,
         thread_name="wg",
         compiler_params=pp.compiler_params(config.no_auto_barriers),
         interpret=interpret,

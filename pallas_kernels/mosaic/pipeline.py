@@ -21,7 +21,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import common
 
-CONSUMERS = 2  # compute warpgroups per CTA
+CONSUMERS = 2  # compute warpgroups per CTA (the forward's ForwardConfig.consumers may say 3)
 PRODUCER = CONSUMERS  # the warpgroup index of the TMA producer
 LAYOUT = plgpu.Layout.WGMMA
 
@@ -158,11 +158,14 @@ def walk(visits: Visits, step: Callable, carry, *, one_body: bool = False):
     return carry
 
 
-def warpgroups(consumer: Callable[[], None], producer: Callable[[], None]) -> None:
-    """Run `consumer` on the consumer warpgroups and `producer` on the producer's."""
+def warpgroups(
+    consumer: Callable[[], None], producer: Callable[[], None], consumers: int = CONSUMERS
+) -> None:
+    """Run `consumer` on the `consumers` consumer warpgroups and `producer` on the producer's
+    (the last)."""
     wg = lax.axis_index("wg")
-    pl.when(wg < CONSUMERS)(consumer)
-    pl.when(wg == PRODUCER)(producer)
+    pl.when(wg < consumers)(consumer)
+    pl.when(wg == consumers)(producer)
 
 
 def produce(streams: Sequence[Stream], visits: Visits, stages: int, registers: int) -> None:
@@ -214,10 +217,11 @@ def drain(frees: Sequence, total, stages: int) -> None:
             plgpu.barrier_wait(free.at[slot])
 
 
-def stream_barriers(count: int, stages: int) -> tuple:
-    """`loaded` and `free` barrier arrays for `count` streams: `(loaded..., free...)`."""
+def stream_barriers(count: int, stages: int, consumers: int = CONSUMERS) -> tuple:
+    """`loaded` and `free` barrier arrays for `count` streams: `(loaded..., free...)`; a slot is
+    free once each of the `consumers` has released it."""
     loaded = tuple(plgpu.Barrier(num_barriers=stages) for _ in range(count))
-    free = tuple(plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages) for _ in range(count))
+    free = tuple(plgpu.Barrier(num_arrivals=consumers, num_barriers=stages) for _ in range(count))
     return loaded + free
 
 
