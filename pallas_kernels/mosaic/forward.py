@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -197,7 +198,6 @@ def _consumer(
     head_dim = sc["q"].shape[-1]
     dtype = sc["q"].dtype
     overlap = config.overlap_qk and not interpret
-    issue_turn = pp.IssueTurn(wg) if overlap and config.named_barriers else None
     if overlap or config.consumers != 2:  # (the ping-pong is for two consumers)
         turns = pp.Turn(None, wg, enabled=False)
     elif config.named_barriers:
@@ -224,11 +224,6 @@ def _consumer(
     cols0 = pp.iota((bq, bkv), 1)
     if statics.has_dropout:
         row_keys = pp.dropout_rows(statics, refs["seeds"], b, h, num_heads, rows)
-
-    early = config.early_next_k and not overlap and not interpret
-
-    def wait_k(i):
-        plgpu.barrier_wait(sc["k_loaded"].at[lax.rem(done + i, config.stages)])
 
     def weights(i, s, m, l, *, masked: bool):
         """Key visit i's scores `s` (QK^T, float32) -> its weights (float32), the running max
@@ -266,120 +261,22 @@ def _consumer(
             p = p * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
         return p, m_new, l, (alpha, keep)
 
-    def step(i, carry, *, masked: bool):
-        acc, m, l = carry
-        slot = lax.rem(done + i, config.stages)
-        if not early:
-            wait_k(i)
-
-        def qk(acc_ref):
-            plgpu.wgmma(acc_ref, my_q, sc["k"].at[slot].T)
-            turns.sync()  # QK issued: the other consumer may issue its matmul
-            return acc_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-        plgpu.barrier_arrive(sc["k_free"].at[slot])
-        p, m, l, rescale = weights(i, s, m, l, masked=masked)
-        p16 = p.astype(dtype)
-        acc = _rescaled(acc, *rescale)
-        if config.pinned_order:
-            acc, p16 = lax.optimization_barrier((acc, p16))
-            m, l = lax.optimization_barrier((m, l))
-        turns.done()  # softmax done
-        plgpu.barrier_wait(sc["v_loaded"].at[slot])
-        turns.wait()  # the tensor cores are ours: the other consumer is in its softmax
-        staging = sc["p"].at[wg] if interpret else None
-        a = pp.operand(p16, staging, via_smem=interpret)
-        while_pv = (lambda: pl.when(i + 1 < visits.count)(lambda: wait_k(i + 1))) if early else None
-        acc = pp.mma_into(acc, a, sc["v"].at[slot], in_place=not interpret, meanwhile=while_pv)
-        plgpu.barrier_arrive(sc["v_free"].at[slot])
-        return acc, m, l
-
-    def overlapped(init, o_ref, s_ref):
-        """FA3's intra-warpgroup overlap (`overlap_qk`), in FA3's order: visit i issues its
-        QK^T, then the rescale and PV of visit i - 1 (`o_ref`), awaits the QK^T alone, and runs
-        its softmax while that PV is in flight; its weights (float32) pass the PV's wait before
-        they become the next PV's operand, so no register an in-flight wgmma reads is written.
-        Visit 0 (under a cond: a CTA may have none) and the last PV are peeled off the loop, so
-        the loop's waits are unconditional (ptxas serializes the wgmmas otherwise). With
-        `named_barriers`, FA3's ping-pong around each step's issues (`pipeline.IssueTurn`);
-        without, each consumer on its own (`turns` is off)."""
-        count = visits.count
-        o_ref[...] = init[0]
-        s_zeros = plgpu.layout_cast(jnp.zeros((bq, bkv), jnp.float32), LAYOUT)
-
-        def slot(i):
-            return lax.rem(done + i, config.stages)
-
-        def issue_qk(i):
-            wait_k(i)
-            s_ref[...] = s_zeros
-            plgpu.wgmma(s_ref, my_q, sc["k"].at[slot(i)].T)
-
-        def scores(i):
-            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=None)
-            plgpu.barrier_arrive(sc["k_free"].at[slot(i)])
-            return s
-
-        def issue_pv(j, p16, rescale):
-            o_ref[...] = _rescaled(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), *rescale)
-            plgpu.barrier_wait(sc["v_loaded"].at[slot(j)])
-            plgpu.wgmma(o_ref, p16, sc["v"].at[slot(j)])
-
-        def first():
-            issue_qk(0)
-            plgpu.wgmma_wait(0)
-            p, m, l, rescale = weights(0, scores(0), *init[1:], masked=True)
-            return m, l, p.astype(dtype), rescale
-
-        def nothing():
-            keep = jnp.bool_(True) if config.lazy_rescale else None
-            ones = plgpu.layout_cast(jnp.ones((bq,), jnp.float32), LAYOUT.reduce(1))
-            zeros = plgpu.layout_cast(jnp.zeros((bq, bkv), dtype), LAYOUT)
-            return *init[1:], zeros, (ones, keep)
-
-        def step(i, carry, *, masked: bool):
-            m, l, p_prev, rescale_prev = carry
-            if issue_turn is not None:
-                issue_turn.acquire()
-            issue_qk(i)
-            issue_pv(i - 1, p_prev, rescale_prev)
-            if issue_turn is not None:
-                issue_turn.release()
-            plgpu.wgmma_wait(1)  # this visit's QK^T; the PV stays in flight
-            p, m, l, rescale = weights(i, scores(i), m, l, masked=masked)
-            plgpu.wgmma_wait(0)  # the PV of visit i - 1
-            plgpu.barrier_arrive(sc["v_free"].at[slot(i - 1)])
-            p, m, l = lax.optimization_barrier((p, m, l))  # computed past the wait
-            return m, l, p.astype(dtype), rescale
-
-        start = lax.cond(count > 0, first, nothing)
-        if issue_turn is not None:
-            issue_turn.start()
-        m, l, p_last, rescale_last = pp.walk(pp.after_first(visits), step, start)
-        if issue_turn is not None:
-            issue_turn.finish()
-        pl.when(count > 0)(lambda: issue_pv(count - 1, p_last, rescale_last))
-        acc = o_ref[...]  # waits for the last PV
-        pl.when(count > 0)(lambda: plgpu.barrier_arrive(sc["v_free"].at[slot(count - 1)]))
-        return acc, m, l
-
+    steps = _Steps(sc, config, my_q, done, wg, weights, interpret)
     turns.start()
-    if early:
-        pl.when(visits.count > 0)(lambda: wait_k(0))
     carry = (
         plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), LAYOUT),
         plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), LAYOUT.reduce(1)),
         plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), LAYOUT.reduce(1)),
     )
     if overlap:
+        issue_turn = pp.IssueTurn(wg) if config.named_barriers else None
         carry = pl.run_scoped(
-            functools.partial(overlapped, carry),
+            functools.partial(_walk_overlapped, steps, visits, carry, issue_turn),
             plgpu.ACC((bq, head_dim), jnp.float32),
             plgpu.ACC((bq, bkv), jnp.float32),
         )
     else:
-        carry = pp.walk(visits, step, carry)
+        carry = _walk_plain(steps, visits, carry, turns)
     turns.finish()
     out, lse2 = common.finalize(*carry)
 
@@ -391,6 +288,142 @@ def _consumer(
     pp.wait_stores(config.async_store)
     if config.prefetch_q:  # the output has left the slot: the producer may refill it
         plgpu.barrier_arrive(sc["q_free"].at[q_slot])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """What one consumer's key steps share on a query tile: the scratch, the config, its Q tile,
+    the CTA's key visits before this tile (the K/V ring continues from there), its warpgroup,
+    its softmax (`_consumer`'s `weights`) and whether it runs in interpret mode."""
+
+    sc: dict
+    config: ForwardConfig
+    my_q: object
+    done: jax.Array | int
+    wg: jax.Array
+    weights: Callable
+    interpret: bool
+
+    def slot(self, i):
+        """The K/V ring slot of key visit i."""
+        return lax.rem(self.done + i, self.config.stages)
+
+    def wait_k(self, i) -> None:
+        plgpu.barrier_wait(self.sc["k_loaded"].at[self.slot(i)])
+
+
+def _walk_plain(st: _Steps, visits: pp.Visits, carry, turns):
+    """The consumer's key steps one after the other: QK^T, softmax, PV, each awaited in its
+    step (with `early_next_k`, the next K tile is awaited while the PV runs), the consumers
+    taking turns (`turns`)."""
+    sc, config = st.sc, st.config
+    bq, bkv = config.block_q, config.block_kv
+    early = config.early_next_k and not st.interpret
+    if early:
+        pl.when(visits.count > 0)(lambda: st.wait_k(0))
+
+    def step(i, carry, *, masked: bool):
+        acc, m, l = carry
+        slot = st.slot(i)
+        if not early:
+            st.wait_k(i)
+
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, st.my_q, sc["k"].at[slot].T)
+            turns.sync()  # QK issued: the other consumer may issue its matmul
+            return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+        plgpu.barrier_arrive(sc["k_free"].at[slot])
+        p, m, l, rescale = st.weights(i, s, m, l, masked=masked)
+        p16 = p.astype(st.my_q.dtype)
+        acc = _rescaled(acc, *rescale)
+        if config.pinned_order:
+            acc, p16 = lax.optimization_barrier((acc, p16))
+            m, l = lax.optimization_barrier((m, l))
+        turns.done()  # softmax done
+        plgpu.barrier_wait(sc["v_loaded"].at[slot])
+        turns.wait()  # the tensor cores are ours: the other consumer is in its softmax
+        staging = sc["p"].at[st.wg] if st.interpret else None
+        a = pp.operand(p16, staging, via_smem=st.interpret)
+        while_pv = (
+            (lambda: pl.when(i + 1 < visits.count)(lambda: st.wait_k(i + 1))) if early else None
+        )
+        acc = pp.mma_into(acc, a, sc["v"].at[slot], in_place=not st.interpret, meanwhile=while_pv)
+        plgpu.barrier_arrive(sc["v_free"].at[slot])
+        return acc, m, l
+
+    return pp.walk(visits, step, carry)
+
+
+def _walk_overlapped(st: _Steps, visits: pp.Visits, init, issue_turn, o_ref, s_ref):
+    """FA3's intra-warpgroup overlap (`overlap_qk`; GPU only), in FA3's order: visit i issues
+    its QK^T, then the rescale and PV of visit i - 1 (`o_ref`), awaits the QK^T alone, and runs
+    its softmax while that PV is in flight; its weights (float32) pass the PV's wait before they
+    become the next PV's operand, so no register an in-flight wgmma reads is written. Visit 0
+    (under a cond: a CTA may have none) and the last PV are peeled off the loop, so the loop's
+    waits are unconditional (ptxas serializes the wgmmas otherwise). `issue_turn`
+    (`pipeline.IssueTurn`, with `named_barriers`): FA3's ping-pong around each step's issues;
+    None: each consumer on its own."""
+    sc, config = st.sc, st.config
+    bq, bkv = config.block_q, config.block_kv
+    dtype = st.my_q.dtype
+    count = visits.count
+    o_ref[...] = init[0]
+    s_zeros = plgpu.layout_cast(jnp.zeros((bq, bkv), jnp.float32), LAYOUT)
+
+    def issue_qk(i):
+        st.wait_k(i)
+        s_ref[...] = s_zeros
+        plgpu.wgmma(s_ref, st.my_q, sc["k"].at[st.slot(i)].T)
+
+    def scores(i):
+        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=None)
+        plgpu.barrier_arrive(sc["k_free"].at[st.slot(i)])
+        return s
+
+    def issue_pv(j, p16, rescale):
+        o_ref[...] = _rescaled(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), *rescale)
+        plgpu.barrier_wait(sc["v_loaded"].at[st.slot(j)])
+        plgpu.wgmma(o_ref, p16, sc["v"].at[st.slot(j)])
+
+    def first():
+        issue_qk(0)
+        plgpu.wgmma_wait(0)
+        p, m, l, rescale = st.weights(0, scores(0), *init[1:], masked=True)
+        return m, l, p.astype(dtype), rescale
+
+    def nothing():
+        keep = jnp.bool_(True) if config.lazy_rescale else None
+        ones = plgpu.layout_cast(jnp.ones((bq,), jnp.float32), LAYOUT.reduce(1))
+        zeros = plgpu.layout_cast(jnp.zeros((bq, bkv), dtype), LAYOUT)
+        return *init[1:], zeros, (ones, keep)
+
+    def step(i, carry, *, masked: bool):
+        m, l, p_prev, rescale_prev = carry
+        if issue_turn is not None:
+            issue_turn.acquire()
+        issue_qk(i)
+        issue_pv(i - 1, p_prev, rescale_prev)
+        if issue_turn is not None:
+            issue_turn.release()
+        plgpu.wgmma_wait(1)  # this visit's QK^T; the PV stays in flight
+        p, m, l, rescale = st.weights(i, scores(i), m, l, masked=masked)
+        plgpu.wgmma_wait(0)  # the PV of visit i - 1
+        plgpu.barrier_arrive(sc["v_free"].at[st.slot(i - 1)])
+        p, m, l = lax.optimization_barrier((p, m, l))  # computed past the wait
+        return m, l, p.astype(dtype), rescale
+
+    start = lax.cond(count > 0, first, nothing)
+    if issue_turn is not None:
+        issue_turn.start()
+    m, l, p_last, rescale_last = pp.walk(pp.after_first(visits), step, start)
+    if issue_turn is not None:
+        issue_turn.finish()
+    pl.when(count > 0)(lambda: issue_pv(count - 1, p_last, rescale_last))
+    acc = o_ref[...]  # waits for the last PV
+    pl.when(count > 0)(lambda: plgpu.barrier_arrive(sc["v_free"].at[st.slot(count - 1)]))
+    return acc, m, l
 
 
 def _q_barrier(config: ForwardConfig, per_copy: int) -> plgpu.Barrier:
