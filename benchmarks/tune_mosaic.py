@@ -155,6 +155,17 @@ def backward_candidates(
     return list(dict.fromkeys(candidates))  # each once
 
 
+def label(cfg) -> str:
+    """A config as the fields that differ from its class's defaults (on/off flags by name), so
+    that a printed line names its options within its first hundred characters."""
+    parts = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value != f.default:
+            parts.append(f.name if value is True else f"{f.name}={value}")
+    return " ".join(parts) or "(defaults)"
+
+
 def rel_err(a, b) -> float:
     a, b = (jnp.asarray(x, jnp.float32) for x in (a, b))
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
@@ -177,6 +188,7 @@ def sweep(
 
     def prepare(kind, cfg, fn, n_flops):
         row = dict(H=head_dim, T=seq, causal=causal, kernel=kind, cfg=repr(cfg), flops=n_flops)
+        row["label"] = label(cfg)
         try:
             result = jax.block_until_ready(fn())
             first.setdefault(kind, result)
@@ -186,7 +198,7 @@ def sweep(
         except Exception as e:  # noqa: BLE001
             row["status"] = f"{type(e).__name__}: {str(e)[:160]}"
         rows.append(row)
-        print(f"  checked {kind} {cfg}: {row['status']}", flush=True)  # a hang shows where
+        print(f"  checked {kind} {row['label']}: {row['status']}", flush=True)  # a hang shows where
 
     for cfg in (
         forward_candidates(head_dim, tiles, toggles, option, seq if causal else None)
@@ -208,7 +220,7 @@ def sweep(
         t = best.get((row["kernel"], row["cfg"]), float("nan"))
         row["ms"] = t * 1e3
         row["tflops"] = row.pop("flops") / t / 1e12 if row["status"] == "ok" else None
-        print(f"  {row['kernel']} {row['cfg']}: {row['ms']:.3f} ms {row['status']}", flush=True)
+        print(f"  {row['kernel']} {row['label']}: {row['ms']:.3f} ms {row['status']}", flush=True)
     return rows
 
 
@@ -223,7 +235,7 @@ def report(rows: list[dict], head_dim: int, causal: bool) -> None:
         print(f"BEST H={head_dim} causal={causal} {kind} (configs.py {base:.3f} ms):", flush=True)
         for r in ok[:3]:
             print(
-                f"    {r['tflops']:.0f} TF/s {r['ms']:.3f} ms {base / r['ms']:.3f}x {r['cfg']}",
+                f"    {r['tflops']:.0f} TF/s {r['ms']:.3f} ms {base / r['ms']:.3f}x {r['label']}",
                 flush=True,
             )
 
