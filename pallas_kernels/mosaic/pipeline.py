@@ -343,33 +343,25 @@ class NamedTurn:
         pl.when(self.wg == 0)(functools.partial(self._barrier, "arrive", 1))
 
 
-class IssueTurn:
+class IssueTurn(NamedTurn):
     """FA3's ping-pong for consumers that issue all of a step's matmuls at once (the forward's
-    `overlap_qk`): consumer c waits (`bar.sync`) on hardware barrier NAMED_TURN + c before
-    issuing and signals the other's (`bar.arrive`) after, so the two consumers' issues
-    alternate and each one's softmax runs while the other's matmuls do. Consumer 1 pre-signals
-    consumer 0's barrier (`start`), consumer 0 consumes the last signal (`finish`). GPU only
-    (inline PTX; the overlapped forward does not run in interpret mode)."""
-
-    def __init__(self, wg: jax.Array):
-        self.wg = wg
-
-    def _each(self, op: str, other: bool) -> None:
-        for c in range(CONSUMERS):
-            target = CONSUMERS - 1 - c if other else c
-            pl.when(self.wg == c)(functools.partial(_named_barrier, op, NAMED_TURN + target))
+    `overlap_qk`), on NamedTurn's two barriers: consumer c waits on barrier NAMED_TURN + c
+    before issuing (`acquire`) and signals the other's after (`release`), so the two
+    consumers' issues alternate and each one's softmax runs while the other's matmuls do.
+    Consumer 1 pre-signals consumer 0's barrier (`start`), consumer 0 takes the last signal
+    (`finish`)."""
 
     def acquire(self) -> None:  # before issuing: until the other consumer has issued
-        self._each("sync", other=False)
+        self.wait()
 
     def release(self) -> None:  # after issuing: the other consumer may issue
-        self._each("arrive", other=True)
+        self.sync()
 
     def start(self) -> None:
-        pl.when(self.wg == 1)(functools.partial(_named_barrier, "arrive", NAMED_TURN))
+        pl.when(self.wg == 1)(functools.partial(self._barrier, "arrive", 0))
 
     def finish(self) -> None:
-        pl.when(self.wg == 0)(functools.partial(_named_barrier, "sync", NAMED_TURN))
+        pl.when(self.wg == 0)(functools.partial(self._barrier, "sync", 0))
 
 
 def seq_of(seq_ref, static: tuple[int, int, int, int], batch: jax.Array) -> tuple:
