@@ -81,7 +81,7 @@ class ForwardConfig:
     # current tile runs (FA3's producer loads Q), instead of each consumer loading its own at
     # the tile's start.
     prefetch_q: bool = False
-    # FA3's intra-warpgroup overlap (`_consumer`'s `overlapped`): each step issues its QK^T,
+    # FA3's intra-warpgroup overlap (`_walk_overlapped`): each step issues its QK^T,
     # then the previous tile's PV, and runs its softmax while that PV is in flight; with
     # `named_barriers` the consumers take turns issuing (FA3's ping-pong), else no ping-pong.
     # Off in interpret mode (no in-place PV).
@@ -146,15 +146,17 @@ EXCLUSIVE = (
     ("lazy_rescale", "overlap_qk"),
     ("prefetch_q", "overlap_qk"),
 )
-_PARTNERS_OF_PREFETCH_Q = {o for pair in EXCLUSIVE if "prefetch_q" in pair for o in pair} - {
-    "prefetch_q"
-}
-# The widest option sets ForwardConfig takes (the tests run each): every option on but
-# prefetch_q and lazy_rescale, and every option on but the partners of prefetch_q in EXCLUSIVE.
-WIDEST = (
-    tuple(o for o in OPTIONS if o not in ("prefetch_q", "lazy_rescale")),
-    tuple(o for o in OPTIONS if o not in _PARTNERS_OF_PREFETCH_Q),
-)
+
+
+def _without_partners(name: str) -> tuple[str, ...]:
+    """Every option, less those EXCLUSIVE pairs with `name`."""
+    partners = {o for pair in EXCLUSIVE if name in pair for o in pair} - {name}
+    return tuple(o for o in OPTIONS if o not in partners)
+
+
+# The widest option sets ForwardConfig takes (the tests run each): one with overlap_qk, one with
+# prefetch_q (each with every option EXCLUSIVE leaves it).
+WIDEST = tuple(_without_partners(name) for name in ("overlap_qk", "prefetch_q"))
 
 
 def with_options(config: ForwardConfig, options) -> ForwardConfig:
