@@ -253,7 +253,11 @@ def main() -> None:
     p.add_argument("--only", choices=("fwd", "bwd"), help="one kernel's candidates")
     p.add_argument("--seq", type=int, default=SEQ, help="sequence length (B * T = 16k)")
     p.add_argument("--with", dest="option", help="only the option sets that include this option")
+    p.add_argument("--without", help="leave out the option sets that include this option")
     args = p.parse_args()
+    if args.without:  # e.g. an option whose schedule test timed out (device_call_tune.sh)
+        for combos in (SCHEDULES, THREE_CONSUMERS, BWD_SCHEDULES):
+            combos[:] = [c for c in combos if args.without not in c]
     rows = []
     for head_dim in args.head_dims:
         for causal in (False, True):
