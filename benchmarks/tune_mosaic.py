@@ -88,12 +88,19 @@ def _having(combos: list[tuple[str, ...]], option: str | None) -> list[tuple[str
 
 
 def forward_candidates(
-    head_dim: int, tiles: bool, toggles: bool, option: str | None = None, causal_rows=None
+    head_dim: int,
+    tiles: bool,
+    toggles: bool,
+    option: str | None = None,
+    rows: int | None = None,
+    causal: bool = False,
 ) -> list[ForwardConfig]:
-    """configs.py's choice (first), then with the options of SCHEDULES (those with `option`
-    only, when given); with `toggles`, instead the choice with each flag of OPTIONS flipped, one
-    at a time; with `tiles`, the tile x flag grid too."""
-    chosen = api.forward_config(head_dim, causal_rows)
+    """configs.py's choice for a call of `rows` query rows (first), then the head dim's plain
+    row (no rules) with the options of SCHEDULES (those with `option` only, when given); with
+    `toggles`, instead the choice with each flag of OPTIONS flipped, one at a time; with
+    `tiles`, the tile x flag grid too."""
+    chosen = api.forward_config(head_dim, rows, causal)
+    plain = api.forward_config(head_dim)
     if toggles:  # (the pairs of EXCLUSIVE raise: ForwardConfig)
         on = {name for name in OPTIONS if getattr(chosen, name)}
         flips = [on ^ {name} for name in OPTIONS]
@@ -101,14 +108,14 @@ def forward_candidates(
             with_options(chosen, f) for f in flips if not any(set(p) <= f for p in EXCLUSIVE)
         ]
     else:
-        variants = [with_options(chosen, s) for s in _having(SCHEDULES, option)]
+        variants = [with_options(plain, s) for s in _having(SCHEDULES, option)]
     grid = [
         ForwardConfig(block_q=q, block_kv=kv, stages=st, early_next_k=e, pinned_order=p)
         for (q, kv, st), (e, p) in itertools.product(FWD_TILES[head_dim], FLAGS)
     ]
     if head_dim == 64 and option in (None, "consumers"):
         variants += [
-            dataclasses.replace(with_options(chosen, s), consumers=3) for s in THREE_CONSUMERS
+            dataclasses.replace(with_options(plain, s), consumers=3) for s in THREE_CONSUMERS
         ]
     return [chosen] + variants + (grid if tiles else [])
 
@@ -201,9 +208,7 @@ def sweep(
         print(f"  checked {kind} {row['label']}: {row['status']}", flush=True)  # a hang shows where
 
     for cfg in (
-        forward_candidates(head_dim, tiles, toggles, option, seq if causal else None)
-        if "fwd" in kinds
-        else []
+        forward_candidates(head_dim, tiles, toggles, option, seq, causal) if "fwd" in kinds else []
     ):
         fn = jax.jit(lambda ops, cfg=cfg: api.forward(ops, interpret=False, config=cfg))
         prepare("fwd", cfg, lambda fn=fn: fn(ops), flops)

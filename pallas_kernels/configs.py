@@ -63,10 +63,26 @@ _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 
 
 @dataclasses.dataclass(frozen=True)
+class CallRule:
+    """What a MosaicForward row adds for the calls this names: causal ones (a query tile's work
+    grows with its row: `mosaic.api.is_causal`) or the others, of `min_rows`..`max_rows` query
+    rows: on/off options, and a number of consumer warpgroups."""
+
+    causal: bool
+    options: tuple[str, ...] = ()
+    min_rows: int = 0
+    max_rows: int | None = None
+    consumers: int | None = None
+
+    def matches(self, rows: int, causal: bool) -> bool:
+        within = self.min_rows <= rows and (self.max_rows is None or rows <= self.max_rows)
+        return causal == self.causal and within
+
+
+@dataclasses.dataclass(frozen=True)
 class MosaicForward:
     """One row of MOSAIC_FORWARD: the tiles and flags of mosaic.forward.ForwardConfig, the
-    on/off options (mosaic.forward.OPTIONS) that are on, and those added for a causal call of
-    at most `causal_up_to` query rows."""
+    on/off options (mosaic.forward.OPTIONS) that are on, and the rules for calls that differ."""
 
     block_q: int  # per consumer warpgroup
     block_kv: int
@@ -75,8 +91,7 @@ class MosaicForward:
     early_next_k: bool = False
     pinned_order: bool = True
     options: tuple[str, ...] = ()
-    causal_up_to: int = 0
-    causal_options: tuple[str, ...] = ()
+    rules: tuple[CallRule, ...] = ()
 
 
 # Hopper kernels on Mosaic GPU (pallas_kernels/mosaic), per head dim bucket.
@@ -97,14 +112,21 @@ class MosaicForward:
 # 0.370 -> 0.402 / 0.368 (on: within noise at 8k); 128 persistent 0.323 -> 0.299 non-causal,
 # but with longest_first and fold_scale on, the standard bench (s7/final) lost 5-20% at
 # 1k-16k with it, so it stays off.
-# The causal options (`api.causal_call`: a causal query tile's work grows with its row). Session 10
-# (results/2026-11-30-h200-s10; FA3's persistent schedule: persistent + async_store +
+# The rules for causal calls (`api.is_causal`: a causal query tile's work grows with its row).
+# Session 10 (results/2026-11-30-h200-s10; FA3's persistent schedule: persistent + async_store +
 # prefetch_q), swept interleaved, ms non-causal / causal, these choices -> with it: head dim 64
 # at T = 1k 0.540 / 0.420 -> 0.520 / 0.375, at 4k 1.492 / 1.008 -> 1.606 / 0.967; 128 at 2k
 # 0.725 / 0.519 -> 0.808 / 0.524 (async_store alone 0.727 / 0.506, within the spread). The
 # standard bench with it on for head dim 64 causal (same run as cuDNN, TFLOP/s with it vs the
 # session 8 bench without): 1k 306 vs 194, 2k 338 vs 314, 4k 372 vs 368, but 8k 382 vs 408 and
 # 16k 408 vs 439. So head dim 64, causal, up to 4k query rows.
+# Session 12 (results/2026-12-01-h200-s12/tune; FA3's intra-warpgroup overlap `overlap_qk` and
+# three consumer warpgroups, swept interleaved against these choices, ms): head dim 128
+# non-causal with overlap_qk at 2k 0.704 -> 0.609, 4k 1.202 -> 1.130 (with no_auto_barriers
+# 1.114), 16k 3.855 -> 3.491; causal 2k 0.457 -> 0.488 at best, 4k 0.852 -> 0.806 (with
+# no_auto_barriers), 16k 1.885 -> 1.889: so head dim 128 non-causal. Head dim 64 non-causal,
+# three consumers (192-row tiles) with overlap_qk and no_auto_barriers: 1k 0.560 -> 0.682
+# at best (slower), 4k 1.601 -> 1.476; causal 1k and 4k 12-33% slower.
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
     64: MosaicForward(
         64,
@@ -112,10 +134,22 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
         2,
         early_next_k=True,
         options=("longest_first", "fold_scale"),
-        causal_up_to=4096,
-        causal_options=("persistent", "async_store", "prefetch_q"),
+        rules=(
+            CallRule(
+                causal=True, max_rows=4096, options=("persistent", "async_store", "prefetch_q")
+            ),
+            CallRule(
+                causal=False, min_rows=4096, consumers=3, options=("overlap_qk", "no_auto_barriers")
+            ),
+        ),
     ),
-    128: MosaicForward(64, 128, 2, options=("longest_first", "fold_scale")),
+    128: MosaicForward(
+        64,
+        128,
+        2,
+        options=("longest_first", "fold_scale"),
+        rules=(CallRule(causal=False, options=("overlap_qk",)),),
+    ),
     192: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "named_barriers")),
     256: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "named_barriers")),
 }

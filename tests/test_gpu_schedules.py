@@ -55,7 +55,7 @@ def _check(case: Case, monkeypatch, forward=(), backward=(), consumers: int = 2)
     fwd = dataclasses.replace(fwd, consumers=consumers)
     bwd = backward_options(api.backward_config(case.H), backward)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
-    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal_rows=None: fwd)
+    monkeypatch.setattr(api, "call_config", lambda ops: fwd)
     monkeypatch.setattr(api, "backward_config", lambda head_dim: bwd)
     check_case(case, "mosaic")
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import Case, assert_close, make_inputs, run, run_reference64
+from helpers import Case, assert_close, make_inputs, run, run_reference64, served
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interpreter
 from test_suite import check_case
 
@@ -141,7 +141,7 @@ def test_fold_scale_forward(case: Case, monkeypatch) -> None:
     """`ForwardConfig.fold_scale` (row max of the unscaled scores, the scale folded into the
     exponent) against the float64 reference, with no race; with a soft-cap it falls back."""
     folded = forward.with_options(api.forward_config(case.H), ("fold_scale",))
-    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal_rows=None: folded)
+    monkeypatch.setattr(api, "call_config", lambda ops: folded)
     interpreter.reset_gpu_interpret_mode_state()
     check_case(case, "mosaic")
     assert not interpreter.get_races().races_found
@@ -169,7 +169,7 @@ def test_lazy_rescale_forward(options, case: Case, monkeypatch) -> None:
     """`ForwardConfig.lazy_rescale` (FA4's conditional rescaling) against the float64
     reference, forward and gradients (which recompute from its logsumexp), with no race."""
     config = forward.with_options(api.forward_config(case.H), options)
-    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal_rows=None: config)
+    monkeypatch.setattr(api, "call_config", lambda ops: config)
     interpreter.reset_gpu_interpret_mode_state()
     check_case(case, "mosaic")
     assert not interpreter.get_races().races_found
@@ -192,7 +192,7 @@ def test_three_consumers_forward(case: Case, monkeypatch) -> None:
         forward.with_options(api.forward_config(case.H), options), consumers=3
     )
     assert config.rows == 192 and config.register_split == (160, 32)
-    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal_rows=None: config)
+    monkeypatch.setattr(api, "call_config", lambda ops: config)
     interpreter.reset_gpu_interpret_mode_state()
     check_case(case, "mosaic")
     assert not interpreter.get_races().races_found
@@ -225,7 +225,7 @@ def test_lazy_rescale_with_a_growing_max(monkeypatch) -> None:
     ramp = jnp.linspace(1.0, 6.0, case.S, dtype=jnp.float32)[None, :, None, None]
     k = (k.astype(jnp.float32) * ramp).astype(k.dtype)
     config = forward.with_options(api.forward_config(case.H), ("lazy_rescale",))
-    monkeypatch.setattr(api, "forward_config", lambda head_dim, causal_rows=None: config)
+    monkeypatch.setattr(api, "call_config", lambda ops: config)
     scale = case.H**-0.5 * np.log2(np.e)
     for h in range(case.N):
         s2 = np.einsum("td,sd->ts", np.float64(q[0, :, h]), np.float64(k[0, :, 0])) * scale
@@ -353,27 +353,71 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     assert not interpreter.get_races().races_found
 
 
-def test_causal_calls_take_the_causal_schedule(monkeypatch) -> None:
-    """A causal call of at most its row's `causal_up_to` query rows runs the row's causal options
-    (at head dim 64 FA3's persistent schedule), any other call the head dim's plain choice."""
+def test_calls_take_their_rules(monkeypatch) -> None:
+    """A call runs what its configs.MOSAIC_FORWARD row's rules add for it (causal or not, by
+    query rows), any other call the head dim's plain choice; a rule whose CTA tile does not
+    divide the call's block mask gives way to the plain choice (which `cta_tiles` checked). The
+    kernel is not run: the config it is handed is what is checked."""
     seen = []
+
+    class Handed(Exception):
+        pass
 
     def capture(*args, config, **kwargs):
         seen.append(config)
-        return forward_kernel(*args, config=config, **kwargs)
+        raise Handed
 
-    forward_kernel = forward.forward
     monkeypatch.setattr(forward, "forward", capture)
-    row = dataclasses.replace(configs.MOSAIC_FORWARD[64], causal_up_to=200)
+    rules = (
+        configs.CallRule(causal=True, max_rows=200, options=("persistent", "async_store")),
+        configs.CallRule(causal=False, min_rows=200, consumers=3, options=("overlap_qk",)),
+    )
+    row = dataclasses.replace(configs.MOSAIC_FORWARD[64], rules=rules)
     monkeypatch.setitem(configs.MOSAIC_FORWARD, 64, row)
-    calls = [(130, ("causal",)), (130, ("lengths",)), (130, ("window",)), (260, ("causal",))]
+    calls = [
+        (130, ("causal",)),
+        (130, ("lengths",)),
+        (130, ("window",)),
+        (260, ("causal",)),
+        (260, ("lengths",)),
+        (260, ("blocks128",)),
+    ]
     for t, features in calls:
         q, k, v, _, kw = make_inputs(Case(B=1, T=t, S=t, N=2, K=1, H=64, features=features))
-        api.forward(operands(q, k, v, **kw))
-    causal, plain = api.forward_config(64, causal_rows=130), api.forward_config(64)
-    assert causal.persistent and causal.prefetch_q and not plain.persistent
-    assert api.forward_config(64, causal_rows=201) == plain
-    assert seen == [causal, plain, plain, plain]
+        with pytest.raises(Handed):
+            api.forward(operands(q, k, v, **kw))
+    causal, plain = api.forward_config(64, 130, causal=True), api.forward_config(64)
+    long = api.forward_config(64, 260)
+    assert causal.persistent and causal.async_store and not plain.persistent
+    assert long.consumers == 3 and long.overlap_qk and plain.consumers == 2
+    assert api.forward_config(64, 201, causal=True) == plain == api.forward_config(64, 199)
+    assert seen == [causal, plain, plain, plain, long, plain]
+
+
+def _rule_cases() -> list[tuple[int, configs.CallRule]]:
+    return [(h, rule) for h, row in configs.MOSAIC_FORWARD.items() for rule in row.rules]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "head_dim, rule", _rule_cases(), ids=lambda x: x if isinstance(x, int) else str(x.options)
+)
+def test_every_rule_on_gpu(head_dim: int, rule: configs.CallRule) -> None:
+    """Each rule of configs.MOSAIC_FORWARD, compiled on the H200, on a call it names (causal
+    with segments, or lengths and a soft-cap), against the float64 reference."""
+    if configs.gpu_target() != "sm90":
+        pytest.skip("the Mosaic kernels run on Hopper (sm90) only")
+    rows = max(rule.min_rows, min(1000, rule.max_rows or 1000))
+    features = ("causal", "segments") if rule.causal else ("lengths", "softcap")
+    seq_k = rows if rule.causal else rows + 100
+    case = Case(B=1, T=rows, S=seq_k, N=4, K=2, H=head_dim, features=features)
+    q, k, v, _, kw = make_inputs(case)
+    assert served("mosaic", q, k, v, kw)  # else check_case would pass without running it
+    assert api.call_config(operands(q, k, v, **kw)) == api.forward_config(
+        head_dim, rows, rule.causal
+    )
+    assert api.forward_config(head_dim, rows, rule.causal) != api.forward_config(head_dim)
+    check_case(case, "mosaic")
 
 
 def test_exclusive_forward_options_raise() -> None:

@@ -30,29 +30,41 @@ def _head_dim(head_dim: int) -> int:
     return _round_up(head_dim, configs.MOSAIC_HEAD_DIM_MULTIPLE)
 
 
-def causal_call(ops: Operands) -> int | None:
-    """A causal call's query rows (top-left or, with offsets, bottom-right causal: a query tile's
-    work grows with its row, which configs.MOSAIC_FORWARD's causal options schedule for); None
-    for any other call."""
-    return ops.seq_q if ops.statics.window == (None, 0) else None
+def is_causal(ops: Operands) -> bool:
+    """Top-left or, with offsets, bottom-right causal: a query tile's work grows with its row,
+    which configs.MOSAIC_FORWARD's causal rules schedule for."""
+    return ops.statics.window == (None, 0)
 
 
-def forward_config(head_dim: int, causal_rows: int | None = None) -> _forward.ForwardConfig:
-    """configs.MOSAIC_FORWARD's choice for this head dim, with its causal options for a causal
-    call of `causal_rows` query rows up to the row's `causal_up_to`."""
+def forward_config(
+    head_dim: int, rows: int | None = None, causal: bool = False
+) -> _forward.ForwardConfig:
+    """configs.MOSAIC_FORWARD's choice for this head dim; for a call of `rows` query rows, with
+    what the row's rules add for it (`causal`: `is_causal`)."""
     row = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
-    options = row.options
-    if causal_rows is not None and causal_rows <= row.causal_up_to:
-        options = (*options, *row.causal_options)
+    options, consumers = row.options, row.consumers
+    for rule in row.rules if rows is not None else ():
+        if rule.matches(rows, causal):
+            options = (*options, *rule.options)
+            consumers = rule.consumers or consumers
     tiles = _forward.ForwardConfig(
         block_q=row.block_q,
         block_kv=row.block_kv,
         stages=row.stages,
-        consumers=row.consumers,
+        consumers=consumers,
         early_next_k=row.early_next_k,
         pinned_order=row.pinned_order,
     )
     return _forward.with_options(tiles, options)
+
+
+def call_config(ops: Operands) -> _forward.ForwardConfig:
+    """The forward's config for this call: its row's rules applied, unless their CTA tile does
+    not divide the block mask (then the row's own, which `cta_tiles` checks)."""
+    cfg = forward_config(ops.head_dim, ops.seq_q, is_causal(ops))
+    if visibility.tile_divides_mask(ops.statics, cfg.rows, cfg.block_kv):
+        return cfg
+    return forward_config(ops.head_dim)
 
 
 def backward_config(head_dim: int) -> _backward.BackwardConfig:
@@ -167,7 +179,7 @@ def forward(
     travelling K/V), which the kernel then reads in place where it can (`_in_place`), instead
     of the copies."""
     ops = _past_lengths_zeroed(ops)
-    cfg = config or forward_config(ops.head_dim, causal_call(ops))
+    cfg = config or call_config(ops)
     t = _round_up(ops.seq_q, cfg.rows)
     s = _round_up(ops.seq_k, cfg.block_kv)
     d = _head_dim(ops.head_dim)
