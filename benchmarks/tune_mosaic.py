@@ -96,9 +96,9 @@ def forward_candidates(
     causal: bool = False,
 ) -> list[ForwardConfig]:
     """configs.py's choice for a call of `rows` query rows (first), then the head dim's plain
-    row (no rules) with the options of SCHEDULES (those with `option` only, when given); with
-    `toggles`, instead the choice with each flag of OPTIONS flipped, one at a time; with
-    `tiles`, the tile x flag grid too."""
+    row (no rules) alone where that differs, and with the options of SCHEDULES (those with
+    `option` only, when given); with `toggles`, instead the choice with each flag of OPTIONS
+    flipped, one at a time; with `tiles`, the tile x flag grid too."""
     chosen = api.forward_config(head_dim, rows, causal)
     plain = api.forward_config(head_dim)
     if toggles:  # (the pairs of EXCLUSIVE raise: ForwardConfig)
@@ -117,6 +117,8 @@ def forward_candidates(
         variants += [
             dataclasses.replace(with_options(plain, s), consumers=3) for s in THREE_CONSUMERS
         ]
+    if plain != chosen:  # a rule's choice against the row's own
+        variants.insert(0, plain)
     return [chosen] + variants + (grid if tiles else [])
 
 
