@@ -120,13 +120,15 @@ class MosaicForward:
 # standard bench with it on for head dim 64 causal (same run as cuDNN, TFLOP/s with it vs the
 # session 8 bench without): 1k 306 vs 194, 2k 338 vs 314, 4k 372 vs 368, but 8k 382 vs 408 and
 # 16k 408 vs 439. So head dim 64, causal, up to 4k query rows.
-# Session 12 (results/2026-12-01-h200-s12/tune; FA3's intra-warpgroup overlap `overlap_qk` and
-# three consumer warpgroups, swept interleaved against these choices, ms): head dim 128
-# non-causal with overlap_qk at 2k 0.704 -> 0.609, 4k 1.202 -> 1.130 (with no_auto_barriers
-# 1.114), 16k 3.855 -> 3.491; causal 2k 0.457 -> 0.488 at best, 4k 0.852 -> 0.806 (with
-# no_auto_barriers), 16k 1.885 -> 1.889: so head dim 128 non-causal. Head dim 64 non-causal,
-# three consumers (192-row tiles) with overlap_qk and no_auto_barriers: 1k 0.560 -> 0.682
-# at best (slower), 4k 1.601 -> 1.476; causal 1k and 4k 12-33% slower.
+# Session 12 (results/2026-12-01-h200-s12/{tune,tier,bench}/tune_*; FA3's intra-warpgroup
+# overlap `overlap_qk` and three consumer warpgroups, swept interleaved against the choices
+# above, ms): head dim 128 non-causal with overlap_qk at 1k 0.378 (best), 2k 0.704 -> 0.609, 4k
+# 1.202 -> 1.130 (with no_auto_barriers 1.114), 16k 3.855 -> 3.491. Head dim 128 causal with
+# overlap_qk and no_auto_barriers: 1k 0.345 -> 0.335, 2k 0.457 -> 0.480, 4k 0.852 -> 0.806, 8k
+# 1.206 -> 1.127, 16k 1.885 -> 1.899: so from 4k to 8k query rows. Head dim 64 non-causal,
+# three consumers (192-row tiles) with overlap_qk and no_auto_barriers: 1k 0.560 -> 0.682 at
+# best, 2k 0.940 -> 0.987 at best (slower), 4k 1.601 -> 1.476, 8k 2.917 -> 2.575, 16k 5.216 ->
+# 4.380; causal 1k-16k 0-33% slower.
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
     64: MosaicForward(
         64,
@@ -148,7 +150,15 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
         128,
         2,
         options=("longest_first", "fold_scale"),
-        rules=(CallRule(causal=False, options=("overlap_qk",)),),
+        rules=(
+            CallRule(causal=False, options=("overlap_qk",)),
+            CallRule(
+                causal=True,
+                min_rows=4096,
+                max_rows=8192,
+                options=("overlap_qk", "no_auto_barriers"),
+            ),
+        ),
     ),
     192: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "named_barriers")),
     256: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "named_barriers")),
