@@ -186,14 +186,14 @@ def test_in_place_key_pieces_with_the_mosaic_kernels(monkeypatch) -> None:
     """`kv_transfer="in_place"` with the Mosaic kernels (interpret mode): the forward reads every
     key piece as rows of the travelling stacked buffer (no copy), and the output is bitwise the
     stacked ring's, which passes the pieces; the backward (pieces) matches too. One device (the
-    zigzag layout's two pieces: rows 0 and 256 of the buffer): the Mosaic GPU interpreter keeps
+    zigzag layout's two pieces: rows 0 and 128 of the buffer): the Mosaic GPU interpreter keeps
     one global state and fails when two devices run kernels at once; the 2-GPU tier runs it."""
     from pallas_kernels.mosaic import api
 
     read_in_place = []
     decide = api._in_place
     monkeypatch.setattr(api, "_in_place", lambda *a: read_in_place.append(decide(*a)) or decide(*a))
-    case = Case(B=1, T=512, S=512, N=2, K=1, H=64, features=("causal",))
+    case = Case(B=1, T=256, S=256, N=2, K=1, H=64, features=("causal",))
     q, k, v, dout, kw = make_inputs(case)
     run = functools.partial(sharded, ring_attention, mesh_of(1), "zigzag", kw, check_vma=False)
     in_place = run(implementation="mosaic", kv_transfer="in_place")
