@@ -353,6 +353,15 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     assert not interpreter.get_races().races_found
 
 
+def _rule_cases() -> list[tuple[int, configs.CallRule]]:
+    return [(h, rule) for h, row in configs.MOSAIC_FORWARD.items() for rule in row.rules]
+
+
+def _rows_named_by(rule: configs.CallRule) -> int:
+    """Query rows of a call the rule names (about 1000 where its range allows)."""
+    return max(rule.min_rows, min(1000, rule.max_rows or 1000))
+
+
 def test_calls_take_their_rules(monkeypatch) -> None:
     """A call runs what its configs.MOSAIC_FORWARD row's rules add for it (causal or not, by
     query rows), any other call the head dim's plain choice; a rule whose CTA tile does not
@@ -394,8 +403,12 @@ def test_calls_take_their_rules(monkeypatch) -> None:
     assert seen == [causal, plain, plain, plain, long, plain]
 
 
-def _rule_cases() -> list[tuple[int, configs.CallRule]]:
-    return [(h, rule) for h, row in configs.MOSAIC_FORWARD.items() for rule in row.rules]
+@pytest.mark.parametrize("head_dim, rule", _rule_cases(), ids=str)
+def test_every_rule_makes_a_config(head_dim: int, rule: configs.CallRule) -> None:
+    """Each rule of the table, with whatever other rules also match its calls, gives a config
+    (no pair of forward.EXCLUSIVE) that differs from the row's own."""
+    rows = _rows_named_by(rule)
+    assert api.forward_config(head_dim, rows, rule.causal) != api.forward_config(head_dim)
 
 
 @pytest.mark.gpu
@@ -407,7 +420,7 @@ def test_every_rule_on_gpu(head_dim: int, rule: configs.CallRule) -> None:
     with segments, or lengths and a soft-cap), against the float64 reference."""
     if configs.gpu_target() != "sm90":
         pytest.skip("the Mosaic kernels run on Hopper (sm90) only")
-    rows = max(rule.min_rows, min(1000, rule.max_rows or 1000))
+    rows = _rows_named_by(rule)
     features = ("causal", "segments") if rule.causal else ("lengths", "softcap")
     seq_k = rows if rule.causal else rows + 100
     case = Case(B=1, T=rows, S=seq_k, N=4, K=2, H=head_dim, features=features)
