@@ -188,9 +188,11 @@ def sweep(
     kinds: str,
     seq: int = SEQ,
     option: str | None = None,
+    without: str | None = None,
 ) -> list[dict]:
-    """Every candidate compiled and checked against the first of its kind, then timed with the
-    candidates interleaved over rounds (benchmarks/tune.py `interleaved`)."""
+    """Every candidate (but those with the option `without` on) compiled and checked against
+    the first of its kind, then timed with the candidates interleaved over rounds
+    (benchmarks/tune.py `interleaved`)."""
     ops, do = operands(seq, head_dim, causal)
     flops = 4 * ops.batch * ops.num_heads * seq * seq * head_dim / (2 if causal else 1)
     rows, first, measures = [], {}, {}
@@ -209,13 +211,16 @@ def sweep(
         rows.append(row)
         print(f"  checked {kind} {row['label']}: {row['status']}", flush=True)  # a hang shows where
 
-    for cfg in (
+    def kept(candidates):
+        return [cfg for cfg in candidates if not (without and getattr(cfg, without, False))]
+
+    for cfg in kept(
         forward_candidates(head_dim, tiles, toggles, option, seq, causal) if "fwd" in kinds else []
     ):
         fn = jax.jit(lambda ops, cfg=cfg: api.forward(ops, interpret=False, config=cfg))
         prepare("fwd", cfg, lambda fn=fn: fn(ops), flops)
     out, lse2 = api.forward(ops, interpret=False)
-    for cfg in backward_candidates(head_dim, tiles, option) if "bwd" in kinds else []:
+    for cfg in kept(backward_candidates(head_dim, tiles, option) if "bwd" in kinds else []):
         fn = jax.jit(
             lambda ops, out, lse2, do, cfg=cfg: api.backward(
                 ops, out, lse2, do, None, interpret=False, config=cfg
@@ -260,17 +265,23 @@ def main() -> None:
     p.add_argument("--only", choices=("fwd", "bwd"), help="one kernel's candidates")
     p.add_argument("--seq", type=int, default=SEQ, help="sequence length (B * T = 16k)")
     p.add_argument("--with", dest="option", help="only the option sets that include this option")
-    p.add_argument("--without", help="leave out the option sets that include this option")
+    p.add_argument("--without", help="leave out every candidate with this option on")
     args = p.parse_args()
-    if args.without:  # e.g. an option whose schedule test timed out (device_call_tune.sh)
-        for combos in (SCHEDULES, THREE_CONSUMERS, BWD_SCHEDULES):
-            combos[:] = [c for c in combos if args.without not in c]
     rows = []
     for head_dim in args.head_dims:
         for causal in (False, True):
             print(f"H={head_dim} T={args.seq} causal={causal}", flush=True)
             kinds = args.only or "fwd,bwd"
-            rows += sweep(head_dim, causal, args.tiles, args.toggles, kinds, args.seq, args.option)
+            rows += sweep(
+                head_dim,
+                causal,
+                args.tiles,
+                args.toggles,
+                kinds,
+                args.seq,
+                args.option,
+                args.without,
+            )
             report(rows, head_dim, causal)
             json.dump(rows, open(args.out, "w"), indent=1)
 

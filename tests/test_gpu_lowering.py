@@ -98,14 +98,15 @@ def test_decode_kernel_lowers(head_dim: int, page: int) -> None:
 
 @pytest.mark.parametrize(
     "feature, head_dim",
+    # head dim 64 (its single-kernel backward) with the visit lists: segments, a block mask
     _each_with_a_head_dim(
         [
-            "plain",
-            "causal-window",
-            "lengths-offsets",
-            "softcap",
             "segments",
+            "lengths-offsets",
+            "causal-window",
             "block-mask",
+            "softcap",
+            "plain",
             "dropout",
         ]
     ),

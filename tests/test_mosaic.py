@@ -411,17 +411,29 @@ def test_every_rule_makes_a_config(head_dim: int, rule: configs.CallRule) -> Non
     assert api.forward_config(head_dim, rows, rule.causal) != api.forward_config(head_dim)
 
 
+# Calls a rule names, on the GPU: with the scale folded (no soft-cap) and without.
+RULE_FEATURES = {
+    True: [("causal", "segments"), ("causal", "lengths", "dropout")],
+    False: [("lengths", "softcap"), ("lengths", "window", "dropout")],
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "head_dim, rule", _rule_cases(), ids=lambda x: x if isinstance(x, int) else str(x.options)
+    "head_dim, rule, features",
+    [(h, r, f) for h, r in _rule_cases() for f in RULE_FEATURES[r.causal]],
+    ids=lambda x: (
+        "+".join(x.options if isinstance(x, configs.CallRule) else x)
+        if not isinstance(x, int)
+        else str(x)
+    ),
 )
-def test_every_rule_on_gpu(head_dim: int, rule: configs.CallRule) -> None:
-    """Each rule of configs.MOSAIC_FORWARD, compiled on the H200, on a call it names (causal
-    with segments, or lengths and a soft-cap), against the float64 reference."""
+def test_every_rule_on_gpu(head_dim: int, rule: configs.CallRule, features) -> None:
+    """Each rule of configs.MOSAIC_FORWARD, compiled on the H200, on calls it names
+    (RULE_FEATURES), against the float64 reference."""
     if configs.gpu_target() != "sm90":
         pytest.skip("the Mosaic kernels run on Hopper (sm90) only")
     rows = _rows_named_by(rule)
-    features = ("causal", "segments") if rule.causal else ("lengths", "softcap")
     seq_k = rows if rule.causal else rows + 100
     case = Case(B=1, T=rows, S=seq_k, N=4, K=2, H=head_dim, features=features)
     q, k, v, _, kw = make_inputs(case)
