@@ -64,15 +64,23 @@ _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 
 @dataclasses.dataclass(frozen=True)
 class CallRule:
-    """What a MosaicForward row adds for the calls this names: causal ones (a query tile's work
-    grows with its row: `mosaic.api.is_causal`) or the others, of `min_rows`..`max_rows` query
-    rows: on/off options, and a number of consumer warpgroups."""
+    """What a MosaicForward row changes for the calls this names: causal ones (a query tile's
+    work grows with its row: `mosaic.api.is_causal`) or the others, of `min_rows`..`max_rows`
+    query rows: on/off options it turns off (`drop`) and on (`options`), and a number of
+    consumer warpgroups. A row's rules apply in order, each to what the ones before it left."""
 
     causal: bool
     options: tuple[str, ...] = ()
     min_rows: int = 0
     max_rows: int | None = None
     consumers: int | None = None
+    drop: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        rows = f"{self.min_rows}-{self.max_rows or ''}"
+        changes = [*(f"-{o}" for o in self.drop), *self.options]
+        changes += [f"consumers{self.consumers}"] if self.consumers else []
+        return "+".join(["causal" if self.causal else "noncausal", rows, *changes])
 
     def matches(self, rows: int, causal: bool) -> bool:
         within = self.min_rows <= rows and (self.max_rows is None or rows <= self.max_rows)
@@ -129,6 +137,14 @@ class MosaicForward:
 # three consumers (192-row tiles) with overlap_qk and no_auto_barriers: 1k 0.560 -> 0.682 at
 # best, 2k 0.940 -> 0.987 at best (slower), 4k 1.601 -> 1.476, 8k 2.917 -> 2.575, 16k 5.216 ->
 # 4.380; causal 0.63-0.89x at 1k-4k, 0.96-1.01x at 8k-16k.
+# Session 13 (results/2026-12-01-h200-s13/tune; the persistent sets at short sequences, swept
+# interleaved against the choices above, ms): head dim 64 non-causal at 512 with FA3's
+# persistent set 0.386 -> 0.354, at 1k the persistent grid without longest_first and fold_scale
+# 0.670 -> 0.627 (with the set 0.668), at 2k none faster (0.893 best); causal without
+# prefetch_q at 1k 0.431 -> 0.408 and 2k 0.614 -> 0.592 (at 512 it is 0.296 with it, 0.341
+# without). Head dim 128 at 512: non-causal the persistent grid without the row's options 0.301
+# -> 0.276, causal FA3's persistent set 0.338 -> 0.268.
+_FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
     64: MosaicForward(
         64,
@@ -137,8 +153,15 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
         early_next_k=True,
         options=("longest_first", "fold_scale"),
         rules=(
+            CallRule(causal=True, max_rows=4096, options=_FA3_PERSISTENT),
+            CallRule(causal=True, min_rows=1024, max_rows=2048, drop=("prefetch_q",)),
+            CallRule(causal=False, max_rows=512, options=_FA3_PERSISTENT),
             CallRule(
-                causal=True, max_rows=4096, options=("persistent", "async_store", "prefetch_q")
+                causal=False,
+                min_rows=513,
+                max_rows=1024,
+                drop=("longest_first", "fold_scale"),
+                options=("persistent",),
             ),
             CallRule(
                 causal=False, min_rows=4096, consumers=3, options=("overlap_qk", "no_auto_barriers")
@@ -152,6 +175,13 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
         options=("longest_first", "fold_scale"),
         rules=(
             CallRule(causal=False, options=("overlap_qk",)),
+            CallRule(
+                causal=False,
+                max_rows=512,
+                drop=("longest_first", "fold_scale", "overlap_qk"),
+                options=("persistent",),
+            ),
+            CallRule(causal=True, max_rows=512, options=_FA3_PERSISTENT),
             CallRule(
                 causal=True,
                 min_rows=4096,

@@ -363,10 +363,11 @@ def _rows_named_by(rule: configs.CallRule) -> int:
 
 
 def test_calls_take_their_rules(monkeypatch) -> None:
-    """A call runs what its configs.MOSAIC_FORWARD row's rules add for it (causal or not, by
-    query rows), any other call the head dim's plain choice; a rule whose CTA tile does not
-    divide the call's block mask gives way to the plain choice (which `cta_tiles` checked). The
-    kernel is not run: the config it is handed is what is checked."""
+    """A call runs what its configs.MOSAIC_FORWARD row's rules change for it (causal or not,
+    by query rows; in order, a later rule turning off what an earlier one turned on), any other
+    call the head dim's plain choice; a rule whose CTA tile does not divide the call's block
+    mask gives way to the plain choice (which `cta_tiles` checked). The kernel is not run: the
+    config it is handed is what is checked."""
     seen = []
 
     class Handed(Exception):
@@ -380,11 +381,13 @@ def test_calls_take_their_rules(monkeypatch) -> None:
     rules = (
         configs.CallRule(causal=True, max_rows=200, options=("persistent", "async_store")),
         configs.CallRule(causal=False, min_rows=200, consumers=3, options=("overlap_qk",)),
+        configs.CallRule(causal=True, min_rows=150, max_rows=200, drop=("async_store",)),
     )
     row = dataclasses.replace(configs.MOSAIC_FORWARD[64], rules=rules)
     monkeypatch.setitem(configs.MOSAIC_FORWARD, 64, row)
     calls = [
         (130, ("causal",)),
+        (160, ("causal",)),
         (130, ("lengths",)),
         (130, ("window",)),
         (260, ("causal",)),
@@ -397,10 +400,12 @@ def test_calls_take_their_rules(monkeypatch) -> None:
             api.forward(operands(q, k, v, **kw))
     causal, plain = api.forward_config(64, 130, causal=True), api.forward_config(64)
     long = api.forward_config(64, 260)
+    dropped = api.forward_config(64, 160, causal=True)
     assert causal.persistent and causal.async_store and not plain.persistent
+    assert dropped == dataclasses.replace(causal, async_store=False)
     assert long.consumers == 3 and long.overlap_qk and plain.consumers == 2
     assert api.forward_config(64, 201, causal=True) == plain == api.forward_config(64, 199)
-    assert seen == [causal, plain, plain, plain, long, plain]
+    assert seen == [causal, dropped, plain, plain, plain, long, plain]
 
 
 @pytest.mark.parametrize("head_dim, rule", _rule_cases(), ids=str)
@@ -422,11 +427,7 @@ RULE_FEATURES = {
 @pytest.mark.parametrize(
     "head_dim, rule, features",
     [(h, r, f) for h, r in _rule_cases() for f in RULE_FEATURES[r.causal]],
-    ids=lambda x: (
-        "+".join(x.options if isinstance(x, configs.CallRule) else x)
-        if not isinstance(x, int)
-        else str(x)
-    ),
+    ids=lambda x: "+".join(x) if isinstance(x, tuple) else str(x),
 )
 def test_every_rule_on_gpu(head_dim: int, rule: configs.CallRule, features) -> None:
     """Each rule of configs.MOSAIC_FORWARD, compiled on the H200, on calls it names

@@ -45,7 +45,7 @@ def forward_config(
     options, consumers = row.options, row.consumers
     for rule in row.rules if rows is not None else ():
         if rule.matches(rows, causal):
-            options = (*options, *rule.options)
+            options = (*(o for o in options if o not in rule.drop), *rule.options)
             consumers = rule.consumers or consumers
     tiles = _forward.ForwardConfig(
         block_q=row.block_q,
