@@ -137,13 +137,15 @@ class MosaicForward:
 # three consumers (192-row tiles) with overlap_qk and no_auto_barriers: 1k 0.560 -> 0.682 at
 # best, 2k 0.940 -> 0.987 at best (slower), 4k 1.601 -> 1.476, 8k 2.917 -> 2.575, 16k 5.216 ->
 # 4.380; causal 0.63-0.89x at 1k-4k, 0.96-1.01x at 8k-16k.
-# Session 13 (results/2026-12-01-h200-s13/tune; the persistent sets at short sequences, swept
-# interleaved against the choices above, ms): head dim 64 non-causal at 512 with FA3's
-# persistent set 0.386 -> 0.354, at 1k the persistent grid without longest_first and fold_scale
-# 0.670 -> 0.627 (with the set 0.668), at 2k none faster (0.893 best); causal without
-# prefetch_q at 1k 0.431 -> 0.408 and 2k 0.614 -> 0.592 (at 512 it is 0.296 with it, 0.341
-# without). Head dim 128 at 512: non-causal the persistent grid without the row's options 0.301
-# -> 0.276, causal FA3's persistent set 0.338 -> 0.268.
+# Session 13 (results/2026-12-01-h200-s13/{tune,bench}; the persistent sets at short
+# sequences, swept interleaved against the choices above, ms): head dim 64 non-causal at 512
+# with FA3's persistent set 0.386 -> 0.354 (standard bench, same run as cuDNN: 288 -> 357
+# TFLOP/s, 0.83x -> 1.04x cuDNN). Head dim 128 at 512: non-causal the persistent grid without
+# the row's options 0.301 -> 0.276 (bench 441 -> 455 TFLOP/s, 1.03x), causal FA3's persistent
+# set 0.338 -> 0.268 (bench 248 -> 277, 1.00x). Swept faster but not taken, as the bench
+# disagreed: head dim 64 non-causal at 1k, the persistent grid without the row's options 0.670 ->
+# 0.627 (bench 362 -> 360), causal 1k-2k without prefetch_q 0.431 -> 0.408 and 0.614 -> 0.592
+# (bench 303 -> 270 and 364 -> 313). At 2k non-causal no candidate beat the row (0.893).
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
     64: MosaicForward(
@@ -154,15 +156,7 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
         options=("longest_first", "fold_scale"),
         rules=(
             CallRule(causal=True, max_rows=4096, options=_FA3_PERSISTENT),
-            CallRule(causal=True, min_rows=1024, max_rows=2048, drop=("prefetch_q",)),
             CallRule(causal=False, max_rows=512, options=_FA3_PERSISTENT),
-            CallRule(
-                causal=False,
-                min_rows=513,
-                max_rows=1024,
-                drop=("longest_first", "fold_scale"),
-                options=("persistent",),
-            ),
             CallRule(
                 causal=False, min_rows=4096, consumers=3, options=("overlap_qk", "no_auto_barriers")
             ),
