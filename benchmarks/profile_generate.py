@@ -4,7 +4,7 @@ step), beside the step's wall time. A step whose kernels add up to much less tha
 is bound by launches, not by the work. XLA flags (command buffers, say) come from XLA_FLAGS.
 Usage on the GPU:
   python benchmarks/profile_generate.py OUT_JSON [--attention flashjax,xla,cudnn,none]
-      [--config small] [--batch 1] [--prompt-len 1024] [--new-tokens 256] [--top 12]
+      [--config small] [--batch 1] [--prompt-len 1024] [--new-tokens 256] [--top 12] [--hlo DIR]
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ def profile(backend: str, args: argparse.Namespace) -> dict:
         tokens, cache = gen.generate(params, cache, prompt, key, args.new_tokens)
         tokens.block_until_ready()
     found = kernels(trace_dir)
+    if args.hlo:  # the optimized HLO, to look the kernels' names up in
+        lowered = gen.compiled.lower(params, cache, prompt, key, args.new_tokens)
+        with open(f"{args.hlo}/{backend}.hlo.txt", "w") as f:
+            f.write(lowered.compile().as_text())
     steps = args.new_tokens - 1
     by_name = collections.defaultdict(lambda: [0, 0.0])
     for name, us in found:
@@ -95,6 +99,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--hlo", help="write each backend's optimized HLO into this folder")
     args = p.parse_args()
     records = [profile(b, args) for b in args.attention.split(",")]
     with open(args.out, "w") as f:
