@@ -40,11 +40,16 @@ def _full_logits(params, tokens: jax.Array) -> jax.Array:
     return model.logits(model(tokens))
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
-def test_cached_steps_equal_the_full_forward(params, attention: CacheAttention) -> None:
+@pytest.mark.parametrize(
+    "attention, batch",
+    [pytest.param(*a.values, 2, id=a.id) for a in ATTENTIONS]
+    + [pytest.param(CacheAttention("xla"), 1, id="xla-batch1")],
+)
+def test_cached_steps_equal_the_full_forward(params, attention: CacheAttention, batch) -> None:
     """Teacher forcing: prefill 5 tokens, then step through the other 7 one at a time; each
-    step's logits equal the full forward's at that position."""
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 12)), jnp.int32)
+    step's logits equal the full forward's at that position (at batch 1 too, where a step's
+    projections run on a zero-padded second row: `generate._as_matrix`)."""
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (batch, 12)), jnp.int32)
     prompt_len = 5
     gen = generate.Generator(CONFIG, attention, generate.Sampling())
 

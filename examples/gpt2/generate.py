@@ -137,6 +137,18 @@ def _layers(model: GPT) -> list[Block]:
     ]
 
 
+def _as_matrix(fn: Any, x: jax.Array) -> Any:
+    """`fn(x)` for `Float[Array, "B T ..."]` x; a single row (batch 1, one token) goes through
+    `fn` with a zero row beside it, dropped from the result: XLA's GPU compiler turns a
+    vector x matrix product of fewer than 10M elements into a multiply and a reduce (GPT-2
+    small's layer weights: 3-6x slower than reading them in a GEMM on the H200,
+    benchmarks/results/2026-12-01-h200-s13/generate), and a second row keeps it a GEMM."""
+    if x.shape[0] * x.shape[1] != 1:
+        return fn(x)
+    out = fn(jnp.concatenate([x, jnp.zeros_like(x)], axis=0))
+    return jax.tree.map(lambda y: y[:1], out)
+
+
 def _attend_layer(
     block: Block,
     x: jax.Array,
@@ -150,13 +162,13 @@ def _attend_layer(
     `attend(q, k, v, k_cache, v_cache)` (q, k, v `(B, T, N, H)`), the output projection and
     the MLP."""
     attn = block.attn
-    h = block.ln1(x)
-    q, k, v = attn.query(h), attn.key(h), attn.value(h)
+    q, k, v = _as_matrix(lambda x: (attn.query(x), attn.key(x), attn.value(x)), block.ln1(x))
     at = (0, start, 0, 0)
     k_cache = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
     v_cache = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
     y = attend(q, k, v, k_cache, v_cache)
-    return block.mlp(x + attn.out(y).astype(jnp.float32)), k_cache, v_cache
+    y = _as_matrix(lambda y: attn.out(y).astype(jnp.float32), y)
+    return _as_matrix(block.mlp, x + y), k_cache, v_cache
 
 
 class Generator:
