@@ -11,21 +11,15 @@ if [ -d .tokamax ]; then
 fi
 export PYTHONPATH=.:/tmp/tk
 until_s() { local t=$(($1 - SECONDS)); echo $((t > 5 ? t : 5)); }
-# The GPU tier (`pytest -m gpu`) as two processes sharing the GPU, the shared suite in one and
-# every other file in the other: compiling dominates and runs on the host's cores, so this halves
-# the wall time. Each line of LOG carries the seconds since the start.
+# The GPU tier (`pytest -m gpu`) in 4 pytest-xdist workers sharing the GPU (a fifth of its memory
+# each): compiling dominates and runs on the host's cores. Each line of LOG carries the seconds
+# since the start.
 gpu_tier() {
-  local limit=$1 log=$2 rest
-  rest=$(ls tests/test_*.py | grep -v tests/test_suite.py)
+  local limit=$1 log=$2
   stamp() { while IFS= read -r l; do echo "$SECONDS $l"; done; }
-  (XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout "$limit" python3 -m pytest -m gpu tests/test_suite.py \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout "$limit" python3 -m pytest -m gpu tests -n 4 \
     -v -rfE --durations=15 -p no:cacheprovider -o faulthandler_timeout="$((limit - 20))" 2>&1 |
-    stamp > "$log.suite") &
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout "$limit" python3 -m pytest -m gpu $rest \
-    -v -rfE --durations=15 -p no:cacheprovider -o faulthandler_timeout="$((limit - 20))" 2>&1 |
-    stamp > "$log.rest"
-  wait
-  cat "$log.suite" "$log.rest" > "$log" && rm "$log.suite" "$log.rest"
+    stamp > "$log"
 }
 # GPT-2 small generation at batch BATCH, 1k prompt + 1k new tokens, every attention (and `none`,
 # the floor without attention) until DEADLINE seconds since the start; log and JSON in DIR.
