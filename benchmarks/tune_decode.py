@@ -6,7 +6,8 @@ the candidates interleaved over rounds (benchmarks/tune.py `interleaved`); check
 against configs.py's choice; prints the fastest with its GB/s, and writes every row as JSON.
 Usage on the GPU: python benchmarks/tune_decode.py OUT_JSON [BxS ...] (default 1x8k 1x64k 8x16k
 32x8k); `--paged P` times pages of P keys instead of the contiguous cache; `--heads 12,12,64` the
-GPT-2 small decode step of examples/gpt2/generate.py.
+GPT-2 small decode step of examples/gpt2/generate.py; `--tiles 64:4:3,128:4:3` and `--splits
+8,16,33` replace the candidate grid.
 """
 
 from __future__ import annotations
@@ -49,8 +50,15 @@ def rel_err(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def sweep(shape, page: int, heads: tuple[int, int, int]) -> list[dict]:
-    """Every candidate at one (B, S) shape; `heads`: query heads, KV heads, head dim."""
+def sweep(
+    shape,
+    page: int,
+    heads: tuple[int, int, int],
+    tiles=TILES,
+    splits_of=lambda planned: [round(planned * f) for f in SPLIT_FACTORS],
+) -> list[dict]:
+    """Every candidate (`tiles` x the split counts `splits_of(planned)`) at one (B, S) shape;
+    `heads`: query heads, KV heads, head dim."""
     n, k, d = heads
     bench = DecodeBench(page_sizes=(page,) if page else (), heads=n, kv_heads=k, head_dim=d)
     x = make_inputs(shape, bench)
@@ -60,8 +68,8 @@ def sweep(shape, page: int, heads: tuple[int, int, int]) -> list[dict]:
     planned = decode_api.plan(ops).splits
     want = jax.jit(step_of(None, None, page))(x.q, x)
     candidates = {("configs.py", planned): (None, None)}
-    for (block_k, warps, stages), f in itertools.product(TILES, SPLIT_FACTORS):
-        splits = max(1, min(configs.MAX_SPLITS, round(planned * f)))
+    for (block_k, warps, stages), n in itertools.product(tiles, splits_of(planned)):
+        splits = max(1, min(configs.MAX_SPLITS, n))
         cfg = DecodeConfig(block_k, warps, stages, paged_block_k=block_k)
         candidates.setdefault((repr(cfg), splits), (cfg, splits))
     rows, measures = [], {}
@@ -106,12 +114,24 @@ def main() -> None:
         default="32,8,128",
         help="query heads, KV heads, head dim (default 32,8,128; GPT-2 small: 12,12,64)",
     )
+    p.add_argument(
+        "--tiles",
+        help="candidate tiles as block_k:warps:stages,... (default: the 6 of TILES)",
+    )
+    p.add_argument("--splits", help="split counts to try, e.g. 8,16,33 (default: factors x plan)")
     args = p.parse_args()
     heads = tuple(int(x) for x in args.heads.split(","))
+    tiles = TILES
+    if args.tiles:
+        tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
+    splits_of = None
+    if args.splits:
+        counts = [int(n) for n in args.splits.split(",")]
+        splits_of = lambda planned: counts  # noqa: E731
     rows = []
     for shape in parse_shapes(",".join(args.shapes)):
         print(f"{shape.batch}x{shape.seq} page {args.paged} heads {heads}", flush=True)
-        found = sweep(shape, args.paged, heads)
+        found = sweep(shape, args.paged, heads, tiles, *([splits_of] if splits_of else []))
         rows += found
         ok = sorted((r for r in found if r["status"] == "ok"), key=lambda r: r["us"])
         chosen = next(r for r in found if r["cfg"] == "configs.py")

@@ -18,7 +18,8 @@ Refs (`tiles.Refs`, prepared by `decode_api.py`):
   k, v        (B, Sp, K, Hp)  contiguous cache, Sp a multiple of block_k; or page pools
               flattened to rows (num_pages * page_size, K, Hp) (page p's keys are rows
               p * page_size ...), with
-  page_table  (B, Pp) int32   valid page ids, padded so that every key block's pages exist
+  page_table  (B, Pp) int32   page ids (clipped in the kernel), padded so that every key
+                              block's pages exist
   seq         (B, 4) int32 (`Operands.seq_info`), or None: the static (0, 0, T, S)
 Outputs: out (splits, B, K, R, Hp) float32 and lse2 (splits, B, K, R) float32; a split that saw
 no key has out 0 and lse2 -inf.
@@ -47,19 +48,22 @@ def _key_block(
     r: tiles.Refs, kb: jax.Array, block_k: int, page_size: int | None
 ) -> tuple[jax.Array, jax.Array]:
     """The `(block_k, Hp)` K and V tiles of key block `kb`: a slice of the contiguous cache; with
-    pages (the pools flattened to rows, `page_size` keys a page) a slice of one page (pages of
+    pages (the pools flattened to rows, `page_size` keys a page; page ids clipped to the pool's
+    here, the table's entries past a row's length may hold anything) a slice of one page (pages of
     `block_k` keys or more), or the block's rows gathered from several pages (one 2-D gather; a
     gather of whole pages reshaped to a tile made paged caches 1.5-2.2x slower on the H200)."""
     if page_size is None:
         keys = pl.ds(kb * block_k, block_k)
         return r.k[keys, :], r.v[keys, :]
+    last_page = r.k.shape[0] // page_size - 1
     if page_size >= block_k:
         per_page = page_size // block_k
-        start = r.page_table[lax.div(kb, per_page)] * page_size + lax.rem(kb, per_page) * block_k
+        page = jnp.clip(r.page_table[lax.div(kb, per_page)], 0, last_page)
+        start = page * page_size + lax.rem(kb, per_page) * block_k
         keys = pl.ds(pl.multiple_of(start, block_k), block_k)
         return r.k[keys, :], r.v[keys, :]
     j = jnp.arange(block_k, dtype=jnp.int32)
-    pages = r.page_table[kb * (block_k // page_size) + j // page_size]
+    pages = jnp.clip(r.page_table[kb * (block_k // page_size) + j // page_size], 0, last_page)
     rows = pages * page_size + j % page_size
     return r.k[rows, :], r.v[rows, :]
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import configs
 from pallas_kernels.host import pad_axis
-from pallas_kernels.operands import Operands, valid_pages
+from pallas_kernels.operands import Operands
 from pallas_kernels.triton import decode as _decode
 from pallas_kernels.triton.api import has_seq
 from pallas_kernels.triton.tiles import Refs
@@ -124,10 +124,10 @@ def unpack_rows(x: jax.Array, seq_q: int) -> jax.Array:
 
 
 def _page_table(ops: Operands, p: DecodePlan) -> jax.Array:
-    """The page table with valid page ids (`valid_pages`), padded so that every key block's
-    pages exist."""
+    """The page table as int32, padded so that every key block's pages exist (the kernel clips
+    the ids: no pass over the table before it)."""
     pages_needed = -(-p.key_blocks * p.block_k // ops.page_size)
-    table = valid_pages(ops)
+    table = ops.page_table.astype(jnp.int32)
     return pad_axis(table, 1, max(pages_needed, table.shape[1]))
 
 
