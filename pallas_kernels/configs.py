@@ -304,6 +304,9 @@ class DecodeConfig:
     512 programs in all run slow: 64 x 4k (512 programs a split) takes 320 us in one split and
     282 us in two (16-key pages; 64-key: 315 / 278 us; contiguous 268 us), 32 x 8k (256) 277 us
     in one split, 318 us in two, 279 us in four (results/2026-11-30-h200-s9: s9, call4, decode).
+    Paged, three waves (48 splits) against two (33): 1 x 64k 82.9 / 86.2 us (16-key pages), 80.9
+    / 85.4 us (64-key); 1 x 8k 20.5 / 21.6 us (16-key), 22.1 / 21.8 us (64-key)
+    (results/2026-12-02-h200-s14/tune_decode).
     """
 
     block_k: int
@@ -331,7 +334,7 @@ _DECODE_TABLE: dict[tuple[str, int], DecodeConfig] = {
     ("sm90", 16): D(128, 4, 3),
     ("sm90", 32): D(128, 4, 3),
     ("sm90", 64): D(128, 4, 3, unsplit_block_k=64),
-    ("sm90", 128): D(128, 4, 3),
+    ("sm90", 128): D(128, 4, 3, paged_waves=3),
     ("sm90", 256): D(64, 4, 2),
     ("sm80", 16): D(128, 4, 2),
     ("sm80", 32): D(128, 4, 2),
