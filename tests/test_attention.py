@@ -88,9 +88,10 @@ def test_merge_equals_attention_over_the_union(split: int) -> None:
     def whole(q, k, v):
         return dot_product_attention(q, k, v)
 
+    merged, whole = jax.jit(merged), jax.jit(whole)
     np.testing.assert_allclose(merged(q, k, v), whole(q, k, v), rtol=1e-5, atol=1e-5)
-    g_merged = jax.grad(lambda *a: jnp.sum(merged(*a) * dout), argnums=(0, 1, 2))(q, k, v)
-    g_whole = jax.grad(lambda *a: jnp.sum(whole(*a) * dout), argnums=(0, 1, 2))(q, k, v)
+    g_merged = jax.jit(jax.grad(lambda *a: jnp.sum(merged(*a) * dout), argnums=(0, 1, 2)))(q, k, v)
+    g_whole = jax.jit(jax.grad(lambda *a: jnp.sum(whole(*a) * dout), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(g_merged, g_whole):
         assert np.all(np.isfinite(a))
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -82,8 +82,13 @@ def whole(kw: dict, impl: str = "xla_chunked", **extra):
 
 
 def value_and_vjp(f, q, k, v, dout):
-    out, vjp = jax.vjp(jax.jit(f), q, k, v)
-    return (out, *vjp(dout))
+    """`(out, dq, dk, dv)` of `f`, forward and backward in one jitted program."""
+
+    def both(q, k, v, dout):
+        out, vjp = jax.vjp(f, q, k, v)
+        return (out, *vjp(dout))
+
+    return jax.jit(both)(q, k, v, dout)
 
 
 def assert_matches(got, want, *, rtol: float, atol: float) -> None:

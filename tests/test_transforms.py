@@ -49,10 +49,12 @@ def test_vmap_over_two_extra_axes_forward_and_backward(impl: str) -> None:
         jnp.stack([s[j] for s in stack]).reshape(3, 2, *stack[0][j].shape) for j in range(3)
     )
     f = functools.partial(loss, impl=impl)
-    got = jax.jit(jax.vmap(jax.vmap(jax.value_and_grad(f, argnums=(0, 1, 2)))))(qs, ks, vs)
+    one = jax.value_and_grad(f, argnums=(0, 1, 2))
+    got = jax.jit(jax.vmap(jax.vmap(one)))(qs, ks, vs)
+    one = jax.jit(one)
     for i in range(3):
         for j in range(2):
-            val, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(qs[i, j], ks[i, j], vs[i, j])
+            val, grads = one(qs[i, j], ks[i, j], vs[i, j])
             np.testing.assert_allclose(got[0][i, j], val, rtol=1e-5)
             for g, w in zip(got[1], grads):
                 np.testing.assert_allclose(g[i, j], w, rtol=1e-4, atol=1e-5)
@@ -65,7 +67,7 @@ def test_pmap_matches_single_device(impl: str) -> None:
     split = [x.reshape(2, 1, *x.shape[1:]) for x in (q, k, v)]
     grad = jax.grad(functools.partial(loss, impl=impl), argnums=(0, 1, 2))
     got = jax.pmap(grad)(*split)
-    want = grad(q, k, v)
+    want = jax.jit(grad)(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g.reshape(w.shape), w, rtol=1e-4, atol=1e-5)
 
@@ -85,9 +87,9 @@ def test_shard_map_over_batch(impl: str) -> None:
     sharded = jax.jit(
         jax.shard_map(per_shard, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=check_vma)
     )
-    np.testing.assert_allclose(sharded(q, k, v), per_shard(q, k, v), rtol=1e-5, atol=1e-6)
-    g = jax.grad(lambda *a: jnp.sum(jnp.sin(sharded(*a))), argnums=(0, 1, 2))(q, k, v)
-    w = jax.grad(functools.partial(loss, impl=impl), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(sharded(q, k, v), jax.jit(per_shard)(q, k, v), rtol=1e-5, atol=1e-6)
+    g = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(sharded(*a))), argnums=(0, 1, 2)))(q, k, v)
+    w = jax.jit(jax.grad(functools.partial(loss, impl=impl), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(g, w):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -96,7 +98,7 @@ def test_shard_map_over_batch(impl: str) -> None:
 def test_checkpoint_gives_the_same_gradients(impl: str) -> None:
     q, k, v, _, _ = make_inputs(case_for(impl))
     f = functools.partial(loss, impl=impl)
-    plain = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+    plain = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
     remat = jax.jit(jax.grad(jax.checkpoint(f), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(remat, plain):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -133,8 +135,9 @@ def test_vmap_with_a_dropout_key_per_slice(impl: str) -> None:
         out = dot_product_attention(q, q, q, dropout_rate=0.3, dropout_rng=key, implementation=impl)
         return jnp.sum(out**2)
 
-    vals, grads = jax.vmap(jax.value_and_grad(loss))(qs, keys)
+    vals, grads = jax.jit(jax.vmap(jax.value_and_grad(loss)))(qs, keys)
+    one = jax.jit(jax.value_and_grad(loss))
     for i in range(3):
-        val, grad = jax.value_and_grad(loss)(qs[i], keys[i])
+        val, grad = one(qs[i], keys[i])
         np.testing.assert_allclose(vals[i], val, rtol=1e-5)
         np.testing.assert_allclose(grads[i], grad, rtol=1e-4, atol=1e-4)
