@@ -44,7 +44,7 @@ case "$cmd" in
     workers=${TEST_WORKERS:-2}
     if [ "$workers" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
       export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.2}
-      set -- -n "$workers" "$@"
+      set -- -n "$workers" --dist worksteal "$@"
     fi
     "$PY" -m pytest -q "$@"
     ;;
