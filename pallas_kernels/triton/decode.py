@@ -48,8 +48,8 @@ def _key_block(
     r: tiles.Refs, kb: jax.Array, block_k: int, page_size: int | None
 ) -> tuple[jax.Array, jax.Array]:
     """The `(block_k, Hp)` K and V tiles of key block `kb`: a slice of the contiguous cache; with
-    pages (the pools flattened to rows, `page_size` keys a page; page ids clipped to the pool's
-    here, the table's entries past a row's length may hold anything) a slice of one page (pages of
+    pages (the pools flattened to rows, `page_size` keys a page; page ids are clipped into the
+    pool here, as entries past a row's length may hold anything) a slice of one page (pages of
     `block_k` keys or more), or the block's rows gathered from several pages (one 2-D gather; a
     gather of whole pages reshaped to a tile made paged caches 1.5-2.2x slower on the H200)."""
     if page_size is None:
