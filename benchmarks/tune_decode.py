@@ -121,17 +121,16 @@ def main() -> None:
     p.add_argument("--splits", help="split counts to try, e.g. 8,16,33 (default: factors x plan)")
     args = p.parse_args()
     heads = tuple(int(x) for x in args.heads.split(","))
-    tiles = TILES
+    grid = {}
     if args.tiles:
-        tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
-    splits_of = None
+        grid["tiles"] = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
     if args.splits:
         counts = [int(n) for n in args.splits.split(",")]
-        splits_of = lambda planned: counts  # noqa: E731
+        grid["splits_of"] = lambda planned: counts
     rows = []
     for shape in parse_shapes(",".join(args.shapes)):
         print(f"{shape.batch}x{shape.seq} page {args.paged} heads {heads}", flush=True)
-        found = sweep(shape, args.paged, heads, tiles, *([splits_of] if splits_of else []))
+        found = sweep(shape, args.paged, heads, **grid)
         rows += found
         ok = sorted((r for r in found if r["status"] == "ok"), key=lambda r: r["us"])
         chosen = next(r for r in found if r["cfg"] == "configs.py")

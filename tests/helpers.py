@@ -131,12 +131,12 @@ def served(impl: str, q, k, v, kw) -> bool:
     return False
 
 
-def run(impl: str, q, k, v, dout, kw, *, jit: bool = True):
+def run(impl: str, q, k, v, dout, kw):
     """(out, logsumexp, dq, dk, dv) of one implementation; the loss also reads the logsumexp.
 
     The whole computation is one jitted program: op by op, every op of the naive references
     and of the interpreted kernels compiles and dispatches separately (a small suite case took
-    22-28 s eagerly on the CPU, 5-10 s jitted). `jit=False` runs it eagerly."""
+    22-28 s eagerly on the CPU, 5-10 s jitted)."""
 
     def f(q, k, v):
         return dot_product_attention(q, k, v, implementation=impl, return_residual=True, **kw)
@@ -146,9 +146,7 @@ def run(impl: str, q, k, v, dout, kw, *, jit: bool = True):
         dlse = jnp.where(jnp.isfinite(lse), 0.1, 0.0).astype(lse.dtype)
         return (out, lse, *vjp((dout.astype(out.dtype), dlse)))
 
-    if jit:
-        values_and_grads = jax.jit(values_and_grads)
-    return values_and_grads(q, k, v, dout)
+    return jax.jit(values_and_grads)(q, k, v, dout)
 
 
 def run_reference64(q, k, v, dout, kw):
