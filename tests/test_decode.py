@@ -170,6 +170,7 @@ CONTIGUOUS = [
     DecodeCase(B=3, T=3, N=8, K=2, H=64, S=77, dtype="float16", window=5, softcap=3.0),
     DecodeCase(B=1, T=4, N=4, K=1, H=40, S=64, dtype="float32", lengths="full"),
     DecodeCase(B=2, T=1, N=2, K=2, H=16, S=300, window=40),
+    DecodeCase(B=2, T=3, N=6, K=2, H=16, S=90),  # G = 3, T = 3: both padded to 4
 ]
 
 
@@ -231,7 +232,7 @@ def test_split_rule() -> None:
     x = make_inputs(case)
     ops = flashjax.decode.decode_operands(x.q, x.k, x.v, x.lengths)
     p = decode_api.plan(ops, target="interpret")
-    assert (p.rows, p.block_k, p.key_blocks, p.splits) == (16, 16, 10, 2)
+    assert (p.queries, p.group, p.block_k, p.key_blocks, p.splits) == (1, 2, 16, 10, 2)
     assert decode_api.plan(ops, num_splits=5, target="interpret").splits == 5
 
 
@@ -467,6 +468,8 @@ GPU_CASES = [
     DecodeCase(B=3, T=1, N=32, K=8, H=128, S=4096, page=64),
     DecodeCase(B=2, T=2, N=16, K=2, H=64, S=4096, page=256, dtype="float16"),
     DecodeCase(B=2, T=1, N=8, K=1, H=256, S=2048, dtype="float32"),
+    DecodeCase(B=2, T=1, N=12, K=12, H=64, S=2048),  # GPT-2's heads: 16 copies of one row
+    DecodeCase(B=2, T=3, N=12, K=2, H=64, S=3000, page=16),  # T and G = 6 padded
 ]
 
 

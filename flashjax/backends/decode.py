@@ -38,8 +38,8 @@ def forward(
         out, lse = out[0], lse[0]
     else:
         out, lse = merge_attention_parts(out, lse, axis=0)
-    out = decode_api.unpack_rows(out, ops.seq_q).astype(ops.q.dtype)
-    return out, decode_api.unpack_rows(lse, ops.seq_q)
+    b, t = ops.batch, ops.seq_q  # (B, T, K, G, ...) -> (B, T, N, ...)
+    return out.reshape(ops.q.shape).astype(ops.q.dtype), lse.reshape(b, t, ops.num_heads)
 
 
 def _backward(ops: Operands, out, lse, dout, dlse) -> Operands:
@@ -72,11 +72,12 @@ def unsupported(ops: Operands) -> str | None:
             f"{ops.seq_q} queries, more than the {configs.DECODE_MAX_QUERIES} new tokens of a "
             "decode step"
         )
-    rows = ops.seq_q * ops.group
+    rows = decode_api.padded_rows(ops.seq_q, ops.group)
     if rows > configs.DECODE_MAX_ROWS:
         return (
-            f"{ops.seq_q} queries x {ops.group} query heads per KV head = {rows} rows, more than "
-            f"the {configs.DECODE_MAX_ROWS} one decode program packs (not a decode step)"
+            f"{ops.seq_q} queries x {ops.group} query heads per KV head = {rows} rows (each "
+            f"padded to a power of two), more than the {configs.DECODE_MAX_ROWS} one decode "
+            "program packs (not a decode step)"
         )
     if ops.seq_q > ops.seq_k:
         return f"more queries ({ops.seq_q}) than keys ({ops.seq_k}): not a decode step"

@@ -5,8 +5,11 @@ per row it launches B x N programs that each read a whole K/V head (G times over
 leaves most of the GPU idle. This kernel instead:
 
 - packs the queries of a KV head (GQA packing): a program takes all T x G query rows of one KV
-  head (row r = t * G + g, padded to a power of two >= 16 for the tile matmul), so each K/V byte
-  it reads serves every query head of the group, once;
+  head, read in place from the query's `(B, T, K, G, H)` view (row r = t * G + g; T and G
+  padded to powers of two only when they are not), so each K/V byte it reads serves every query
+  head of the group, once. Fewer than 16 rows (the tile matmul's least) are replicated in the
+  kernel and the copies' results, bitwise equal, are folded back: no padding pass over the query
+  before the kernel;
 - splits the keys: grid (split, batch row, KV head). The key blocks the program's rows see
   (`visibility.block_range`) are cut into `splits` near-equal shares at run time
   (`visibility.share_range`); each program walks its share with the online softmax and writes a
@@ -14,15 +17,15 @@ leaves most of the GPU idle. This kernel instead:
   with the one `(out, lse)` merge (flashjax.merge).
 
 Refs (`tiles.Refs`, prepared by `decode_api.py`):
-  q           (B, K, R, Hp)   packed query rows
+  q           (B, Tp, K, Gp, Hp) the query, Tp x Gp rows per KV head
   k, v        (B, Sp, K, Hp)  contiguous cache, Sp a multiple of block_k; or page pools
               flattened to rows (num_pages * page_size, K, Hp) (page p's keys are rows
               p * page_size ...), with
   page_table  (B, Pp) int32   page ids (clipped in the kernel), padded so that every key
                               block's pages exist
   seq         (B, 4) int32 (`Operands.seq_info`), or None: the static (0, 0, T, S)
-Outputs: out (splits, B, K, R, Hp) float32 and lse2 (splits, B, K, R) float32; a split that saw
-no key has out 0 and lse2 -inf.
+Outputs: out (splits, B, Tp, K, Gp, Hp), float32 (the query's dtype when there is one split),
+and lse2 (splits, B, Tp, K, Gp) float32; a split that saw no key has out 0 and lse2 -inf.
 
 Causality among the new tokens, windows, offsets and lengths are THE visibility rule's: interior
 key blocks run without a mask, boundary blocks with `element_visible`'s (and K/V rows past the
@@ -39,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import common, visibility
+from pallas_kernels.configs import MIN_BLOCK as MIN_ROWS
 from pallas_kernels.configs import DecodeConfig
 from pallas_kernels.operands import AttentionStatics
 from pallas_kernels.triton import tiles
@@ -74,17 +78,21 @@ def _decode_kernel(
     lse_ref,
     *,
     statics: AttentionStatics,
-    group: int,
     block_k: int,
     page_size: int | None,
     splits: int,
     static_seq: tuple[int, int, int, int],
 ):
-    rows, head_dim = r.q.shape
+    tp, gp, head_dim = r.q.shape
+    rows = tp * gp
+    copies = max(1, MIN_ROWS // rows)
     split, b, kh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seq = tiles.seq_of(r, static_seq)
-    queries = jnp.arange(rows, dtype=jnp.int32) // group  # the new token of each packed row
-    q = r.q[...]
+    # the new token of each (replicated) row
+    queries = lax.rem(jnp.arange(copies * rows, dtype=jnp.int32), rows) // gp
+    q = r.q[...].reshape(rows, head_dim)
+    if copies > 1:
+        q = jnp.broadcast_to(q[None], (copies, rows, head_dim)).reshape(copies * rows, head_dim)
 
     def body(kb, carry, *, masked: bool):
         acc, m, l = carry
@@ -102,12 +110,15 @@ def _decode_kernel(
     seen = visibility.block_range(statics, 0, static_seq[2], block_k, seq)
     carry = tiles.walk(
         body,
-        common.online_softmax_start(rows, head_dim),
+        common.online_softmax_start(copies * rows, head_dim),
         ranges=visibility.share_range(seen, split, splits),
     )
     out, lse2 = common.finalize(*carry)
-    o_ref[...] = out
-    lse_ref[...] = lse2
+    if copies > 1:  # the copies are bitwise equal: any reduction returns them
+        out = jnp.max(out.reshape(copies, rows, head_dim), axis=0)
+        lse2 = jnp.max(lse2.reshape(copies, rows), axis=0)
+    o_ref[...] = out.reshape(tp, gp, head_dim).astype(o_ref.dtype)
+    lse_ref[...] = lse2.reshape(tp, gp)
 
 
 def decode(
@@ -118,12 +129,11 @@ def decode(
     block_k: int,
     page_size: int | None,
     splits: int,
-    group: int,
     interpret: bool,
     static_seq: tuple[int, int, int, int],
 ) -> tuple[jax.Array, jax.Array]:
     """Prepared refs (see the module docstring) -> per-split `(out, lse2)`."""
-    batch, num_kv_heads, rows, head_dim = r.q.shape
+    batch, tp, num_kv_heads, gp, head_dim = r.q.shape
     if r.page_table is None:
         seq_k = r.k.shape[1]
         kv_spec = pl.BlockSpec((None, seq_k, None, head_dim), lambda s, b, h: (b, 0, h, 0))
@@ -133,24 +143,25 @@ def decode(
         kv_spec = pl.BlockSpec((pool_rows, None, head_dim), lambda s, b, h: (0, h, 0))
         table_spec = pl.BlockSpec((None, r.page_table.shape[1]), lambda s, b, h: (b, 0))
     specs = r.specs(
-        q=pl.BlockSpec((None, None, rows, head_dim), lambda s, b, h: (b, h, 0, 0)),
+        q=pl.BlockSpec((None, tp, None, gp, head_dim), lambda s, b, h: (b, 0, h, 0, 0)),
         k=kv_spec,
         v=kv_spec,
         page_table=table_spec,
         **tiles.row_specs(r, row_of=lambda s, b, h: b),
     )
     out_specs = [
-        pl.BlockSpec((None, None, None, rows, head_dim), lambda s, b, h: (s, b, h, 0, 0)),
-        pl.BlockSpec((None, None, None, rows), lambda s, b, h: (s, b, h, 0)),
+        pl.BlockSpec((None, None, tp, None, gp, head_dim), lambda s, b, h: (s, b, 0, h, 0, 0)),
+        pl.BlockSpec((None, None, tp, None, gp), lambda s, b, h: (s, b, 0, h, 0)),
     ]
+    # one split's output is the result: written in the query's dtype (no cast after the kernel)
+    out_dtype = r.q.dtype if splits == 1 else jnp.float32
     out_shape = [
-        tiles.out_shape(r.q, (splits, batch, num_kv_heads, rows, head_dim), jnp.float32),
-        tiles.out_shape(r.q, (splits, batch, num_kv_heads, rows), jnp.float32),
+        tiles.out_shape(r.q, (splits, batch, tp, num_kv_heads, gp, head_dim), out_dtype),
+        tiles.out_shape(r.q, (splits, batch, tp, num_kv_heads, gp), jnp.float32),
     ]
     kernel = functools.partial(
         _decode_kernel,
         statics=statics,
-        group=group,
         block_k=block_k,
         page_size=page_size,
         splits=splits,

@@ -1,9 +1,10 @@
 """Host side of the decode kernel: plan the tiles and splits, pack the queries, launch.
 
-`forward_parts(ops)` returns the kernel's per-split partial results in the packed row layout;
-the caller merges the splits (flashjax.merge) and unpacks the rows (`unpack_rows`). Nothing here
-copies a cache whose shapes already fit: a contiguous cache is padded only when its length is
-not a multiple of 16, either cache only when its head dim is not a power of two.
+`forward_parts(ops)` returns the kernel's per-split partial results in the query's layout; the
+caller merges the splits (flashjax.merge). Nothing here copies an operand whose shapes already
+fit: the query is read in place (a `(B, T, K, G, H)` view) unless T, G or H is not a power of
+two, a contiguous cache is padded only when its length is not a multiple of 16, either cache
+only when its head dim is not a power of two.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class DecodePlan:
 
     Attributes:
       config: the config table's entry, its stages cut to fit shared memory.
-      rows: packed query rows per program, T x G padded to a power of two >= 16.
+      queries, group: T and G padded to powers of two (the query tile of a program is
+        `queries x group` rows: T x G, padded).
       block_k: keys per step.
       splits: programs per (batch row, KV head) along the keys.
       key_blocks: blocks of `block_k` keys covering the cache's capacity.
@@ -36,7 +38,8 @@ class DecodePlan:
     """
 
     config: configs.DecodeConfig
-    rows: int
+    queries: int
+    group: int
     block_k: int
     splits: int
     key_blocks: int
@@ -85,7 +88,8 @@ def plan(
     stages = configs.decode_stages(config, block_k, head_dim, ops.q.dtype.itemsize)
     return DecodePlan(
         config=dataclasses.replace(config, num_stages=stages),
-        rows=max(configs.MIN_BLOCK, _next_pow2(ops.seq_q * ops.group)),
+        queries=_next_pow2(ops.seq_q),
+        group=_next_pow2(ops.group),
         block_k=block_k,
         splits=num_splits,
         key_blocks=key_blocks,
@@ -94,28 +98,9 @@ def plan(
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# The packed row layout: row r = t * G + g of KV head kh is query head kh * G + g of token t
-# --------------------------------------------------------------------------------------------------
-
-
-def pack_rows(q: jax.Array, num_kv_heads: int) -> jax.Array:
-    """`(B, T, N, H)` -> `(B, K, T * G, H)`."""
-    b, t, n, h = q.shape
-    g = n // num_kv_heads
-    q = q.reshape(b, t, num_kv_heads, g, h).transpose(0, 2, 1, 3, 4)
-    return q.reshape(b, num_kv_heads, t * g, h)
-
-
-def unpack_rows(x: jax.Array, seq_q: int) -> jax.Array:
-    """`(B, K, T * G, ...)` -> `(B, T, N, ...)`: the inverse of `pack_rows` (on outputs with a
-    trailing head dim, or on logsumexps without one)."""
-    b, k, rows = x.shape[:3]
-    tail = x.shape[3:]
-    g = rows // seq_q
-    x = x.reshape(b, k, seq_q, g, *tail)
-    x = jnp.moveaxis(x, 2, 1)  # (B, T, K, G, ...)
-    return x.reshape(b, seq_q, k * g, *tail)
+def padded_rows(seq_q: int, group: int) -> int:
+    """Query rows of one decode program: T x G, each padded to a power of two."""
+    return _next_pow2(seq_q) * _next_pow2(group)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,7 +117,9 @@ def _page_table(ops: Operands, p: DecodePlan) -> jax.Array:
 
 
 def _refs(ops: Operands, p: DecodePlan) -> Refs:
-    q = pad_axis(pad_axis(pack_rows(ops.q, ops.num_kv_heads), 2, p.rows), 3, p.head_dim)
+    b, t, _, h = ops.q.shape
+    q = pad_axis(ops.q, 1, p.queries).reshape(b, p.queries, ops.num_kv_heads, ops.group, h)
+    q = pad_axis(pad_axis(q, 3, p.group), 4, p.head_dim)
     if ops.page_table is None:
         k, v = (
             pad_axis(pad_axis(x, 1, p.key_blocks * p.block_k), 3, p.head_dim)
@@ -152,8 +139,9 @@ def forward_parts(
     target: str | None = None,
     config: configs.DecodeConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """The kernel's partial results: `out (splits, B, K, T * G, H)` float32, normalized over each
-    split's keys, and base-2 `lse2 (splits, B, K, T * G)` (-inf where a split saw no key)."""
+    """The kernel's partial results: `out (splits, B, T, K, G, H)`, normalized over each
+    split's keys (float32; the query's dtype when there is one split), and base-2
+    `lse2 (splits, B, T, K, G)` float32 (-inf where a split saw no key)."""
     p = plan(ops, num_splits, target, config)
     out, lse2 = _decode.decode(
         _refs(ops, p),
@@ -162,9 +150,8 @@ def forward_parts(
         block_k=p.block_k,
         page_size=None if ops.page_table is None else ops.page_size,
         splits=p.splits,
-        group=ops.group,
         interpret=p.interpret,
         static_seq=(0, 0, ops.seq_q, ops.seq_k),
     )
-    rows = ops.seq_q * ops.group
-    return out[..., :rows, : ops.head_dim], lse2[..., :rows]
+    t, g = ops.seq_q, ops.group
+    return out[:, :, :t, :, :g, : ops.head_dim], lse2[:, :, :t, :, :g]
