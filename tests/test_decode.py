@@ -40,6 +40,10 @@ class DecodeCase:
     window: int | None = None
     softcap: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.page and self.S % self.page:
+            raise ValueError(f"S={self.S} is not a multiple of page={self.page}")
+
     @property
     def id(self) -> str:
         extra = [f"page{self.page}" if self.page else "contiguous", self.lengths]
@@ -469,7 +473,7 @@ GPU_CASES = [
     DecodeCase(B=2, T=2, N=16, K=2, H=64, S=4096, page=256, dtype="float16"),
     DecodeCase(B=2, T=1, N=8, K=1, H=256, S=2048, dtype="float32"),
     DecodeCase(B=2, T=1, N=12, K=12, H=64, S=2048),  # GPT-2's heads: 16 copies of one row
-    DecodeCase(B=2, T=3, N=12, K=2, H=64, S=3000, page=16),  # T and G = 6 padded
+    DecodeCase(B=2, T=3, N=12, K=2, H=64, S=3008, page=16),  # T and G = 6 padded
 ]
 
 
