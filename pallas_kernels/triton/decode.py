@@ -48,28 +48,39 @@ from pallas_kernels.operands import AttentionStatics
 from pallas_kernels.triton import tiles
 
 
-def _key_block(
-    r: tiles.Refs, kb: jax.Array, block_k: int, page_size: int | None
-) -> tuple[jax.Array, jax.Array]:
-    """The `(block_k, Hp)` K and V tiles of key block `kb`: a slice of the contiguous cache; with
-    pages (the pools flattened to rows, `page_size` keys a page; page ids are clipped into the
-    pool here, as entries past a row's length may hold anything) a slice of one page (pages of
-    `block_k` keys or more), or the block's rows gathered from several pages (one 2-D gather; a
-    gather of whole pages reshaped to a tile made paged caches 1.5-2.2x slower on the H200)."""
-    if page_size is None:
-        keys = pl.ds(kb * block_k, block_k)
-        return r.k[keys, :], r.v[keys, :]
+def _block_rows(r: tiles.Refs, kb: jax.Array, block_k: int, page_size: int) -> jax.Array:
+    """Where key block `kb` of a paged cache lies in the pools flattened to rows (`page_size` keys
+    a page): its first row (pages of `block_k` keys or more: the block is a slice of one page), or
+    each of its `block_k` rows (smaller pages: the block is gathered from several). Page ids are
+    clipped into the pool here, as entries past a row's length may hold anything, and so is the
+    table index (`kb` may be one past the last block when the walk reads a block ahead)."""
     last_page = r.k.shape[0] // page_size - 1
+    last_entry = r.page_table.shape[0] - 1
     if page_size >= block_k:
         per_page = page_size // block_k
-        page = jnp.clip(r.page_table[lax.div(kb, per_page)], 0, last_page)
-        start = page * page_size + lax.rem(kb, per_page) * block_k
-        keys = pl.ds(pl.multiple_of(start, block_k), block_k)
-        return r.k[keys, :], r.v[keys, :]
+        entry = jnp.minimum(lax.div(kb, per_page), last_entry)
+        page = jnp.clip(r.page_table[entry], 0, last_page)
+        return page * page_size + lax.rem(kb, per_page) * block_k
     j = jnp.arange(block_k, dtype=jnp.int32)
-    pages = jnp.clip(r.page_table[kb * (block_k // page_size) + j // page_size], 0, last_page)
-    rows = pages * page_size + j % page_size
-    return r.k[rows, :], r.v[rows, :]
+    entries = jnp.minimum(kb * (block_k // page_size) + j // page_size, last_entry)
+    pages = jnp.clip(r.page_table[entries], 0, last_page)
+    return pages * page_size + j % page_size
+
+
+def _key_block(
+    r: tiles.Refs, kb: jax.Array, block_k: int, rows: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """The `(block_k, Hp)` K and V tiles of key block `kb`: a slice of the contiguous cache
+    (`rows` None), or of the flattened page pools at `_block_rows`'s `rows` (a first row: one
+    slice; a row per key: one 2-D gather; a gather of whole pages reshaped to a tile made paged
+    caches 1.5-2.2x slower on the H200)."""
+    if rows is None:
+        keys = pl.ds(kb * block_k, block_k)
+    elif rows.ndim == 0:
+        keys = pl.ds(pl.multiple_of(rows, block_k), block_k)
+    else:
+        return r.k[rows, :], r.v[rows, :]
+    return r.k[keys, :], r.v[keys, :]
 
 
 def _decode_kernel(
@@ -82,6 +93,7 @@ def _decode_kernel(
     page_size: int | None,
     splits: int,
     static_seq: tuple[int, int, int, int],
+    prefetch_pages: bool,
 ):
     tp, gp, head_dim = r.q.shape
     rows = tp * gp
@@ -94,10 +106,16 @@ def _decode_kernel(
     if copies > 1:
         q = jnp.broadcast_to(q[None], (copies, rows, head_dim)).reshape(copies * rows, head_dim)
 
+    def block_rows(kb):
+        return None if page_size is None else _block_rows(r, kb, block_k, page_size)
+
     def body(kb, carry, *, masked: bool):
-        acc, m, l = carry
+        acc, m, l, ahead = carry
         cols = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
-        k, v = _key_block(r, kb, block_k, page_size)
+        where = ahead if prefetch_pages else block_rows(kb)
+        if prefetch_pages:  # the next block's page ids, read while this block's K/V stream in
+            ahead = block_rows(kb + 1)
+        k, v = _key_block(r, kb, block_k, where)
         mask = None
         if masked:
             mask = tiles.tile_mask(statics, queries, cols, seq, None, None, b, kh)
@@ -105,15 +123,15 @@ def _decode_kernel(
         s2, _ = common.scores(tiles.dot(q, k, trans_b=True), statics.scale, statics, None, mask)
         p, m, l, alpha = common.online_softmax_step(s2, m, l)
         acc = acc * alpha[:, None] + tiles.dot(p.astype(v.dtype), v)
-        return acc, m, l
+        return acc, m, l, ahead
 
     seen = visibility.block_range(statics, 0, static_seq[2], block_k, seq)
+    share = visibility.share_range(seen, split, splits)
+    first = block_rows(share[0]) if prefetch_pages else jnp.int32(0)
     carry = tiles.walk(
-        body,
-        common.online_softmax_start(copies * rows, head_dim),
-        ranges=visibility.share_range(seen, split, splits),
+        body, (*common.online_softmax_start(copies * rows, head_dim), first), ranges=share
     )
-    out, lse2 = common.finalize(*carry)
+    out, lse2 = common.finalize(*carry[:3])
     if copies > 1:  # the copies are bitwise equal: any reduction returns them
         out = jnp.max(out.reshape(copies, rows, head_dim), axis=0)
         lse2 = jnp.max(lse2.reshape(copies, rows), axis=0)
@@ -166,6 +184,7 @@ def decode(
         page_size=page_size,
         splits=splits,
         static_seq=static_seq,
+        prefetch_pages=config.prefetch_pages and page_size is not None,
     )
     return pl.pallas_call(
         kernel,
