@@ -20,8 +20,9 @@ tune() {  # tune NAME DEADLINE ARGS...
   timeout "$(until_s "$deadline")" python3 benchmarks/tune_decode.py "$L/$name.json" "$@" \
     > "$L/$name.log" 2>&1
 }
-tune tune_c 230 1x8k 1x64k --tiles 128:4:3,64:4:3 --splits 16,48
-tune tune_p16 330 1x8k 1x64k --paged 16 --tiles 128:4:3,128:4:3:p,64:4:3,64:4:3:p --splits 16,48
+tune tune_c 240 1x8k 1x64k --tiles 128:4:3,64:4:3,64:4:2 --splits 16,33
+tune tune_p16 340 1x8k 1x64k --paged 16 --tiles 64:4:3,64:4:3:p,128:4:3:p \
+  --splits 16,33,48
 timeout "$(until_s 450)" python3 -m flashjax bench --decode --no-flax --max-minutes 2 \
   --backends flashjax,flashjax_paged16,flashjax_paged64,jax_cudnn,jax_xla \
   --out "$L/bench" > "$L/decode.log" 2>&1
