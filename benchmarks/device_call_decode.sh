@@ -1,7 +1,8 @@
 #!/bin/bash
-# One device call (about 8 minutes): the decode kernel's GPU tests, the PTX of its loads
+# One device call (about 9.5 minutes): the decode kernel's GPU tests, the PTX of its loads
 # (benchmarks/decode_ptx.py), contiguous against paged tiles with and without prefetched page ids
-# (benchmarks/tune_decode.py, same loop), the decode bench beside cuDNN and XLA, GPT-2 small
+# (benchmarks/tune_decode.py, same loop), the decode bench beside cuDNN and XLA, a profile of
+# the steps' kernels (benchmarks/profile_decode.py), GPT-2 small
 # generation at batch 1 (and 32 with GEN32=1). Logs tarred into $OUT/logs.tgz.
 # Usage (device tool, from the repo root):
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_call_decode.sh
@@ -26,11 +27,14 @@ tune tune_p16 340 1x8k 1x64k --paged 16 --tiles 64:4:3,64:4:3:p,128:4:3:p \
 timeout "$(until_s 450)" python3 -m flashjax bench --decode --no-flax --max-minutes 2 \
   --backends flashjax,flashjax_paged16,flashjax_paged64,jax_cudnn,jax_xla \
   --out "$L/bench" > "$L/decode.log" 2>&1
-gen 1 "$L" 520
+timeout "$(until_s 500)" python3 benchmarks/profile_decode.py "$L/profile.json" 1x8k 1x64k \
+  --steps flashjax,paged16,jax_cudnn > "$L/profile.log" 2>&1
+gen 1 "$L" 575
 [ -n "$GEN32" ] && gen 32 "$L" 590
 tail -5 "$L/dtests.log"
 cat "$L/ptx.log" | tail -12
 for f in "$L"/tune_*.log; do tail -14 "$f"; done
 grep -v "^$" "$L/decode.log" | tail -25
+cat "$L/profile.log"
 for f in "$L"/gpt2*.log; do tail -8 "$f"; done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs
