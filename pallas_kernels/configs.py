@@ -298,7 +298,9 @@ class DecodeConfig:
         than `paged_waves` waves, this many;
       min_blocks: ... and at least this many key blocks of the cache's capacity per split.
       prefetch_pages: a paged cache's walk reads the page ids of the next key block while the
-        current block's K/V load (the ids ride in the loop carry), instead of before its load.
+        current block's K/V load (the ids ride in the loop carry). Off, each block's ids are read
+        right before its K/V: the software pipeline issues that read synchronously ahead of the
+        K/V copies, and every block waits a memory latency for its ids.
     Measured on the H200 (benchmarks/results/2026-11-30-h200-s6/decode_tune: 32 query / 8 KV
     heads, head dim 128, bf16): one wave (16 splits) 18.3 us at 1 x 8k and 76.4 us at 1 x 64k
     against two waves' (33 splits) 24.1 and 86.6 us; paged (16-key pages) 1 x 64k two waves
@@ -320,7 +322,7 @@ class DecodeConfig:
     paged_waves: int = 2
     paged_overfull_splits: int = 2
     min_blocks: int = 2
-    prefetch_pages: bool = False
+    prefetch_pages: bool = True
 
 
 D = DecodeConfig
@@ -337,7 +339,7 @@ _DECODE_TABLE: dict[tuple[str, int], DecodeConfig] = {
     ("sm90", 16): D(128, 4, 3),
     ("sm90", 32): D(128, 4, 3),
     ("sm90", 64): D(128, 4, 3, unsplit_block_k=64),
-    ("sm90", 128): D(128, 4, 3, paged_waves=3),
+    ("sm90", 128): D(128, 4, 3, paged_block_k=128, paged_waves=1, paged_overfull_splits=1),
     ("sm90", 256): D(64, 4, 2),
     ("sm80", 16): D(128, 4, 2),
     ("sm80", 32): D(128, 4, 2),

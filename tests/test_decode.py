@@ -266,14 +266,15 @@ def test_unsplit_block() -> None:
 
 @pytest.mark.parametrize("page", [16, 64, 256])
 def test_paged_plan_on_hopper(page: int) -> None:
-    """On sm90 a paged cache walks 64-key blocks (the H200 sweep: 10% faster than 128 at pages
-    of 16), gathered from several pages or sliced from one; a contiguous one 128-key blocks."""
+    """On sm90 at head dim 128 a paged cache (its page ids read a block ahead) is planned as a
+    contiguous one: 128-key blocks (gathered from several pages or sliced from one), one wave of
+    programs (the H200 sweep, results/2026-12-02-h200-s16)."""
     case = DecodeCase(B=1, T=1, N=32, K=8, H=128, S=8192, page=page)
     x = make_inputs(case)
     paged = flashjax.decode.decode_operands(x.q, *x.pools, x.lengths, page_table=x.table)
-    assert decode_api.plan(paged, target="sm90").block_k == 64
     contiguous = flashjax.decode.decode_operands(x.q, x.k, x.v, x.lengths)
-    assert decode_api.plan(contiguous, target="sm90").block_k == 128
+    plans = [decode_api.plan(ops, target="sm90") for ops in (paged, contiguous)]
+    assert [(p.block_k, p.splits) for p in plans] == [(128, plans[1].splits)] * 2
 
 
 def test_default_implementation_on_cpu_is_the_chunked_path(monkeypatch) -> None:
@@ -364,14 +365,15 @@ def test_paged_matches_reference(case: DecodeCase) -> None:
 
 
 @pytest.mark.parametrize("case", PAGED, ids=lambda c: c.id)
-def test_paged_prefetched_page_ids_match_reference(case: DecodeCase) -> None:
-    """`DecodeConfig.prefetch_pages` (each block's page ids read one block ahead, in the loop
-    carry) reads the same keys: the forward against the reference, junk ids past the lengths."""
-    x = make_inputs(case, salt="prefetch")
+def test_paged_page_ids_read_in_step_match_reference(case: DecodeCase) -> None:
+    """Without `DecodeConfig.prefetch_pages` (on by default: each block's page ids read one block
+    ahead, in the loop carry) the walk reads each block's ids in its own step: the same keys, the
+    forward against the reference, junk ids past the lengths."""
+    x = make_inputs(case, salt="in step")
     x = dataclasses.replace(x, table=_garbage_past_lengths(x, case.page))
     ops = flashjax.decode.decode_operands(x.q, *x.pools, x.lengths, page_table=x.table)
     config = configs.get_decode_config(case.H, "interpret")
-    config = dataclasses.replace(config, prefetch_pages=True)
+    config = dataclasses.replace(config, prefetch_pages=False)
     for splits in (1, 3):
         out, lse = jax.jit(lambda o, s=splits: decode_backend.forward(o, s, config))(ops)
         label = f"{case.id} splits={splits}"
