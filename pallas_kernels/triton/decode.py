@@ -13,10 +13,9 @@ leaves most of the GPU idle. This kernel instead:
 - splits the keys: grid (split, batch row, KV head). The key blocks the program's rows see
   (`visibility.block_range`) are cut into `splits` near-equal shares at run time
   (`visibility.share_range`); each program walks its share with the online softmax and writes a
-  partial output, normalized over its keys, and its base-2 logsumexp. A second kernel
-  (`merge_splits`) folds the splits into the result: the same online softmax, over the splits'
-  logsumexps, one launch (the same merge as XLA ops took four small fusions, ~4 us a step on the
-  H200, 6% of a 1 x 64k step).
+  partial output, normalized over its keys, and its base-2 logsumexp. The host merges the splits
+  with the one `(out, lse)` merge (flashjax.merge: two small XLA fusions, ~2.8 us a step on the
+  H200; a Pallas kernel walking the splits took 4.9 us, benchmarks/results/2026-12-02-h200-s16).
 
 Refs (`tiles.Refs`, prepared by `decode_api.py`):
   q           (B, Tp, K, Gp, Hp) the query, Tp x Gp rows per KV head
@@ -198,48 +197,3 @@ def decode(
         interpret=interpret,
         name="flashjax_decode",
     )(r)
-
-
-def _merge_kernel(parts_ref, lse_ref, o_ref, lse_out_ref, *, splits: int):
-    _, tp, gp, head_dim = parts_ref.shape
-    rows = tp * gp
-
-    def body(split, carry):
-        acc, m, l = carry
-        lse2 = lse_ref[split].reshape(rows, 1)  # one "key" a row: the split, its weight 2**lse2
-        p, m, l, alpha = common.online_softmax_step(lse2, m, l)
-        return acc * alpha[:, None] + p * parts_ref[split].reshape(rows, head_dim), m, l
-
-    carry = lax.fori_loop(0, splits, body, common.online_softmax_start(rows, head_dim))
-    out, lse2 = common.finalize(*carry)
-    o_ref[...] = out.reshape(tp, gp, head_dim).astype(o_ref.dtype)
-    lse_out_ref[...] = lse2.reshape(tp, gp)
-
-
-def merge_splits(
-    parts: jax.Array, lse2: jax.Array, dtype, *, config: DecodeConfig, interpret: bool
-) -> tuple[jax.Array, jax.Array]:
-    """`decode`'s per-split `(out, lse2)` -> the attention over all keys: out `(B, Tp, K, Gp, Hp)`
-    in `dtype` and lse2 `(B, Tp, K, Gp)` base 2 (-inf where no split saw a key). One program
-    per (batch row, KV head) walks the splits (an online softmax whose "keys" are the splits,
-    each weighing 2**lse2)."""
-    splits, batch, tp, num_kv_heads, gp, head_dim = parts.shape
-    return pl.pallas_call(
-        functools.partial(_merge_kernel, splits=splits),
-        grid=(batch, num_kv_heads),
-        in_specs=[
-            pl.BlockSpec((splits, None, tp, None, gp, head_dim), lambda b, h: (0, b, 0, h, 0, 0)),
-            pl.BlockSpec((splits, None, tp, None, gp), lambda b, h: (0, b, 0, h, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, tp, None, gp, head_dim), lambda b, h: (b, 0, h, 0, 0)),
-            pl.BlockSpec((None, tp, None, gp), lambda b, h: (b, 0, h, 0)),
-        ],
-        out_shape=[
-            tiles.out_shape(parts, parts.shape[1:], dtype),
-            tiles.out_shape(parts, lse2.shape[1:], jnp.float32),
-        ],
-        compiler_params=tiles.compiler_params(config),
-        interpret=interpret,
-        name="flashjax_decode_merge",
-    )(parts, lse2)
