@@ -1,6 +1,6 @@
 #!/bin/bash
-# One device call (about 9.5 minutes): the decode kernel's GPU tests, the PTX of its loads
-# (benchmarks/decode_ptx.py), contiguous against paged tiles with and without prefetched page ids
+# One device call (about 9 minutes): the decode kernel's GPU tests, contiguous against paged
+# tiles with and without prefetched page ids
 # (benchmarks/tune_decode.py, same loop), the decode bench beside cuDNN and XLA, a profile of
 # the steps' kernels (benchmarks/profile_decode.py), GPT-2 small
 # generation at batch 1 (and 32 with GEN32=1). Logs tarred into $OUT/logs.tgz.
@@ -12,8 +12,6 @@ mkdir -p "$L"
 echo "commit $C" > "$L/commit.txt"
 timeout 150 python3 -m pytest -m gpu tests/test_decode.py tests/test_gpu_lowering.py -q -rfE \
   -p no:cacheprovider > "$L/dtests.log" 2>&1
-timeout "$(until_s 220)" python3 benchmarks/decode_ptx.py "$L/ptx" > "$L/ptx.log" 2>&1
-find "$L/ptx" -type f ! -name '*.ptx' -delete
 export PYTHONPATH=$PYTHONPATH:benchmarks
 tune() {  # tune NAME DEADLINE ARGS...
   local name=$1 deadline=$2
@@ -32,7 +30,6 @@ timeout "$(until_s 500)" python3 benchmarks/profile_decode.py "$L/profile.json" 
 gen 1 "$L" 575
 [ -n "$GEN32" ] && gen 32 "$L" 590
 tail -5 "$L/dtests.log"
-cat "$L/ptx.log" | tail -12
 for f in "$L"/tune_*.log; do tail -14 "$f"; done
 grep -v "^$" "$L/decode.log" | tail -25
 cat "$L/profile.log"

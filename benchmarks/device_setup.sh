@@ -4,7 +4,8 @@
 # carried, `until_s MARK` (seconds left until MARK seconds since the start, at least 5),
 # `gpu_tier LIMIT LOG` (the GPU test tier) and `gen BATCH DIR DEADLINE` (GPT-2 small generation).
 export PYTHONUNBUFFERED=1
-C=${COMMIT:?set COMMIT to the commit being run (the device copy has no .git)}
+C=${COMMIT:?set COMMIT to the commit being run (the device copy has no .git, or a stale one)}
+export FLASHJAX_COMMIT=$C  # what the bench writes into its results (flashjax.bench.machine)
 if [ -d .tokamax ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tk .tokamax/*.whl &&
     cp -r .tokamax/stub/xprof /tmp/tk/

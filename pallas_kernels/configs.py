@@ -310,7 +310,11 @@ class DecodeConfig:
     in one split, 318 us in two, 279 us in four (results/2026-11-30-h200-s9: s9, call4, decode).
     Paged, three waves (48 splits) against two (33): 1 x 64k 82.9 / 86.2 us (16-key pages), 80.9
     / 85.4 us (64-key); 1 x 8k 20.5 / 21.6 us (16-key), 22.1 / 21.8 us (64-key)
-    (results/2026-12-02-h200-s14/tune_decode).
+    (results/2026-12-02-h200-s14/tune_decode). Those paged rules made up for page ids read in each
+    block's own step; with them read a block ahead (`prefetch_pages`), a paged cache at head dim
+    128 on sm90 runs the contiguous plan (128-key blocks, one wave): 1 x 8k 18.6 us against 21.2
+    with the three-wave rule (contiguous 17.8), 1 x 64k 76.5 against 78.3 (74.3), and paged within
+    1.02-1.07x of contiguous at every bench shape (results/2026-12-02-h200-s16).
     """
 
     block_k: int

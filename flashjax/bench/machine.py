@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform as _platform
 import re
 import subprocess
@@ -26,7 +27,11 @@ def _version(dist: str) -> str | None:
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str:
-    """`HEAD`'s short hash, with "-dirty" if the work tree has changes; "unknown" outside git."""
+    """`HEAD`'s short hash, with "-dirty" if the work tree has changes; "unknown" outside git.
+    `FLASHJAX_COMMIT` in the environment wins: a copy of the work tree (the device machine's)
+    may carry a stale .git, or none."""
+    if os.environ.get("FLASHJAX_COMMIT"):
+        return os.environ["FLASHJAX_COMMIT"]
 
     def git(*args: str) -> str:
         command = ["git", "-C", str(repo), *args]
