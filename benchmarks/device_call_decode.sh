@@ -1,7 +1,6 @@
 #!/bin/bash
 # One device call (about 9 minutes): the decode kernel's GPU tests, contiguous against paged
-# tiles with and without prefetched page ids
-# (benchmarks/tune_decode.py, same loop), the decode bench beside cuDNN and XLA, a profile of
+# tiles (benchmarks/tune_decode.py, same loop), the decode bench beside cuDNN and XLA, a profile of
 # the steps' kernels (benchmarks/profile_decode.py), GPT-2 small
 # generation at batch 1 (and 32 with GEN32=1). Logs tarred into $OUT/logs.tgz.
 # Usage (device tool, from the repo root):
@@ -20,8 +19,7 @@ tune() {  # tune NAME DEADLINE ARGS...
     > "$L/$name.log" 2>&1
 }
 tune tune_c 240 1x8k 1x64k --tiles 128:4:3,64:4:3,64:4:2 --splits 16,33
-tune tune_p16 340 1x8k 1x64k --paged 16 --tiles 64:4:3,64:4:3:p,128:4:3:p \
-  --splits 16,33,48
+tune tune_p16 340 1x8k 1x64k --paged 16 --tiles 64:4:3,128:4:3 --splits 16,33,48
 timeout "$(until_s 450)" python3 -m flashjax bench --decode --no-flax --max-minutes 2 \
   --backends flashjax,flashjax_paged16,flashjax_paged64,jax_cudnn,jax_xla \
   --out "$L/bench" > "$L/decode.log" 2>&1

@@ -7,7 +7,7 @@ against configs.py's choice; prints the fastest with its GB/s, and writes every 
 Usage on the GPU: python benchmarks/tune_decode.py OUT_JSON [BxS ...] (default 1x8k 1x64k 8x16k
 32x8k); `--paged P` times pages of P keys instead of the contiguous cache; `--heads 12,12,64` the
 GPT-2 small decode step of examples/gpt2/generate.py; `--tiles 64:4:3,128:4:3` and `--splits
-8,16,33` replace the candidate grid (`128:4:3:p`: with `DecodeConfig.prefetch_pages`).
+8,16,33` replace the candidate grid.
 """
 
 from __future__ import annotations
@@ -68,11 +68,9 @@ def sweep(
     planned = decode_api.plan(ops).splits
     want = jax.jit(step_of(None, None, page))(x.q, x)
     candidates = {("configs.py", planned): (None, None)}
-    for (block_k, warps, stages, *prefetch), n in itertools.product(tiles, splits_of(planned)):
+    for (block_k, warps, stages), n in itertools.product(tiles, splits_of(planned)):
         splits = max(1, min(configs.MAX_SPLITS, n))
-        cfg = DecodeConfig(
-            block_k, warps, stages, paged_block_k=block_k, prefetch_pages=bool(prefetch)
-        )
+        cfg = DecodeConfig(block_k, warps, stages, paged_block_k=block_k)
         candidates.setdefault((repr(cfg), splits), (cfg, splits))
     rows, measures = [], {}
     for key, (cfg, splits) in candidates.items():
@@ -118,18 +116,14 @@ def main() -> None:
     )
     p.add_argument(
         "--tiles",
-        help="candidate tiles as block_k:warps:stages[:p],... (p: prefetch_pages; default: the 6"
-        " of TILES)",
+        help="candidate tiles as block_k:warps:stages,... (default: the 6 of TILES)",
     )
     p.add_argument("--splits", help="split counts to try, e.g. 8,16,33 (default: factors x plan)")
     args = p.parse_args()
     heads = tuple(int(x) for x in args.heads.split(","))
     grid = {}
     if args.tiles:
-        grid["tiles"] = [
-            (*(int(v) for v in t.split(":")[:3]), *(["p"] if t.endswith(":p") else []))
-            for t in args.tiles.split(",")
-        ]
+        grid["tiles"] = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
     if args.splits:
         counts = [int(n) for n in args.splits.split(",")]
         grid["splits_of"] = lambda planned: counts

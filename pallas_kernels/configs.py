@@ -297,10 +297,6 @@ class DecodeConfig:
       paged_overfull_splits: ... and, for a paged cache whose batch x KV heads alone are more
         than `paged_waves` waves, this many;
       min_blocks: ... and at least this many key blocks of the cache's capacity per split.
-      prefetch_pages: a paged cache's walk reads the page ids of the next key block while the
-        current block's K/V load (the ids ride in the loop carry). Off, each block's ids are read
-        right before its K/V: the software pipeline issues that read synchronously ahead of the
-        K/V copies, and every block waits a memory latency for its ids.
     Measured on the H200 (benchmarks/results/2026-11-30-h200-s6/decode_tune: 32 query / 8 KV
     heads, head dim 128, bf16): one wave (16 splits) 18.3 us at 1 x 8k and 76.4 us at 1 x 64k
     against two waves' (33 splits) 24.1 and 86.6 us; paged (16-key pages) 1 x 64k two waves
@@ -310,11 +306,11 @@ class DecodeConfig:
     in one split, 318 us in two, 279 us in four (results/2026-11-30-h200-s9: s9, call4, decode).
     Paged, three waves (48 splits) against two (33): 1 x 64k 82.9 / 86.2 us (16-key pages), 80.9
     / 85.4 us (64-key); 1 x 8k 20.5 / 21.6 us (16-key), 22.1 / 21.8 us (64-key)
-    (results/2026-12-02-h200-s14/tune_decode). Those paged rules made up for page ids read in each
-    block's own step; with them read a block ahead (`prefetch_pages`), a paged cache at head dim
-    128 on sm90 runs the contiguous plan (128-key blocks, one wave): 1 x 8k 18.6 us against 21.2
-    with the three-wave rule (contiguous 17.8), 1 x 64k 76.5 against 78.3 (74.3), and paged within
-    1.02-1.07x of contiguous at every bench shape (results/2026-12-02-h200-s16).
+    (results/2026-12-02-h200-s14/tune_decode). Those paged rules made up for page ids read in
+    each block's own step; with them read a block ahead (in the walk's loop carry), a paged cache
+    at head dim 128 on sm90 runs the contiguous plan (128-key blocks, one wave): 1 x 8k 18.6 us
+    against 21.2 with the three-wave rule (contiguous 17.8), 1 x 64k 76.5 against 78.3 (74.3),
+    and paged within 1.02-1.07x of contiguous at every bench shape (results/2026-12-02-h200-s16).
     """
 
     block_k: int
@@ -326,7 +322,6 @@ class DecodeConfig:
     paged_waves: int = 2
     paged_overfull_splits: int = 2
     min_blocks: int = 2
-    prefetch_pages: bool = True
 
 
 D = DecodeConfig

@@ -19,7 +19,6 @@ from helpers import assert_close, seed_of
 
 import flashjax
 from flashjax import backends, decode_attention, dot_product_attention
-from flashjax.backends import decode as decode_backend
 from pallas_kernels import configs
 from pallas_kernels.triton import decode_api
 
@@ -362,22 +361,6 @@ def test_paged_matches_reference(case: DecodeCase) -> None:
     x = dataclasses.replace(x, table=_garbage_past_lengths(x, case.page))
     got = decoded(x, case.kwargs())
     assert_close(got, reference(x, case.kwargs()), reference64(x, case.kwargs()), label=case.id)
-
-
-@pytest.mark.parametrize("case", PAGED, ids=lambda c: c.id)
-def test_paged_page_ids_read_in_step_match_reference(case: DecodeCase) -> None:
-    """Without `DecodeConfig.prefetch_pages` (on by default: each block's page ids read one block
-    ahead, in the loop carry) the walk reads each block's ids in its own step: the same keys, the
-    forward against the reference, junk ids past the lengths."""
-    x = make_inputs(case, salt="in step")
-    x = dataclasses.replace(x, table=_garbage_past_lengths(x, case.page))
-    ops = flashjax.decode.decode_operands(x.q, *x.pools, x.lengths, page_table=x.table)
-    config = configs.get_decode_config(case.H, "interpret")
-    config = dataclasses.replace(config, prefetch_pages=False)
-    for splits in (1, 3):
-        out, lse = jax.jit(lambda o, s=splits: decode_backend.forward(o, s, config))(ops)
-        label = f"{case.id} splits={splits}"
-        assert_close([out, lse], reference(x, {}), reference64(x, {}), label=label)
 
 
 def test_paged_gradients_sum_into_shared_pages() -> None:
