@@ -274,6 +274,11 @@ def test_paged_plan_on_hopper(page: int) -> None:
     contiguous = flashjax.decode.decode_operands(x.q, x.k, x.v, x.lengths)
     plans = [decode_api.plan(ops, target="sm90") for ops in (paged, contiguous)]
     assert [(p.block_k, p.splits) for p in plans] == [(128, plans[1].splits)] * 2
+    # ... and on the H200's 132 cores: one wave of programs, 16 splits of 8 KV heads, both ways
+    config = configs.get_decode_config(128, "sm90")
+    key_blocks = 8192 // 128
+    splits = [configs.decode_splits(8, key_blocks, 132, config, paged) for paged in (1, 0)]
+    assert splits == [16, 16]
 
 
 def test_default_implementation_on_cpu_is_the_chunked_path(monkeypatch) -> None:
