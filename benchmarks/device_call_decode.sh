@@ -3,9 +3,10 @@
 # paged beside cuDNN and XLA), about 4 minutes; with TUNE=1 also contiguous against paged tiles
 # (benchmarks/tune_decode.py, same loop), with PROFILE=1 the steps' GPU kernels
 # (benchmarks/profile_decode.py), with GEN=1 GPT-2 small generation at batch 1 (GEN=32: also
-# batch 32); all of them about 10 minutes. Logs tarred into $OUT/logs.tgz.
+# batch 32), with AB=1 the split merge's two forms (benchmarks/merge_ab.py); all of them about
+# 10 minutes. Logs tarred into $OUT/logs.tgz.
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) [TUNE=1] [PROFILE=1] [GEN=1|32] \
+#   COMMIT=$(git rev-parse --short HEAD) [TUNE=1] [PROFILE=1] [AB=1] [GEN=1|32] \
 #     bash benchmarks/device_call_decode.sh
 source benchmarks/device_setup.sh
 L="$OUT/logs"
@@ -27,6 +28,9 @@ fi
 timeout 120 python3 -m flashjax bench --decode --no-flax \
   --max-minutes 1.5 --backends flashjax,flashjax_paged16,flashjax_paged64,jax_cudnn,jax_xla \
   --out "$L/bench" > "$L/decode.log" 2>&1
+if [ -n "$AB" ]; then
+  timeout 150 python3 benchmarks/merge_ab.py "$L" 1x64k 1x8k 8x16k > "$L/merge_ab.log" 2>&1
+fi
 if [ -n "$PROFILE" ]; then
   timeout 60 python3 benchmarks/profile_decode.py "$L/profile.json" 1x8k 1x64k \
     --steps flashjax,paged16,jax_cudnn > "$L/profile.log" 2>&1
@@ -36,5 +40,5 @@ if [ "$GEN" = 32 ]; then gen 32 "$L" $((SECONDS + 75)); fi
 tail -5 "$L/dtests.log"
 for f in "$L"/tune_*.log; do [ -f "$f" ] && tail -14 "$f"; done
 grep -v "^$" "$L/decode.log" | tail -25
-for f in "$L"/profile.log "$L"/gpt2*.log; do [ -f "$f" ] && tail -40 "$f"; done
+for f in "$L"/merge_ab.log "$L"/profile.log "$L"/gpt2*.log; do [ -f "$f" ] && tail -40 "$f"; done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs

@@ -5,6 +5,8 @@ The call's meaning is the visibility rule's, with the positions of a cache: batc
 
     q_offsets = cache_lengths - T,  key_value_seq_lengths = cache_lengths,  window (left, 0)
 
+(the record says the first with `AttentionStatics.queries_at_end`, the lengths carry both)
+
 which `dot_product_attention(..., q_offsets=..., key_value_seq_lengths=..., is_causal=True)` also
 computes (the tests check that). Validation raises before anything is traced, naming the argument;
 the operands then go to the registry like `dot_product_attention`'s, where the split-KV decode
@@ -148,12 +150,15 @@ def decode_operands(
     _check_window(local_window_size)
     _check_softcap(logits_soft_cap)
     static_scale = _static_scale(scale, query.shape[3])
-    # Keys past the capacity do not exist: lengths are clipped to it (checked above when known).
-    lengths = jnp.clip(jnp.asarray(cache_lengths).astype(jnp.int32), 0, capacity)
+    # Keys past the capacity do not exist: the kernels clip lengths to it (checked above when
+    # known). The query offsets follow from the lengths (`queries_at_end`): nothing is computed
+    # in XLA before the decode kernel, which reads the lengths alone.
+    lengths = jnp.asarray(cache_lengths).astype(jnp.int32)
     statics = AttentionStatics(
         scale=static_scale,
         window=masks.window_of(True, local_window_size),
         softcap=None if logits_soft_cap is None else float(logits_soft_cap),
+        queries_at_end=True,
     )
     return Operands(
         q=query,
@@ -161,7 +166,6 @@ def decode_operands(
         v=value_cache,
         statics=statics,
         kv_lengths=lengths,
-        q_offsets=lengths - seq_q,
         scale=None if static_scale is not None else jnp.asarray(scale),
         page_table=None if page_table is None else jnp.asarray(page_table).astype(jnp.int32),
     )

@@ -9,7 +9,8 @@ Shapes (B batch, T queries, S keys, N query heads, K key/value heads, H head dim
   q (B, T, N, H); k, v (B, S, K, H), N a multiple of K; one float dtype.
   bias (Bb, Nb, Tb, Sb) float32 (float64 with float64 inputs), each axis 1 or full; -inf hides.
   q_segments (B, T), kv_segments (B, S) int32: query i and key j interact iff their ids are equal.
-  q_lengths, kv_lengths (B,) int32: rows / keys at or past the length are invisible.
+  q_lengths, kv_lengths (B,) int32: rows / keys at or past the length are invisible (a length
+    past the sequence is the sequence's).
   q_offsets, kv_offsets (B,) int32: the position of row 0 / key 0 (query row i sits at position
     q_offsets[b] + i); causal and window compare positions, so a shard of a longer sequence or the
     tail of a KV cache is exact.
@@ -52,6 +53,10 @@ class AttentionStatics:
       dropout_broadcast: same dropout mask for every batch element and head (Flax's default).
       mask_block: `(bq, bk)` of the block mask, or None without one.
       mask_fn: the block mask's element rule (see `MaskFn`), or None.
+      queries_at_end: the queries are the last T positions of each row's keys (a decode step's
+        new tokens): query row i sits at position `kv_lengths[b] - T + i`, so `Operands.q_offsets`
+        is None and `kv_lengths` (its only sequence info) carries both. A kernel can then read
+        the lengths alone, with nothing computed from them in XLA first (`Operands.seq_lengths`).
       deterministic: the user asked for gradients bitwise identical run to run: a backend whose
         backward accumulates in an order that varies between runs (atomic adds, a GPU
         scatter-add) must decline the call in its `unsupported` check. Every backward today is
@@ -66,6 +71,7 @@ class AttentionStatics:
     dropout_broadcast: bool = False
     mask_block: tuple[int, int] | None = None
     mask_fn: MaskFn | None = None
+    queries_at_end: bool = False
     deterministic: bool = False
 
     @property
@@ -144,7 +150,7 @@ class Operands:
         """Whether the call has lengths or offsets (else every kernel may take the static
         `(0, 0, T, S)` and keep compile-time loop bounds)."""
         fields = (self.q_offsets, self.kv_offsets, self.q_lengths, self.kv_lengths)
-        return any(x is not None for x in fields)
+        return self.statics.queries_at_end or any(x is not None for x in fields)
 
     def replace(self, **changes) -> Operands:
         return dataclasses.replace(self, **changes)
@@ -155,21 +161,29 @@ class Operands:
 
     def seq_info(self) -> jax.Array:
         """`(B, 4)` int32 rows `[q_offset, kv_offset, q_length, kv_length]`, defaults filled in
-        (offsets 0, lengths T and S): what a kernel reads per batch row."""
+        (offsets 0, lengths T and S; with `statics.queries_at_end` the query offset is the key
+        length minus T): what a kernel reads per batch row."""
         b = self.batch
 
         def col(x, default):
             return jnp.full((b,), default, jnp.int32) if x is None else x.astype(jnp.int32)
 
+        kv_len = jnp.clip(col(self.kv_lengths, self.seq_k), 0, self.seq_k)
+        q_off = kv_len - self.seq_q if self.statics.queries_at_end else col(self.q_offsets, 0)
         return jnp.stack(
-            [
-                col(self.q_offsets, 0),
-                col(self.kv_offsets, 0),
-                col(self.q_lengths, self.seq_q),
-                col(self.kv_lengths, self.seq_k),
-            ],
-            axis=1,
+            [q_off, col(self.kv_offsets, 0), col(self.q_lengths, self.seq_q), kv_len], axis=1
         )
+
+    def seq_lengths(self) -> jax.Array | None:
+        """The key lengths `(B, 1)` int32 alone, when they are the call's whole sequence info
+        (`statics.queries_at_end` and nothing else): a kernel derives the rest of `seq_info`'s
+        row from them (`tiles.seq_of`), and no XLA op runs before it. None otherwise."""
+        others = (self.q_offsets, self.kv_offsets, self.q_lengths)
+        if not self.statics.queries_at_end or self.kv_lengths is None:
+            return None
+        if any(x is not None for x in others):
+            return None
+        return self.kv_lengths.astype(jnp.int32).reshape(self.batch, 1)
 
 
 def valid_pages(ops: Operands) -> jax.Array:

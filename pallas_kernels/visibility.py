@@ -221,10 +221,7 @@ def block_states(ops: Operands, block_q: int, block_k: int, n_q: int, n_k: int) 
     mask depends on the head, else 1.
     """
     statics = ops.statics
-    per_batch = any(
-        x is not None for x in (ops.q_offsets, ops.kv_offsets, ops.q_lengths, ops.kv_lengths)
-    )
-    seq_info = ops.seq_info() if per_batch else ops.seq_info()[:1]
+    seq_info = ops.seq_info() if ops.has_seq_info else ops.seq_info()[:1]
     seq = seq_columns(seq_info, 2)  # (Bs, 1)
     rows = jnp.arange(n_q, dtype=jnp.int32)[None, :] * block_q
     lo, full_lo, full_hi, hi = block_range(statics, rows, block_q, block_k, seq)

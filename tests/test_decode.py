@@ -12,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+
+# Its first import registers a config, which retraces a jit traced before: done here, not mid-test.
+import jax.experimental.pallas.fuser  # noqa: F401
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -208,17 +211,21 @@ def test_every_split_count_gives_the_same_result() -> None:
         np.testing.assert_allclose(lse, want[1], atol=2e-6, err_msg=f"{splits} splits")
 
 
-def test_traced_lengths_under_jit() -> None:
-    """The lengths are data: one compilation serves every length."""
-    case = DecodeCase(B=2, T=1, N=4, K=2, H=16, S=64, dtype="float32", lengths="full")
-    x = make_inputs(case)
-    step = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, implementation="triton_decode"))
-    for lengths in ([1, 64], [33, 17]):
-        n = jnp.asarray(lengths, jnp.int32)
-        got = step(x.q, x.k, x.v, n)
-        want = reference(dataclasses.replace(x, lengths=n), {})[0]
-        np.testing.assert_allclose(got, want, atol=2e-6)
-    assert step._cache_size() == 1
+@pytest.mark.parametrize("impl", ["triton_decode", "xla_chunked"])
+def test_traced_lengths_under_jit(impl: str) -> None:
+    """The lengths are data: one compilation serves every length; a traced length past the
+    capacity is the capacity (the kernel reads the lengths alone and clips them itself; the
+    other paths take `Operands.seq_info`'s clipped rows), for T = 1 and T = 3."""
+    for seq_q in (1, 3):
+        case = DecodeCase(B=2, T=seq_q, N=4, K=2, H=16, S=64, dtype="float32", lengths="full")
+        x = make_inputs(case)
+        step = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, implementation=impl))
+        for lengths in ([3, 64], [33, 17], [70, 9], [64, 1000]):
+            n = jnp.asarray(lengths, jnp.int32)
+            got = step(x.q, x.k, x.v, n)
+            want = reference(dataclasses.replace(x, lengths=jnp.minimum(n, case.S)), {})[0]
+            np.testing.assert_allclose(got, want, atol=2e-6, err_msg=f"T={seq_q} {lengths}")
+        assert step._cache_size() == 1
 
 
 def test_split_rule() -> None:

@@ -19,8 +19,8 @@ import functools
 
 import jax
 
+from flashjax import merge
 from flashjax.backends import Backend, triton
-from flashjax.merge import merge_attention_parts
 from pallas_kernels import common, configs
 from pallas_kernels.configs import DecodeConfig
 from pallas_kernels.operands import Operands, cotangent, gather_pages, scatter_pages
@@ -37,7 +37,7 @@ def forward(
     if out.shape[0] == 1:
         out, lse = out[0], lse[0]
     else:
-        out, lse = merge_attention_parts(out, lse, axis=0)
+        out, lse = merge.merge_parts_one_pass(out, lse, 0)
     b, t = ops.batch, ops.seq_q  # (B, T, K, G, ...) -> (B, T, N, ...)
     return out.reshape(ops.q.shape).astype(ops.q.dtype), lse.reshape(b, t, ops.num_heads)
 

@@ -101,18 +101,12 @@ def _refs(p: Plan, ops: Operands) -> Refs:
         q=q,
         k=k,
         v=v,
-        seq=ops.seq_info() if has_seq(ops) else None,
+        seq=ops.seq_info() if ops.has_seq_info else None,
         bias=bias,
         q_segments=pad_axis(ops.q_segments, 1, p.seq_q),
         kv_segments=pad_axis(ops.kv_segments, 1, p.seq_k),
         seeds=ops.seeds,
     )
-
-
-def has_seq(ops: Operands) -> bool:
-    """Whether the call has lengths or offsets (else the kernels use the static (0, 0, T, S))."""
-    fields = (ops.q_offsets, ops.kv_offsets, ops.q_lengths, ops.kv_lengths)
-    return any(x is not None for x in fields)
 
 
 def _launch(ops: Operands, p: Plan) -> dict:

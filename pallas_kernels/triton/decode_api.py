@@ -18,7 +18,6 @@ from pallas_kernels import configs
 from pallas_kernels.host import pad_axis
 from pallas_kernels.operands import Operands
 from pallas_kernels.triton import decode as _decode
-from pallas_kernels.triton.api import has_seq
 from pallas_kernels.triton.tiles import Refs
 
 
@@ -130,7 +129,17 @@ def _refs(ops: Operands, p: DecodePlan) -> Refs:
         k, v = (pad_axis(x, 3, p.head_dim) for x in (ops.k, ops.v))
         k, v = (x.reshape(-1, *x.shape[2:]) for x in (k, v))  # pools as rows of keys
         table = _page_table(ops, p)
-    return Refs(q=q, k=k, v=v, seq=ops.seq_info() if has_seq(ops) else None, page_table=table)
+    return Refs(q=q, k=k, v=v, seq=_seq(ops), page_table=table)
+
+
+def _seq(ops: Operands) -> jax.Array | None:
+    """What the kernel reads of the sequence info: the key lengths alone when they carry it all
+    (a decode step of `flashjax.decode_attention`: nothing computed in XLA before the kernel),
+    else `seq_info`'s rows, or nothing (the static `(0, 0, T, S)`)."""
+    lengths = ops.seq_lengths()
+    if lengths is not None:
+        return lengths
+    return ops.seq_info() if ops.has_seq_info else None
 
 
 def forward_parts(

@@ -5,7 +5,9 @@ All three kernels (forward, dK/dV, dQ) take one `Refs` record, prepared by `api.
   q, do           (B, Tp, N, Hp)           k, v  (B, Sp, K, Hp)
   seq             (B, 4) int32: q_offset, kv_offset, q_len, kv_len (`Operands.seq_info`), only
                   when the call has lengths or offsets; else the kernels take the static
-                  (0, 0, T, S) (`seq_of`), which keeps their loop bounds compile-time constants
+                  (0, 0, T, S) (`seq_of`), which keeps their loop bounds compile-time constants;
+                  or (B, 1) int32, the key lengths alone (`Operands.seq_lengths`, the decode
+                  kernel's: the queries are the last T positions of the keys)
   bias            (Bb, Nb, Tb, Sb) float32, Bb in {1, B}, Nb in {1, N}, Tb in {1, Tp}, Sb in {1, Sp}
   q_segments      (B, Tp), kv_segments (B, Sp) int32
   full, partial   visit lists (Bt, Nt, rows tiles, 1 + column tiles) int32, when the call has
@@ -146,9 +148,16 @@ def tile_mask(
 
 
 def seq_of(r: Refs, static: tuple[int, int, int, int]) -> visibility.Seq:
-    """The (q_offset, kv_offset, q_len, kv_len) of the program's batch row: loaded from `r.seq`,
-    or the static `(0, 0, T, S)` when the call has no lengths or offsets."""
-    return static if r.seq is None else visibility.seq_row(r.seq)
+    """The (q_offset, kv_offset, q_len, kv_len) of the program's batch row: loaded from `r.seq`
+    (`Operands.seq_info`'s row; or one column, `Operands.seq_lengths`: the key length, the
+    queries at its end), or the static `(0, 0, T, S)` when the call has no lengths or offsets."""
+    if r.seq is None:
+        return static
+    if r.seq.shape[-1] == 1:
+        _, _, t, s = static
+        kv_len = jnp.clip(r.seq[0], 0, s)
+        return kv_len - t, 0, t, kv_len
+    return visibility.seq_row(r.seq)
 
 
 @dataclasses.dataclass(frozen=True)
