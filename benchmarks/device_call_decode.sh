@@ -3,7 +3,7 @@
 # paged beside cuDNN and XLA), about 4 minutes; with TUNE=1 also contiguous against paged tiles
 # (benchmarks/tune_decode.py, same loop), with PROFILE=1 the steps' GPU kernels
 # (benchmarks/profile_decode.py), with GEN=1 GPT-2 small generation at batch 1 (GEN=32: also
-# batch 32), with AB=1 the split merge's two forms (benchmarks/merge_ab.py); all of them about
+# batch 32), with AB=1 the merge kernel against XLA's merge (benchmarks/merge_ab.py); all about
 # 10 minutes. Logs tarred into $OUT/logs.tgz.
 # Usage (device tool, from the repo root):
 #   COMMIT=$(git rev-parse --short HEAD) [TUNE=1] [PROFILE=1] [AB=1] [GEN=1|32] \
@@ -29,7 +29,8 @@ timeout 120 python3 -m flashjax bench --decode --no-flax \
   --max-minutes 1.5 --backends flashjax,flashjax_paged16,flashjax_paged64,jax_cudnn,jax_xla \
   --out "$L/bench" > "$L/decode.log" 2>&1
 if [ -n "$AB" ]; then
-  timeout 150 python3 benchmarks/merge_ab.py "$L" 1x64k 1x8k 8x16k > "$L/merge_ab.log" 2>&1
+  timeout 150 python3 benchmarks/merge_ab.py "$L/merge_ab.json" 1x64k 1x8k 8x16k \
+    > "$L/merge_ab.log" 2>&1
 fi
 if [ -n "$PROFILE" ]; then
   timeout 60 python3 benchmarks/profile_decode.py "$L/profile.json" 1x8k 1x64k \

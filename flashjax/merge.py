@@ -6,19 +6,18 @@ key sets are disjoint, attention over their union is
     lse = log(sum_i exp(lse_i))
     out = sum_i exp(lse_i - lse) * out_i
 
-Split-KV decoding (many parts stacked along an axis: `merge_attention_parts`) and ring attention
-(two at a time: `merge_attention`) cut the keys and put them back together with it. A part that
-saw no key (lse -inf, out 0) drops out exactly; if none saw a key, the result is 0 and -inf.
+Ring attention (two at a time: `merge_attention`) cuts the keys and puts them back together with
+it; split-KV decoding does the same merge in a kernel of its own (`decode.merge_splits` in
+pallas_kernels/triton: one launch where these XLA ops take three), tested against
+`merge_attention_parts` (many parts stacked along an axis). A part that saw no key (lse -inf,
+out 0) drops out exactly; if none saw a key, the result is 0 and -inf.
 Differentiable (plain autodiff; finite gradients also for empty parts).
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 
 def merge_attention_parts(
@@ -65,39 +64,3 @@ def merge_attention(
     """
     out, lse = merge_attention_parts(jnp.stack([out_a, out_b]), jnp.stack([lse_a, lse_b]))
     return out.astype(out_a.dtype), lse
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def merge_parts_one_pass(
-    out: jax.Array, lse: jax.Array, axis: int = 0
-) -> tuple[jax.Array, jax.Array]:
-    """`merge_attention_parts` as one XLA reduction: the parts are folded pairwise by the merge
-    of two (associative), `(lse, out)` carried together, so XLA emits one kernel where the
-    closed form takes a max pass and a weighted-sum pass (two kernels, ~2.8 us a decode step on
-    the H200). Every part's lse rides beside each of its H output columns (the reduction's
-    operands share one shape): meant for many small parts (split-KV decoding), not for large
-    ones. Differentiable (the closed form's derivative)."""
-    axis = axis % lse.ndim
-    dtype = jnp.promote_types(lse.dtype, jnp.float32)
-    acc = jnp.promote_types(out.dtype, jnp.float32)
-
-    def pair(a, b):
-        (lse_a, out_a), (lse_b, out_b) = a, b
-        m = jnp.maximum(lse_a, lse_b)
-        m_safe = jnp.where(jnp.isneginf(m), 0.0, m)  # both empty: weights 0, not NaN
-        w_a, w_b = jnp.exp(lse_a - m_safe), jnp.exp(lse_b - m_safe)
-        total = w_a + w_b
-        empty = total == 0.0
-        norm = jnp.where(empty, 1.0, total)
-        merged_lse = jnp.where(empty, -jnp.inf, m_safe + jnp.log(norm))
-        return merged_lse.astype(dtype), ((w_a * out_a + w_b * out_b) / norm).astype(acc)
-
-    lse_cols = jnp.broadcast_to(lse.astype(dtype)[..., None], out.shape)
-    init = (jnp.array(-jnp.inf, dtype), jnp.array(0, acc))
-    merged_lse, merged = lax.reduce((lse_cols, out.astype(acc)), init, pair, (axis,))
-    return merged.astype(out.dtype), merged_lse[..., 0]
-
-
-@merge_parts_one_pass.defjvp
-def _merge_parts_one_pass_jvp(axis, primals, tangents):
-    return jax.jvp(lambda o, l: merge_attention_parts(o, l, axis), primals, tangents)

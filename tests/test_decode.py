@@ -23,6 +23,7 @@ from helpers import assert_close, seed_of
 import flashjax
 from flashjax import backends, decode_attention, dot_product_attention
 from pallas_kernels import configs
+from pallas_kernels.triton import decode as decode_kernel
 from pallas_kernels.triton import decode_api
 
 
@@ -209,6 +210,34 @@ def test_every_split_count_gives_the_same_result() -> None:
         out, lse = decoded(x, {}, num_splits=splits)
         np.testing.assert_allclose(out, want[0], atol=2e-6, err_msg=f"{splits} splits")
         np.testing.assert_allclose(lse, want[1], atol=2e-6, err_msg=f"{splits} splits")
+
+
+@pytest.mark.parametrize("splits", [2, 5, 16])
+def test_merge_kernel_matches_the_merge(splits: int) -> None:
+    """The merge kernel against `flashjax.merge_attention_parts` on random partials: rows
+    where some splits, or all, saw no key (0 and -inf), lse far apart; the padded split programs
+    (5 -> 8) merge away."""
+    rng = np.random.default_rng(seed_of(f"merge{splits}"))
+    programs = decode_kernel.split_programs(splits)
+    shape = (programs, 2, 2, 3, 4)  # (Sp, B, Tp, K, Gp)
+    lse2 = rng.standard_normal(shape) * 40
+    lse2[:, 0, 0, 0] = -np.inf  # no split saw a key
+    lse2[rng.random(shape) < 0.3] = -np.inf
+    lse2[splits:] = -np.inf
+    parts = np.where(np.isinf(lse2)[..., None], 0.0, rng.standard_normal((*shape, 16)))
+    got = decode_kernel.merge_splits(
+        jnp.asarray(parts, jnp.float32),
+        jnp.asarray(lse2, jnp.float32),
+        jnp.bfloat16,
+        config=configs.get_decode_config(16, "interpret"),
+        interpret=True,
+    )
+    with jax.enable_x64(True):
+        want = flashjax.merge_attention_parts(jnp.asarray(parts), jnp.asarray(lse2 * np.log(2)))
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), want[0], atol=1e-2, rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(got[1]) * np.log(2), want[1], rtol=1e-6)
+    assert np.array_equal(np.isneginf(got[1]), np.isneginf(want[1]))
 
 
 @pytest.mark.parametrize("impl", ["triton_decode", "xla_chunked"])

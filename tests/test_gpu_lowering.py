@@ -92,7 +92,7 @@ def test_decode_kernel_lowers(head_dim: int, page: int) -> None:
         cache = jnp.zeros((4, 4096, 8, head_dim), jnp.bfloat16)
         table = None
     ops = decode_operands(q, cache, cache, lengths, page_table=table)
-    text = lowered_for_h200(lambda ops: decode_api.forward_parts(ops, target="sm90"), ops)
+    text = lowered_for_h200(lambda ops: decode_api.forward(ops, target="sm90"), ops)
     assert "xla.gpu.triton" in text
 
 

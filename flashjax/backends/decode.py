@@ -7,7 +7,7 @@ and it serves only decode-shaped calls (at most `configs.DECODE_MAX_QUERIES` que
 mask, segment ids, block mask or dropout; everything else goes on to the training kernels.
 Offsets, lengths, windows, causality and soft-capping are THE visibility rule's, as everywhere.
 
-The forward merges the kernel's splits with the one merge (`flashjax.merge`); the backward is the
+The forward is the split kernel and, for several splits, its merge kernel; the backward is the
 training kernels' (`triton`), which recompute from `(out, logsumexp)`. For a paged cache the
 backward runs on the gathered pages and sums the key/value gradients back into them.
 """
@@ -19,7 +19,6 @@ import functools
 
 import jax
 
-from flashjax import merge
 from flashjax.backends import Backend, triton
 from pallas_kernels import common, configs
 from pallas_kernels.configs import DecodeConfig
@@ -32,12 +31,8 @@ def forward(
 ) -> tuple[jax.Array, jax.Array]:
     """`(out (B, T, N, H), logsumexp (B, T, N) natural, float32)`; `num_splits` None: the
     kernel's plan chooses; `config`: tiles other than configs.py's (benchmarks/tune_decode.py)."""
-    out, lse2 = decode_api.forward_parts(ops, num_splits, config=config)
+    out, lse2 = decode_api.forward(ops, num_splits, config=config)
     lse = lse2 * common.LN2
-    if out.shape[0] == 1:
-        out, lse = out[0], lse[0]
-    else:
-        out, lse = merge.merge_parts_one_pass(out, lse, 0)
     b, t = ops.batch, ops.seq_q  # (B, T, K, G, ...) -> (B, T, N, ...)
     return out.reshape(ops.q.shape).astype(ops.q.dtype), lse.reshape(b, t, ops.num_heads)
 

@@ -13,9 +13,13 @@ leaves most of the GPU idle. This kernel instead:
 - splits the keys: grid (split, batch row, KV head). The key blocks the program's rows see
   (`visibility.block_range`) are cut into `splits` near-equal shares at run time
   (`visibility.share_range`); each program walks its share with the online softmax and writes a
-  partial output, normalized over its keys, and its base-2 logsumexp. The host merges the splits
-  with the one `(out, lse)` merge (flashjax.merge: two small XLA fusions, ~2.8 us a step on the
-  H200; a Pallas kernel walking the splits took 4.9 us, benchmarks/results/2026-12-02-h200-s16);
+  partial output, normalized over its keys, and its base-2 logsumexp. A second kernel
+  (`merge_splits`) folds the splits together, one program per (batch row, KV head) reading all
+  of its splits' partials at once (the same merge as flashjax.merge's XLA ops, which took three
+  fusions and ~4.5 us a 1 x 64k step on the H200; a first merge kernel walking the splits one
+  after the other took 4.9 us, a load latency per split: benchmarks/results/2026-12-02-h200-s16
+  and -s17). The grid runs a power-of-two count of split programs (the merge's block of splits
+  must be one); those past `splits` see no key and write 0 and -inf, which merge away exactly;
 - reads a paged cache's page ids one key block ahead (they ride in the walk's loop carry), off
   the path of the block's K/V loads: paged caches walk at 1.02-1.07x of contiguous ones.
 
@@ -27,8 +31,9 @@ Refs (`tiles.Refs`, prepared by `decode_api.py`):
   page_table  (B, Pp) int32   page ids (clipped in the kernel), padded so that every key
                               block's pages exist
   seq         (B, 4) int32 (`Operands.seq_info`), or None: the static (0, 0, T, S)
-Outputs: out (splits, B, Tp, K, Gp, Hp), float32 (the query's dtype when there is one split),
-and lse2 (splits, B, Tp, K, Gp) float32; a split that saw no key has out 0 and lse2 -inf.
+Outputs: out (Sp, B, Tp, K, Gp, Hp), float32 (the query's dtype when there is one split), and
+lse2 (Sp, B, Tp, K, Gp) float32, Sp = `split_programs(splits)`; a split that saw no key has
+out 0 and lse2 -inf.
 
 Causality among the new tokens, windows, offsets and lengths are THE visibility rule's: interior
 key blocks run without a mask, boundary blocks with `element_visible`'s (and K/V rows past the
@@ -145,6 +150,12 @@ def _decode_kernel(
     lse_ref[...] = lse2.reshape(tp, gp)
 
 
+def split_programs(splits: int) -> int:
+    """Programs along the keys for `splits` shares: the next power of two (the merge kernel reads
+    every split of a row as one block); the ones past `splits` get an empty share."""
+    return 1 << max(0, (splits - 1).bit_length())
+
+
 def decode(
     r: tiles.Refs,
     *,
@@ -156,7 +167,8 @@ def decode(
     interpret: bool,
     static_seq: tuple[int, int, int, int],
 ) -> tuple[jax.Array, jax.Array]:
-    """Prepared refs (see the module docstring) -> per-split `(out, lse2)`."""
+    """Prepared refs (see the module docstring) -> per-split `(out, lse2)`, `split_programs`
+    of them."""
     batch, tp, num_kv_heads, gp, head_dim = r.q.shape
     if r.page_table is None:
         seq_k = r.k.shape[1]
@@ -179,9 +191,10 @@ def decode(
     ]
     # one split's output is the result: written in the query's dtype (no cast after the kernel)
     out_dtype = r.q.dtype if splits == 1 else jnp.float32
+    programs = split_programs(splits)
     out_shape = [
-        tiles.out_shape(r.q, (splits, batch, tp, num_kv_heads, gp, head_dim), out_dtype),
-        tiles.out_shape(r.q, (splits, batch, tp, num_kv_heads, gp), jnp.float32),
+        tiles.out_shape(r.q, (programs, batch, tp, num_kv_heads, gp, head_dim), out_dtype),
+        tiles.out_shape(r.q, (programs, batch, tp, num_kv_heads, gp), jnp.float32),
     ]
     kernel = functools.partial(
         _decode_kernel,
@@ -193,7 +206,7 @@ def decode(
     )
     return pl.pallas_call(
         kernel,
-        grid=(splits, batch, num_kv_heads),
+        grid=(programs, batch, num_kv_heads),
         in_specs=(specs,),
         out_specs=out_specs,
         out_shape=out_shape,
@@ -201,3 +214,46 @@ def decode(
         interpret=interpret,
         name="flashjax_decode",
     )(r)
+
+
+def _merge_kernel(parts_ref, lse_ref, o_ref, lse_out_ref):
+    """All splits of one (batch row, KV head) at once: `parts (Sp, Tp, Gp, Hp)`, each normalized
+    over its keys, weighed by `2**lse2 (Sp, Tp, Gp)` against their max."""
+    lse2 = lse_ref[...]
+    m = jnp.max(lse2, axis=0)
+    m_safe = jnp.where(m == -jnp.inf, 0.0, m)  # no split saw a key: weights 0, not NaN
+    weights = jnp.exp2(lse2 - m_safe[None])
+    total = jnp.sum(weights, axis=0)
+    empty = total == 0.0
+    norm = jnp.where(empty, 1.0, total)
+    out = jnp.sum(weights[..., None] * parts_ref[...], axis=0) / norm[..., None]
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_out_ref[...] = jnp.where(empty, -jnp.inf, m_safe + jnp.log2(norm))
+
+
+def merge_splits(
+    parts: jax.Array, lse2: jax.Array, dtype, *, config: DecodeConfig, interpret: bool
+) -> tuple[jax.Array, jax.Array]:
+    """`decode`'s per-split `(out, lse2)` -> the attention over all keys: out `(B, Tp, K, Gp, Hp)`
+    in `dtype` and base-2 lse2 `(B, Tp, K, Gp)` (-inf where no split saw a key), one program
+    per (batch row, KV head)."""
+    programs, batch, tp, num_kv_heads, gp, head_dim = parts.shape
+    return pl.pallas_call(
+        _merge_kernel,
+        grid=(batch, num_kv_heads),
+        in_specs=[
+            pl.BlockSpec((programs, None, tp, None, gp, head_dim), lambda b, h: (0, b, 0, h, 0, 0)),
+            pl.BlockSpec((programs, None, tp, None, gp), lambda b, h: (0, b, 0, h, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, tp, None, gp, head_dim), lambda b, h: (b, 0, h, 0, 0)),
+            pl.BlockSpec((None, tp, None, gp), lambda b, h: (b, 0, h, 0)),
+        ],
+        out_shape=[
+            tiles.out_shape(parts, parts.shape[1:], dtype),
+            tiles.out_shape(parts, lse2.shape[1:], jnp.float32),
+        ],
+        compiler_params=tiles.compiler_params(config),
+        interpret=interpret,
+        name="flashjax_decode_merge",
+    )(parts, lse2)

@@ -1,10 +1,11 @@
 """Host side of the decode kernel: plan the tiles and splits, pack the queries, launch.
 
-`forward_parts(ops)` returns the kernel's per-split partial results in the query's layout; the
-caller merges the splits (flashjax.merge). Nothing here copies an operand whose shapes already
-fit: the query is read in place (a `(B, T, K, G, H)` view) unless T, G or H is not a power of
-two, a contiguous cache is padded only when its length is not a multiple of 16, either cache
-only when its head dim is not a power of two.
+`forward(ops)` returns the attention in the query's `(B, T, K, G, H)` layout and its base-2
+logsumexp: one kernel when the plan runs one split, else the split kernel and the merge kernel
+(`decode.merge_splits`; `forward_parts`: the split kernel's partials alone). Nothing here
+copies an operand whose shapes already fit: the query is read in place (a `(B, T, K, G, H)`
+view) unless T, G or H is not a power of two, a contiguous cache is padded only when its length
+is not a multiple of 16, either cache only when its head dim is not a power of two.
 """
 
 from __future__ import annotations
@@ -147,10 +148,10 @@ def forward_parts(
     num_splits: int | None = None,
     target: str | None = None,
     config: configs.DecodeConfig | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """The kernel's partial results: `out (splits, B, T, K, G, H)`, normalized over each
-    split's keys (float32; the query's dtype when there is one split), and base-2
-    `lse2 (splits, B, T, K, G)` float32 (-inf where a split saw no key)."""
+) -> tuple[jax.Array, jax.Array, DecodePlan]:
+    """The split kernel's partial results, padded: `out (Sp, B, Tp, K, Gp, Hp)`, normalized over
+    each split's keys (float32; the query's dtype when there is one split), base-2
+    `lse2 (Sp, B, Tp, K, Gp)` float32 (-inf where a split saw no key), and the plan."""
     p = plan(ops, num_splits, target, config)
     out, lse2 = _decode.decode(
         _refs(ops, p),
@@ -162,5 +163,23 @@ def forward_parts(
         interpret=p.interpret,
         static_seq=(0, 0, ops.seq_q, ops.seq_k),
     )
+    return out, lse2, p
+
+
+def forward(
+    ops: Operands,
+    num_splits: int | None = None,
+    target: str | None = None,
+    config: configs.DecodeConfig | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`out (B, T, K, G, H)` in the query's dtype and base-2 `lse2 (B, T, K, G)` float32 (-inf for
+    a row that sees no key): the split kernel, and the merge kernel when it ran several splits."""
+    out, lse2, p = forward_parts(ops, num_splits, target, config)
+    if p.splits == 1:
+        out, lse2 = out[0], lse2[0]
+    else:
+        out, lse2 = _decode.merge_splits(
+            out, lse2, ops.q.dtype, config=p.config, interpret=p.interpret
+        )
     t, g = ops.seq_q, ops.group
-    return out[:, :, :t, :, :g, : ops.head_dim], lse2[:, :, :t, :, :g]
+    return out[:, :t, :, :g, : ops.head_dim], lse2[:, :t, :, :g]
