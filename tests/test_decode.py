@@ -212,11 +212,11 @@ def test_every_split_count_gives_the_same_result() -> None:
         np.testing.assert_allclose(lse, want[1], atol=2e-6, err_msg=f"{splits} splits")
 
 
-@pytest.mark.parametrize("splits", [2, 5, 16])
-def test_merge_kernel_matches_the_merge(splits: int) -> None:
+@pytest.mark.parametrize("splits, columns", [(2, None), (5, 8), (16, None)])
+def test_merge_kernel_matches_the_merge(splits: int, columns: int | None) -> None:
     """The merge kernel against `flashjax.merge_attention_parts` on random partials: rows
     where some splits, or all, saw no key (0 and -inf), lse far apart; the padded split programs
-    (5 -> 8) merge away."""
+    (5 -> 8) merge away; the head dim whole or cut over programs (`merge_columns`)."""
     rng = np.random.default_rng(seed_of(f"merge{splits}"))
     programs = decode_kernel.split_programs(splits)
     shape = (programs, 2, 2, 3, 4)  # (Sp, B, Tp, K, Gp)
@@ -229,7 +229,9 @@ def test_merge_kernel_matches_the_merge(splits: int) -> None:
         jnp.asarray(parts, jnp.float32),
         jnp.asarray(lse2, jnp.float32),
         jnp.bfloat16,
-        config=configs.get_decode_config(16, "interpret"),
+        config=dataclasses.replace(
+            configs.get_decode_config(16, "interpret"), merge_columns=columns
+        ),
         interpret=True,
     )
     with jax.enable_x64(True):

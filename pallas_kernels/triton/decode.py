@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import common, visibility
 from pallas_kernels.configs import MIN_BLOCK as MIN_ROWS
@@ -228,7 +229,10 @@ def _merge_kernel(parts_ref, lse_ref, o_ref, lse_out_ref):
     norm = jnp.where(empty, 1.0, total)
     out = jnp.sum(weights[..., None] * parts_ref[...], axis=0) / norm[..., None]
     o_ref[...] = out.astype(o_ref.dtype)
-    lse_out_ref[...] = jnp.where(empty, -jnp.inf, m_safe + jnp.log2(norm))
+
+    @pl.when(pl.program_id(2) == 0)  # one writer of the row's lse (its column blocks agree)
+    def _():
+        lse_out_ref[...] = jnp.where(empty, -jnp.inf, m_safe + jnp.log2(norm))
 
 
 def merge_splits(
@@ -236,24 +240,25 @@ def merge_splits(
 ) -> tuple[jax.Array, jax.Array]:
     """`decode`'s per-split `(out, lse2)` -> the attention over all keys: out `(B, Tp, K, Gp, Hp)`
     in `dtype` and base-2 lse2 `(B, Tp, K, Gp)` (-inf where no split saw a key), one program
-    per (batch row, KV head)."""
+    per (batch row, KV head, `config.merge_columns` head-dim columns)."""
     programs, batch, tp, num_kv_heads, gp, head_dim = parts.shape
+    cols = min(config.merge_columns or head_dim, head_dim)
     return pl.pallas_call(
         _merge_kernel,
-        grid=(batch, num_kv_heads),
+        grid=(batch, num_kv_heads, head_dim // cols),
         in_specs=[
-            pl.BlockSpec((programs, None, tp, None, gp, head_dim), lambda b, h: (0, b, 0, h, 0, 0)),
-            pl.BlockSpec((programs, None, tp, None, gp), lambda b, h: (0, b, 0, h, 0)),
+            pl.BlockSpec((programs, None, tp, None, gp, cols), lambda b, h, c: (0, b, 0, h, 0, c)),
+            pl.BlockSpec((programs, None, tp, None, gp), lambda b, h, c: (0, b, 0, h, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((None, tp, None, gp, head_dim), lambda b, h: (b, 0, h, 0, 0)),
-            pl.BlockSpec((None, tp, None, gp), lambda b, h: (b, 0, h, 0)),
+            pl.BlockSpec((None, tp, None, gp, cols), lambda b, h, c: (b, 0, h, 0, c)),
+            pl.BlockSpec((None, tp, None, gp), lambda b, h, c: (b, 0, h, 0)),
         ],
         out_shape=[
             tiles.out_shape(parts, parts.shape[1:], dtype),
             tiles.out_shape(parts, lse2.shape[1:], jnp.float32),
         ],
-        compiler_params=tiles.compiler_params(config),
+        compiler_params=plgpu.CompilerParams(num_warps=config.merge_warps, num_stages=1),
         interpret=interpret,
         name="flashjax_decode_merge",
     )(parts, lse2)
