@@ -298,7 +298,10 @@ class DecodeConfig:
         than `paged_waves` waves, this many;
       min_blocks: ... and at least this many key blocks of the cache's capacity per split.
       merge_warps, merge_columns: the merge kernel's warps, and head-dim columns per program
-        (None: all; fewer: more programs, each loading less).
+        (None: all; fewer: more programs, each loading less). One warp and 16 columns won the
+        H200 sweep at head dim 128 (`benchmarks/merge_ab.py --sweep`: 1 x 64k 68.15 us a step,
+        1 x 8k 10.75 us, against 68.85 / 11.66 with 4 warps and all 128 columns and 69.46 /
+        12.49 with XLA's merge; results/2026-12-02-h200-s17/call4).
     Measured on the H200 (benchmarks/results/2026-11-30-h200-s6/decode_tune: 32 query / 8 KV
     heads, head dim 128, bf16): one wave (16 splits) 18.3 us at 1 x 8k and 76.4 us at 1 x 64k
     against two waves' (33 splits) 24.1 and 86.6 us; paged (16-key pages) 1 x 64k two waves
@@ -324,8 +327,8 @@ class DecodeConfig:
     paged_waves: int = 2
     paged_overfull_splits: int = 2
     min_blocks: int = 2
-    merge_warps: int = 4
-    merge_columns: int | None = None
+    merge_warps: int = 1
+    merge_columns: int | None = 16
 
 
 D = DecodeConfig
