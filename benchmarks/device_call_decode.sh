@@ -3,10 +3,11 @@
 # paged beside cuDNN and XLA), about 4 minutes; with TUNE=1 also contiguous against paged tiles
 # (benchmarks/tune_decode.py, same loop), with PROFILE=1 the steps' GPU kernels
 # (benchmarks/profile_decode.py), with GEN=1 GPT-2 small generation at batch 1 (GEN=32: also
-# batch 32), with AB=1 the merge kernel against XLA's merge (benchmarks/merge_ab.py); all about
-# 10 minutes. Logs tarred into $OUT/logs.tgz.
+# batch 32), with AB=1 the merge kernel against XLA's merge (benchmarks/merge_ab.py), with
+# GPT2=1 GPT-2 small's decode step (12 query / 12 KV heads, head dim 64: bench, kernel profile,
+# split sweep); all about 10 minutes. Logs tarred into $OUT/logs.tgz.
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) [TUNE=1] [PROFILE=1] [AB=1] [GEN=1|32] \
+#   COMMIT=$(git rev-parse --short HEAD) [TUNE=1] [PROFILE=1] [AB=1] [GPT2=1] [GEN=1|32] \
 #     bash benchmarks/device_call_decode.sh
 source benchmarks/device_setup.sh
 L="$OUT/logs"
@@ -36,10 +37,19 @@ if [ -n "$PROFILE" ]; then
   timeout 60 python3 benchmarks/profile_decode.py "$L/profile.json" 1x8k 1x64k \
     --steps flashjax,paged16,jax_cudnn > "$L/profile.log" 2>&1
 fi
+if [ -n "$GPT2" ]; then
+  timeout 90 python3 -m flashjax bench --decode --no-flax --heads 12 --kv-heads 12 \
+    --head-dims 64 --shapes 1x1k,1x2k,32x2k --max-minutes 1 \
+    --backends flashjax,jax_cudnn,jax_xla --out "$L/gpt2_bench" > "$L/gpt2_decode.log" 2>&1
+  timeout 60 python3 benchmarks/profile_decode.py "$L/gpt2_profile.json" 1x1k 1x2k \
+    --heads 12,12,64 --steps flashjax,jax_cudnn > "$L/gpt2_profile.log" 2>&1
+  tune gpt2_splits $((SECONDS + 70)) 1x2k --heads 12,12,64 --tiles 128:4:3,64:4:3 --splits 2,4,8,12,16,24
+fi
 if [ -n "$GEN" ]; then gen 1 "$L" $((SECONDS + 75)); fi
 if [ "$GEN" = 32 ]; then gen 32 "$L" $((SECONDS + 75)); fi
 tail -5 "$L/dtests.log"
 for f in "$L"/tune_*.log; do [ -f "$f" ] && tail -14 "$f"; done
 grep -v "^$" "$L/decode.log" | tail -25
-for f in "$L"/merge_ab.log "$L"/profile.log "$L"/gpt2*.log; do [ -f "$f" ] && tail -40 "$f"; done
+for f in "$L"/gpt2_decode.log; do [ -f "$f" ] && grep -v "^$" "$f" | tail -12; done
+for f in "$L"/gpt2_profile.log "$L"/merge_ab.log "$L"/profile.log "$L"/gpt2*.log; do [ -f "$f" ] && tail -40 "$f"; done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs

@@ -3,7 +3,8 @@ traced with `jax.profiler` for each shape and step, the GPU kernels summed by na
 beside the loop's wall time per step. The gap between the two is what runs between kernels.
 Usage on the GPU:
   python benchmarks/profile_decode.py OUT_JSON [1x8k 1x64k ...] [--steps flashjax,jax_cudnn]
-(steps: `flashjax`, `paged16`, `paged64`, `jax_cudnn`, `jax_xla`).
+(steps: `flashjax`, `paged16`, `paged64`, `jax_cudnn`, `jax_xla`); `--heads 12,12,64` profiles
+GPT-2 small's decode step (query heads, KV heads, head dim) instead of 32, 8, 128.
 """
 
 from __future__ import annotations
@@ -59,10 +60,13 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("shapes", nargs="*", default=["1x8k", "1x64k"])
     p.add_argument("--steps", default="flashjax,paged16,jax_cudnn")
+    p.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
     args = p.parse_args()
+    heads, kv_heads, head_dim = (int(x) for x in args.heads.split(","))
+    bench = DecodeBench(heads=heads, kv_heads=kv_heads, head_dim=head_dim, page_sizes=(16, 64))
     result = {}
     for shape in parse_shapes(",".join(args.shapes)):
-        x = make_inputs(shape, DecodeBench(page_sizes=(16, 64)))
+        x = make_inputs(shape, bench)
         for name in args.steps.split(","):
             r = profile(STEPS[name], x)
             result[f"{shape.batch}x{shape.seq} {name}"] = r
