@@ -5,8 +5,9 @@ causal and not, checks each candidate's output against the first's, times the ca
 interleaved over rounds (one block per candidate drifted by up to 12% on the H200), and prints the
 fastest.
 Usage on the GPU: python benchmarks/tune_mosaic.py OUT_JSON [HEAD_DIM ...] [--tiles] [--toggles]
-[--only fwd|bwd] [--seq T]
-(default head dims 64 128 256; without --tiles only configs.py's tiles with each schedule option)
+[--only fwd|bwd] [--seq T] [--causal yes|no] [--retile Q:KV:ST]
+(default head dims 64 128 256; without --tiles only configs.py's tiles with each schedule option;
+--retile: every forward candidate also with those tiles, its options kept)
 """
 
 from __future__ import annotations
@@ -94,11 +95,13 @@ def forward_candidates(
     option: str | None = None,
     rows: int | None = None,
     causal: bool = False,
+    retile: tuple[int, int, int] | None = None,
 ) -> list[ForwardConfig]:
     """configs.py's choice for a call of `rows` query rows (first), then the head dim's plain
     row (no rules) alone where that differs, and with the options of SCHEDULES (those with
     `option` only, when given); with `toggles`, instead the choice with each flag of OPTIONS
-    flipped, one at a time; with `tiles`, the tile x flag grid too."""
+    flipped, one at a time; with `tiles`, the tile x flag grid too; with `retile` (block_q,
+    block_kv, stages), each of those again with these tiles."""
     chosen = api.forward_config(head_dim, rows, causal)
     plain = api.forward_config(head_dim)
     if toggles:  # (the pairs of EXCLUSIVE raise: ForwardConfig)
@@ -119,7 +122,13 @@ def forward_candidates(
         ]
     if plain != chosen:  # a rule's choice against the row's own
         variants.insert(0, plain)
-    return [chosen] + variants + (grid if tiles else [])
+    candidates = [chosen] + variants
+    if retile:
+        q, kv, st = retile
+        candidates += [
+            dataclasses.replace(c, block_q=q, block_kv=kv, stages=st) for c in candidates
+        ]
+    return candidates + (grid if tiles else [])
 
 
 # The backward's option sets swept (backward.OPTIONS). Session 7 (results/2026-11-30-h200-s7/bwd):
@@ -189,6 +198,7 @@ def sweep(
     seq: int = SEQ,
     option: str | None = None,
     without: str | None = None,
+    retile: tuple[int, int, int] | None = None,
 ) -> list[dict]:
     """Every candidate (but those with the option `without` on) compiled and checked against
     the first of its kind, then timed with the candidates interleaved over rounds
@@ -215,7 +225,9 @@ def sweep(
         return [cfg for cfg in candidates if not (without and getattr(cfg, without, False))]
 
     for cfg in kept(
-        forward_candidates(head_dim, tiles, toggles, option, seq, causal) if "fwd" in kinds else []
+        forward_candidates(head_dim, tiles, toggles, option, seq, causal, retile)
+        if "fwd" in kinds
+        else []
     ):
         fn = jax.jit(lambda ops, cfg=cfg: api.forward(ops, interpret=False, config=cfg))
         prepare("fwd", cfg, lambda fn=fn: fn(ops), flops)
@@ -266,10 +278,14 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=SEQ, help="sequence length (B * T = 16k)")
     p.add_argument("--with", dest="option", help="only the option sets that include this option")
     p.add_argument("--without", help="leave out every candidate with this option on")
+    p.add_argument("--causal", choices=("yes", "no"), help="one of the two (default both)")
+    p.add_argument("--retile", help="Q:KV:ST, every forward candidate also with these tiles")
     args = p.parse_args()
+    retile = tuple(int(x) for x in args.retile.split(":")) if args.retile else None
+    causals = {"yes": (True,), "no": (False,), None: (False, True)}[args.causal]
     rows = []
     for head_dim in args.head_dims:
-        for causal in (False, True):
+        for causal in causals:
             print(f"H={head_dim} T={args.seq} causal={causal}", flush=True)
             kinds = args.only or "fwd,bwd"
             rows += sweep(
@@ -281,6 +297,7 @@ def main() -> None:
                 args.seq,
                 args.option,
                 args.without,
+                retile,
             )
             report(rows, head_dim, causal)
             json.dump(rows, open(args.out, "w"), indent=1)
