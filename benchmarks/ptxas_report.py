@@ -9,11 +9,13 @@ kernels spill (HOPPER_PLAN 7f: the 5-GEMM backward at head dim 128 loses to the 
 Usage on the GPU:
   python benchmarks/ptxas_report.py OUT_DIR [--head-dim 128] [--seq 4096] [--causal]
       [--sets default,fused_dq+pooled_dq+split_dq+early_dp+overlap_dv+no_pingpong+no_auto_barriers]
+      [--registers 240,24]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import os
 import re
@@ -23,7 +25,7 @@ import sys
 FUSED = "fused_dq+pooled_dq+split_dq+early_dp+overlap_dv+no_pingpong+no_auto_barriers"
 
 
-def worker(head_dim: int, seq: int, causal: bool, options: str) -> None:
+def worker(head_dim: int, seq: int, causal: bool, options: str, registers: str | None) -> None:
     """Compile and time one backward config in this process."""
     import jax
     from tune import operands, timeit
@@ -36,6 +38,8 @@ def worker(head_dim: int, seq: int, causal: bool, options: str) -> None:
     cfg = api.backward_config(head_dim)
     if options != "default":
         cfg = with_options(cfg, options.split("+"))
+    if registers:  # consumers' and producer's setmaxnreg, e.g. FA3's 240,24
+        cfg = dataclasses.replace(cfg, registers=tuple(int(x) for x in registers.split(",")))
     fn = jax.jit(lambda ops, out, lse2, do: api.backward(ops, out, lse2, do, None, False, cfg))
     seconds = timeit(fn, ops, out, lse2, do, reps=10)
     print(f"TIME {seconds * 1e3:.3f} ms {cfg}", flush=True)
@@ -48,10 +52,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--sets", default=f"default,{FUSED}")
+    p.add_argument("--registers", help="consumer,producer setmaxnreg (e.g. 240,24)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.head_dim, args.seq, args.causal, args.worker)
+        worker(args.head_dim, args.seq, args.causal, args.worker, args.registers)
         return
     for options in args.sets.split(","):
         folder = os.path.join(args.out, options.replace("+", "_")[:80])
@@ -59,6 +64,7 @@ def main() -> None:
         env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=folder)
         cmd = [sys.executable, __file__, args.out, "--head-dim", str(args.head_dim)]
         cmd += ["--seq", str(args.seq), "--worker", options] + (["--causal"] if args.causal else [])
+        cmd += ["--registers", args.registers] if args.registers else []
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         with open(os.path.join(folder, "worker.log"), "w") as f:
             f.write(r.stdout + r.stderr)
