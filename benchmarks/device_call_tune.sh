@@ -7,10 +7,11 @@
 # SWEEPS: space-separated DIMS:ONLY:SEQ[:tiles[:with]] (ONLY fwd, bwd or empty for both; tiles:
 # the tile grid too; with: that sweep's option sets only those that include this option), run in
 # order within the time left; default one sweep of head dims 128, 64, 256 at 8k, both kernels.
-# WITH: the `with` of every sweep that names none.
+# WITH: the `with` of every sweep that names none. REGISTERS (C,P): every sweep's candidates also
+# with that setmaxnreg split (tune_mosaic.py --registers).
 # Usage (device tool, from the repo root):
 #   COMMIT=$(git rev-parse --short HEAD) [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
-#     [WITH=async_store] bash benchmarks/device_call_tune.sh
+#     [WITH=async_store] [REGISTERS=240,24] bash benchmarks/device_call_tune.sh
 source benchmarks/device_setup.sh
 export PYTHONPATH=$PYTHONPATH:benchmarks
 L="$OUT/logs"
@@ -33,7 +34,7 @@ for sweep in ${SWEEPS:-128,64,256::8192}; do
   name="tune_${dims//,/-}_${only:-both}_$seq${with:+_$with}"
   timeout "$(until_s 585)" python3 benchmarks/tune_mosaic.py "$L/$name.json" ${dims//,/ } \
     ${only:+--only "$only"} --seq "$seq" ${tiles:+--tiles} ${with:+--with "$with"} \
-    ${WITHOUT:+--without "$WITHOUT"} > "$L/$name.log" 2>&1
+    ${WITHOUT:+--without "$WITHOUT"} ${REGISTERS:+--registers "$REGISTERS"} > "$L/$name.log" 2>&1
   grep -A4 BEST "$L/$name.log"
 done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs

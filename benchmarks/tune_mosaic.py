@@ -5,9 +5,10 @@ causal and not, checks each candidate's output against the first's, times the ca
 interleaved over rounds (one block per candidate drifted by up to 12% on the H200), and prints the
 fastest.
 Usage on the GPU: python benchmarks/tune_mosaic.py OUT_JSON [HEAD_DIM ...] [--tiles] [--toggles]
-[--only fwd|bwd] [--seq T] [--causal yes|no] [--retile Q:KV:ST]
+[--only fwd|bwd] [--seq T] [--causal yes|no] [--retile Q:KV:ST] [--registers C,P]
 (default head dims 64 128 256; without --tiles only configs.py's tiles with each schedule option;
---retile: every forward candidate also with those tiles, its options kept)
+--retile: every forward candidate also with those tiles, its options kept; --registers: every
+candidate of both kernels also with that setmaxnreg split, e.g. FA3's 240,24)
 """
 
 from __future__ import annotations
@@ -125,10 +126,14 @@ def forward_candidates(
     candidates = [chosen] + variants
     if retile:
         q, kv, st = retile
-        candidates += [
-            dataclasses.replace(c, block_q=q, block_kv=kv, stages=st) for c in candidates
-        ]
+        candidates = again(candidates, block_q=q, block_kv=kv, stages=st)
     return candidates + (grid if tiles else [])
+
+
+def again(candidates: list, **fields) -> list:
+    """The candidates, then each once more with `fields` replaced (those it changes)."""
+    changed = [dataclasses.replace(c, **fields) for c in candidates]
+    return list(dict.fromkeys(candidates + changed))
 
 
 # The backward's option sets swept (backward.OPTIONS). Session 7 (results/2026-11-30-h200-s7/bwd):
@@ -199,6 +204,7 @@ def sweep(
     option: str | None = None,
     without: str | None = None,
     retile: tuple[int, int, int] | None = None,
+    registers: tuple[int, int] | None = None,
 ) -> list[dict]:
     """Every candidate (but those with the option `without` on) compiled and checked against
     the first of its kind, then timed with the candidates interleaved over rounds
@@ -222,6 +228,7 @@ def sweep(
         print(f"  checked {kind} {row['label']}: {row['status']}", flush=True)  # a hang shows where
 
     def kept(candidates):
+        candidates = again(candidates, registers=registers) if registers else candidates
         return [cfg for cfg in candidates if not (without and getattr(cfg, without, False))]
 
     for cfg in kept(
@@ -280,8 +287,10 @@ def main() -> None:
     p.add_argument("--without", help="leave out every candidate with this option on")
     p.add_argument("--causal", choices=("yes", "no"), help="one of the two (default both)")
     p.add_argument("--retile", help="Q:KV:ST, every forward candidate also with these tiles")
+    p.add_argument("--registers", help="C,P: every candidate also with this setmaxnreg split")
     args = p.parse_args()
     retile = tuple(int(x) for x in args.retile.split(":")) if args.retile else None
+    registers = tuple(int(x) for x in args.registers.split(",")) if args.registers else None
     causals = {"yes": (True,), "no": (False,), None: (False, True)}[args.causal]
     rows = []
     for head_dim in args.head_dims:
@@ -298,6 +307,7 @@ def main() -> None:
                 args.option,
                 args.without,
                 retile,
+                registers,
             )
             report(rows, head_dim, causal)
             json.dump(rows, open(args.out, "w"), indent=1)

@@ -187,27 +187,42 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
     192: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "named_barriers")),
     256: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "named_barriers")),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBackward:
+    """One row of MOSAIC_BACKWARD: the tiles of mosaic.backward.BackwardConfig, the on/off
+    options (mosaic.backward.OPTIONS) that are on, and setmaxnreg's (consumer, producer)
+    registers (None: the kernel's default)."""
+
+    rows: int  # per consumer warpgroup
+    cols: int  # per streamed step
+    stages: int
+    options: tuple[str, ...] = ()
+    registers: tuple[int, int] | None = None
+
+
 # The backward's two kernels: (rows per consumer, columns per step, stages), the same for both
 # (dK/dV: rows of keys, columns of queries; dQ: the other way round). Each consumer keeps its own
 # rows (K and V, or Q and dO) in shared memory beside the streamed ring: at head dims 192/256 two
 # stages would need 256 KiB of the 227, so only one fits (no ping-pong; columns cannot shrink
 # below 64, wgmma's contraction dim).
-# The fourth column: the backward's on/off options that are on (mosaic.backward.OPTIONS). Swept
+# `options`: the backward's on/off options that are on (mosaic.backward.OPTIONS). Swept
 # interleaved on the H200 (benchmarks/results/2026-11-30-h200-s7/bwd, T = 8k, ms non-causal /
 # causal, no options -> chosen): head dim 128 6.249 / 3.416 -> 6.020 / 3.388; 64 8.326 / 4.342
 # -> 7.785 / 4.241. early_dp and overlap_dv with the ping-pong on were 8-20% slower than none.
 # no_auto_barriers on top at 128 (results/2026-11-30-h200-s7/short): 6.181 / 3.331 -> 6.012 /
-# 3.304.
-MOSAIC_BACKWARD: dict[int, tuple[int, int, int, tuple[str, ...]]] = {
-    64: (
-        64,
-        64,
-        3,
-        ("early_dp", "overlap_dv", "no_pingpong", "fused_dq", "pooled_dq", "no_auto_barriers"),
-    ),
-    128: (64, 64, 2, ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers")),
-    192: (64, 64, 1, ()),
-    256: (64, 64, 1, ()),
+# 3.304. `registers`: FA3's (240, 24) timed 1.05-1.08x the default (232, 40) at head dim 128,
+# T = 4k non-causal, and 1.14x for the 5-GEMM kernel, which spills at both
+# (results/2026-12-03-h200-s18/call8-10: sequential runs at one shape, outputs not checked on the
+# GPU); not set until tests/test_gpu_schedules.py's register cases and an interleaved sweep
+# (tune_mosaic.py --registers 240,24) confirm it.
+_OVERLAPPED_BWD = ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers")
+MOSAIC_BACKWARD: dict[int, MosaicBackward] = {
+    64: MosaicBackward(64, 64, 3, ("fused_dq", "pooled_dq", *_OVERLAPPED_BWD)),
+    128: MosaicBackward(64, 64, 2, _OVERLAPPED_BWD),
+    192: MosaicBackward(64, 64, 1),
+    256: MosaicBackward(64, 64, 1),
 }
 # Head dims whose backward the "mosaic" backend hands to the Triton kernels (same residuals: out
 # and the natural-log lse). Measured on the H200 (benchmarks/results/2026-11-30-h200-mosaic:

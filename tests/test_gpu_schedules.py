@@ -15,6 +15,7 @@ from test_suite import check_case
 
 from pallas_kernels import configs
 from pallas_kernels.mosaic import api
+from pallas_kernels.mosaic.backward import OPTIONS as BACKWARD_OPTIONS
 from pallas_kernels.mosaic.backward import with_options as backward_options
 from pallas_kernels.mosaic.forward import OPTIONS, WIDEST, with_options
 
@@ -46,14 +47,18 @@ BACKWARD = [
 DROPOUT = Case(B=1, T=1000, S=1100, N=4, K=2, H=128, features=("causal", "dropout"))
 
 
-def _check(case: Case, monkeypatch, forward=(), backward=(), consumers: int = 2) -> None:
+def _check(
+    case: Case, monkeypatch, forward=(), backward=(), consumers: int = 2, registers=None
+) -> None:
     if configs.gpu_target() != "sm90":
         pytest.skip("the Mosaic kernels run on Hopper (sm90) only")
     q, k, v, _, kw = make_inputs(case)
     assert served("mosaic", q, k, v, kw)  # else check_case would pass without running it
     fwd = with_options(api.forward_config(case.H), forward)
-    fwd = dataclasses.replace(fwd, consumers=consumers)
+    fwd = dataclasses.replace(fwd, consumers=consumers, registers=registers)
     bwd = backward_options(api.backward_config(case.H), backward)
+    if registers:
+        bwd = dataclasses.replace(bwd, registers=registers)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "call_config", lambda ops: fwd)
     monkeypatch.setattr(api, "backward_config", lambda head_dim: bwd)
@@ -124,3 +129,28 @@ def test_overlapped_default_candidate_on_gpu(case: Case, options, monkeypatch) -
 def test_three_consumers_on_gpu(case: Case, options, monkeypatch) -> None:
     """Three consumer warpgroups at head dim 64 (FA3's 192-row tiles), plain and overlapped."""
     _check(case, monkeypatch, forward=options, consumers=3)
+
+
+# FA3's register split for two consumer warpgroups (240 each, 24 for the producer) in place of
+# (232, 40): session 18 timed the head dim 128 backward 1.05-1.08x faster with it and the 5-GEMM
+# kernel 1.14x (results/2026-12-03-h200-s18/call10), outputs not checked there. None: the
+# configured options of the head dim.
+REGISTER_SPLITS = [
+    (None, None),
+    (("fold_scale", "overlap_qk"), ("fused_dq", "pooled_dq", "split_dq", "early_dp", "overlap_dv")),
+]
+
+
+def _configured(config, known: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(name for name in known if getattr(config, name))
+
+
+@pytest.mark.gpu_schedules
+@pytest.mark.parametrize("options", REGISTER_SPLITS, ids=lambda o: "+".join(o[0] or ("rows",)))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_registers_240_24_on_gpu(case: Case, options, monkeypatch) -> None:
+    forward, backward = options
+    if forward is None:
+        forward = _configured(api.forward_config(case.H), OPTIONS)
+        backward = _configured(api.backward_config(case.H), BACKWARD_OPTIONS)
+    _check(case, monkeypatch, forward=forward, backward=backward, registers=(240, 24))

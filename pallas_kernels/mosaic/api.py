@@ -68,9 +68,12 @@ def call_config(ops: Operands) -> _forward.ForwardConfig:
 
 
 def backward_config(head_dim: int) -> _backward.BackwardConfig:
-    rows, cols, stages, options = configs.MOSAIC_BACKWARD[_head_dim(head_dim)]
-    tiles = _backward.BackwardConfig(rows=rows, cols=cols, stages=stages)
-    return _backward.with_options(tiles, options)
+    """configs.MOSAIC_BACKWARD's choice for this head dim."""
+    row = configs.MOSAIC_BACKWARD[_head_dim(head_dim)]
+    tiles = _backward.BackwardConfig(rows=row.rows, cols=row.cols, stages=row.stages)
+    if row.registers:
+        tiles = dataclasses.replace(tiles, registers=row.registers)
+    return _backward.with_options(tiles, row.options)
 
 
 def backward_on_triton(head_dim: int) -> bool:
