@@ -8,7 +8,8 @@
 # the tile grid too; with: that sweep's option sets only those that include this option), run in
 # order within the time left; default one sweep of head dims 128, 64, 256 at 8k, both kernels.
 # WITH: the `with` of every sweep that names none. REGISTERS (C,P): every sweep's candidates also
-# with that setmaxnreg split (tune_mosaic.py --registers).
+# with that setmaxnreg split (tune_mosaic.py --registers); with `configured` as a sweep's `with`,
+# configs.py's choice against its copy alone, e.g. SWEEPS="128:bwd:4096::configured".
 # Usage (device tool, from the repo root):
 #   COMMIT=$(git rev-parse --short HEAD) [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
 #     [WITH=async_store] [REGISTERS=240,24] bash benchmarks/device_call_tune.sh

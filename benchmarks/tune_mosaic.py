@@ -283,7 +283,12 @@ def main() -> None:
     )
     p.add_argument("--only", choices=("fwd", "bwd"), help="one kernel's candidates")
     p.add_argument("--seq", type=int, default=SEQ, help="sequence length (B * T = 16k)")
-    p.add_argument("--with", dest="option", help="only the option sets that include this option")
+    p.add_argument(
+        "--with",
+        dest="option",
+        help="only the option sets that include this option (`configured`: none of them, so "
+        "configs.py's choice alone, with --registers or --retile its copies)",
+    )
     p.add_argument("--without", help="leave out every candidate with this option on")
     p.add_argument("--causal", choices=("yes", "no"), help="one of the two (default both)")
     p.add_argument("--retile", help="Q:KV:ST, every forward candidate also with these tiles")
