@@ -416,6 +416,21 @@ def test_every_rule_makes_a_config(head_dim: int, rule: configs.CallRule) -> Non
     assert api.forward_config(head_dim, rows, rule.causal) != api.forward_config(head_dim)
 
 
+def test_backward_rows_make_their_configs(monkeypatch) -> None:
+    """configs.MOSAIC_BACKWARD's record is the backward's one source: its tiles, exactly its
+    options, and its setmaxnreg split when it names one (the kernel's default when not)."""
+    default = backward.BackwardConfig(rows=1, cols=1, stages=1).registers
+    for head_dim, row in configs.MOSAIC_BACKWARD.items():
+        cfg = api.backward_config(head_dim)
+        assert (cfg.rows, cfg.cols, cfg.stages) == (row.rows, row.cols, row.stages)
+        assert {o for o in backward.OPTIONS if getattr(cfg, o)} == set(row.options)
+        assert cfg.registers == (row.registers or default)
+    split = configs.MosaicBackward(64, 64, 2, ("fused_dq",), registers=(240, 24))
+    monkeypatch.setitem(configs.MOSAIC_BACKWARD, 128, split)
+    cfg = api.backward_config(128)
+    assert cfg.registers == (240, 24) and cfg.fused_dq and not cfg.early_dp
+
+
 # Calls a rule names, on the GPU: with the scale folded (no soft-cap) and without.
 RULE_FEATURES = {
     True: [("causal", "segments"), ("causal", "lengths", "dropout")],
