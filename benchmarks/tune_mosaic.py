@@ -27,6 +27,7 @@ from pallas_kernels.mosaic.backward import OPTIONS as BWD_OPTIONS
 from pallas_kernels.mosaic.backward import BackwardConfig
 from pallas_kernels.mosaic.backward import with_options as bwd_with_options
 from pallas_kernels.mosaic.forward import EXCLUSIVE, OPTIONS, ForwardConfig, with_options
+from pallas_kernels.mosaic.pipeline import options_on
 
 SEQ = 8192
 # (block_q, block_kv, stages) per head dim; shared memory: Q 2 x block_q x D plus K and V
@@ -106,7 +107,7 @@ def forward_candidates(
     chosen = api.forward_config(head_dim, rows, causal)
     plain = api.forward_config(head_dim)
     if toggles:  # (the pairs of EXCLUSIVE raise: ForwardConfig)
-        on = {name for name in OPTIONS if getattr(chosen, name)}
+        on = set(options_on(chosen, OPTIONS))
         flips = [on ^ {name} for name in OPTIONS]
         variants = [
             with_options(chosen, f) for f in flips if not any(set(p) <= f for p in EXCLUSIVE)

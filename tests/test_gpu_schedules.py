@@ -18,6 +18,7 @@ from pallas_kernels.mosaic import api
 from pallas_kernels.mosaic.backward import OPTIONS as BACKWARD_OPTIONS
 from pallas_kernels.mosaic.backward import with_options as backward_options
 from pallas_kernels.mosaic.forward import OPTIONS, WIDEST, with_options
+from pallas_kernels.mosaic.pipeline import options_on
 
 CASES = [
     Case(B=2, T=1024, S=1100, N=8, K=2, H=128, features=("causal", "segments")),
@@ -141,16 +142,12 @@ REGISTER_SPLITS = [
 ]
 
 
-def _configured(config, known: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(name for name in known if getattr(config, name))
-
-
 @pytest.mark.gpu_schedules
 @pytest.mark.parametrize("options", REGISTER_SPLITS, ids=lambda o: "+".join(o[0] or ("rows",)))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_registers_240_24_on_gpu(case: Case, options, monkeypatch) -> None:
     forward, backward = options
     if forward is None:
-        forward = _configured(api.forward_config(case.H), OPTIONS)
-        backward = _configured(api.backward_config(case.H), BACKWARD_OPTIONS)
+        forward = options_on(api.forward_config(case.H), OPTIONS)
+        backward = options_on(api.backward_config(case.H), BACKWARD_OPTIONS)
     _check(case, monkeypatch, forward=forward, backward=backward, registers=(240, 24))

@@ -18,7 +18,7 @@ from test_suite import check_case
 from flashjax import dot_product_attention
 from flashjax.attention import operands
 from pallas_kernels import common, configs
-from pallas_kernels.mosaic import api, backward, forward
+from pallas_kernels.mosaic import api, backward, forward, pipeline
 from pallas_kernels.operands import AttentionStatics
 
 
@@ -423,7 +423,7 @@ def test_backward_rows_make_their_configs(monkeypatch) -> None:
     for head_dim, row in configs.MOSAIC_BACKWARD.items():
         cfg = api.backward_config(head_dim)
         assert (cfg.rows, cfg.cols, cfg.stages) == (row.rows, row.cols, row.stages)
-        assert {o for o in backward.OPTIONS if getattr(cfg, o)} == set(row.options)
+        assert set(pipeline.options_on(cfg, backward.OPTIONS)) == set(row.options)
         assert cfg.registers == (row.registers or default)
     split = configs.MosaicBackward(64, 64, 2, ("fused_dq",), registers=(240, 24))
     monkeypatch.setitem(configs.MOSAIC_BACKWARD, 128, split)

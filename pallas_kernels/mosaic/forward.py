@@ -94,7 +94,7 @@ class ForwardConfig:
             raise ValueError(
                 "ForwardConfig: named_barriers (a two-consumer ping-pong) needs consumers=2"
             )
-        on = {name for name in OPTIONS if getattr(self, name)}
+        on = set(pp.options_on(self, OPTIONS))
         for pair in EXCLUSIVE:
             if set(pair) <= on:
                 raise ValueError(

@@ -235,6 +235,11 @@ def with_options(config, options, known: tuple[str, ...]):
     return dataclasses.replace(config, **{flag: flag in options for flag in known})
 
 
+def options_on(config, known: tuple[str, ...]) -> tuple[str, ...]:
+    """The on/off flags of `config` among `known` that are on (`with_options`' inverse)."""
+    return tuple(flag for flag in known if getattr(config, flag))
+
+
 def wait_stores(async_store: bool) -> None:
     """Await this thread's SMEM -> GMEM copies (the epilogue's last step): until they have read
     shared memory (`async_store`, FA3's epilogue: enough to reuse the buffers or to exit, the
