@@ -90,7 +90,9 @@ class CallRule:
 @dataclasses.dataclass(frozen=True)
 class MosaicForward:
     """One row of MOSAIC_FORWARD: the tiles and flags of mosaic.forward.ForwardConfig, the
-    on/off options (mosaic.forward.OPTIONS) that are on, and the rules for calls that differ."""
+    on/off options (mosaic.forward.OPTIONS) that are on, the rules for calls that differ, and
+    setmaxnreg's (consumer, producer) registers for the row's two-consumer calls (None: the
+    kernel's default; a rule's three-consumer calls keep theirs)."""
 
     block_q: int  # per consumer warpgroup
     block_kv: int
@@ -100,6 +102,7 @@ class MosaicForward:
     pinned_order: bool = True
     options: tuple[str, ...] = ()
     rules: tuple[CallRule, ...] = ()
+    registers: tuple[int, int] | None = None
 
 
 # Hopper kernels on Mosaic GPU (pallas_kernels/mosaic), per head dim bucket.

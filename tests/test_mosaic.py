@@ -431,6 +431,16 @@ def test_backward_rows_make_their_configs(monkeypatch) -> None:
     assert cfg.registers == (240, 24) and cfg.fused_dq and not cfg.early_dp
 
 
+def test_forward_registers_reach_two_consumer_calls(monkeypatch) -> None:
+    """A MOSAIC_FORWARD row's setmaxnreg split reaches its two-consumer configs; a rule that
+    makes three consumers keeps the kernel's three-consumer split."""
+    row = dataclasses.replace(configs.MOSAIC_FORWARD[64], registers=(240, 24))
+    monkeypatch.setitem(configs.MOSAIC_FORWARD, 64, row)
+    two, three = api.forward_config(64), api.forward_config(64, 8192)
+    assert two.consumers == 2 and two.register_split == (240, 24)
+    assert three.consumers == 3 and three.register_split == (160, 32)
+
+
 # Calls a rule names, on the GPU: with the scale folded (no soft-cap) and without.
 RULE_FEATURES = {
     True: [("causal", "segments"), ("causal", "lengths", "dropout")],

@@ -54,6 +54,7 @@ def forward_config(
         consumers=consumers,
         early_next_k=row.early_next_k,
         pinned_order=row.pinned_order,
+        registers=row.registers if consumers == 2 else None,
     )
     return _forward.with_options(tiles, options)
 
