@@ -66,8 +66,10 @@ _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 class CallRule:
     """What a MosaicForward row changes for the calls this names: causal ones (a query tile's
     work grows with its row: `mosaic.api.is_causal`) or the others, of `min_rows`..`max_rows`
-    query rows: on/off options it turns off (`drop`) and on (`options`), and a number of
-    consumer warpgroups. A row's rules apply in order, each to what the ones before it left."""
+    query rows: on/off options it turns off (`drop`) and on (`options`), a number of consumer
+    warpgroups, and setmaxnreg's (consumer, producer) registers (None: the kernel's split for its
+    consumers; only with two). A row's rules apply in order, each to what the ones before it
+    left."""
 
     causal: bool
     options: tuple[str, ...] = ()
@@ -75,11 +77,13 @@ class CallRule:
     max_rows: int | None = None
     consumers: int | None = None
     drop: tuple[str, ...] = ()
+    registers: tuple[int, int] | None = None
 
     def __str__(self) -> str:
         rows = f"{self.min_rows}-{self.max_rows or ''}"
         changes = [*(f"-{o}" for o in self.drop), *self.options]
         changes += [f"consumers{self.consumers}"] if self.consumers else []
+        changes += ["registers{}-{}".format(*self.registers)] if self.registers else []
         return "+".join(["causal" if self.causal else "noncausal", rows, *changes])
 
     def matches(self, rows: int, causal: bool) -> bool:
@@ -90,9 +94,7 @@ class CallRule:
 @dataclasses.dataclass(frozen=True)
 class MosaicForward:
     """One row of MOSAIC_FORWARD: the tiles and flags of mosaic.forward.ForwardConfig, the
-    on/off options (mosaic.forward.OPTIONS) that are on, the rules for calls that differ, and
-    setmaxnreg's (consumer, producer) registers for the row's two-consumer calls (None: the
-    kernel's default; a rule's three-consumer calls keep theirs)."""
+    on/off options (mosaic.forward.OPTIONS) that are on, and the rules for calls that differ."""
 
     block_q: int  # per consumer warpgroup
     block_kv: int
@@ -102,7 +104,6 @@ class MosaicForward:
     pinned_order: bool = True
     options: tuple[str, ...] = ()
     rules: tuple[CallRule, ...] = ()
-    registers: tuple[int, int] | None = None
 
 
 # Hopper kernels on Mosaic GPU (pallas_kernels/mosaic), per head dim bucket.

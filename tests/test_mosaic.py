@@ -431,14 +431,22 @@ def test_backward_rows_make_their_configs(monkeypatch) -> None:
     assert cfg.registers == (240, 24) and cfg.fused_dq and not cfg.early_dp
 
 
-def test_forward_registers_reach_two_consumer_calls(monkeypatch) -> None:
-    """A MOSAIC_FORWARD row's setmaxnreg split reaches its two-consumer configs; a rule that
-    makes three consumers keeps the kernel's three-consumer split."""
-    row = dataclasses.replace(configs.MOSAIC_FORWARD[64], registers=(240, 24))
+def test_rule_registers_reach_two_consumer_calls(monkeypatch) -> None:
+    """A rule's setmaxnreg split reaches the two-consumer configs of the calls it names, and
+    stays for later rules that set none; a call made three-consumer keeps the kernel's split;
+    calls no such rule names keep the default."""
+    rules = (
+        configs.CallRule(causal=False, registers=(240, 24)),
+        configs.CallRule(causal=False, max_rows=300, options=("persistent",)),
+        configs.CallRule(causal=False, min_rows=4096, consumers=3),
+    )
+    row = dataclasses.replace(configs.MOSAIC_FORWARD[64], rules=rules)
     monkeypatch.setitem(configs.MOSAIC_FORWARD, 64, row)
-    two, three = api.forward_config(64), api.forward_config(64, 8192)
-    assert two.consumers == 2 and two.register_split == (240, 24)
-    assert three.consumers == 3 and three.register_split == (160, 32)
+    default = api.forward_config(64).register_split
+    short, mid = api.forward_config(64, 256), api.forward_config(64, 1024)
+    assert short.persistent and short.register_split == mid.register_split == (240, 24)
+    assert api.forward_config(64, 8192).register_split == (160, 32)
+    assert api.forward_config(64, 1024, causal=True).register_split == default == (232, 40)
 
 
 # Calls a rule names, on the GPU: with the scale folded (no soft-cap) and without.

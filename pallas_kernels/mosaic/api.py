@@ -42,11 +42,12 @@ def forward_config(
     """configs.MOSAIC_FORWARD's choice for this head dim; for a call of `rows` query rows, with
     what the row's rules add for it (`causal`: `is_causal`)."""
     row = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
-    options, consumers = row.options, row.consumers
+    options, consumers, registers = row.options, row.consumers, None
     for rule in row.rules if rows is not None else ():
         if rule.matches(rows, causal):
             options = (*(o for o in options if o not in rule.drop), *rule.options)
             consumers = rule.consumers or consumers
+            registers = rule.registers or registers
     tiles = _forward.ForwardConfig(
         block_q=row.block_q,
         block_kv=row.block_kv,
@@ -54,7 +55,7 @@ def forward_config(
         consumers=consumers,
         early_next_k=row.early_next_k,
         pinned_order=row.pinned_order,
-        registers=row.registers if consumers == 2 else None,
+        registers=registers if consumers == 2 else None,
     )
     return _forward.with_options(tiles, options)
 
