@@ -218,9 +218,10 @@ class MosaicBackward:
 # no_auto_barriers on top at 128 (results/2026-11-30-h200-s7/short): 6.181 / 3.331 -> 6.012 /
 # 3.304. `registers`: FA3's (240, 24) timed 1.05-1.08x the default (232, 40) at head dim 128,
 # T = 4k non-causal, and 1.14x for the 5-GEMM kernel, which spills at both
-# (results/2026-12-03-h200-s18/call8-10: sequential runs at one shape, outputs not checked on the
-# GPU); not set until tests/test_gpu_schedules.py's register cases and an interleaved sweep
-# (tune_mosaic.py --registers 240,24) confirm it.
+# (results/2026-12-03-h200-s18/call8-10: sequential runs at one shape). Interleaved
+# (results/2026-12-03-h200-s20/call1; correct on the GPU) it was 0.93-0.99x at head dim 128
+# (4k, 8k, causal and not) and 0.998-1.015x at 64: not set. (The forward's, per CallRule:
+# 0.92-1.07x at 512-16k with no pattern, s20/call2: not set either.)
 _OVERLAPPED_BWD = ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers")
 MOSAIC_BACKWARD: dict[int, MosaicBackward] = {
     64: MosaicBackward(64, 64, 3, ("fused_dq", "pooled_dq", *_OVERLAPPED_BWD)),
