@@ -4,7 +4,7 @@
 # of the default kernels against cuDNN and tokamax at HEAD_DIMS, each stage cut by its own time
 # limit so that the logs always come back (as one tar: the device returns <= 8 files).
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) [HEAD_DIMS=64] [DECODE=0] bash benchmarks/device_call.sh
+#   COMMIT=<sha> [HEAD_DIMS=64] [DECODE=0] bash benchmarks/device_call.sh
 # On nvidia-h200-x2 the 2-GPU ring tests run too (they skip on one GPU).
 source benchmarks/device_setup.sh
 mkdir -p "$OUT/logs"

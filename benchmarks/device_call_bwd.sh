@@ -5,7 +5,7 @@
 # (`pytest -m gpu_schedules -k backward`), then timed interleaved at head dims 128 and 64
 # (benchmarks/tune_mosaic.py --only bwd, BWD_SCHEDULES).
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_call_bwd.sh
+#   COMMIT=<sha> bash benchmarks/device_call_bwd.sh
 source benchmarks/device_setup.sh
 export PYTHONPATH=$PYTHONPATH:benchmarks
 mkdir -p "$OUT/logs"

@@ -7,7 +7,7 @@
 # GPT2=1 GPT-2 small's decode step (12 query / 12 KV heads, head dim 64: bench, kernel profile,
 # split sweep); all about 10 minutes. Logs tarred into $OUT/logs.tgz.
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) [TUNE=1] [PROFILE=1] [AB=1] [GPT2=1] [GEN=1|32] \
+#   COMMIT=<sha> [TUNE=1] [PROFILE=1] [AB=1] [GPT2=1] [GEN=1|32] \
 #     bash benchmarks/device_call_decode.sh
 source benchmarks/device_setup.sh
 L="$OUT/logs"

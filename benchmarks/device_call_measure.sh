@@ -8,7 +8,7 @@
 #          segments, flashjax against cuDNN (issue 9);
 # then both: the all-gather baseline's forward+backward (issue 11) beside one GPU.
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_call_measure.sh
+#   COMMIT=<sha> bash benchmarks/device_call_measure.sh
 source benchmarks/device_setup.sh
 L="$OUT/logs"
 mkdir -p "$L"

@@ -4,7 +4,7 @@
 # of the kernels where the Hopper issue's bars are missed, flashjax's beside cuDNN's
 # (benchmarks/ncu_kernels.py; OUT/logs/ncu/summary.txt, one CSV per run).
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) [CASES=fwd-d64-causal-1k,...] [BACKENDS=flashjax_mosaic] \
+#   COMMIT=<sha> [CASES=fwd-d64-causal-1k,...] [BACKENDS=flashjax_mosaic] \
 #     [SASS=1] bash benchmarks/device_call_ncu.sh
 # SASS=1: each run also writes the kernels' SASS with its stall samples (a second ncu run each:
 # name two or three cases).

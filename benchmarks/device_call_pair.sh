@@ -8,7 +8,7 @@
 #          tokamax, then (GEN=1) GPT-2 small generation at batch 1 (with `--attention none`,
 #          the floor without attention) in the time left.
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) [K=prefetch_q] [HEAD_DIMS=64] [GEN=1] \
+#   COMMIT=<sha> [K=prefetch_q] [HEAD_DIMS=64] [GEN=1] \
 #     bash benchmarks/device_call_pair.sh
 source benchmarks/device_setup.sh
 L="$OUT/logs"

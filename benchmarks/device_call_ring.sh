@@ -4,7 +4,7 @@
 # scaling study (32k and 128k rows per GPU, causal and full, ring against the all-gather baseline
 # and one GPU, memory plans, the profile of two ring calls), each cut by its own time limit.
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_call_ring.sh
+#   COMMIT=<sha> bash benchmarks/device_call_ring.sh
 source benchmarks/device_setup.sh
 mkdir -p "$OUT/logs"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/logs/gpus.txt"

@@ -15,7 +15,7 @@
 # single,ring,ring_in_place: the forward's kernels reading the key pieces in place); the profile
 # is of the first ring variant among them.
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) [TIER=1] [XLA_EXTRA=...] [IMPLS=...] \
+#   COMMIT=<sha> [TIER=1] [XLA_EXTRA=...] [IMPLS=...] \
 #     bash benchmarks/device_call_ring_profile.sh
 source benchmarks/device_setup.sh
 mkdir -p "$OUT/logs"

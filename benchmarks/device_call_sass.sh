@@ -8,7 +8,7 @@
 #   3. ncu's source page (SASS with warp-stall samples per instruction) of CASES' flashjax
 #      kernels (benchmarks/ncu_kernels.py --sass): OUT/logs/ncu/.
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) [CASES=fwd-d64-full-1k,bwd-d128-full-4k] \
+#   COMMIT=<sha> [CASES=fwd-d64-full-1k,bwd-d128-full-4k] \
 #     bash benchmarks/device_call_sass.sh
 source benchmarks/device_setup.sh
 L="$OUT/logs"

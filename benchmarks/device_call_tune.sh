@@ -11,7 +11,7 @@
 # with that setmaxnreg split (tune_mosaic.py --registers); with `configured` as a sweep's `with`,
 # configs.py's choice against its copy alone, e.g. SWEEPS="128:bwd:4096::configured".
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
+#   COMMIT=<sha> [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
 #     [WITH=async_store] [REGISTERS=240,24] bash benchmarks/device_call_tune.sh
 source benchmarks/device_setup.sh
 export PYTHONPATH=$PYTHONPATH:benchmarks

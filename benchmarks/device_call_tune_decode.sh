@@ -3,7 +3,7 @@
 # split counts (benchmarks/tune_decode.py), contiguous, paged, and at GPT-2 small's decode shape,
 # the candidates timed interleaved over rounds in jitted loops of chained steps.
 # Usage (device tool, from the repo root):
-#   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_call_tune_decode.sh
+#   COMMIT=<sha> bash benchmarks/device_call_tune_decode.sh
 source benchmarks/device_setup.sh
 export PYTHONPATH=$PYTHONPATH:benchmarks
 mkdir -p "$OUT/logs"

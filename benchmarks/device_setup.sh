@@ -4,6 +4,8 @@
 # carried, `until_s MARK` (seconds left until MARK seconds since the start, at least 5),
 # `gpu_tier LIMIT LOG` (the GPU test tier) and `gen BATCH DIR DEADLINE` (GPT-2 small generation).
 export PYTHONUNBUFFERED=1
+# COMMIT=<sha>: the commit being run, as `git rev-parse --short HEAD` reads it on this side (the
+# device copy has no .git, or a stale one: `$(git rev-parse ...)` in the command reads that).
 C=${COMMIT:?set COMMIT to the commit being run (the device copy has no .git, or a stale one)}
 export FLASHJAX_COMMIT=$C  # what the bench writes into its results (flashjax.bench.machine)
 if [ -d .tokamax ]; then
