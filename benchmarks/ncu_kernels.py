@@ -54,7 +54,7 @@ MEMORY = (
 METRICS = ("gpu__time_duration.sum", PIPES, STALLS, *CONFLICTS, *MEMORY)
 TIMEOUT_S = 240
 # The attention kernels of each backend (not XLA's fusions around them), for the SASS page.
-ATTENTION_KERNELS = r"flashjax_mosaic|sdpa"
+ATTENTION_KERNELS = r"flashjax_mosaic|sdpa|flash_attention_sm90"  # ours, cuDNN's, tokamax's
 
 
 def worker(backend_name: str, case_name: str) -> int:
