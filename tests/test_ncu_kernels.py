@@ -183,3 +183,31 @@ def test_sass_page_command_and_driver(script, tmp_path) -> None:
         "fwd-d64-full-1k flashjax_mosaic sass: 2 lines in fwd-d64-full-1k-flashjax_mosaic-sass.csv"
     )
     assert (out / "fwd-d64-full-1k-flashjax_mosaic-sass.csv").read_text().startswith('"ID"')
+
+
+SASS_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sass_stalls.py"
+
+
+def test_sass_stalls_reads_the_source_page(tmp_path) -> None:
+    """benchmarks/sass_stalls.py: the instruction lines of ncu's source page (not its preamble
+    or the kernel-name line), opcodes without predicates or modifiers, and the hottest
+    instruction shown with the ones before it."""
+    spec = importlib.util.spec_from_file_location("benchmarks_sass_stalls", SASS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    header = '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"'
+    body = [
+        '"0x10","      UTMALDG.5D [UR8], [UR16]","1","32"',
+        '"0x20","      SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR9], R7","2","32"',
+        '"0x30","      @!P1  BRA 0x10","90","64"',
+        '"0x40","      HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24","7","256"',
+    ]
+    text = "\n".join(["==PROF== Connected", header, '"Kernel Name","k",', header, *body])
+    path = tmp_path / "case-sass.csv"
+    path.write_text(text)
+    rows = module.instructions(path)
+    assert [r["Address"] for r in rows] == ["0x10", "0x20", "0x30", "0x40"]
+    assert [module.opcode(r["Source"]) for r in rows] == ["UTMALDG", "SYNCS", "BRA", "HGMMA"]
+    out = module.report(path, top=1, context=2)
+    assert "HGMMA 256, BRA 64" in out and "#2: 90.0% of samples" in out
+    assert "TRYWAIT" in out and "UTMALDG" in out and "gdesc" not in out.split("#2")[1]
