@@ -15,6 +15,7 @@ flashjax's kernels stall on the long scoreboard 5x as often as cuDNN's).
 
 Usage (a GPU with ncu; benchmarks/device_call_ncu.sh):
   python3 benchmarks/ncu_kernels.py OUT [--cases NAME,...] [--backends NAME,...] [--sass]
+    [--forward-options persistent,prefetch_q ...]   (flashjax_mosaic's forward: candidates)
 """
 
 from __future__ import annotations
@@ -57,14 +58,22 @@ TIMEOUT_S = 240
 ATTENTION_KERNELS = r"flashjax_mosaic|sdpa|flash_attention_sm90"  # ours, cuDNN's, tokamax's
 
 
-def worker(backend_name: str, case_name: str) -> int:
+def worker(backend_name: str, case_name: str, forward_options: str | None = None) -> int:
     """Inside ncu: compile the case's program, run it once, then once inside the profiler
-    range."""
+    range. `forward_options` (comma-separated, maybe empty): the Mosaic forward runs its head
+    dim's configs.py row with exactly these on/off options and none of its rules."""
+    import dataclasses
+
     import jax
 
     from flashjax.bench import backends, cases
+    from pallas_kernels import configs
 
     case, kind = CASES[case_name]
+    if forward_options is not None:
+        row = configs.MOSAIC_FORWARD[case.head_dim]
+        options = tuple(o for o in forward_options.split(",") if o)
+        configs.MOSAIC_FORWARD[case.head_dim] = dataclasses.replace(row, options=options, rules=())
     backend = next(b for b in backends.all_backends() if b.name == backend_name)
     if (why := backend.unavailable() or backend.unsupported(case)) is not None:
         print(f"{backend_name} cannot run {case_name}: {why}", file=sys.stderr)
@@ -115,26 +124,54 @@ def summary(kernel: ncu.Kernel) -> str:
     return " | ".join(fields)
 
 
-def profile(out: Path, case_name: str, backend_name: str, ncu_path: str) -> list[str]:
-    """Run one worker under ncu; its CSV in `out`, the summary lines."""
+def _target(backend_name: str, case_name: str, forward_options: str | None) -> list[str]:
+    """The worker's command line."""
     target = [sys.executable, __file__, "--worker", backend_name, case_name]
+    return target + (["--forward-options", forward_options] if forward_options is not None else [])
+
+
+def _run_names(case_name: str, backend_name: str, forward_options: str | None) -> tuple[str, str]:
+    """A run's name in the summary ("CASE BACKEND") and its files' stem ("CASE-BACKEND"), each
+    with the forward's options when they are given (`+`-joined, or `none`)."""
+    tag = "" if forward_options is None else forward_options.replace(",", "+") or "none"
+    return (
+        f"{case_name} {backend_name}" + (f" {tag}" if tag else ""),
+        f"{case_name}-{backend_name}" + (f"-{tag}" if tag else ""),
+    )
+
+
+def profile(
+    out: Path,
+    case_name: str,
+    backend_name: str,
+    ncu_path: str,
+    forward_options: str | None = None,
+) -> list[str]:
+    """Run one worker under ncu; its CSV in `out`, the summary lines."""
+    target = _target(backend_name, case_name, forward_options)
     cmd = ncu.command(ncu_path, target, METRICS, sections=SECTIONS)
     code, stdout, stderr = ncu.run(cmd, TIMEOUT_S)
     if code != 0 and ncu.unknown_metric(stdout + stderr):  # a pattern this ncu lacks: sections
         cmd = ncu.command(ncu_path, target, ("gpu__time_duration.sum",), sections=SECTIONS)
         code, stdout, stderr = ncu.run(cmd, TIMEOUT_S)
-    (out / f"{case_name}-{backend_name}.csv").write_text(stdout)
-    head = f"{case_name} {backend_name}"
+    head, stem = _run_names(case_name, backend_name, forward_options)
+    (out / f"{stem}.csv").write_text(stdout)
     if code != 0:
         why = "timed out" if code is None else ncu.failure_reason(stdout + stderr, code)
         return [f"{head}: {why}"]
     return [head] + ["  " + summary(k) for k in ncu.parse_csv(stdout)]
 
 
-def profile_sass(out: Path, case_name: str, backend_name: str, ncu_path: str) -> str:
+def profile_sass(
+    out: Path,
+    case_name: str,
+    backend_name: str,
+    ncu_path: str,
+    forward_options: str | None = None,
+) -> str:
     """Run one worker under ncu for its source page; the CSV in `out`, one line saying how
     many lines it has or why it failed."""
-    target = [sys.executable, __file__, "--worker", backend_name, case_name]
+    target = _target(backend_name, case_name, forward_options)
     cmd = ncu.command(
         ncu_path,
         target,
@@ -144,9 +181,10 @@ def profile_sass(out: Path, case_name: str, backend_name: str, ncu_path: str) ->
         sass=True,
     )
     code, stdout, stderr = ncu.run(cmd, TIMEOUT_S)
-    path = out / f"{case_name}-{backend_name}-sass.csv"
+    head, stem = _run_names(case_name, backend_name, forward_options)
+    path = out / f"{stem}-sass.csv"
     path.write_text(stdout)
-    head = f"{case_name} {backend_name} sass"
+    head += " sass"
     if code != 0:
         why = "timed out" if code is None else ncu.failure_reason(stdout + stderr, code)
         return f"{head}: {why}"
@@ -161,9 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", nargs=2, metavar=("BACKEND", "CASE"))
     p.add_argument("--ncu", default=None, help="the ncu executable (default: found)")
     p.add_argument("--sass", action="store_true", help="also each kernel's SASS with its stalls")
+    p.add_argument(
+        "--forward-options",
+        action="append",
+        help="comma-separated: flashjax_mosaic's forward with exactly these options (its row's "
+        "rules off), to profile a candidate; empty for none; repeat for several candidates",
+    )
     args = p.parse_args(argv)
     if args.worker:
-        return worker(*args.worker)
+        return worker(*args.worker, *(args.forward_options or [])[-1:])
     if args.out is None:
         p.error("OUT is required")
     names = args.cases.split(",")
@@ -176,13 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out / "summary.txt", "w") as summary_file:  # written as each run ends
         for name in names:
             for backend in args.backends.split(","):
-                lines = profile(args.out, name, backend, ncu_path)
-                if args.sass:
-                    lines.append(profile_sass(args.out, name, backend, ncu_path))
-                text = "\n".join(lines)
-                print(text, flush=True)
-                summary_file.write(text + "\n")
-                summary_file.flush()
+                candidates = args.forward_options if backend == "flashjax_mosaic" else None
+                for options in candidates or [None]:
+                    lines = profile(args.out, name, backend, ncu_path, options)
+                    if args.sass:
+                        lines.append(profile_sass(args.out, name, backend, ncu_path, options))
+                    text = "\n".join(lines)
+                    print(text, flush=True)
+                    summary_file.write(text + "\n")
+                    summary_file.flush()
     return 0
 
 

@@ -211,3 +211,34 @@ def test_sass_stalls_reads_the_source_page(tmp_path) -> None:
     out = module.report(path, top=1, context=2)
     assert "HGMMA 256, BRA 64" in out and "#2: 90.0% of samples" in out
     assert "TRYWAIT" in out and "UTMALDG" in out and "gdesc" not in out.split("#2")[1]
+
+
+def test_a_candidates_forward_options(script, monkeypatch, tmp_path) -> None:
+    """`--forward-options`: the worker runs the case's head-dim row with exactly those options
+    and no rules (here on CPU, where the Mosaic backend then declines the case), and the run's
+    name and files carry the options; other backends run as configured."""
+    from pallas_kernels import configs
+
+    monkeypatch.setitem(configs.MOSAIC_FORWARD, 64, configs.MOSAIC_FORWARD[64])
+    assert script.worker("flashjax_mosaic", "fwd-d64-full-1k", "persistent,prefetch_q") == 2
+    row = configs.MOSAIC_FORWARD[64]
+    assert row.options == ("persistent", "prefetch_q") and row.rules == ()
+    assert script._target("flashjax_mosaic", "fwd-d64-full-1k", "")[-2:] == [
+        "--forward-options",
+        "",
+    ]
+    assert script._run_names("c", "b", "persistent,prefetch_q") == (
+        "c b persistent+prefetch_q",
+        "c-b-persistent+prefetch_q",
+    )
+    assert script._run_names("c", "b", "") == ("c b none", "c-b-none")
+    assert script._run_names("c", "b", None) == ("c b", "c-b")
+    fake = _fake_ncu(tmp_path, NCU_COLUMNS + "\n")
+    out = tmp_path / "out"
+    args = [str(out), "--cases", "fwd-d64-full-1k", "--backends", "flashjax_mosaic,jax_cudnn"]
+    args += ["--forward-options", "persistent", "--forward-options", "", "--ncu", fake]
+    assert script.main(args) == 0
+    summary = (out / "summary.txt").read_text().splitlines()
+    runs = ["flashjax_mosaic persistent", "flashjax_mosaic none", "jax_cudnn"]
+    assert summary == [f"fwd-d64-full-1k {run}" for run in runs]
+    assert (out / "fwd-d64-full-1k-flashjax_mosaic-persistent.csv").exists()
