@@ -68,6 +68,10 @@ SCHEDULES = [
     ("longest_first", "fold_scale", "overlap_qk", "named_barriers"),  # + FA3's ping-pong
     ("longest_first", "fold_scale", "overlap_qk", "named_barriers", "no_auto_barriers"),
     ("longest_first", "fold_scale", "overlap_qk", "async_store", "persistent"),
+    # Session 20: FA3's persistent set without the defaults (ncu at head dim 64, 1k, non-causal:
+    # 347.6 us against the configured 377.2; session 13's sweep had the set with the defaults
+    # level with the plain grid, and the persistent grid alone 7% faster).
+    ("async_store", "persistent", "prefetch_q"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 # Session 11: three consumer warpgroups at head dim 64 (FA3's 192-row tiles; new, not yet run on
