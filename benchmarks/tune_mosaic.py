@@ -226,7 +226,7 @@ def sweep(
             first.setdefault(kind, result)
             err = max(rel_err(a, b) for a, b in zip(result, first[kind]))
             row["status"] = "ok" if err < 2e-2 else f"WRONG (rel err {err:.2g})"
-            measures[(kind, row["cfg"])] = lambda: timeit(fn, reps=10)
+            measures[(kind, row["cfg"])] = lambda: timeit(fn, reps=5)
         except Exception as e:  # noqa: BLE001
             row["status"] = f"{type(e).__name__}: {str(e)[:160]}"
         rows.append(row)
