@@ -150,6 +150,10 @@ class MosaicForward:
 # disagreed: head dim 64 non-causal at 1k, the persistent grid without the row's options 0.670 ->
 # 0.627 (bench 362 -> 360), causal 1k-2k without prefetch_q 0.431 -> 0.408 and 0.614 -> 0.592
 # (bench 303 -> 270 and 364 -> 313). At 2k non-causal no candidate beat the row (0.893).
+# Session 21 (results/2026-12-03-h200-s21/tune, with session 20's sweep timer: batches of
+# back-to-back calls as the bench): head dim 64 non-causal, FA3's persistent set without the
+# row's longest_first / fold_scale at 1k 0.381 -> 0.365 ms (with them 0.409), at 2k 0.681 ->
+# 0.702 and 4k 1.318 -> 1.358 (slower); so up to 1k rows, without the row's options.
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
     64: MosaicForward(
@@ -160,7 +164,12 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
         options=("longest_first", "fold_scale"),
         rules=(
             CallRule(causal=True, max_rows=4096, options=_FA3_PERSISTENT),
-            CallRule(causal=False, max_rows=512, options=_FA3_PERSISTENT),
+            CallRule(
+                causal=False,
+                max_rows=1024,
+                drop=("longest_first", "fold_scale"),
+                options=_FA3_PERSISTENT,
+            ),
             CallRule(
                 causal=False, min_rows=4096, consumers=3, options=("overlap_qk", "no_auto_barriers")
             ),
