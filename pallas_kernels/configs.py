@@ -231,10 +231,15 @@ class MosaicBackward:
 # (results/2026-12-03-h200-s20/call1; correct on the GPU) it was 0.93-0.99x at head dim 128
 # (4k, 8k, causal and not) and 0.998-1.015x at 64: not set. (The forward's, per CallRule:
 # 0.92-1.07x at 512-16k with no pattern, s20/call2: not set either.)
+# `longest_first` (the grid's heads fastest, tiles slowest: backward.grid), swept interleaved
+# with session 20's batched timer (results/2026-12-03-h200-s21/tune; ms without -> with): head
+# dim 64 at 2k 2.164 -> 1.803 non-causal, 1.245 -> 1.108 causal; 8k 7.215 -> 6.436, 3.665 ->
+# 3.515; 16k 13.607 -> 12.617, 6.903 -> 6.634. 128 at 512 0.550 -> 0.530, 0.445 -> 0.428; 2k
+# 1.749 -> 1.615, 1.006 -> 1.003; 8k 5.740 -> 5.649, 3.275 -> 3.117. On at both.
 _OVERLAPPED_BWD = ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers")
 MOSAIC_BACKWARD: dict[int, MosaicBackward] = {
-    64: MosaicBackward(64, 64, 3, ("fused_dq", "pooled_dq", *_OVERLAPPED_BWD)),
-    128: MosaicBackward(64, 64, 2, _OVERLAPPED_BWD),
+    64: MosaicBackward(64, 64, 3, ("fused_dq", "pooled_dq", "longest_first", *_OVERLAPPED_BWD)),
+    128: MosaicBackward(64, 64, 2, ("longest_first", *_OVERLAPPED_BWD)),
     192: MosaicBackward(64, 64, 1),
     256: MosaicBackward(64, 64, 1),
 }
