@@ -150,10 +150,11 @@ class MosaicForward:
 # disagreed: head dim 64 non-causal at 1k, the persistent grid without the row's options 0.670 ->
 # 0.627 (bench 362 -> 360), causal 1k-2k without prefetch_q 0.431 -> 0.408 and 0.614 -> 0.592
 # (bench 303 -> 270 and 364 -> 313). At 2k non-causal no candidate beat the row (0.893).
-# Session 21 (results/2026-12-03-h200-s21/tune, with session 20's sweep timer: batches of
-# back-to-back calls as the bench): head dim 64 non-causal, FA3's persistent set without the
-# row's longest_first / fold_scale at 1k 0.381 -> 0.365 ms (with them 0.409), at 2k 0.681 ->
-# 0.702 and 4k 1.318 -> 1.358 (slower); so up to 1k rows, without the row's options.
+# Session 21 (results/2026-12-03-h200-s21/call1-tune-fwd64, with session 20's sweep timer:
+# batches of back-to-back calls as the bench): head dim 64 non-causal, FA3's persistent set
+# without the row's longest_first / fold_scale at 1k 0.381 -> 0.365 ms (with them 0.409), at 2k
+# 0.681 -> 0.702 and 4k 1.318 -> 1.358 (slower); so up to 1k rows, without the row's options.
+# In the bench (s21/call2-tier-bench): 1k 398 TFLOP/s against cuDNN's 396 (s13: 362 / 398).
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
     64: MosaicForward(
@@ -232,10 +233,11 @@ class MosaicBackward:
 # (4k, 8k, causal and not) and 0.998-1.015x at 64: not set. (The forward's, per CallRule:
 # 0.92-1.07x at 512-16k with no pattern, s20/call2: not set either.)
 # `longest_first` (the grid's heads fastest, tiles slowest: backward.grid), swept interleaved
-# with session 20's batched timer (results/2026-12-03-h200-s21/tune; ms without -> with): head
-# dim 64 at 2k 2.164 -> 1.803 non-causal, 1.245 -> 1.108 causal; 8k 7.215 -> 6.436, 3.665 ->
-# 3.515; 16k 13.607 -> 12.617, 6.903 -> 6.634. 128 at 512 0.550 -> 0.530, 0.445 -> 0.428; 2k
-# 1.749 -> 1.615, 1.006 -> 1.003; 8k 5.740 -> 5.649, 3.275 -> 3.117. On at both.
+# with session 20's batched timer (results/2026-12-03-h200-s21/call4-tune-bwd and
+# call5-tune-bwd-long; ms without -> with): head dim 64 at 2k 2.164 -> 1.803 non-causal, 1.245
+# -> 1.108 causal; 8k 7.215 -> 6.436, 3.665 -> 3.515; 16k 13.607 -> 12.617, 6.903 -> 6.634. 128
+# at 512 0.550 -> 0.530, 0.445 -> 0.428; 2k 1.749 -> 1.615, 1.006 -> 1.003; 8k 5.740 -> 5.649,
+# 3.275 -> 3.117. On at both.
 _OVERLAPPED_BWD = ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers")
 MOSAIC_BACKWARD: dict[int, MosaicBackward] = {
     64: MosaicBackward(64, 64, 3, ("fused_dq", "pooled_dq", "longest_first", *_OVERLAPPED_BWD)),
