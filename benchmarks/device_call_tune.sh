@@ -9,10 +9,11 @@
 # order within the time left; default one sweep of head dims 128, 64, 256 at 8k, both kernels.
 # WITH: the `with` of every sweep that names none. REGISTERS (C,P): every sweep's candidates also
 # with that setmaxnreg split (tune_mosaic.py --registers); with `configured` as a sweep's `with`,
-# configs.py's choice against its copy alone, e.g. SWEEPS="128:bwd:4096::configured".
+# configs.py's choice against its copy alone, e.g. SWEEPS="128:bwd:4096::configured". GROUP:
+# query heads per KV head of every sweep's shape (tune_mosaic.py --group; `pack_heads` needs 2+).
 # Usage (device tool, from the repo root):
 #   COMMIT=<sha> [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
-#     [WITH=async_store] [REGISTERS=240,24] bash benchmarks/device_call_tune.sh
+#     [WITH=async_store] [REGISTERS=240,24] [GROUP=8] bash benchmarks/device_call_tune.sh
 source benchmarks/device_setup.sh
 export PYTHONPATH=$PYTHONPATH:benchmarks
 L="$OUT/logs"
@@ -32,10 +33,11 @@ grep -E "FAILED|ERROR|passed|failed" "$L/gpu_schedules.log" | tail -20
 for sweep in ${SWEEPS:-128,64,256::8192}; do
   IFS=: read -r dims only seq tiles with <<< "$sweep"
   with=${with:-$WITH}
-  name="tune_${dims//,/-}_${only:-both}_$seq${with:+_$with}"
+  name="tune_${dims//,/-}_${only:-both}_$seq${with:+_$with}${GROUP:+_g$GROUP}"
   timeout "$(until_s 585)" python3 benchmarks/tune_mosaic.py "$L/$name.json" ${dims//,/ } \
     ${only:+--only "$only"} --seq "$seq" ${tiles:+--tiles} ${with:+--with "$with"} \
-    ${WITHOUT:+--without "$WITHOUT"} ${REGISTERS:+--registers "$REGISTERS"} > "$L/$name.log" 2>&1
+    ${WITHOUT:+--without "$WITHOUT"} ${REGISTERS:+--registers "$REGISTERS"} \
+    ${GROUP:+--group "$GROUP"} > "$L/$name.log" 2>&1
   grep -A4 BEST "$L/$name.log"
 done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs

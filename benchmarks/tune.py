@@ -118,11 +118,13 @@ def shapes(head_dim: int) -> tuple[tuple[int, bool], ...]:
     return ((1024, False), (4096, True), (16384, False), (16384, True))
 
 
-def operands(T: int, H: int, causal: bool) -> tuple[Operands, jax.Array]:
-    """The standard shape's operands (B*T = 16k, N*H = 2048) and a random output cotangent."""
+def operands(T: int, H: int, causal: bool, group: int = 1) -> tuple[Operands, jax.Array]:
+    """The standard shape's operands (B*T = 16k, N*H = 2048; `group` query heads per KV head)
+    and a random output cotangent."""
     B, N = 16384 // T, 2048 // H
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    q, k, v, do = (jax.random.normal(x, (B, T, N, H), jnp.bfloat16) for x in ks)
+    shapes = ((B, T, N, H), (B, T, N // group, H), (B, T, N // group, H), (B, T, N, H))
+    q, k, v, do = (jax.random.normal(x, shape, jnp.bfloat16) for x, shape in zip(ks, shapes))
     statics = AttentionStatics(scale=H**-0.5, window=(None, 0 if causal else None))
     return Operands(q=q, k=k, v=v, statics=statics), do
 

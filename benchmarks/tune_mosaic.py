@@ -5,7 +5,7 @@ causal and not, checks each candidate's output against the first's, times the ca
 interleaved over rounds (one block per candidate drifted by up to 12% on the H200), and prints the
 fastest.
 Usage on the GPU: python benchmarks/tune_mosaic.py OUT_JSON [HEAD_DIM ...] [--tiles] [--toggles]
-[--only fwd|bwd] [--seq T] [--causal yes|no] [--retile Q:KV:ST] [--registers C,P]
+[--only fwd|bwd] [--seq T] [--causal yes|no] [--retile Q:KV:ST] [--registers C,P] [--group G]
 (default head dims 64 128 256; without --tiles only configs.py's tiles with each schedule option;
 --retile: every forward candidate also with those tiles, its options kept; --registers: every
 candidate of both kernels also with that setmaxnreg split, e.g. FA3's 240,24)
@@ -72,6 +72,10 @@ SCHEDULES = [
     # 347.6 us against the configured 377.2; session 13's sweep had the set with the defaults
     # level with the plain grid, and the persistent grid alone 7% faster).
     ("async_store", "persistent", "prefetch_q"),
+    # Session 21: GQA packing by consumer (new, not yet run on a GPU; sweep with --group G),
+    # with the defaults and with FA3's persistent set.
+    ("longest_first", "fold_scale", "pack_heads"),
+    ("async_store", "persistent", "prefetch_q", "pack_heads"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 # Session 11: three consumer warpgroups at head dim 64 (FA3's 192-row tiles; new, not yet run on
@@ -210,11 +214,13 @@ def sweep(
     without: str | None = None,
     retile: tuple[int, int, int] | None = None,
     registers: tuple[int, int] | None = None,
+    group: int = 1,
 ) -> list[dict]:
-    """Every candidate (but those with the option `without` on) compiled and checked against
-    the first of its kind, then timed with the candidates interleaved over rounds
-    (benchmarks/tune.py `interleaved`)."""
-    ops, do = operands(seq, head_dim, causal)
+    """Every candidate (but those with the option `without` on, and those packing more query
+    heads than the call's `group` allows) compiled and checked against the first of its kind,
+    then timed with the candidates interleaved over rounds (benchmarks/tune.py
+    `interleaved`)."""
+    ops, do = operands(seq, head_dim, causal, group)
     flops = 4 * ops.batch * ops.num_heads * seq * seq * head_dim / (2 if causal else 1)
     rows, first, measures = [], {}, {}
 
@@ -234,7 +240,12 @@ def sweep(
 
     def kept(candidates):
         candidates = again(candidates, registers=registers) if registers else candidates
-        return [cfg for cfg in candidates if not (without and getattr(cfg, without, False))]
+        return [
+            cfg
+            for cfg in candidates
+            if not (without and getattr(cfg, without, False))
+            and not (getattr(cfg, "pack_heads", False) and group % cfg.heads_per_tile())
+        ]
 
     for cfg in kept(
         forward_candidates(head_dim, tiles, toggles, option, seq, causal, retile)
@@ -298,6 +309,7 @@ def main() -> None:
     p.add_argument("--causal", choices=("yes", "no"), help="one of the two (default both)")
     p.add_argument("--retile", help="Q:KV:ST, every forward candidate also with these tiles")
     p.add_argument("--registers", help="C,P: every candidate also with this setmaxnreg split")
+    p.add_argument("--group", type=int, default=1, help="query heads per KV head (GQA)")
     args = p.parse_args()
     retile = tuple(int(x) for x in args.retile.split(":")) if args.retile else None
     registers = tuple(int(x) for x in args.registers.split(",")) if args.registers else None
@@ -318,6 +330,7 @@ def main() -> None:
                 args.without,
                 retile,
                 registers,
+                args.group,
             )
             report(rows, head_dim, causal)
             json.dump(rows, open(args.out, "w"), indent=1)

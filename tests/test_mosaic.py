@@ -249,6 +249,9 @@ def test_lazy_rescale_with_a_growing_max(monkeypatch) -> None:
         (dict(async_store=True, persistent=True), ("causal", "segments")),
         (dict(prefetch_q=True), ("lengths",)),
         (dict(prefetch_q=True, persistent=True, async_store=True), ("causal", "segments")),
+        (dict(pack_heads=True), ("causal", "segments")),
+        (dict(pack_heads=True), ("lengths", "window", "dropout")),
+        (dict(pack_heads=True, prefetch_q=True, persistent=True, async_store=True), ("causal",)),
     ],
     ids=lambda x: "+".join(x),
 )
@@ -260,9 +263,10 @@ def test_schedules_compute_the_same(schedule, features) -> None:
     mbarriers here: a protocol that left a wait unmet would hang or leave a phase unconsumed), or
     how long the epilogue waits for its stores (`async_store`: until read; persistent, the next
     tile's Q lands in the buffer the output left from), or who loads Q (`prefetch_q`: the
-    producer, into a ring of two slots that the consumers free after their output's store):
-    the output and logsumexp are bitwise those of the grid order, and the race detector finds
-    nothing."""
+    producer, into a ring of two slots that the consumers free after their output's store), or
+    which rows the consumers take (`pack_heads`: the same rows of the two query heads of the
+    one KV head): the output and logsumexp are bitwise those of the grid order, and the race
+    detector finds nothing."""
     case = Case(B=2, T=300, S=300, N=2, K=1, H=64, features=features)
     q, k, v, _, kw = make_inputs(case)
     ops = operands(q, k, v, **kw)
@@ -477,6 +481,22 @@ def test_every_rule_on_gpu(head_dim: int, rule: configs.CallRule, features) -> N
     )
     assert api.forward_config(head_dim, rows, rule.causal) != api.forward_config(head_dim)
     check_case(case, "mosaic")
+
+
+def test_pack_heads_only_where_the_group_divides(monkeypatch) -> None:
+    """`pack_heads` needs the query heads of one KV head to be a multiple of the consumers: a
+    call whose group is not keeps the rows of one head per CTA (`api.call_config`), and the
+    kernel handed the option anyway refuses it by name before tracing."""
+    row = dataclasses.replace(configs.MOSAIC_FORWARD[64], options=("pack_heads",), rules=())
+    monkeypatch.setitem(configs.MOSAIC_FORWARD, 64, row)
+    for n, k, packs in [(4, 1, True), (4, 2, True), (2, 2, False), (6, 2, False)]:
+        q, kk, v, _, kw = make_inputs(Case(B=1, T=100, S=100, N=n, K=k, H=64, features=()))
+        ops = operands(q, kk, v, **kw)
+        cfg = api.call_config(ops)
+        assert cfg.pack_heads == packs and cfg.rows == (64 if packs else 128), (n, k)
+    packed = api.forward_config(64)
+    with pytest.raises(ValueError, match="pack_heads: 3 query heads per KV head"):
+        api.forward(ops, config=packed)
 
 
 def test_exclusive_forward_options_raise() -> None:

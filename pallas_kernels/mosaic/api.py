@@ -61,9 +61,12 @@ def forward_config(
 
 
 def call_config(ops: Operands) -> _forward.ForwardConfig:
-    """The forward's config for this call: its row's rules applied, unless their CTA tile does
-    not divide the block mask (then the row's own, which `cta_tiles` checks)."""
+    """The forward's config for this call: its row's rules applied, without `pack_heads` where
+    the call's query heads per KV head are not a multiple of the consumers, unless their CTA
+    tile does not divide the block mask (then the row's own, which `cta_tiles` checks)."""
     cfg = forward_config(ops.head_dim, ops.seq_q, is_causal(ops))
+    if ops.group % cfg.heads_per_tile():
+        cfg = dataclasses.replace(cfg, pack_heads=False)
     if visibility.tile_divides_mask(ops.statics, cfg.rows, cfg.block_kv):
         return cfg
     return forward_config(ops.head_dim)

@@ -86,6 +86,12 @@ class ForwardConfig:
     # `named_barriers` the consumers take turns issuing (FA3's ping-pong), else no ping-pong.
     # Off in interpret mode (no in-place PV).
     overlap_qk: bool = False
+    # GQA packing (FA3's PackGQA, by consumer): the consumers of a CTA take the same block_q
+    # query rows of `consumers` query heads that share one KV head, instead of consecutive rows
+    # of one head; the K/V tiles each CTA streams then serve that many heads. A call whose
+    # query heads per KV head are not a multiple of the consumers cannot pack
+    # (`api.call_config` turns it off there; `forward` refuses it).
+    pack_heads: bool = False
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -104,8 +110,21 @@ class ForwardConfig:
 
     @property
     def rows(self) -> int:
-        """Query rows per CTA tile."""
-        return self.consumers * self.block_q
+        """Query rows per CTA tile (per head: with `pack_heads` each consumer takes them all)."""
+        return self.block_q if self.pack_heads else self.consumers * self.block_q
+
+    def heads_per_tile(self) -> int:
+        """Query heads a CTA tile covers: `consumers` with `pack_heads`, else one."""
+        return self.consumers if self.pack_heads else 1
+
+    def consumer_rows(self, tile, consumer) -> tuple:
+        """The first query row and the query head of `consumer`'s block_q rows of CTA tile
+        `(qt, h, b)` (h counts tiles of `heads_per_tile` heads): the next rows of the head, or
+        with `pack_heads` the same rows of the next head."""
+        qt, h, _ = tile
+        if self.pack_heads:
+            return qt * self.rows, h * self.consumers + consumer
+        return qt * self.rows + consumer * self.block_q, h
 
     @property
     def register_split(self) -> tuple[int, int]:
@@ -131,6 +150,7 @@ SCHEDULE_OPTIONS = (
     "async_store",
     "prefetch_q",
     "overlap_qk",
+    "pack_heads",
 )
 OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale", "lazy_rescale")
 # Option pairs ForwardConfig refuses: each gave wrong outputs on the H200 together, never alone.
@@ -167,9 +187,10 @@ def with_options(config: ForwardConfig, options) -> ForwardConfig:
 def _load_q(refs: dict, sc: dict, tile, consumer, slot, barrier, config: ForwardConfig) -> None:
     """TMA `consumer`'s rows of query tile `tile = (qt, h, b)` (and their segment ids) into Q
     ring slot `slot`, arriving on `barrier`."""
-    qt, h, b = tile
+    row0, h = config.consumer_rows(tile, consumer)
+    b = tile[2]
     block_q = config.block_q
-    rows = pl.ds(qt * config.rows + consumer * block_q, block_q)
+    rows = pl.ds(row0, block_q)
     buffer = slot * config.consumers + consumer
     plgpu.copy_gmem_to_smem(refs["q"].at[b, rows, h], sc["q"].at[buffer], barrier)
     if "q_seg" in refs:
@@ -193,10 +214,10 @@ def _consumer(
     visits and the query tiles of the CTA's earlier tiles (the K/V ring's slots continue from
     there, the Q ring's with `prefetch_q`)."""
     bq, bkv = config.block_q, config.block_kv
-    qt, h, b = tile
+    b = tile[2]
     done, tiles_done = done
     wg = lax.axis_index("wg")
-    row0 = qt * config.rows + wg * bq
+    row0, h = config.consumer_rows(tile, wg)
     head_dim = sc["q"].shape[-1]
     dtype = sc["q"].dtype
     overlap = config.overlap_qk and not interpret
@@ -505,6 +526,11 @@ def forward(
     """
     batch, seq_q, num_heads, head_dim = q.shape
     group = num_heads // k.shape[2]
+    if group % config.heads_per_tile():
+        raise ValueError(
+            f"ForwardConfig.pack_heads: {group} query heads per KV head are not a multiple of "
+            f"the {config.consumers} consumers"
+        )
     bq, bkv, stages = config.block_q, config.block_kv, config.stages
     static_seq = (0, 0, seq_lens[0], seq_lens[1])
     via_smem = interpret is not None
@@ -513,7 +539,7 @@ def forward(
 
     q_tiles = seq_q // config.rows
     consumers = config.consumers
-    grid = {"q": q_tiles, "h": num_heads, "b": batch}
+    grid = {"q": q_tiles, "h": num_heads // config.heads_per_tile(), "b": batch}
     order = ("h", "b", "q") if config.longest_first else ("q", "h", "b")  # first: fastest
 
     def flashjax_mosaic_forward(*refs):
@@ -552,11 +578,12 @@ def forward(
 
         def produce(tile, done):
             visits_done, tiles_done = done
-            qt, h, b = tile
+            qt, _, b = tile
             _, visits = work_of(qt, b)
             if config.prefetch_q:
                 _produce_q(refs, sc, tile, tiles_done, config)
-            streams = _streams(refs, sc, b, lax.div(h, group), bkv, kv_at)
+            head = config.consumer_rows(tile, 0)[1]  # every consumer's head shares its KV head
+            streams = _streams(refs, sc, b, lax.div(head, group), bkv, kv_at)
             pp.stream(streams, visits, stages, visits_done)
             return visits_done + visits.count, tiles_done + 1
 
