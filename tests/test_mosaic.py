@@ -180,18 +180,22 @@ def test_lazy_rescale_forward(options, case: Case, monkeypatch) -> None:
     [
         Case(B=1, T=200, S=260, N=4, K=2, H=64, features=("causal", "segments")),
         Case(B=2, T=150, S=300, N=2, K=1, H=64, features=("lengths", "softcap")),
+        Case(B=1, T=150, S=200, N=6, K=2, H=64, features=("causal", "dropout")),
     ],
     ids=lambda c: c.id,
 )
 def test_three_consumers_forward(case: Case, monkeypatch) -> None:
     """`ForwardConfig.consumers=3` (FA3's 192-row tiles at head dim 64: three consumer
     warpgroups, no ping-pong) against the float64 reference, with no race; the persistent grid
-    on the causal case."""
+    on the causal cases; with three query heads per KV head, packed (`pack_heads`: the three
+    consumers take the same 64 rows of the three heads)."""
     options = ("fold_scale", "persistent") if "causal" in case.features else ("fold_scale",)
+    packed = case.N // case.K == 3
+    options += ("pack_heads",) if packed else ()
     config = dataclasses.replace(
         forward.with_options(api.forward_config(case.H), options), consumers=3
     )
-    assert config.rows == 192 and config.register_split == (160, 32)
+    assert config.rows == (64 if packed else 192) and config.register_split == (160, 32)
     monkeypatch.setattr(api, "call_config", lambda ops: config)
     interpreter.reset_gpu_interpret_mode_state()
     check_case(case, "mosaic")
