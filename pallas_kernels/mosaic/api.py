@@ -60,16 +60,22 @@ def forward_config(
     return _forward.with_options(tiles, options)
 
 
-def call_config(ops: Operands) -> _forward.ForwardConfig:
-    """The forward's config for this call: its row's rules applied, without `pack_heads` where
-    the call's query heads per KV head are not a multiple of the consumers, unless their CTA
-    tile does not divide the block mask (then the row's own, which `cta_tiles` checks)."""
-    cfg = forward_config(ops.head_dim, ops.seq_q, is_causal(ops))
+def _packable(cfg: _forward.ForwardConfig, ops: Operands) -> _forward.ForwardConfig:
+    """`cfg` without `pack_heads` where the call's query heads per KV head are not a multiple of
+    the heads a tile would pack."""
     if ops.group % cfg.heads_per_tile():
-        cfg = dataclasses.replace(cfg, pack_heads=False)
+        return dataclasses.replace(cfg, pack_heads=False)
+    return cfg
+
+
+def call_config(ops: Operands) -> _forward.ForwardConfig:
+    """The forward's config for this call: its row's rules applied (packing heads only where
+    the call's group allows: `_packable`), unless their CTA tile does not divide the block mask
+    (then the row's own, which `cta_tiles` checks)."""
+    cfg = _packable(forward_config(ops.head_dim, ops.seq_q, is_causal(ops)), ops)
     if visibility.tile_divides_mask(ops.statics, cfg.rows, cfg.block_kv):
         return cfg
-    return forward_config(ops.head_dim)
+    return _packable(forward_config(ops.head_dim), ops)
 
 
 def backward_config(head_dim: int) -> _backward.BackwardConfig:
@@ -118,6 +124,7 @@ def cta_tiles(head_dim: int) -> tuple[tuple[int, int], ...]:
     """The (query rows, keys) tiles of the three kernels' CTAs: a block mask must be made of
     whole tiles of each (`visibility.tile_divides_mask`)."""
     fwd, bwd = forward_config(head_dim), backward_config(head_dim)
+    fwd = dataclasses.replace(fwd, pack_heads=False)  # a call that cannot pack: the taller tile
     tiles = ((fwd.rows, fwd.block_kv),)
     if not backward_on_triton(head_dim):
         tiles += ((bwd.cols, CONSUMERS * bwd.rows), (CONSUMERS * bwd.rows, bwd.cols))  # dK/dV, dQ
