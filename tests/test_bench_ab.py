@@ -85,7 +85,12 @@ def test_quick_run_and_compare(ab, tmp_path, capsys):
         assert ms["fwd"] > 0 and ms["fwd+bwd"] > 0
         assert ms["bwd"] == pytest.approx(ms["fwd+bwd"] - ms["fwd"])
 
-    # An "old" run: 10% faster everywhere but one case, which is 20% slower.
+    # Compare on fixed times (on a loaded CPU the measured bwd, a difference of two medians,
+    # can come out <= 0, which the comparison reports as n/a): an "old" run 10% faster
+    # everywhere but one case, which is 20% slower.
+    for i, row in enumerate(new["cases"]):
+        row["ms"] = {"fwd": 1.0 + i, "fwd+bwd": 3.0 + 2 * i, "bwd": 2.0 + i}
+    (tmp_path / "ab-new.json").write_text(json.dumps(new))
     old = json.loads(json.dumps(new)) | {"label": "old", "commit": "d7eec2a"}
     for row in old["cases"]:
         row["ms"] = {m: v / 1.1 for m, v in row["ms"].items()}
