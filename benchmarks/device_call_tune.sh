@@ -4,13 +4,15 @@
 # SCHEDULES, backward BWD_SCHEDULES). First, those options against the float64 reference on
 # feature-rich cases (`pytest -m gpu_schedules`, `-k "$K"` when K is set). Each sweep candidate
 # is also checked against configs.py's choice; a hang shows in the log as the last "checked" line.
-# SWEEPS: space-separated DIMS:ONLY:SEQ[:tiles[:with]] (ONLY fwd, bwd or empty for both; tiles:
-# the tile grid too; with: that sweep's option sets only those that include this option), run in
+# SWEEPS: space-separated DIMS:ONLY:SEQ[:tiles[:with[:group]]] (ONLY fwd, bwd or empty for both;
+# tiles: the tile grid too; with: that sweep's option sets only those that include this option;
+# group: query heads per KV head of its shape, tune_mosaic.py --group, default GROUP), run in
 # order within the time left; default one sweep of head dims 128, 64, 256 at 8k, both kernels.
 # WITH: the `with` of every sweep that names none. REGISTERS (C,P): every sweep's candidates also
 # with that setmaxnreg split (tune_mosaic.py --registers); with `configured` as a sweep's `with`,
 # configs.py's choice against its copy alone, e.g. SWEEPS="128:bwd:4096::configured". GROUP:
-# query heads per KV head of every sweep's shape (tune_mosaic.py --group; `pack_heads` needs 2+).
+# the `group` of every sweep that names none (`pack_heads` needs 2+), e.g.
+# SWEEPS="128:fwd:256::pack_heads:8 128:bwd:4096:tiles".
 # Usage (device tool, from the repo root):
 #   COMMIT=<sha> [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
 #     [WITH=async_store] [REGISTERS=240,24] [GROUP=8] bash benchmarks/device_call_tune.sh
@@ -31,13 +33,14 @@ if [ -n "$K" ] && [ $rc = 124 ]; then
 fi
 grep -E "FAILED|ERROR|passed|failed" "$L/gpu_schedules.log" | tail -20
 for sweep in ${SWEEPS:-128,64,256::8192}; do
-  IFS=: read -r dims only seq tiles with <<< "$sweep"
+  IFS=: read -r dims only seq tiles with group <<< "$sweep"
   with=${with:-$WITH}
-  name="tune_${dims//,/-}_${only:-both}_$seq${with:+_$with}${GROUP:+_g$GROUP}"
+  group=${group:-$GROUP}
+  name="tune_${dims//,/-}_${only:-both}_$seq${with:+_$with}${group:+_g$group}"
   timeout "$(until_s 585)" python3 benchmarks/tune_mosaic.py "$L/$name.json" ${dims//,/ } \
     ${only:+--only "$only"} --seq "$seq" ${tiles:+--tiles} ${with:+--with "$with"} \
     ${WITHOUT:+--without "$WITHOUT"} ${REGISTERS:+--registers "$REGISTERS"} \
-    ${GROUP:+--group "$GROUP"} > "$L/$name.log" 2>&1
+    ${group:+--group "$group"} > "$L/$name.log" 2>&1
   grep -A4 BEST "$L/$name.log"
 done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs
