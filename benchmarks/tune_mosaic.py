@@ -172,15 +172,21 @@ assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 
 
 def backward_candidates(
-    head_dim: int, tiles: bool, option: str | None = None
+    head_dim: int,
+    tiles: bool,
+    option: str | None = None,
+    rows: int | None = None,
+    causal: bool = False,
 ) -> list[BackwardConfig]:
-    """configs.py's choice (first), then its tiles with each option set of BWD_SCHEDULES (those
-    with `option` only, when given); with `tiles`, the tile grid with each option set too."""
-    chosen = api.backward_config(head_dim)
+    """configs.py's choice for a call of `rows` query rows (first), then the head dim's plain
+    row (no rules) where that differs, then its tiles with each option set of BWD_SCHEDULES
+    (those with `option` only, when given); with `tiles`, the tile grid with each option set
+    too."""
+    chosen = api.backward_config(head_dim, rows, causal)
     shapes = [(chosen.rows, chosen.cols, chosen.stages)]
     if tiles:
         shapes += [t for t in BWD_TILES[head_dim] if t not in shapes]
-    candidates = [chosen] + [
+    candidates = [chosen, api.backward_config(head_dim)] + [
         bwd_with_options(BackwardConfig(rows=r, cols=c, stages=st), combo)
         for (r, c, st), combo in itertools.product(shapes, _having(BWD_SCHEDULES, option))
     ]
@@ -255,7 +261,8 @@ def sweep(
         fn = jax.jit(lambda ops, cfg=cfg: api.forward(ops, interpret=False, config=cfg))
         prepare("fwd", cfg, lambda fn=fn: fn(ops), flops)
     out, lse2 = api.forward(ops, interpret=False)
-    for cfg in kept(backward_candidates(head_dim, tiles, option) if "bwd" in kinds else []):
+    bwd = backward_candidates(head_dim, tiles, option, seq, causal) if "bwd" in kinds else []
+    for cfg in kept(bwd):
         fn = jax.jit(
             lambda ops, out, lse2, do, cfg=cfg: api.backward(
                 ops, out, lse2, do, None, interpret=False, config=cfg

@@ -64,12 +64,12 @@ _INTERPRET = AttentionConfig(K(32, 16, 4, 1), K(16, 32, 4, 1), K(32, 16, 4, 1))
 
 @dataclasses.dataclass(frozen=True)
 class CallRule:
-    """What a MosaicForward row changes for the calls this names: causal ones (a query tile's
-    work grows with its row: `mosaic.api.is_causal`) or the others, of `min_rows`..`max_rows`
-    query rows: on/off options it turns off (`drop`) and on (`options`), a number of consumer
-    warpgroups, and setmaxnreg's (consumer, producer) registers (None: the kernel's split for its
-    consumers; only with two). A row's rules apply in order, each to what the ones before it
-    left."""
+    """What a MosaicForward or MosaicBackward row changes for the calls this names: causal ones
+    (a query tile's work grows with its row: `mosaic.api.is_causal`) or the others, of
+    `min_rows`..`max_rows` query rows: on/off options it turns off (`drop`) and on (`options`),
+    a number of consumer warpgroups (the forward's only), and setmaxnreg's (consumer, producer)
+    registers (None: the kernel's split for its consumers; only with two). A row's rules apply
+    in order, each to what the ones before it left."""
 
     causal: bool
     options: tuple[str, ...] = ()
@@ -206,14 +206,21 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
 @dataclasses.dataclass(frozen=True)
 class MosaicBackward:
     """One row of MOSAIC_BACKWARD: the tiles of mosaic.backward.BackwardConfig, the on/off
-    options (mosaic.backward.OPTIONS) that are on, and setmaxnreg's (consumer, producer)
-    registers (None: the kernel's default)."""
+    options (mosaic.backward.OPTIONS) that are on, setmaxnreg's (consumer, producer) registers
+    (None: the kernel's default), and the rules for calls that differ (options and registers
+    only: the backward's tiles, which a block mask must be made of, are the row's for every
+    call)."""
 
     rows: int  # per consumer warpgroup
     cols: int  # per streamed step
     stages: int
     options: tuple[str, ...] = ()
     registers: tuple[int, int] | None = None
+    rules: tuple[CallRule, ...] = ()
+
+    def __post_init__(self):
+        if any(rule.consumers for rule in self.rules):
+            raise ValueError("MosaicBackward: a rule cannot change the backward's consumers")
 
 
 # The backward's two kernels: (rows per consumer, columns per step, stages), the same for both

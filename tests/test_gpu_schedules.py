@@ -62,7 +62,7 @@ def _check(
         bwd = dataclasses.replace(bwd, registers=registers)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "call_config", lambda ops: fwd)
-    monkeypatch.setattr(api, "backward_config", lambda head_dim: bwd)
+    monkeypatch.setattr(api, "backward_config", lambda head_dim, *call: bwd)
     check_case(case, "mosaic")
 
 

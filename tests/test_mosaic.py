@@ -111,7 +111,7 @@ def test_fused_dq_backward(case: Case, monkeypatch) -> None:
     against the float64 reference, with no race; `deterministic=True` turns it off."""
     fused = dataclasses.replace(api.backward_config(case.H), fused_dq=True)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
-    monkeypatch.setattr(api, "backward_config", lambda head_dim: fused)
+    monkeypatch.setattr(api, "backward_config", lambda head_dim, *call: fused)
     interpreter.reset_gpu_interpret_mode_state()
     check_case(case, "mosaic")
     assert not interpreter.get_races().races_found
@@ -355,14 +355,27 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     reference, with no race."""
     config = dataclasses.replace(api.backward_config(case.H), **variant)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
-    monkeypatch.setattr(api, "backward_config", lambda head_dim: config)
+    monkeypatch.setattr(api, "backward_config", lambda head_dim, *call: config)
     interpreter.reset_gpu_interpret_mode_state()
     check_case(case, "mosaic")
     assert not interpreter.get_races().races_found
 
 
-def _rule_cases() -> list[tuple[int, configs.CallRule]]:
-    return [(h, rule) for h, row in configs.MOSAIC_FORWARD.items() for rule in row.rules]
+# Each kernel's table of configs.py rows and the api function that applies a row's rules.
+RULE_TABLES = {
+    "forward": (configs.MOSAIC_FORWARD, api.forward_config),
+    "backward": (configs.MOSAIC_BACKWARD, api.backward_config),
+}
+
+
+def _rule_cases() -> list[tuple[str, int, configs.CallRule]]:
+    """(kernel, head dim, rule) of every rule of configs.py's two tables."""
+    return [
+        (kernel, h, rule)
+        for kernel, (table, _) in RULE_TABLES.items()
+        for h, row in table.items()
+        for rule in row.rules
+    ]
 
 
 def _rows_named_by(rule: configs.CallRule) -> int:
@@ -416,12 +429,49 @@ def test_calls_take_their_rules(monkeypatch) -> None:
     assert seen == [causal, dropped, plain, plain, plain, long, plain]
 
 
-@pytest.mark.parametrize("head_dim, rule", _rule_cases(), ids=str)
-def test_every_rule_makes_a_config(head_dim: int, rule: configs.CallRule) -> None:
-    """Each rule of the table, with whatever other rules also match its calls, gives a config
+@pytest.mark.parametrize("kernel, head_dim, rule", _rule_cases(), ids=str)
+def test_every_rule_makes_a_config(kernel: str, head_dim: int, rule: configs.CallRule) -> None:
+    """Each rule of the tables, with whatever other rules also match its calls, gives a config
     (no pair of forward.EXCLUSIVE) that differs from the row's own."""
+    config_of = RULE_TABLES[kernel][1]
     rows = _rows_named_by(rule)
-    assert api.forward_config(head_dim, rows, rule.causal) != api.forward_config(head_dim)
+    assert config_of(head_dim, rows, rule.causal) != config_of(head_dim)
+
+
+def test_backward_calls_take_their_rules(monkeypatch) -> None:
+    """A call's backward runs what its configs.MOSAIC_BACKWARD row's rules change for it
+    (options in order, registers), its tiles the row's for every call; a rule cannot change the
+    backward's consumers."""
+    seen = []
+
+    class Handed(Exception):
+        pass
+
+    def capture(*args, config, **kwargs):
+        seen.append(config)
+        raise Handed
+
+    monkeypatch.setattr(backward, "dkdv", capture)
+    rules = (
+        configs.CallRule(causal=True, max_rows=200, options=("async_store",), drop=("early_dp",)),
+        configs.CallRule(causal=False, min_rows=200, registers=(240, 24)),
+    )
+    row = dataclasses.replace(configs.MOSAIC_BACKWARD[128], rules=rules)
+    monkeypatch.setitem(configs.MOSAIC_BACKWARD, 128, row)
+    plain, short = api.backward_config(128), api.backward_config(128, 130, causal=True)
+    long = api.backward_config(128, 260)
+    assert short == dataclasses.replace(plain, async_store=True, early_dp=False)
+    assert long == dataclasses.replace(plain, registers=(240, 24))
+    assert api.backward_config(128, 260, causal=True) == plain == api.backward_config(128, 130)
+    for t, features in [(130, ("causal",)), (260, ("lengths",)), (130, ("lengths",))]:
+        q, k, v, do, kw = make_inputs(Case(B=1, T=t, S=t, N=2, K=1, H=128, features=features))
+        ops = operands(q, k, v, **kw)
+        lse2 = jnp.zeros((1, 2, t), jnp.float32)  # (the kernel is not run: any residuals do)
+        with pytest.raises(Handed):
+            api.backward(ops, q, lse2, do, None)
+    assert seen == [short, long, plain]
+    with pytest.raises(ValueError, match="consumers"):
+        configs.MosaicBackward(64, 64, 2, rules=(configs.CallRule(causal=False, consumers=3),))
 
 
 def test_backward_rows_make_their_configs(monkeypatch) -> None:
@@ -467,12 +517,12 @@ RULE_FEATURES = {
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "head_dim, rule, features",
-    [(h, r, f) for h, r in _rule_cases() for f in RULE_FEATURES[r.causal]],
+    [(h, r, f) for _, h, r in _rule_cases() for f in RULE_FEATURES[r.causal]],
     ids=lambda x: "+".join(x) if isinstance(x, tuple) else str(x),
 )
 def test_every_rule_on_gpu(head_dim: int, rule: configs.CallRule, features) -> None:
-    """Each rule of configs.MOSAIC_FORWARD, compiled on the H200, on calls it names
-    (RULE_FEATURES), against the float64 reference."""
+    """Each rule of configs.py's two tables, compiled on the H200, on calls it names
+    (RULE_FEATURES), against the float64 reference (both kernels take their calls' configs)."""
     if configs.gpu_target() != "sm90":
         pytest.skip("the Mosaic kernels run on Hopper (sm90) only")
     rows = _rows_named_by(rule)
@@ -483,7 +533,6 @@ def test_every_rule_on_gpu(head_dim: int, rule: configs.CallRule, features) -> N
     assert api.call_config(operands(q, k, v, **kw)) == api.forward_config(
         head_dim, rows, rule.causal
     )
-    assert api.forward_config(head_dim, rows, rule.causal) != api.forward_config(head_dim)
     check_case(case, "mosaic")
 
 

@@ -42,12 +42,7 @@ def forward_config(
     """configs.MOSAIC_FORWARD's choice for this head dim; for a call of `rows` query rows, with
     what the row's rules add for it (`causal`: `is_causal`)."""
     row = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
-    options, consumers, registers = row.options, row.consumers, None
-    for rule in row.rules if rows is not None else ():
-        if rule.matches(rows, causal):
-            options = (*(o for o in options if o not in rule.drop), *rule.options)
-            consumers = rule.consumers or consumers
-            registers = rule.registers or registers
+    options, consumers, registers = _ruled(row, row.consumers, None, rows, causal)
     tiles = _forward.ForwardConfig(
         block_q=row.block_q,
         block_kv=row.block_kv,
@@ -58,6 +53,18 @@ def forward_config(
         registers=registers if consumers == 2 else None,
     )
     return _forward.with_options(tiles, options)
+
+
+def _ruled(row, consumers, registers, rows: int | None, causal: bool):
+    """A configs.py row's `(options, consumers, registers)` after its rules that match a call of
+    `rows` query rows (none when None), in order."""
+    options = row.options
+    for rule in row.rules if rows is not None else ():
+        if rule.matches(rows, causal):
+            options = (*(o for o in options if o not in rule.drop), *rule.options)
+            consumers = rule.consumers or consumers
+            registers = rule.registers or registers
+    return options, consumers, registers
 
 
 def _packable(cfg: _forward.ForwardConfig, ops: Operands) -> _forward.ForwardConfig:
@@ -78,13 +85,17 @@ def call_config(ops: Operands) -> _forward.ForwardConfig:
     return _packable(forward_config(ops.head_dim), ops)
 
 
-def backward_config(head_dim: int) -> _backward.BackwardConfig:
-    """configs.MOSAIC_BACKWARD's choice for this head dim."""
+def backward_config(
+    head_dim: int, rows: int | None = None, causal: bool = False
+) -> _backward.BackwardConfig:
+    """configs.MOSAIC_BACKWARD's choice for this head dim; for a call of `rows` query rows, with
+    what the row's rules change for it (`causal`: `is_causal`)."""
     row = configs.MOSAIC_BACKWARD[_head_dim(head_dim)]
+    options, _, registers = _ruled(row, None, row.registers, rows, causal)
     tiles = _backward.BackwardConfig(rows=row.rows, cols=row.cols, stages=row.stages)
-    if row.registers:
-        tiles = dataclasses.replace(tiles, registers=row.registers)
-    return _backward.with_options(tiles, row.options)
+    if registers:
+        tiles = dataclasses.replace(tiles, registers=registers)
+    return _backward.with_options(tiles, options)
 
 
 def backward_on_triton(head_dim: int) -> bool:
@@ -237,7 +248,7 @@ def backward(
     and delta reach the kernels through `host.backward_residuals`.
     """
     ops = _past_lengths_zeroed(ops)
-    cfg = config or backward_config(ops.head_dim)
+    cfg = config or backward_config(ops.head_dim, ops.seq_q, is_causal(ops))
     if ops.statics.deterministic:  # dQ's reduce-adds land in a varying order
         cfg = dataclasses.replace(cfg, fused_dq=False)
     t = _round_up(ops.seq_q, CONSUMERS * cfg.rows)  # dQ's rows (and a multiple of dK/dV's cols)
