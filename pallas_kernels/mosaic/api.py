@@ -55,7 +55,9 @@ def forward_config(
     return _forward.with_options(tiles, options)
 
 
-def _ruled(row, consumers, registers, rows: int | None, causal: bool):
+def _ruled(
+    row: configs.MosaicForward | configs.MosaicBackward, consumers, registers, rows, causal: bool
+):
     """A configs.py row's `(options, consumers, registers)` after its rules that match a call of
     `rows` query rows (none when None), in order."""
     options = row.options
