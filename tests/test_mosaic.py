@@ -383,22 +383,31 @@ def _rows_named_by(rule: configs.CallRule) -> int:
     return max(rule.min_rows, min(1000, rule.max_rows or 1000))
 
 
+class _Handed(Exception):
+    """What `_capture_configs`' stand-in kernel raises once it has recorded its config."""
+
+
+def _capture_configs(monkeypatch, module, name: str) -> list:
+    """`module.name` (a kernel's launch) replaced by one that records the `config` it is handed
+    and raises `_Handed`, so that a test checks configs without running a kernel; the list of
+    configs handed."""
+    seen = []
+
+    def capture(*args, config, **kwargs):
+        seen.append(config)
+        raise _Handed
+
+    monkeypatch.setattr(module, name, capture)
+    return seen
+
+
 def test_calls_take_their_rules(monkeypatch) -> None:
     """A call runs what its configs.MOSAIC_FORWARD row's rules change for it (causal or not,
     by query rows; in order, a later rule turning off what an earlier one turned on), any other
     call the head dim's plain choice; a rule whose CTA tile does not divide the call's block
     mask gives way to the plain choice (which `cta_tiles` checked). The kernel is not run: the
     config it is handed is what is checked."""
-    seen = []
-
-    class Handed(Exception):
-        pass
-
-    def capture(*args, config, **kwargs):
-        seen.append(config)
-        raise Handed
-
-    monkeypatch.setattr(forward, "forward", capture)
+    seen = _capture_configs(monkeypatch, forward, "forward")
     rules = (
         configs.CallRule(causal=True, max_rows=200, options=("persistent", "async_store")),
         configs.CallRule(causal=False, min_rows=200, consumers=3, options=("overlap_qk",)),
@@ -417,7 +426,7 @@ def test_calls_take_their_rules(monkeypatch) -> None:
     ]
     for t, features in calls:
         q, k, v, _, kw = make_inputs(Case(B=1, T=t, S=t, N=2, K=1, H=64, features=features))
-        with pytest.raises(Handed):
+        with pytest.raises(_Handed):
             api.forward(operands(q, k, v, **kw))
     causal, plain = api.forward_config(64, 130, causal=True), api.forward_config(64)
     long = api.forward_config(64, 260)
@@ -442,16 +451,7 @@ def test_backward_calls_take_their_rules(monkeypatch) -> None:
     """A call's backward runs what its configs.MOSAIC_BACKWARD row's rules change for it
     (options in order, registers), its tiles the row's for every call; a rule cannot change the
     backward's consumers."""
-    seen = []
-
-    class Handed(Exception):
-        pass
-
-    def capture(*args, config, **kwargs):
-        seen.append(config)
-        raise Handed
-
-    monkeypatch.setattr(backward, "dkdv", capture)
+    seen = _capture_configs(monkeypatch, backward, "dkdv")
     rules = (
         configs.CallRule(causal=True, max_rows=200, options=("async_store",), drop=("early_dp",)),
         configs.CallRule(causal=False, min_rows=200, registers=(240, 24)),
@@ -467,7 +467,7 @@ def test_backward_calls_take_their_rules(monkeypatch) -> None:
         q, k, v, do, kw = make_inputs(Case(B=1, T=t, S=t, N=2, K=1, H=128, features=features))
         ops = operands(q, k, v, **kw)
         lse2 = jnp.zeros((1, 2, t), jnp.float32)  # (the kernel is not run: any residuals do)
-        with pytest.raises(Handed):
+        with pytest.raises(_Handed):
             api.backward(ops, q, lse2, do, None)
     assert seen == [short, long, plain]
     with pytest.raises(ValueError, match="consumers"):
