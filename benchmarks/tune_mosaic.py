@@ -76,6 +76,11 @@ SCHEDULES = [
     # with the defaults and with FA3's persistent set.
     ("longest_first", "fold_scale", "pack_heads"),
     ("async_store", "persistent", "prefetch_q", "pack_heads"),
+    # Session 21: K/V slots released on hardware named barriers (tokamax's consumed barriers;
+    # new, not yet run on a GPU), with the defaults, FA3's persistent set and the overlap.
+    ("longest_first", "fold_scale", "named_free"),
+    ("async_store", "persistent", "prefetch_q", "named_free"),
+    ("longest_first", "fold_scale", "overlap_qk", "named_free"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 # Session 11: three consumer warpgroups at head dim 64 (FA3's 192-row tiles; new, not yet run on

@@ -184,7 +184,7 @@ def _ring(scratch: dict, name: str, shape, dtype, stages: int, swizzled: bool = 
 
 
 def _stream(sc: dict, name: str, source) -> pp.Stream:
-    return pp.Stream(source, sc[name], sc[f"{name}_loaded"], sc[f"{name}_free"])
+    return pp.Stream(source, sc[name], sc[f"{name}_loaded"], pp.Releases(sc[f"{name}_free"]))
 
 
 def _tile_rule(sc: dict, stream: str, own_segments, slot, rule, transposed: bool):

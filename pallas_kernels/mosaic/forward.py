@@ -92,6 +92,11 @@ class ForwardConfig:
     # query heads per KV head are not a multiple of the consumers cannot pack
     # (`api.call_config` turns it off there; `forward` refuses it).
     pack_heads: bool = False
+    # The consumers release K and V slots on hardware named barriers (`pipeline.Releases`:
+    # `bar.arrive`, the producer's `bar.sync`) instead of mbarriers, which Pallas has every
+    # consumer thread arrive on (FA3's and tokamax's consumed barriers). Off in interpret mode
+    # (no inline PTX): the mbarriers stand in.
+    named_free: bool = False
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -99,6 +104,11 @@ class ForwardConfig:
         if self.consumers != 2 and self.named_barriers:
             raise ValueError(
                 "ForwardConfig: named_barriers (a two-consumer ping-pong) needs consumers=2"
+            )
+        if self.named_free and pp.NAMED_FREE + 2 * self.stages > pp.NAMED_BARRIERS:
+            raise ValueError(
+                f"ForwardConfig: named_free needs {2 * self.stages} hardware barriers from "
+                f"{pp.NAMED_FREE}, past the {pp.NAMED_BARRIERS} there are"
             )
         on = set(pp.options_on(self, OPTIONS))
         for pair in EXCLUSIVE:
@@ -151,6 +161,7 @@ SCHEDULE_OPTIONS = (
     "prefetch_q",
     "overlap_qk",
     "pack_heads",
+    "named_free",
 )
 OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale", "lazy_rescale")
 # Option pairs ForwardConfig refuses: each gave wrong outputs on the H200 together, never alone.
@@ -202,7 +213,7 @@ def _produce_q(refs: dict, sc: dict, tile, tiles_done, config: ForwardConfig) ->
     into its ring slot once the consumers have freed it (from the ring's second lap on)."""
     slot = pp.ring_slot(tiles_done, 2)
     if not isinstance(tiles_done, int):  # static: a one-tile CTA, on the ring's first lap
-        pl.when(tiles_done >= 2)(lambda: plgpu.barrier_wait(sc["q_free"].at[slot]))
+        pl.when(tiles_done >= 2)(lambda: sc["q_free"].wait(slot))
     for consumer in range(config.consumers):
         _load_q(refs, sc, tile, consumer, slot, sc["q_loaded"].at[slot], config)
 
@@ -269,7 +280,7 @@ def _consumer(
         if q_segments is not None:
             if not masked:  # a full tile: its segment ids went unread, but the slot must turn
                 plgpu.barrier_wait(sc["kv_seg_loaded"].at[slot])
-            plgpu.barrier_arrive(sc["kv_seg_free"].at[slot])
+            sc["kv_seg_free"].arrive(slot)
         bias = None
         if "bias" in refs:
             bias = pp.bias_tile(refs["bias"], b, h, row0, bq, kv * bkv, bkv)
@@ -310,7 +321,7 @@ def _consumer(
     plgpu.copy_smem_to_gmem(sc["lse"].at[wg], refs["lse"].at[b, h, pl.ds(row0, bq)])
     pp.wait_stores(config.async_store)
     if config.prefetch_q:  # the output has left the slot: the producer may refill it
-        plgpu.barrier_arrive(sc["q_free"].at[q_slot])
+        sc["q_free"].arrive(q_slot)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +368,7 @@ def _walk_plain(st: _Steps, visits: pp.Visits, carry, turns):
             return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-        plgpu.barrier_arrive(sc["k_free"].at[slot])
+        sc["k_free"].arrive(slot)
         p, m, l, rescale = st.weights(i, s, m, l, masked=masked)
         p16 = p.astype(st.my_q.dtype)
         acc = _rescaled(acc, *rescale)
@@ -373,7 +384,7 @@ def _walk_plain(st: _Steps, visits: pp.Visits, carry, turns):
             (lambda: pl.when(i + 1 < visits.count)(lambda: st.wait_k(i + 1))) if early else None
         )
         acc = pp.mma_into(acc, a, sc["v"].at[slot], in_place=not st.interpret, meanwhile=while_pv)
-        plgpu.barrier_arrive(sc["v_free"].at[slot])
+        sc["v_free"].arrive(slot)
         return acc, m, l
 
     return pp.walk(visits, step, carry)
@@ -402,7 +413,7 @@ def _walk_overlapped(st: _Steps, visits: pp.Visits, init, issue_turn, o_ref, s_r
 
     def scores(i):
         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=None)
-        plgpu.barrier_arrive(sc["k_free"].at[st.slot(i)])
+        sc["k_free"].arrive(st.slot(i))
         return s
 
     def issue_pv(j, p16, rescale):
@@ -433,7 +444,7 @@ def _walk_overlapped(st: _Steps, visits: pp.Visits, init, issue_turn, o_ref, s_r
         plgpu.wgmma_wait(1)  # this visit's QK^T; the PV stays in flight
         p, m, l, rescale = st.weights(i, scores(i), m, l, masked=masked)
         plgpu.wgmma_wait(0)  # the PV of visit i - 1
-        plgpu.barrier_arrive(sc["v_free"].at[st.slot(i - 1)])
+        sc["v_free"].arrive(st.slot(i - 1))
         p, m, l = lax.optimization_barrier((p, m, l))  # computed past the wait
         return m, l, p.astype(dtype), rescale
 
@@ -445,8 +456,21 @@ def _walk_overlapped(st: _Steps, visits: pp.Visits, init, issue_turn, o_ref, s_r
         issue_turn.finish()
     pl.when(count > 0)(lambda: issue_pv(count - 1, p_last, rescale_last))
     acc = o_ref[...]  # waits for the last PV
-    pl.when(count > 0)(lambda: plgpu.barrier_arrive(sc["v_free"].at[st.slot(count - 1)]))
+    pl.when(count > 0)(lambda: sc["v_free"].arrive(st.slot(count - 1)))
     return acc, m, l
+
+
+def _releases(sc: dict, config: ForwardConfig, interpret: bool) -> dict:
+    """The scratch's `*_free` barriers as `pipeline.Releases` (what the consumers call and the
+    producer waits on): K's and V's on hardware named barriers with `named_free` (not in
+    interpret mode), the rest on their mbarriers."""
+    frees = {name: pp.Releases(ref) for name, ref in sc.items() if name.endswith("_free")}
+    if config.named_free and not interpret:
+        threads = (config.consumers + 1) * 128  # every consumer's and the producer's
+        for i, name in enumerate(("k_free", "v_free")):
+            first = pp.NAMED_FREE + i * config.stages
+            frees[name] = pp.Releases(sc[name], first, threads, config.stages)
+    return frees
 
 
 def _q_barrier(config: ForwardConfig, per_copy: int) -> plgpu.Barrier:
@@ -545,6 +569,7 @@ def forward(
     def flashjax_mosaic_forward(*refs):
         ins, outs, (sc,) = pp.split_refs(refs, (len(names), 2))
         refs = dict(zip(names, ins)) | dict(zip(("out", "lse"), outs))
+        sc = sc | _releases(sc, config, via_smem)
 
         def work_of(qt, b) -> tuple[tuple, pp.Visits]:
             """Batch row b's `(q_offset, kv_offset, q_len, kv_len)` and the key tiles that

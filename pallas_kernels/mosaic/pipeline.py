@@ -75,15 +75,52 @@ def operand(x: jax.Array, staging, *, via_smem: bool):
 
 
 @dataclasses.dataclass(frozen=True)
+class Releases:
+    """How the consumers hand a ring's slots back to its producer: each consumer `arrive(slot)`s
+    once it is done reading the slot, the producer `wait(slot)`s for all of them before filling
+    it again. On `barrier`, an mbarrier per slot (Pallas counts every consumer thread's arrival:
+    128 shared-memory arrives per warpgroup), or with `first_id` on hardware named barriers
+    `first_id + slot` (`bar.arrive` by the consumers' threads, `bar.sync` by the producer's,
+    `threads` of them in all: FA3's and tokamax's "consumed" barriers). A consumer's next
+    arrive on a slot needs the producer's refill of it, so it never meets an arrive it would
+    add to. The interpreter runs no inline PTX: there the mbarriers stand in."""
+
+    barrier: object
+    first_id: int | None = None
+    threads: int = 0
+    slots: int = 1
+
+    def _named(self, op: str, slot) -> None:
+        if isinstance(slot, int):
+            _named_barrier(op, self.first_id + slot, self.threads)
+            return
+        for s in range(self.slots):  # a barrier id is an immediate: one branch per slot
+            signal = functools.partial(_named_barrier, op, self.first_id + s, self.threads)
+            pl.when(slot == s)(signal)
+
+    def arrive(self, slot=0) -> None:
+        if self.first_id is None:
+            plgpu.barrier_arrive(self.barrier.at[slot])
+        else:
+            self._named("arrive", slot)
+
+    def wait(self, slot=0) -> None:
+        if self.first_id is None:
+            plgpu.barrier_wait(self.barrier.at[slot])
+        else:
+            self._named("sync", slot)
+
+
+@dataclasses.dataclass(frozen=True)
 class Stream:
     """One tile a producer streams per visit: `source(tile)` is the GMEM view of column tile
-    `tile` to copy, `ring` the `(stages, ...)` SMEM buffer, `loaded`/`free` its barriers (one per
-    slot)."""
+    `tile` to copy, `ring` the `(stages, ...)` SMEM buffer, `loaded` its barriers (one per
+    slot) and `free` its slots' `Releases`."""
 
     source: Callable[[jax.Array], object]
     ring: object
     loaded: object
-    free: object
+    free: Releases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +224,7 @@ def stream(streams: Sequence[Stream], visits: Visits, stages: int, done=0) -> No
         slot = lax.rem(n, stages)
         tile = visits.tile(i)
         for s in streams:
-            pl.when(n >= stages)(functools.partial(plgpu.barrier_wait, s.free.at[slot]))
+            pl.when(n >= stages)(functools.partial(s.free.wait, slot))
             plgpu.copy_gmem_to_smem(s.source(tile), s.ring.at[slot], s.loaded.at[slot])
 
 
@@ -199,14 +236,14 @@ def ring_slot(count, slots: int):
     return count % slots if isinstance(count, int) else lax.rem(count, slots)
 
 
-def drain(frees: Sequence, total, stages: int) -> None:
-    """Observe the consumers' releases (`frees`: the streams' `free` barriers) of the last
-    `stages` of `total` visits, so every barrier phase is consumed before the CTA exits (the
-    interpreter checks it; on the GPU it costs the producer a wait). `total` may be static."""
+def drain(frees: Sequence[Releases], total, stages: int) -> None:
+    """Observe the consumers' releases (`frees`: the streams' `Releases`) of the last `stages`
+    of `total` visits, so every barrier phase is consumed before the CTA exits (the interpreter
+    checks it; on the GPU it costs the producer a wait). `total` may be static."""
     if isinstance(total, int):
         for j in range(max(total - stages, 0), total):
             for free in frees:
-                plgpu.barrier_wait(free.at[j % stages])
+                free.wait(j % stages)
         return
     first = jnp.maximum(total - stages, 0)  # counted from 0: see `walk`
 
@@ -214,7 +251,7 @@ def drain(frees: Sequence, total, stages: int) -> None:
     def _(j):
         slot = lax.rem(first + j, stages)
         for free in frees:
-            plgpu.barrier_wait(free.at[slot])
+            free.wait(slot)
 
 
 def stream_barriers(count: int, stages: int, consumers: int = CONSUMERS) -> tuple:
@@ -290,17 +327,18 @@ class Turn:
         pl.when(self.wg == 0)(self.sync)
 
 
-# Hardware barrier ids of the ping-pong with named barriers: 0 is the CTA's, 1..3 Mosaic GPU's
-# warpgroup barriers (warpgroup index + 1); consumer c waits on NAMED_TURN + c.
+# Hardware barrier ids: 0 is the CTA's, 1..4 Mosaic GPU's warpgroup barriers (warpgroup index
+# + 1); the ping-pong with named barriers: consumer c waits on NAMED_TURN + c; the forward's
+# `named_free` releases: NAMED_FREE + slot for K, then V's; 16 in all.
 NAMED_TURN = 4
+NAMED_FREE = NAMED_TURN + CONSUMERS
+NAMED_BARRIERS = 16
 
 
-def _named_barrier(op: str, barrier_id: int) -> None:
-    """`bar.sync` / `bar.arrive` on hardware barrier `barrier_id` for both consumers' 256
-    threads (one call per warpgroup: its 128 threads)."""
+def _named_barrier(op: str, barrier_id: int, count: int = CONSUMERS * 128) -> None:
+    """`bar.sync` / `bar.arrive` on hardware barrier `barrier_id` for `count` threads (by
+    default both consumers' 256; one call per warpgroup: its 128 threads)."""
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
-
-    count = CONSUMERS * 128
 
     @plgpu.inline_mgpu()
     def _(_ctx):
