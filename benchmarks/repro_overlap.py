@@ -2,10 +2,13 @@
 sweep's overlapped candidates raised CUDA_ERROR_MISALIGNED_ADDRESS during timing, after every
 candidate had passed its first check). Each set runs in its own process (a fault kills the
 context), REPS times at the sweep's shape, each output compared with the default forward's.
-Usage on the GPU: python3 benchmarks/repro_overlap.py [HEAD_DIM SEQ] (one set: --one INDEX)."""
+Usage on the GPU: python3 benchmarks/repro_overlap.py [HEAD_DIM SEQ] (one set: --one INDEX).
+REPRO_SETS="a+b,c" runs those option sets instead (session 22: `named_free`, under
+compute-sanitizer's synccheck with `--one`), REPRO_REPS the runs of each."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -15,7 +18,9 @@ SETS = [
     ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers"),
     ("longest_first", "fold_scale", "overlap_qk", "async_store", "persistent"),
 ]
-REPS = 30
+if os.environ.get("REPRO_SETS"):
+    SETS = [tuple(x.split("+")) for x in os.environ["REPRO_SETS"].split(",")]
+REPS = int(os.environ.get("REPRO_REPS", 30))
 
 
 def one(index: int, head_dim: int, seq: int, causal: bool) -> None:

@@ -111,13 +111,14 @@ def forward_candidates(
     rows: int | None = None,
     causal: bool = False,
     retile: tuple[int, int, int] | None = None,
+    group: int = 1,
 ) -> list[ForwardConfig]:
     """configs.py's choice for a call of `rows` query rows (first), then the head dim's plain
     row (no rules) alone where that differs, and with the options of SCHEDULES (those with
     `option` only, when given); with `toggles`, instead the choice with each flag of OPTIONS
     flipped, one at a time; with `tiles`, the tile x flag grid too; with `retile` (block_q,
     block_kv, stages), each of those again with these tiles."""
-    chosen = api.forward_config(head_dim, rows, causal)
+    chosen = api.forward_config(head_dim, rows, causal, group)
     plain = api.forward_config(head_dim)
     if toggles:  # (the pairs of EXCLUSIVE raise: ForwardConfig)
         on = set(options_on(chosen, OPTIONS))
@@ -261,7 +262,7 @@ def sweep(
         ]
 
     for cfg in kept(
-        forward_candidates(head_dim, tiles, toggles, option, seq, causal, retile)
+        forward_candidates(head_dim, tiles, toggles, option, seq, causal, retile, group)
         if "fwd" in kinds
         else []
     ):

@@ -68,8 +68,10 @@ class CallRule:
     (a query tile's work grows with its row: `mosaic.api.is_causal`) or the others, of
     `min_rows`..`max_rows` query rows: on/off options it turns off (`drop`) and on (`options`),
     a number of consumer warpgroups (the forward's only), and setmaxnreg's (consumer, producer)
-    registers (None: the kernel's split for its consumers; only with two). A row's rules apply
-    in order, each to what the ones before it left."""
+    registers (None: the kernel's split for its consumers; only with two). `min_group`: only
+    calls with at least this many query heads per KV head (GQA rules; `mosaic.api.call_config`
+    drops `pack_heads` where the group does not fill a packed tile). A row's rules apply in
+    order, each to what the ones before it left."""
 
     causal: bool
     options: tuple[str, ...] = ()
@@ -78,17 +80,19 @@ class CallRule:
     consumers: int | None = None
     drop: tuple[str, ...] = ()
     registers: tuple[int, int] | None = None
+    min_group: int = 1
 
     def __str__(self) -> str:
         rows = f"{self.min_rows}-{self.max_rows or ''}"
-        changes = [*(f"-{o}" for o in self.drop), *self.options]
+        group = [f"group{self.min_group}+"] if self.min_group > 1 else []
+        changes = [*group, *(f"-{o}" for o in self.drop), *self.options]
         changes += [f"consumers{self.consumers}"] if self.consumers else []
         changes += ["registers{}-{}".format(*self.registers)] if self.registers else []
         return "+".join(["causal" if self.causal else "noncausal", rows, *changes])
 
-    def matches(self, rows: int, causal: bool) -> bool:
+    def matches(self, rows: int, causal: bool, group: int = 1) -> bool:
         within = self.min_rows <= rows and (self.max_rows is None or rows <= self.max_rows)
-        return causal == self.causal and within
+        return causal == self.causal and within and group >= self.min_group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +159,14 @@ class MosaicForward:
 # without the row's longest_first / fold_scale at 1k 0.381 -> 0.365 ms (with them 0.409), at 2k
 # 0.681 -> 0.702 and 4k 1.318 -> 1.358 (slower); so up to 1k rows, without the row's options.
 # In the bench (s21/call2-tier-bench): 1k 398 TFLOP/s against cuDNN's 396 (s13: 362 / 398).
+# Session 22 (results/2026-12-03-h200-s22/call1-pack; GQA packing `pack_heads` by consumer,
+# swept with 8 query heads per KV head, B*T = 16k, N*D = 2048; ms): head dim 128 non-causal at
+# 256 rows 0.106 -> 0.082 with FA3's persistent set and packing (at 1k 0.251 -> 0.251: no gain),
+# causal at 1k 0.187 -> 0.171 with it (without the row's longest_first / fold_scale; at 256 the
+# causal rule's persistent set stays: 0.076 against 0.089 packed); head dim 64 causal at 128
+# rows 0.088 -> 0.082 packed (non-causal 0.075 -> 0.076: no gain). GQA rules (`min_group`).
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
+_FA3_PACKED = (*_FA3_PERSISTENT, "pack_heads")
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
     64: MosaicForward(
         64,
@@ -165,6 +176,13 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
         options=("longest_first", "fold_scale"),
         rules=(
             CallRule(causal=True, max_rows=4096, options=_FA3_PERSISTENT),
+            CallRule(
+                causal=True,
+                max_rows=128,
+                min_group=2,
+                drop=("longest_first", "fold_scale"),
+                options=("pack_heads",),
+            ),
             CallRule(
                 causal=False,
                 max_rows=1024,
@@ -196,6 +214,15 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
                 max_rows=8192,
                 options=("overlap_qk", "no_auto_barriers"),
             ),
+            CallRule(causal=False, max_rows=512, min_group=2, options=_FA3_PACKED),
+            CallRule(
+                causal=True,
+                min_rows=1024,
+                max_rows=1024,
+                min_group=2,
+                drop=("longest_first", "fold_scale"),
+                options=_FA3_PACKED,
+            ),
         ),
     ),
     192: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "named_barriers")),
@@ -221,6 +248,8 @@ class MosaicBackward:
     def __post_init__(self):
         if any(rule.consumers for rule in self.rules):
             raise ValueError("MosaicBackward: a rule cannot change the backward's consumers")
+        if any(rule.min_group > 1 for rule in self.rules):
+            raise ValueError("MosaicBackward: the backward's rules cannot name a GQA group")
 
 
 # The backward's two kernels: (rows per consumer, columns per step, stages), the same for both

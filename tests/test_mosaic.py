@@ -443,8 +443,9 @@ def test_every_rule_makes_a_config(kernel: str, head_dim: int, rule: configs.Cal
     """Each rule of the tables, with whatever other rules also match its calls, gives a config
     (no pair of forward.EXCLUSIVE) that differs from the row's own."""
     config_of = RULE_TABLES[kernel][1]
-    rows = _rows_named_by(rule)
-    assert config_of(head_dim, rows, rule.causal) != config_of(head_dim)
+    call = (head_dim, _rows_named_by(rule), rule.causal)
+    ruled = config_of(*call, rule.min_group) if kernel == "forward" else config_of(*call)
+    assert ruled != config_of(head_dim)
 
 
 def test_backward_calls_take_their_rules(monkeypatch) -> None:
@@ -527,11 +528,12 @@ def test_every_rule_on_gpu(head_dim: int, rule: configs.CallRule, features) -> N
         pytest.skip("the Mosaic kernels run on Hopper (sm90) only")
     rows = _rows_named_by(rule)
     seq_k = rows if rule.causal else rows + 100
-    case = Case(B=1, T=rows, S=seq_k, N=4, K=2, H=head_dim, features=features)
+    kv_heads = 4 // rule.min_group  # a GQA rule's group; the others' calls are MHA
+    case = Case(B=1, T=rows, S=seq_k, N=4, K=kv_heads, H=head_dim, features=features)
     q, k, v, _, kw = make_inputs(case)
     assert served("mosaic", q, k, v, kw)  # else check_case would pass without running it
     assert api.call_config(operands(q, k, v, **kw)) == api.forward_config(
-        head_dim, rows, rule.causal
+        head_dim, rows, rule.causal, rule.min_group
     )
     check_case(case, "mosaic")
 
@@ -550,6 +552,19 @@ def test_pack_heads_only_where_the_group_divides(monkeypatch) -> None:
     packed = api.forward_config(64)
     with pytest.raises(ValueError, match="pack_heads: 3 query heads per KV head"):
         api.forward(ops, config=packed)
+
+
+def test_gqa_rules_take_only_grouped_calls() -> None:
+    """A rule with `min_group` changes the config of calls with that many query heads per KV
+    head or more, not of MHA calls; the backward's rows refuse one (it packs no heads)."""
+    rule = configs.CallRule(causal=False, max_rows=512, min_group=4, options=("pack_heads",))
+    assert rule.matches(256, False, 4) and rule.matches(256, False, 8)
+    assert not rule.matches(256, False, 2) and not rule.matches(256, False)
+    assert "group4+" in str(rule)
+    grouped, mha = api.forward_config(128, 256, False, 8), api.forward_config(128, 256, False)
+    assert grouped.pack_heads and grouped.persistent and not mha.pack_heads
+    with pytest.raises(ValueError, match="cannot name a GQA group"):
+        dataclasses.replace(configs.MOSAIC_BACKWARD[128], rules=(rule,))
 
 
 def test_exclusive_forward_options_raise() -> None:

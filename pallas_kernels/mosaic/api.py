@@ -37,12 +37,12 @@ def is_causal(ops: Operands) -> bool:
 
 
 def forward_config(
-    head_dim: int, rows: int | None = None, causal: bool = False
+    head_dim: int, rows: int | None = None, causal: bool = False, group: int = 1
 ) -> _forward.ForwardConfig:
     """configs.MOSAIC_FORWARD's choice for this head dim; for a call of `rows` query rows, with
-    what the row's rules add for it (`causal`: `is_causal`)."""
+    what the row's rules add for it (`causal`: `is_causal`; `group`: query heads per KV head)."""
     row = configs.MOSAIC_FORWARD[_head_dim(head_dim)]
-    options, consumers, registers = _ruled(row, row.consumers, None, rows, causal)
+    options, consumers, registers = _ruled(row, row.consumers, None, rows, causal, group)
     tiles = _forward.ForwardConfig(
         block_q=row.block_q,
         block_kv=row.block_kv,
@@ -56,13 +56,18 @@ def forward_config(
 
 
 def _ruled(
-    row: configs.MosaicForward | configs.MosaicBackward, consumers, registers, rows, causal: bool
+    row: configs.MosaicForward | configs.MosaicBackward,
+    consumers,
+    registers,
+    rows,
+    causal: bool,
+    group: int = 1,
 ):
     """A configs.py row's `(options, consumers, registers)` after its rules that match a call of
-    `rows` query rows (none when None), in order."""
+    `rows` query rows (none when None) and `group` query heads per KV head, in order."""
     options = row.options
     for rule in row.rules if rows is not None else ():
-        if rule.matches(rows, causal):
+        if rule.matches(rows, causal, group):
             options = (*(o for o in options if o not in rule.drop), *rule.options)
             consumers = rule.consumers or consumers
             registers = rule.registers or registers
@@ -81,7 +86,7 @@ def call_config(ops: Operands) -> _forward.ForwardConfig:
     """The forward's config for this call: its row's rules applied (packing heads only where
     the call's group allows: `_packable`), unless their CTA tile does not divide the block mask
     (then the row's own, which `cta_tiles` checks)."""
-    cfg = _packable(forward_config(ops.head_dim, ops.seq_q, is_causal(ops)), ops)
+    cfg = _packable(forward_config(ops.head_dim, ops.seq_q, is_causal(ops), ops.group), ops)
     if visibility.tile_divides_mask(ops.statics, cfg.rows, cfg.block_kv):
         return cfg
     return _packable(forward_config(ops.head_dim), ops)
