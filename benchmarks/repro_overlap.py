@@ -4,10 +4,12 @@ candidate had passed its first check). Each set runs in its own process (a fault
 context), REPS times at the sweep's shape, each output compared with the default forward's.
 Usage on the GPU: python3 benchmarks/repro_overlap.py [HEAD_DIM SEQ] (one set: --one INDEX).
 REPRO_SETS="a+b,c" runs those option sets instead (session 22: `named_free`, under
-compute-sanitizer's synccheck with `--one`), REPRO_REPS the runs of each."""
+compute-sanitizer's synccheck with `--one`), REPRO_REPS the runs of each, REPRO_REGISTERS
+setmaxnreg's (consumers, producer) split."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -34,6 +36,9 @@ def one(index: int, head_dim: int, seq: int, causal: bool) -> None:
     ops, _ = operands(seq, head_dim, causal)
     ref, _ = jax.jit(lambda o: api.forward(o, interpret=False))(ops)
     cfg = with_options(api.forward_config(head_dim), SETS[index])
+    if os.environ.get("REPRO_REGISTERS"):  # setmaxnreg's (consumers, producer), e.g. 216,80
+        registers = tuple(int(x) for x in os.environ["REPRO_REGISTERS"].split(","))
+        cfg = dataclasses.replace(cfg, registers=registers)
     fn = jax.jit(lambda o: api.forward(o, interpret=False, config=cfg))
     worst = 0.0
     for _ in range(REPS):
