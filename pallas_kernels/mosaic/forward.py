@@ -95,7 +95,9 @@ class ForwardConfig:
     # The consumers release K and V slots on hardware named barriers (`pipeline.Releases`:
     # `bar.arrive`, the producer's `bar.sync`) instead of mbarriers, which Pallas has every
     # consumer thread arrive on (FA3's and tokamax's consumed barriers). Off in interpret mode
-    # (no inline PTX): the mbarriers stand in.
+    # (no inline PTX): the mbarriers stand in. EXPERIMENTAL, in no sweep or test set (not in
+    # OPTIONS): it crashes on the H200 once the producer waits inside its stream loop
+    # (CUDA_ERROR_LAUNCH_FAILED at 512+ rows; HOPPER_PLAN 7p). Set it by dataclasses.replace.
     named_free: bool = False
 
     def __post_init__(self):
@@ -161,7 +163,6 @@ SCHEDULE_OPTIONS = (
     "prefetch_q",
     "overlap_qk",
     "pack_heads",
-    "named_free",
 )
 OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale", "lazy_rescale")
 # Option pairs ForwardConfig refuses: each gave wrong outputs on the H200 together, never alone.
