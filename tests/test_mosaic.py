@@ -344,6 +344,10 @@ def test_schedules_compute_the_same(schedule, features) -> None:
             dict(longest_first=True, early_dp=True),
             Case(B=1, T=256, S=384, N=2, K=1, H=128, features=("blocks128",)),
         ),
+        (
+            dict(late_stats=True, fused_dq=True, pooled_dq=True, split_dq=True, early_dp=True),
+            Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "softcap", "lengths")),
+        ),
     ],
     ids=lambda x: "+".join(x) if isinstance(x, dict) else x.id,
 )
@@ -351,8 +355,8 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     """The backward's schedule variants (BackwardConfig: `early_dp`, S and dP issued back to
     back, P computed while dP runs; `no_pingpong`; `longest_first`, heads fastest and dQ's
     query tiles reversed, with visit lists too; `one_body`, the element rule under a `lax.cond`;
-    the single kernel, `fused_dq`, `pooled_dq` and `split_dq`; `async_store`) against the float64
-    reference, with no race."""
+    the single kernel, `fused_dq`, `pooled_dq` and `split_dq`; `async_store`; `late_stats`)
+    against the float64 reference, with no race."""
     config = dataclasses.replace(api.backward_config(case.H), **variant)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "backward_config", lambda head_dim, *call: config)

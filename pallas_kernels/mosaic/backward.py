@@ -94,6 +94,12 @@ class BackwardConfig:
     # Each kernel's output stores awaited only until they have read shared memory
     # (`pipeline.wait_stores`).
     async_store: bool = False
+    # The dK/dV kernel reads each step's logsumexp and delta (per query: columns of its
+    # transposed tile, 16 registers each) from shared memory where they are used, not at the
+    # step's start. Offline (benchmarks/offline, session 22) the 5-GEMM kernel at head dim 128
+    # (setmaxnreg 240/24) spills 132 bytes with it instead of 188; the two kernels spill none
+    # either way. Not yet timed on the GPU.
+    late_stats: bool = False
 
     @property
     def turns(self) -> bool:
@@ -117,6 +123,7 @@ OPTIONS = (
     "longest_first",
     "one_body",
     "async_store",
+    "late_stats",
 )
 
 
@@ -152,6 +159,15 @@ def _vector(ref, shape: tuple[int, int], dim: int) -> jax.Array:
     """A per-row (`dim` 0) or per-column (`dim` 1) vector in shared memory, broadcast to a tile."""
     layout = LAYOUT.reduce(1 - dim)
     return lax.broadcast_in_dim(plgpu.load(ref, layout=layout), shape, [dim])
+
+
+def _stats(ref, shape: tuple[int, int], *, late: bool):
+    """A step's per-query vector (`_vector` along dim 1) as a thunk: read from shared memory
+    where the thunk is called with `late` (`BackwardConfig.late_stats`), else here."""
+    if late:
+        return lambda: _vector(ref, shape, 1)
+    value = _vector(ref, shape, 1)
+    return lambda: value
 
 
 def _launch_refs(refs, names, out_names):
@@ -295,12 +311,12 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         )
         visible = _tile_rule(sc, "q_seg", kv_segments, slot, rule, transposed=True)
         plgpu.barrier_wait(sc["lse_loaded"].at[slot])
-        lse = _vector(sc["lse"].at[slot], (bkv, bq), 1)
+        lse = _stats(sc["lse"].at[slot], (bkv, bq), late=config.late_stats)
 
         def probs(qk):
             def of(mask):
                 s2, tanh = common.scores(qk, statics.scale, statics, None, mask)
-                return _probs(s2, lse), tanh
+                return _probs(s2, lse()), tanh
 
             return _under_rule(masked, visible, of)
 
@@ -317,7 +333,9 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         if overlap:
             turns.done()
             turns.wait()
-            return _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, (dk, dv), dp, dq_part)
+            return _dkdv_overlapped(
+                sc, slot, my_v, p, tanh, factor, (dk, dv), dp, dq_part, config.late_stats
+            )
         if dp is None:
             plgpu.barrier_wait(sc["do_loaded"].at[slot])
             dp = pp.matmul(my_v, do_tile.T, (bkv, bq))
@@ -360,19 +378,21 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     pp.wait_stores(config.async_store)
 
 
-def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, dp=None, dq_part=None):
+def _dkdv_overlapped(
+    sc, slot, my_v, p, tanh, factor, dkdv, dp=None, dq_part=None, late_stats=False
+):
     """`BackwardConfig.overlap_dv`: one step's dV and dK matmuls with dS computed while the dV
     matmul runs, and before them the dP matmul (issued with dV, read with `wait_n=1`), unless
     `dp` is given (`early_dp`: issued with S). `factor`: the dropout factor (None without
     dropout). `dq_part(dS^T)` (`fused_dq`: `_add_dq_part` or `_add_pooled_dq_part`) runs once
-    dK is issued. Returns (dK, dV)."""
+    dK is issued; `late_stats`: `BackwardConfig.late_stats`. Returns (dK, dV)."""
     do, q = sc["do"].at[slot], sc["q"].at[slot]
     dtype = do.dtype
     p_dropped = p if factor is None else p * factor
     if dp is None:
         plgpu.barrier_wait(sc["do_loaded"].at[slot])
     plgpu.barrier_wait(sc["delta_loaded"].at[slot])
-    delta = _vector(sc["delta"].at[slot], p.shape, 1)
+    delta = _stats(sc["delta"].at[slot], p.shape, late=late_stats)
 
     def accumulate(refs):
         dk_ref, dv_ref = refs
@@ -380,7 +400,7 @@ def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, dp=None, dq_part=Non
         def dk_after(dp):
             if factor is not None:
                 dp = dp * factor
-            _, ds = common.logits_grad(p, dp, delta, tanh)
+            _, ds = common.logits_grad(p, dp, delta(), tanh)
             ds16 = ds.astype(dtype)
             plgpu.wgmma(dk_ref, ds16, q)
             if dq_part is not None:  # while dK runs
