@@ -117,17 +117,19 @@ class MosaicForward:
 # (64, 128, 2)): head dim 64: 363 / 329 vs 344 / 292 (block_kv 256: 384 / 315); 128: 509 / 416
 # vs 501 / 384 (3 stages of 128 keys exceed shared memory; 64-key tiles are 10-15% slower); 256:
 # one stage of 128 keys, 593 / 417 vs two of 64 keys 540 / 416. 192 (not swept) follows 256.
-# Schedule options swept interleaved on these tiles (benchmarks/results/2026-11-30-h200-s6/tune,
-# ms non-causal / causal, grid order -> chosen): 128 longest_first 2.201 / 1.291 -> 2.113 / 1.204
+# Schedule options swept interleaved on these tiles (benchmarks/results/2026-11-30-h200-s6/tune, ms
+# non-causal / causal, grid order -> chosen): 128 longest_first 2.201 / 1.291 -> 2.113 / 1.204
 # (named barriers 11% slower, persistent 0-2% faster); 256 longest_first + no_auto_barriers +
 # named_barriers 1.931 / 1.333 -> 1.856 / 1.109 (persistent 17-21% slower); 64: every schedule
-# option within 1.6% of the grid order (noise), none chosen. fold_scale, flipped alone from these
-# choices (results/2026-11-30-h200-s6/followup): 64 3.010 / 1.728 -> 2.792 / 1.704 ms, 128
-# 2.154 / 1.224 -> 2.146 / 1.220 ms; not measured at 192/256, so off there. At T = 512 (B = 32,
-# results/2026-11-30-h200-s7/short; ms non-causal / causal): head dim 64 longest_first 0.425 /
-# 0.370 -> 0.402 / 0.368 (on: within noise at 8k); 128 persistent 0.323 -> 0.299 non-causal,
-# but with longest_first and fold_scale on, the standard bench (s7/final) lost 5-20% at
-# 1k-16k with it, so it stays off.
+# option within 1.6% of the grid order (noise), none chosen. (Until session 22 `named_barriers`
+# emitted no barrier on the GPU: what these sweeps measured as it, and 256 chose, is no ping-pong at
+# all, now `no_pingpong`; FA3's real named ping-pong is yet to be swept.) fold_scale, flipped alone
+# from these choices (results/2026-11-30-h200-s6/followup): 64 3.010 / 1.728 -> 2.792 / 1.704 ms,
+# 128 2.154 / 1.224 -> 2.146 / 1.220 ms; not measured at 192/256, so off there. At T = 512 (B = 32,
+# results/2026-11-30-h200-s7/short; ms non-causal / causal): head dim 64 longest_first 0.425 / 0.370
+# -> 0.402 / 0.368 (on: within noise at 8k); 128 persistent 0.323 -> 0.299 non-causal, but with
+# longest_first and fold_scale on, the standard bench (s7/final) lost 5-20% at 1k-16k with it, so it
+# stays off.
 # The rules for causal calls (`api.is_causal`: a causal query tile's work grows with its row).
 # Session 10 (results/2026-11-30-h200-s10; FA3's persistent schedule: persistent + async_store +
 # prefetch_q), swept interleaved, ms non-causal / causal, these choices -> with it: head dim 64
@@ -225,8 +227,8 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
             ),
         ),
     ),
-    192: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "named_barriers")),
-    256: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "named_barriers")),
+    192: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "no_pingpong")),
+    256: MosaicForward(64, 128, 1, options=("longest_first", "no_auto_barriers", "no_pingpong")),
 }
 
 

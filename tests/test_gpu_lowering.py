@@ -152,6 +152,40 @@ def test_mosaic_schedule_options_lower() -> None:
         assert text.count("mosaic_gpu") >= 2  # forward, dK/dV with dQ fused (no dQ kernel)
 
 
+def test_named_barriers_reach_the_kernel(monkeypatch) -> None:
+    """The hardware named barriers are emitted into the kernel: FA3's ping-pong
+    (`named_barriers`: `bar.arrive` on the other consumer's barrier, `bar.sync` on its own, 256
+    threads) and `named_free`'s slot releases (the consumers' `bar.arrive`, the producer's
+    `bar.sync`, 384 threads). Until session 22 the inline PTX was built but never called, so
+    no named barrier reached the GPU and every lowering test passed all the same."""
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    emitted = []
+    inline_ptx = mgpu_utils.inline_ptx
+
+    def recording(asm, *args, **kwargs):
+        emitted.append(asm)
+        return inline_ptx(asm, *args, **kwargs)
+
+    monkeypatch.setattr(mgpu_utils, "inline_ptx", recording)
+    q = jnp.zeros((2, 1024, 4, 128), jnp.bfloat16)
+    kv = jnp.zeros((2, 1024, 2, 128), jnp.bfloat16)
+    ops = operands(q, kv, kv, is_causal=True)
+    base = with_options(mosaic_api.forward_config(128), ("named_barriers",))
+    for fwd in (base, dataclasses.replace(base, named_barriers=False, named_free=True)):
+
+        def forward(ops, fwd=fwd):
+            return mosaic_api.forward(ops, interpret=False, config=fwd)
+
+        emitted.clear()
+        lowered_for_h200(forward, ops)
+        if fwd.named_barriers:
+            expected = {f"bar.{op} {4 + c}, 256;" for op in ("arrive", "sync") for c in (0, 1)}
+        else:
+            expected = {f"bar.{op} {6 + i}, 384;" for op in ("arrive", "sync") for i in range(4)}
+        assert expected <= set(emitted), (expected - set(emitted), emitted[:8])
+
+
 @pytest.mark.parametrize("feature", ["plain", "segments"])
 def test_mosaic_three_consumer_forward_lowers(feature: str) -> None:
     """The head dim 64 forward with three consumer warpgroups (FA3's 192-row tiles), plain and

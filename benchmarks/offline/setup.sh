@@ -9,3 +9,4 @@ set -e
 PYENV_VERSION=3.12.1 python3.12 -m venv .sm90venv
 .sm90venv/bin/python -m pip install -q -r requirements.txt
 .sm90venv/bin/python -m pip install -q --no-deps jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2
+.sm90venv/bin/python -m pip install -q --no-deps nvidia-cuda-nvdisasm  # SASS for offline/dump.py

@@ -64,8 +64,13 @@ class ForwardConfig:
     # (tokamax's non-causal schedule).
     persistent: bool = False
     # The consumers' ping-pong on hardware named barriers (`pipeline.NamedTurn`) instead of an
-    # mbarrier (`pipeline.Turn`); interpret mode emulates them with mbarriers.
+    # mbarrier (`pipeline.Turn`); interpret mode emulates them with mbarriers. Until session
+    # 22 its barriers never reached the GPU (`pipeline._named_barrier` was not called): every
+    # GPU measurement of it before then is of `no_pingpong`.
     named_barriers: bool = False
+    # No ping-pong of the two consumers (over `named_barriers` too): what head dims 192 and 256
+    # were measured and chosen with (as `named_barriers`, see above).
+    no_pingpong: bool = False
     # The scale folded into the softmax's exponent (`common.folded_scale`): the row max of the
     # unscaled scores, then one FMA and an exp2 per element. Only without soft-cap and bias.
     fold_scale: bool = False
@@ -96,8 +101,9 @@ class ForwardConfig:
     # `bar.arrive`, the producer's `bar.sync`) instead of mbarriers, which Pallas has every
     # consumer thread arrive on (FA3's and tokamax's consumed barriers). Off in interpret mode
     # (no inline PTX): the mbarriers stand in. EXPERIMENTAL, in no sweep or test set (not in
-    # OPTIONS): it crashes on the H200 once the producer waits inside its stream loop
-    # (CUDA_ERROR_LAUNCH_FAILED at 512+ rows; HOPPER_PLAN 7p). Set it by dataclasses.replace.
+    # OPTIONS): it crashed on the H200 at 512+ rows in session 22, when its barriers were not
+    # emitted (the producer never waited; HOPPER_PLAN 7p); not yet run since the fix. Set it by
+    # dataclasses.replace.
     named_free: bool = False
 
     def __post_init__(self):
@@ -159,6 +165,7 @@ SCHEDULE_OPTIONS = (
     "no_auto_barriers",
     "persistent",
     "named_barriers",
+    "no_pingpong",
     "async_store",
     "prefetch_q",
     "overlap_qk",
@@ -167,7 +174,12 @@ SCHEDULE_OPTIONS = (
 OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale", "lazy_rescale")
 # Option pairs ForwardConfig refuses: each gave wrong outputs on the H200 together, never alone.
 # prefetch_q with named_barriers: errors 0.19-0.43 or hangs in 9 of 15 runs (session 10, D128
-# causal segments; not explained). lazy_rescale with overlap_qk: a misaligned-address fault
+# causal segments; not explained). That run had no ping-pong (`named_barriers` emitted no
+# barrier then: see above), so the pair refused is prefetch_q with no_pingpong; prefetch_q
+# with the real named_barriers stays refused until it is run. Both other prefetch_q failures
+# (with overlap_qk, below) were without a ping-pong too; with the mbarrier ping-pong (FA3's
+# persistent set in configs.py) it has run right since session 10: a race in the Q ring that
+# the ping-pong hides? lazy_rescale with overlap_qk: a misaligned-address fault
 # (D64 1k non-causal) and errors up to 0.32 (causal) in 30 runs each, where overlap_qk without
 # it matched the default forward bitwise in every run (session 11, benchmarks/repro_overlap.py;
 # the conditional rescale of the accumulator while the tile's QK^T is in flight).
@@ -175,6 +187,7 @@ OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale", "lazy_rescale")
 # 0.43, had lazy_rescale on too).
 EXCLUSIVE = (
     ("prefetch_q", "named_barriers"),
+    ("prefetch_q", "no_pingpong"),
     ("lazy_rescale", "overlap_qk"),
     ("prefetch_q", "overlap_qk"),
 )
@@ -233,7 +246,7 @@ def _consumer(
     head_dim = sc["q"].shape[-1]
     dtype = sc["q"].dtype
     overlap = config.overlap_qk and not interpret
-    if overlap or config.consumers != 2:  # (the ping-pong is for two consumers)
+    if overlap or config.consumers != 2 or config.no_pingpong:  # (for two consumers)
         turns = pp.Turn(None, wg, enabled=False)
     elif config.named_barriers:
         turns = pp.NamedTurn(wg, emulation=sc["turn"] if interpret else None)
@@ -304,7 +317,7 @@ def _consumer(
         plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), LAYOUT.reduce(1)),
     )
     if overlap:
-        issue_turn = pp.IssueTurn(wg) if config.named_barriers else None
+        issue_turn = pp.IssueTurn(wg) if config.named_barriers and not config.no_pingpong else None
         carry = pl.run_scoped(
             functools.partial(_walk_overlapped, steps, visits, carry, issue_turn),
             plgpu.ACC((bq, head_dim), jnp.float32),

@@ -341,8 +341,12 @@ def _named_barrier(op: str, barrier_id: int, count: int = CONSUMERS * 128) -> No
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     @plgpu.inline_mgpu()
-    def _(_ctx):
+    def barrier(_ctx):
         mgpu_utils.inline_ptx(f"bar.{op} {barrier_id}, {count};", has_side_effects=True)
+
+    # Called: until session 22 this function was only defined, so no named barrier reached the
+    # GPU (`named_barriers` ran without a ping-pong, `named_free`'s producer without waits).
+    barrier()
 
 
 class NamedTurn:
