@@ -263,7 +263,7 @@ def backward(
     d = _head_dim(ops.head_dim)
     do, lse2, delta = backward_residuals(ops, out, lse2, dout, dlse, seq_q=t, head_dim=d)
     q, k, v = padded_qkv(ops, t, s, d)
-    args = (q, k, v, do, lse2, delta)
+    args = (q, k, v, do, _backward.kernel_lse(lse2), delta)
     launch = dict(
         statics=ops.statics,
         config=cfg,

@@ -149,10 +149,18 @@ def _kernel(body, out_type, scratch, grid, config, interpret):
     )
 
 
+def kernel_lse(lse2: jax.Array) -> jax.Array:
+    """The forward's base-2 logsumexp as both kernels read it: +inf, not -inf, for rows that saw
+    no key, so that `_probs` gives 0 there without a compare and select per element (16 of
+    each per step and thread in the dK/dV kernel, where a step's rows are its tile's columns;
+    offline SASS, session 22). Done once by XLA before the kernels."""
+    return jnp.where(lse2 == -jnp.inf, jnp.inf, lse2)
+
+
 def _probs(s2: jax.Array, lse2: jax.Array) -> jax.Array:
-    """`2**(s2 - lse2)`, with rows that saw nothing (lse2 -inf) giving 0 (as
-    `common.probs_from_lse`, with the logsumexp already broadcast to the tile)."""
-    return jnp.exp2(s2 - jnp.where(lse2 == -jnp.inf, jnp.inf, lse2))
+    """`2**(s2 - lse2)` (as `common.probs_from_lse`, with the logsumexp already broadcast to the
+    tile and rows that saw nothing at +inf: `kernel_lse`)."""
+    return jnp.exp2(s2 - lse2)
 
 
 def _vector(ref, shape: tuple[int, int], dim: int) -> jax.Array:
