@@ -13,14 +13,23 @@
 # configs.py's choice against its copy alone, e.g. SWEEPS="128:bwd:4096::configured". GROUP:
 # the `group` of every sweep that names none (`pack_heads` needs 2+), e.g.
 # SWEEPS="128:fwd:256::pack_heads:8 128:bwd:4096:tiles".
+# REPRO_SETS (forward option sets, e.g. "named_free,named_barriers"): first, each set run alone
+# in its own process at REPRO_AT ("HEAD_DIM SEQ", default "128 1024"), causal and not, against
+# the default forward (benchmarks/repro_overlap.py: a fault kills only that process).
 # Usage (device tool, from the repo root):
 #   COMMIT=<sha> [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
-#     [WITH=async_store] [REGISTERS=240,24] [GROUP=8] bash benchmarks/device_call_tune.sh
+#     [WITH=async_store] [REGISTERS=240,24] [GROUP=8] [REPRO_SETS=named_free] \
+#     bash benchmarks/device_call_tune.sh
 source benchmarks/device_setup.sh
 export PYTHONPATH=$PYTHONPATH:benchmarks
 L="$OUT/logs"
 mkdir -p "$L"
 echo "commit $C" > "$L/commit.txt"
+if [ -n "$REPRO_SETS" ]; then
+  REPRO_SETS=$REPRO_SETS REPRO_REPS=${REPRO_REPS:-3} timeout 120 python3 \
+    benchmarks/repro_overlap.py ${REPRO_AT:-128 1024} > "$L/repro.log" 2>&1
+  cat "$L/repro.log"
+fi
 timeout 200 python3 -m pytest -m gpu_schedules tests/ ${K:+-k "$K"} -v -rfE -p no:cacheprovider \
   -o faulthandler_timeout=180 > "$L/gpu_schedules.log" 2>&1
 rc=$?
