@@ -594,7 +594,11 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
     if config.fused_dq:
         split = _splits_dq(config, head_dim)
         width = head_dim // CONSUMERS if split else head_dim
-        scratch["dq_part"] = pp.smem_tile((CONSUMERS, bq, width), jnp.float32)
+        # 32-byte swizzle: the accumulator's float32 pairs go to shared memory without the 64
+        # selects a part the 128-byte swizzle took (offline SASS, session 22: the 5-GEMM key
+        # step 455 -> 420 instructions at head dim 64, 671 -> 600 at 128); still one TMA
+        # reduce-add a part. Not yet timed.
+        scratch["dq_part"] = pp.smem_tile((CONSUMERS, bq, width), jnp.float32, swizzle=32)
         if not via_smem or config.pooled_dq:
             scratch["ds"] = pp.smem_tile((CONSUMERS, bkv, bq), dtype)
         if config.pooled_dq:  # see _add_pooled_dq_part

@@ -26,12 +26,15 @@ PRODUCER = CONSUMERS  # the warpgroup index of the TMA producer
 LAYOUT = plgpu.Layout.WGMMA
 
 
-def smem_tile(shape: tuple[int, ...], dtype, minor: int | None = None) -> plgpu.SMEM:
+def smem_tile(
+    shape: tuple[int, ...], dtype, minor: int | None = None, swizzle: int | None = None
+) -> plgpu.SMEM:
     """A swizzled shared-memory buffer (a TMA destination and wgmma operand); `minor` is the
-    element count of its minor dim (default: the last dim of `shape`)."""
+    element count of its minor dim (default: the last dim of `shape`); `swizzle` in bytes
+    (default: the widest the minor dim takes)."""
     minor = shape[-1] if minor is None else minor
     itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
+    swizzle = swizzle or plgpu.find_swizzle(minor * itemsize * 8)
     tiling = plgpu.TilingTransform((8, swizzle // itemsize))
     return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
 
