@@ -467,7 +467,7 @@ def _add_pooled_dq_part(refs, sc, ds, *, visit, at, split: bool, interpret: bool
     plgpu.commit_smem()
     plgpu.barrier_arrive(ready)
 
-    def compute(col0: int, width: int):  # static columns: no traced offset into a swizzled tile
+    def compute(col0, width: int):
         plgpu.barrier_wait(ready)
 
         def product(acc_ref):
@@ -483,10 +483,11 @@ def _add_pooled_dq_part(refs, sc, ds, *, visit, at, split: bool, interpret: bool
         _send_dq_part(refs, sc, part, (*at[:3], col0), interpret)
 
     head_dim = sc["k"].shape[-1]
-    if split:  # consumer c: columns c * D / CONSUMERS ...
+    if split:  # consumer c: columns c * D / CONSUMERS ..., one code path for both (a traced
+        # offset of whole 128-byte swizzle atoms: offline, spills 120 -> 20 bytes at head dim 128
+        # against a static copy per consumer, whose K descriptors were all hoisted; session 22)
         width = head_dim // CONSUMERS
-        for c in range(CONSUMERS):
-            pl.when(wg == c)(functools.partial(compute, c * width, width))
+        compute(pl.multiple_of(wg * width, width), width)
     else:
         pl.when(wg == turn)(functools.partial(compute, 0, head_dim))
 
