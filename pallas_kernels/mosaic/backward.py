@@ -97,8 +97,8 @@ class BackwardConfig:
     # The dK/dV kernel reads each step's logsumexp and delta (per query: columns of its
     # transposed tile, 16 registers each) from shared memory where they are used, not at the
     # step's start. Offline (benchmarks/offline, session 22) the 5-GEMM kernel at head dim 128
-    # (setmaxnreg 240/24) spills 132 bytes with it instead of 188; the two kernels spill none
-    # either way. Not yet timed on the GPU.
+    # (setmaxnreg 240/24, split_dq) spills 20 bytes with it instead of 64; the two kernels
+    # spill none either way. Not yet timed on the GPU.
     late_stats: bool = False
 
     @property
