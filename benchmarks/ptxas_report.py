@@ -10,9 +10,6 @@ Usage on the GPU:
   python benchmarks/ptxas_report.py OUT_DIR [--head-dim 128] [--seq 4096] [--causal]
       [--sets default,fused_dq+pooled_dq+split_dq+early_dp+overlap_dv+no_pingpong+no_auto_barriers]
       [--registers 240,24]
-On a machine without a GPU, `--offline` compiles for the H200 without timing
-(benchmarks/offline: `bash benchmarks/offline/setup.sh` once, then run this with
-`.sm90venv/bin/python`).
 """
 
 from __future__ import annotations
@@ -28,15 +25,8 @@ import sys
 FUSED = "fused_dq+pooled_dq+split_dq+early_dp+overlap_dv+no_pingpong+no_auto_barriers"
 
 
-def worker(
-    head_dim: int, seq: int, causal: bool, options: str, registers: str | None, offline: bool
-) -> None:
-    """Compile and time one backward config in this process (`offline`: compile it for the
-    H200 without one, no timing)."""
-    if offline:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "offline"))
-        import offline as h200  # before jax: it sets the environment
-
+def worker(head_dim: int, seq: int, causal: bool, options: str, registers: str | None) -> None:
+    """Compile and time one backward config in this process."""
     import jax
     from tune import operands, timeit
 
@@ -44,22 +34,14 @@ def worker(
     from pallas_kernels.mosaic.backward import with_options
 
     ops, do = operands(seq, head_dim, causal)
-    forward = jax.eval_shape if offline else (lambda f, x: f(x))
-    out, lse2 = forward(lambda o: api.forward(o, interpret=False), ops)
+    out, lse2 = api.forward(ops, interpret=False)
     cfg = api.backward_config(head_dim)
     if options != "default":
         cfg = with_options(cfg, options.split("+"))
     if registers:  # consumers' and producer's setmaxnreg, e.g. FA3's 240,24
         cfg = dataclasses.replace(cfg, registers=tuple(int(x) for x in registers.split(",")))
-
-    def backward(ops, out, lse2, do):
-        return api.backward(ops, out, lse2, do, None, False, cfg)
-
-    if offline:
-        h200.compile_for_h200(backward, ops, out, lse2, do)
-        print(f"COMPILED {cfg}", flush=True)
-        return
-    seconds = timeit(jax.jit(backward), ops, out, lse2, do, reps=10)
+    fn = jax.jit(lambda ops, out, lse2, do: api.backward(ops, out, lse2, do, None, False, cfg))
+    seconds = timeit(fn, ops, out, lse2, do, reps=10)
     print(f"TIME {seconds * 1e3:.3f} ms {cfg}", flush=True)
 
 
@@ -71,11 +53,10 @@ def main() -> None:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--sets", default=f"default,{FUSED}")
     p.add_argument("--registers", help="consumer,producer setmaxnreg (e.g. 240,24)")
-    p.add_argument("--offline", action="store_true", help="compile for the H200 without one")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.head_dim, args.seq, args.causal, args.worker, args.registers, args.offline)
+        worker(args.head_dim, args.seq, args.causal, args.worker, args.registers)
         return
     for options in args.sets.split(","):
         folder = os.path.join(args.out, options.replace("+", "_")[:80])
@@ -84,7 +65,6 @@ def main() -> None:
         cmd = [sys.executable, __file__, args.out, "--head-dim", str(args.head_dim)]
         cmd += ["--seq", str(args.seq), "--worker", options] + (["--causal"] if args.causal else [])
         cmd += ["--registers", args.registers] if args.registers else []
-        cmd += ["--offline"] if args.offline else []
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         with open(os.path.join(folder, "worker.log"), "w") as f:
             f.write(r.stdout + r.stderr)
