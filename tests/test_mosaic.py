@@ -447,8 +447,7 @@ def test_every_rule_makes_a_config(kernel: str, head_dim: int, rule: configs.Cal
     """Each rule of the tables, with whatever other rules also match its calls, gives a config
     (no pair of forward.EXCLUSIVE) that differs from the row's own."""
     config_of = RULE_TABLES[kernel][1]
-    call = (head_dim, _rows_named_by(rule), rule.causal)
-    ruled = config_of(*call, rule.min_group) if kernel == "forward" else config_of(*call)
+    ruled = config_of(head_dim, _rows_named_by(rule), rule.causal, rule.min_group)
     assert ruled != config_of(head_dim)
 
 

@@ -93,12 +93,13 @@ def call_config(ops: Operands) -> _forward.ForwardConfig:
 
 
 def backward_config(
-    head_dim: int, rows: int | None = None, causal: bool = False
+    head_dim: int, rows: int | None = None, causal: bool = False, group: int = 1
 ) -> _backward.BackwardConfig:
     """configs.MOSAIC_BACKWARD's choice for this head dim; for a call of `rows` query rows, with
-    what the row's rules change for it (`causal`: `is_causal`)."""
+    what the row's rules change for it (`causal`: `is_causal`; `group`: query heads per KV head,
+    which no backward rule names today: `configs.MosaicBackward`)."""
     row = configs.MOSAIC_BACKWARD[_head_dim(head_dim)]
-    options, _, registers = _ruled(row, None, row.registers, rows, causal)
+    options, _, registers = _ruled(row, None, row.registers, rows, causal, group)
     tiles = _backward.BackwardConfig(rows=row.rows, cols=row.cols, stages=row.stages)
     if registers:
         tiles = dataclasses.replace(tiles, registers=registers)
@@ -255,7 +256,7 @@ def backward(
     and delta reach the kernels through `host.backward_residuals`.
     """
     ops = _past_lengths_zeroed(ops)
-    cfg = config or backward_config(ops.head_dim, ops.seq_q, is_causal(ops))
+    cfg = config or backward_config(ops.head_dim, ops.seq_q, is_causal(ops), ops.group)
     if ops.statics.deterministic:  # dQ's reduce-adds land in a varying order
         cfg = dataclasses.replace(cfg, fused_dq=False)
     t = _round_up(ops.seq_q, CONSUMERS * cfg.rows)  # dQ's rows (and a multiple of dK/dV's cols)
