@@ -278,7 +278,11 @@ class MosaicBackward:
 # 3.275 -> 3.117. On at both.
 # `late_stats` (the step's logsumexp and delta read where used; session 22, offline fewer
 # spills) swept interleaved at head dim 128, 4k (results/2026-12-03-h200-s23/call1; ms without
-# -> with): causal 1.651 -> 1.538 (1.07x), non-causal 2.611 -> 2.975 (0.88x). A causal rule.
+# -> with): causal 1.651 -> 1.538 (1.07x), non-causal 2.611 -> 2.975 (0.88x); causal at 1k
+# 0.595 -> 0.572, 8k 3.050 -> 2.973, 16k 5.825 -> 5.432 (call2). A causal rule. In the same
+# sweeps the 5-GEMM kernel with split_dq and late_stats against the two kernels, non-causal: 1k
+# 0.88x, 4k 0.89x, 8k 1.00x (5.606 vs 5.599), 16k 1.03x (10.783 vs 11.117): a rule from 16k.
+_FIVE_GEMM = ("fused_dq", "pooled_dq", "split_dq")
 _OVERLAPPED_BWD = ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers")
 MOSAIC_BACKWARD: dict[int, MosaicBackward] = {
     64: MosaicBackward(64, 64, 3, ("fused_dq", "pooled_dq", "longest_first", *_OVERLAPPED_BWD)),
@@ -287,7 +291,10 @@ MOSAIC_BACKWARD: dict[int, MosaicBackward] = {
         64,
         2,
         ("longest_first", *_OVERLAPPED_BWD),
-        rules=(CallRule(causal=True, options=("late_stats",)),),
+        rules=(
+            CallRule(causal=True, options=("late_stats",)),
+            CallRule(causal=False, min_rows=16384, options=(*_FIVE_GEMM, "late_stats")),
+        ),
     ),
     192: MosaicBackward(64, 64, 1),
     256: MosaicBackward(64, 64, 1),
