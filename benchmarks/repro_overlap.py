@@ -31,14 +31,11 @@ def one(index: int, head_dim: int, seq: int, causal: bool) -> None:
     from tune import operands
 
     from pallas_kernels.mosaic import api
-    from pallas_kernels.mosaic.forward import OPTIONS, with_options
+    from pallas_kernels.mosaic.forward import with_options
 
     ops, _ = operands(seq, head_dim, causal)
     ref, _ = jax.jit(lambda o: api.forward(o, interpret=False))(ops)
-    chosen = set(SETS[index])
-    cfg = with_options(api.forward_config(head_dim), chosen & set(OPTIONS))
-    # flags off OPTIONS (forward.py's experimental `named_free`) are set directly
-    cfg = dataclasses.replace(cfg, **{name: True for name in chosen - set(OPTIONS)})
+    cfg = with_options(api.forward_config(head_dim), SETS[index])
     if os.environ.get("REPRO_REGISTERS"):  # setmaxnreg's (consumers, producer), e.g. 216,80
         registers = tuple(int(x) for x in os.environ["REPRO_REGISTERS"].split(","))
         cfg = dataclasses.replace(cfg, registers=registers)

@@ -79,7 +79,13 @@ SCHEDULES = [
     # FA3's persistent set (session 22: GQA rules in configs.py).
     ("longest_first", "fold_scale", "pack_heads"),
     ("async_store", "persistent", "prefetch_q", "pack_heads"),
-    # (Session 21's `named_free` sets left in session 22: it crashes on the H200, HOPPER_PLAN 7p.)
+    # Session 21: K/V slots released on hardware named barriers (tokamax's consumed barriers),
+    # with the defaults, FA3's persistent set, the overlap and the ping-pong (session 22: its
+    # barriers had never been emitted; session 23: runs, not yet timed).
+    ("longest_first", "fold_scale", "named_free"),
+    ("async_store", "persistent", "prefetch_q", "named_free"),
+    ("longest_first", "fold_scale", "overlap_qk", "named_free"),
+    ("longest_first", "fold_scale", "overlap_qk", "named_barriers", "named_free"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 # Session 11: three consumer warpgroups at head dim 64 (FA3's 192-row tiles; new, not yet run on

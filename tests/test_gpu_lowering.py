@@ -137,11 +137,9 @@ def test_mosaic_schedule_options_lower() -> None:
     q = jnp.zeros((2, 512, 4, 128), jnp.bfloat16)
     kv = jnp.zeros((2, 512, 2, 128), jnp.bfloat16)
     ops = operands(q, kv, kv, is_causal=True)
-    # Every option on but one of the two that do not go together (ForwardConfig), and the
-    # experimental named_free (off OPTIONS: it crashes on the H200, but lowers).
+    # Every option on but one of the two that do not go together (ForwardConfig).
     for widest in WIDEST:
         fwd = with_options(mosaic_api.forward_config(128), widest)
-        fwd = dataclasses.replace(fwd, named_free=True)
         bwd = BackwardConfig(no_auto_barriers=True, fused_dq=True)
 
         def forward_and_backward(ops, fwd=fwd, bwd=bwd):
@@ -190,8 +188,6 @@ def test_named_barriers_reach_the_kernel(monkeypatch) -> None:
 def test_mosaic_three_consumer_forward_lowers(feature: str) -> None:
     """The head dim 64 forward with three consumer warpgroups (FA3's 192-row tiles), plain and
     with FA3's intra-warpgroup overlap, lowers for the H200."""
-    import dataclasses
-
     q = jnp.zeros((B, T, N, 64), jnp.bfloat16)
     kv = jnp.zeros((B, S, K, 64), jnp.bfloat16)
     ops = operands(q, kv, kv, **FEATURES[feature])

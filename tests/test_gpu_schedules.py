@@ -30,6 +30,7 @@ CASES = [
 # sets ForwardConfig takes (forward.WIDEST: the pairs of forward.EXCLUSIVE gave wrong outputs
 # on the H200).
 FORWARD = [(name,) for name in OPTIONS] + [("persistent", "prefetch_q", "async_store")]
+FORWARD += [("persistent", "prefetch_q", "async_store", "named_free")]  # FA3's set, tokamax's frees
 FORWARD += list(WIDEST)
 BACKWARD = [
     ("fused_dq", "no_auto_barriers"),

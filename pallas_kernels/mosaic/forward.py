@@ -100,10 +100,10 @@ class ForwardConfig:
     # The consumers release K and V slots on hardware named barriers (`pipeline.Releases`:
     # `bar.arrive`, the producer's `bar.sync`) instead of mbarriers, which Pallas has every
     # consumer thread arrive on (FA3's and tokamax's consumed barriers). Off in interpret mode
-    # (no inline PTX): the mbarriers stand in. EXPERIMENTAL, in no sweep or test set (not in
-    # OPTIONS): it crashed on the H200 at 512+ rows in session 22, when its barriers were not
-    # emitted (the producer never waited; HOPPER_PLAN 7p); not yet run since the fix. Set it by
-    # dataclasses.replace.
+    # (no inline PTX): the mbarriers stand in. It crashed on the H200 at 512+ rows in session
+    # 22, when its barriers were not emitted (the producer never waited); since the fix it runs
+    # (session 23: head dim 128, 1k rows, causal and not, as the default forward; HOPPER_PLAN
+    # 7q). Not yet timed.
     named_free: bool = False
 
     def __post_init__(self):
@@ -170,6 +170,7 @@ SCHEDULE_OPTIONS = (
     "prefetch_q",
     "overlap_qk",
     "pack_heads",
+    "named_free",
 )
 OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale", "lazy_rescale")
 # Option pairs ForwardConfig refuses: each gave wrong outputs on the H200 together, never alone.
