@@ -184,6 +184,10 @@ BWD_SCHEDULES = [
     # the 5-GEMM kernel at head dim 128 spills 20 bytes with it, 64 without).
     (*_NAB, "longest_first", "late_stats"),
     (*_POOLED, "split_dq", *_NAB, "longest_first", "late_stats"),
+    # Session 23: the dQ part's matmul issued before dK and read while it runs (new, not yet
+    # timed), on the 5-GEMM sets above.
+    (*_POOLED, *_NAB, "longest_first", "dq_first"),
+    (*_POOLED, "split_dq", *_NAB, "longest_first", "late_stats", "dq_first"),
 ]
 assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 

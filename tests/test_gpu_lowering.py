@@ -233,6 +233,9 @@ _BACKWARD_VARIANTS = [
     dict(fused_dq=True, pooled_dq=True, split_dq=True, early_dp=True, overlap_dv=True),
     dict(fused_dq=True, pooled_dq=True, split_dq=True, overlap_dv=True, late_stats=True),
     dict(one_body=True, early_dp=True, overlap_dv=True, no_pingpong=True),
+    dict(fused_dq=True, early_dp=True, overlap_dv=True, dq_first=True),
+    dict(fused_dq=True, pooled_dq=True, early_dp=True, overlap_dv=True, dq_first=True),
+    dict(fused_dq=True, pooled_dq=True, split_dq=True, overlap_dv=True, dq_first=True),
 ]
 
 

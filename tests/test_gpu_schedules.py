@@ -47,6 +47,9 @@ BACKWARD = [
     ("fused_dq", "pooled_dq", "early_dp", "overlap_dv", "no_pingpong", "async_store"),
     ("fused_dq", "pooled_dq", "split_dq", "early_dp", "overlap_dv", "no_pingpong", "late_stats"),
     ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers", "late_stats"),
+    ("fused_dq", "early_dp", "overlap_dv", "no_pingpong", "dq_first"),
+    ("fused_dq", "pooled_dq", "early_dp", "overlap_dv", "no_pingpong", "dq_first"),
+    ("fused_dq", "pooled_dq", "split_dq", "early_dp", "overlap_dv", "no_pingpong", "dq_first"),
 ]
 DROPOUT = Case(B=1, T=1000, S=1100, N=4, K=2, H=128, features=("causal", "dropout"))
 

@@ -100,6 +100,11 @@ class BackwardConfig:
     # (setmaxnreg 240/24, split_dq) spills 20 bytes with it instead of 64; the two kernels
     # spill none either way. Not yet timed on the GPU.
     late_stats: bool = False
+    # With `fused_dq` and `overlap_dv`: each step's dQ part is issued before dK (not after) and
+    # read while the dK matmul runs (wgmma groups complete in order: read after dK, the part
+    # waited for dK too, and the part's store and reduce-add ran with the tensor cores idle;
+    # offline SASS, session 22). GPU only, as overlap_dv. Not yet timed.
+    dq_first: bool = False
 
     @property
     def turns(self) -> bool:
@@ -124,6 +129,7 @@ OPTIONS = (
     "one_body",
     "async_store",
     "late_stats",
+    "dq_first",
 )
 
 
@@ -342,7 +348,17 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
             turns.done()
             turns.wait()
             return _dkdv_overlapped(
-                sc, slot, my_v, p, tanh, factor, (dk, dv), dp, dq_part, config.late_stats
+                sc,
+                slot,
+                my_v,
+                p,
+                tanh,
+                factor,
+                (dk, dv),
+                dp,
+                dq_part,
+                config.late_stats,
+                config.dq_first,
             )
         if dp is None:
             plgpu.barrier_wait(sc["do_loaded"].at[slot])
@@ -387,13 +403,14 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
 
 
 def _dkdv_overlapped(
-    sc, slot, my_v, p, tanh, factor, dkdv, dp=None, dq_part=None, late_stats=False
+    sc, slot, my_v, p, tanh, factor, dkdv, dp=None, dq_part=None, late_stats=False, dq_first=False
 ):
     """`BackwardConfig.overlap_dv`: one step's dV and dK matmuls with dS computed while the dV
     matmul runs, and before them the dP matmul (issued with dV, read with `wait_n=1`), unless
     `dp` is given (`early_dp`: issued with S). `factor`: the dropout factor (None without
     dropout). `dq_part(dS^T)` (`fused_dq`: `_add_dq_part` or `_add_pooled_dq_part`) runs once
-    dK is issued; `late_stats`: `BackwardConfig.late_stats`. Returns (dK, dV)."""
+    dK is issued, or with `dq_first` (`BackwardConfig.dq_first`) issues dK itself after its own
+    matmul; `late_stats`: `BackwardConfig.late_stats`. Returns (dK, dV)."""
     do, q = sc["do"].at[slot], sc["q"].at[slot]
     dtype = do.dtype
     p_dropped = p if factor is None else p * factor
@@ -410,8 +427,16 @@ def _dkdv_overlapped(
                 dp = dp * factor
             _, ds = common.logits_grad(p, dp, delta(), tanh)
             ds16 = ds.astype(dtype)
-            plgpu.wgmma(dk_ref, ds16, q)
-            if dq_part is not None:  # while dK runs
+
+            def issue_dk():
+                plgpu.wgmma(dk_ref, ds16, q)
+
+            if dq_part is None:
+                issue_dk()
+            elif dq_first:  # the part's matmul first, read while dK runs
+                dq_part(ds16, then=issue_dk)
+            else:  # while dK runs
+                issue_dk()
                 dq_part(ds16)
 
         def with_dp(dp_ref):
@@ -431,17 +456,18 @@ def _dkdv_overlapped(
     return dk, dv
 
 
-def _add_dq_part(refs, sc, ds, *, my_k, at, interpret: bool) -> None:
+def _add_dq_part(refs, sc, ds, *, my_k, at, interpret: bool, then=None) -> None:
     """`fused_dq`: this consumer's dQ part of the step, `dS K` (bq query rows x D, float32),
     added to dQ (`_send_dq_part`). `ds` is dS^T (keys x queries, the dK/dV kernel's transposed
     tile); staged in SMEM it is read transposed as the wgmma's A operand (in interpret mode the
-    dK matmul already staged it)."""
+    dK matmul already staged it). `then` (`dq_first`): issues the dK matmul once the part's is
+    issued (`pipeline.matmul_sum`)."""
     wg = lax.axis_index("wg")
     staged = sc["stage"].at[wg] if interpret else sc["ds"].at[wg]
     if not interpret:
         staged[...] = ds
         plgpu.commit_smem()
-    part = pp.matmul(staged.T, my_k, (staged.shape[1], my_k.shape[-1]))
+    part = pp.matmul(staged.T, my_k, (staged.shape[1], my_k.shape[-1]), then=then)
     _send_dq_part(refs, sc, part, at, interpret)
 
 
@@ -451,14 +477,17 @@ def _splits_dq(config: BackwardConfig, head_dim: int) -> bool:
     return config.fused_dq and config.pooled_dq and config.split_dq and head_dim % 128 == 0
 
 
-def _add_pooled_dq_part(refs, sc, ds, *, visit, at, split: bool, interpret: bool) -> None:
+def _add_pooled_dq_part(
+    refs, sc, ds, *, visit, at, split: bool, interpret: bool, then=None
+) -> None:
     """`pooled_dq`: both consumers stage dS^T (`ds`), then the CTA's dQ part over both key tiles
     is computed and added (`_send_dq_part`): by consumer `visit mod CONSUMERS`, or with `split`
     (`split_dq`) by every consumer for its share of the head dim. Barriers: `ds_ready[c]`
     (every consumer's dS^T staged, awaited by the consumers that compute with it: consumer c;
     with `split` one barrier, every consumer) and `ds_free` (every computing consumer has read
     the staged dS^T and the K tiles; every consumer awaits it before staging the next, and
-    before its epilogue overwrites its K tile)."""
+    before its epilogue overwrites its K tile). `then` (`dq_first`): issues the dK matmul, once
+    the part's are issued by a consumer that computes one, else at once."""
     wg = lax.axis_index("wg")
     turn = lax.rem(visit, CONSUMERS)
     ready = sc["ds_ready"].at[0 if split else turn]
@@ -469,16 +498,13 @@ def _add_pooled_dq_part(refs, sc, ds, *, visit, at, split: bool, interpret: bool
 
     def compute(col0, width: int):
         plgpu.barrier_wait(ready)
-
-        def product(acc_ref):
-            for c in range(CONSUMERS):
-                k = sc["k"].at[c]
-                if width < k.shape[-1]:
-                    k = k.at[:, pl.ds(col0, width)]
-                plgpu.wgmma(acc_ref, sc["ds"].at[c].T, k)
-            return acc_ref[...]
-
-        part = pl.run_scoped(product, plgpu.ACC((sc["ds"].shape[-1], width), jnp.float32))
+        pairs = []
+        for c in range(CONSUMERS):
+            k = sc["k"].at[c]
+            if width < k.shape[-1]:
+                k = k.at[:, pl.ds(col0, width)]
+            pairs.append((sc["ds"].at[c].T, k))
+        part = pp.matmul_sum(pairs, (sc["ds"].shape[-1], width), then=then)
         plgpu.barrier_arrive(sc["ds_free"])
         _send_dq_part(refs, sc, part, (*at[:3], col0), interpret)
 
@@ -489,6 +515,8 @@ def _add_pooled_dq_part(refs, sc, ds, *, visit, at, split: bool, interpret: bool
         width = head_dim // CONSUMERS
         compute(pl.multiple_of(wg * width, width), width)
     else:
+        if then is not None:  # the consumer that computes no part this step
+            pl.when(wg != turn)(then)
         pl.when(wg == turn)(functools.partial(compute, 0, head_dim))
 
 

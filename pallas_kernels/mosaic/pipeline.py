@@ -39,12 +39,23 @@ def smem_tile(
     return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
 
 
-def matmul(a, b, shape: tuple[int, int]) -> jax.Array:
+def matmul(a, b, shape: tuple[int, int], *, then=None) -> jax.Array:
     """`a @ b` into a fresh float32 accumulator (a, b in shared memory; b may be a `.T` view)."""
+    return matmul_sum(((a, b),), shape, then=then)
+
+
+def matmul_sum(pairs, shape: tuple[int, int], *, then=None) -> jax.Array:
+    """The sum of `a @ b` over `pairs` into a fresh float32 accumulator. `then`: called once
+    they are issued, to issue one more wgmma group, which stays in flight while the sum is
+    read (`wait_n=1`; wgmma groups complete in order)."""
 
     def product(acc_ref):
-        plgpu.wgmma(acc_ref, a, b)
-        return acc_ref[...]
+        for a, b in pairs:
+            plgpu.wgmma(acc_ref, a, b)
+        if then is None:
+            return acc_ref[...]
+        then()
+        return plgpu.wgmma_accumulator_load(acc_ref, wait_n=1)
 
     return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
