@@ -86,15 +86,21 @@ SCHEDULES = [
     ("async_store", "persistent", "prefetch_q", "named_free"),
     ("longest_first", "fold_scale", "overlap_qk", "named_free"),
     ("longest_first", "fold_scale", "overlap_qk", "named_barriers", "named_free"),
+    # Session 23: FA4's exp2 emulation for part of each tile (new, not yet timed; for head dim
+    # 64, where MUFU binds), with the defaults, FA3's persistent set and the overlap.
+    ("longest_first", "fold_scale", "exp2_fma"),
+    ("async_store", "persistent", "prefetch_q", "exp2_fma"),
+    ("longest_first", "fold_scale", "overlap_qk", "exp2_fma"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 # Session 11: three consumer warpgroups at head dim 64 (FA3's 192-row tiles; new, not yet run on
-# a GPU), swept when no option or `--with consumers` is named.
+# a GPU), swept when no option or `--with consumers` is named, else those with the option.
 THREE_CONSUMERS = [
     ("longest_first", "fold_scale"),
     ("longest_first", "fold_scale", "overlap_qk"),
     ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers"),
     ("longest_first", "fold_scale", "persistent", "async_store", "prefetch_q"),
+    ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers", "exp2_fma"),  # session 23
 ]
 BWD_TILES = {
     64: [(64, 64, 2), (64, 64, 3), (64, 128, 2)],
@@ -137,10 +143,11 @@ def forward_candidates(
         ForwardConfig(block_q=q, block_kv=kv, stages=st, early_next_k=e, pinned_order=p)
         for (q, kv, st), (e, p) in itertools.product(FWD_TILES[head_dim], FLAGS)
     ]
-    if head_dim == 64 and option in (None, "consumers"):
-        variants += [
-            dataclasses.replace(with_options(plain, s), consumers=3) for s in THREE_CONSUMERS
-        ]
+    if head_dim == 64:  # every three-consumer set, or (with another option) those with it
+        three = (
+            THREE_CONSUMERS if option in (None, "consumers") else _having(THREE_CONSUMERS, option)
+        )
+        variants += [dataclasses.replace(with_options(plain, s), consumers=3) for s in three]
     if plain != chosen:  # a rule's choice against the row's own
         variants.insert(0, plain)
     candidates = [chosen] + variants

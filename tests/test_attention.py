@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import NAMES, Case, assert_close, make_inputs, run, run_reference64, served
+from helpers import NAMES, Case, assert_close, make_inputs, run, run_reference64, seed_of, served
 
 import flashjax
 from flashjax import backends, dot_product_attention, merge_attention
@@ -23,6 +23,23 @@ def test_dropout_keeps_the_right_fraction() -> None:
     kept = float(np.mean(np.asarray(keep) > 0))
     assert abs(kept - 0.75) < 0.01
     assert np.allclose(np.asarray(keep)[np.asarray(keep) > 0], 1 / 0.75)
+
+
+def test_exp2_on_fma_is_exp2_with_exact_zeros() -> None:
+    """`common.exp2_on_fma` (FA4's exp2 on the FMA pipe) against float64 exp2 on fresh inputs
+    over the range a softmax weight takes (<= 8 with FA4's lazy rescale): relative error below
+    1e-4 (a bfloat16 weight rounds at 4e-3), and exactly 0 at -inf and below -127 (masked keys
+    must not reach the output); `exp2_split` takes it on the first columns only."""
+    key = jax.random.key(seed_of("exp2_on_fma"))
+    x = jax.random.uniform(key, (4096, 16), jnp.float32, -126.0, 8.0)
+    got = np.asarray(common.exp2_on_fma(x), np.float64)
+    want = np.exp2(np.asarray(x, np.float64))
+    assert np.max(np.abs(got - want) / want) < 1e-4
+    edges = jnp.array([-jnp.inf, -1e30, -200.0, -127.0], jnp.float32)
+    assert np.all(np.asarray(common.exp2_on_fma(edges)) == 0.0)
+    split = np.asarray(common.exp2_split(x, 8))
+    np.testing.assert_array_equal(split[:, :8], np.asarray(common.exp2_on_fma(x[:, :8])))
+    np.testing.assert_array_equal(split[:, 8:], np.asarray(jnp.exp2(x[:, 8:])))
 
 
 def test_default_implementation_on_cpu_is_chunked(monkeypatch) -> None:

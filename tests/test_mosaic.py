@@ -150,6 +150,29 @@ def test_fold_scale_forward(case: Case, monkeypatch) -> None:
 @pytest.mark.parametrize(
     "options, case",
     [
+        (("exp2_fma",), Case(B=1, T=200, S=260, N=4, K=2, H=64, features=("causal", "segments"))),
+        (
+            ("exp2_fma", "fold_scale"),
+            Case(B=2, T=150, S=300, N=2, K=1, H=128, features=("lengths", "window")),
+        ),
+        (("exp2_fma",), Case(B=1, T=113, S=150, N=4, K=1, H=64, features=("softcap", "dropout"))),
+    ],
+    ids=lambda x: "+".join(x) if isinstance(x, tuple) else x.id,
+)
+def test_exp2_fma_forward(options, case: Case, monkeypatch) -> None:
+    """`ForwardConfig.exp2_fma` (part of each tile's exp2 on the FMA pipe) against the float64
+    reference, forward and gradients, with no race: masked keys in its columns (causal,
+    segments, window, lengths) get weight 0."""
+    config = forward.with_options(api.forward_config(case.H), options)
+    monkeypatch.setattr(api, "call_config", lambda ops: config)
+    interpreter.reset_gpu_interpret_mode_state()
+    check_case(case, "mosaic")
+    assert not interpreter.get_races().races_found
+
+
+@pytest.mark.parametrize(
+    "options, case",
+    [
         (
             ("lazy_rescale",),
             Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "segments")),

@@ -105,6 +105,13 @@ class ForwardConfig:
     # (session 23: head dim 128, 1k rows, causal and not, as the default forward; HOPPER_PLAN
     # 7q). Not yet timed.
     named_free: bool = False
+    # FlashAttention-4's exp2 emulation: the first EXP2_FMA_COLUMNS columns of each key tile
+    # exponentiated on the FMA pipe (`common.exp2_on_fma`: ~10 instructions an element instead
+    # of one MUFU op), the rest by MUFU. MUFU runs 16 ops a clock per SM: at head dim 64 its 66
+    # ops a warp per step (2 warps a scheduler: 1056 clocks) outlast the step's 435 issue
+    # slots (870) and its matmuls (~980 clocks a CTA); 4 of a thread's 64 weights moved to the
+    # FMA pipe give ~990 / ~940. Not yet timed.
+    exp2_fma: bool = False
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -156,9 +163,14 @@ class ForwardConfig:
         return 2 if self.prefetch_q else 1
 
 
+# `exp2_fma`'s columns a key tile: one column tile of the wgmma layout (4 weights a thread).
+EXP2_FMA_COLUMNS = 8
+
+
 # The ForwardConfig flags that change how the work is scheduled, not what is computed (the
 # output is bitwise the same: tests/test_mosaic.py), and every on/off flag: those, and
-# `fold_scale` and `lazy_rescale`, which round differently (within the reference rule).
+# `fold_scale`, `lazy_rescale` and `exp2_fma`, which round differently (within the reference
+# rule).
 # configs.py names the ones on per head dim; benchmarks/tune_mosaic.py sweeps them.
 SCHEDULE_OPTIONS = (
     "longest_first",
@@ -172,7 +184,7 @@ SCHEDULE_OPTIONS = (
     "pack_heads",
     "named_free",
 )
-OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale", "lazy_rescale")
+OPTIONS = (*SCHEDULE_OPTIONS, "fold_scale", "lazy_rescale", "exp2_fma")
 # Option pairs ForwardConfig refuses: each gave wrong outputs on the H200 together, never alone.
 # prefetch_q with named_barriers: errors 0.19-0.43 or hangs in 9 of 15 runs (session 10, D128
 # causal segments; not explained). That run had no ping-pong (`named_barriers` emitted no
@@ -305,7 +317,8 @@ def _consumer(
         else:
             s2 = common.hide(s, mask)
         m_new, keep = common.running_max(s2, m, folded, lazy=config.lazy_rescale)
-        p, l, alpha = common.softmax_weights(s2, m, m_new, l, folded)
+        fma_columns = EXP2_FMA_COLUMNS if config.exp2_fma else 0
+        p, l, alpha = common.softmax_weights(s2, m, m_new, l, folded, fma_columns)
         if statics.has_dropout:  # after the running sum: l normalizes the undropped weights
             p = p * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
         return p, m_new, l, (alpha, keep)
