@@ -39,6 +39,9 @@ CASES: dict[str, tuple[Case, str]] = {
 BACKENDS = ("flashjax_mosaic", "jax_cudnn")
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats")
 PIPES = r"regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active"
+# Instructions issued to each pipe against its peak: xu (MUFU: exp2) has no cycles-active metric
+# above, and whether it binds the head dim 64 softmax decides `ForwardConfig.exp2_fma`.
+ISSUED = r"regex:sm__inst_executed_pipe_[a-z]+\.avg\.pct_of_peak_sustained_active"
 STALLS = r"regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
 CONFLICTS = (
     "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
@@ -52,7 +55,7 @@ MEMORY = (
     "l1tex__t_sectors_pipe_lsu_mem_local_op_st.sum",
     "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum",
 )
-METRICS = ("gpu__time_duration.sum", PIPES, STALLS, *CONFLICTS, *MEMORY)
+METRICS = ("gpu__time_duration.sum", PIPES, ISSUED, STALLS, *CONFLICTS, *MEMORY)
 TIMEOUT_S = 240
 # The attention kernels of each backend (not XLA's fusions around them), for the SASS page.
 ATTENTION_KERNELS = r"flashjax_mosaic|sdpa|flash_attention_sm90"  # ours, cuDNN's, tokamax's
@@ -116,6 +119,7 @@ def summary(kernel: ncu.Kernel) -> str:
         f"regs {m.get('Registers Per Thread', float('nan')):.0f}",
         f"occupancy {m.get('Achieved Occupancy', float('nan')):.1f}%",
         "pipes: " + _top(m, "sm__pipe_", "_cycles_active.avg.pct_of_peak_sustained_active", 4),
+        "issued: " + _top(m, "sm__inst_executed_pipe_", ".avg.pct_of_peak_sustained_active", 4),
         "stalls: " + _top(m, "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio", 5),
         "bank conflicts ld/st: " + "/".join(f"{m[c]:.3g}" if c in m else "?" for c in CONFLICTS),
         "sectors local ld/st, global ld: "
