@@ -347,19 +347,7 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         if overlap:
             turns.done()
             turns.wait()
-            return _dkdv_overlapped(
-                sc,
-                slot,
-                my_v,
-                p,
-                tanh,
-                factor,
-                (dk, dv),
-                dp,
-                dq_part,
-                config.late_stats,
-                config.dq_first,
-            )
+            return _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, (dk, dv), config, dp, dq_part)
         if dp is None:
             plgpu.barrier_wait(sc["do_loaded"].at[slot])
             dp = pp.matmul(my_v, do_tile.T, (bkv, bq))
@@ -402,22 +390,20 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     pp.wait_stores(config.async_store)
 
 
-def _dkdv_overlapped(
-    sc, slot, my_v, p, tanh, factor, dkdv, dp=None, dq_part=None, late_stats=False, dq_first=False
-):
+def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, config, dp=None, dq_part=None):
     """`BackwardConfig.overlap_dv`: one step's dV and dK matmuls with dS computed while the dV
     matmul runs, and before them the dP matmul (issued with dV, read with `wait_n=1`), unless
     `dp` is given (`early_dp`: issued with S). `factor`: the dropout factor (None without
     dropout). `dq_part(dS^T)` (`fused_dq`: `_add_dq_part` or `_add_pooled_dq_part`) runs once
-    dK is issued, or with `dq_first` (`BackwardConfig.dq_first`) issues dK itself after its own
-    matmul; `late_stats`: `BackwardConfig.late_stats`. Returns (dK, dV)."""
+    dK is issued, or with `config.dq_first` issues dK itself after its own matmul. Returns
+    (dK, dV)."""
     do, q = sc["do"].at[slot], sc["q"].at[slot]
     dtype = do.dtype
     p_dropped = p if factor is None else p * factor
     if dp is None:
         plgpu.barrier_wait(sc["do_loaded"].at[slot])
     plgpu.barrier_wait(sc["delta_loaded"].at[slot])
-    delta = _stats(sc["delta"].at[slot], p.shape, late=late_stats)
+    delta = _stats(sc["delta"].at[slot], p.shape, late=config.late_stats)
 
     def accumulate(refs):
         dk_ref, dv_ref = refs
@@ -433,7 +419,7 @@ def _dkdv_overlapped(
 
             if dq_part is None:
                 issue_dk()
-            elif dq_first:  # the part's matmul first, read while dK runs
+            elif config.dq_first:  # the part's matmul first, read while dK runs
                 dq_part(ds16, then=issue_dk)
             else:  # while dK runs
                 issue_dk()
