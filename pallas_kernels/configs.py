@@ -167,6 +167,13 @@ class MosaicForward:
 # causal at 1k 0.187 -> 0.171 with it (without the row's longest_first / fold_scale; at 256 the
 # causal rule's persistent set stays: 0.076 against 0.089 packed); head dim 64 causal at 128
 # rows 0.088 -> 0.082 packed (non-causal 0.075 -> 0.076: no gain). GQA rules (`min_group`).
+# Session 24 (results/2026-12-04-h200-s24/call1-2; FA4's exp2 emulation `exp2_fma`, swept
+# interleaved at head dim 64, ms): causal, the grid without -> with it: 2k 0.443 -> 0.427, 4k
+# 0.747 -> 0.733, 8k 1.379 -> 1.336, 16k 2.562 -> 2.488; at 4k the grid now beats FA3's
+# persistent set (0.765), at 2k and 1k it does not (0.382 / 0.236 against 0.427 / 0.279): so
+# the persistent set up to 2k rows, exp2_fma past it. Non-causal it loses with three consumers
+# (8k 2.253 -> 2.452, 16k 4.357 -> 4.538) and with the persistent set at 1k (0.349 -> 0.363),
+# and ties the grid at 2k (0.676 -> 0.678): off there.
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 _FA3_PACKED = (*_FA3_PERSISTENT, "pack_heads")
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
@@ -177,7 +184,8 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
         early_next_k=True,
         options=("longest_first", "fold_scale"),
         rules=(
-            CallRule(causal=True, max_rows=4096, options=_FA3_PERSISTENT),
+            CallRule(causal=True, max_rows=2048, options=_FA3_PERSISTENT),
+            CallRule(causal=True, min_rows=2049, options=("exp2_fma",)),
             CallRule(
                 causal=True,
                 max_rows=128,
@@ -282,10 +290,17 @@ class MosaicBackward:
 # 0.595 -> 0.572, 8k 3.050 -> 2.973, 16k 5.825 -> 5.432 (call2). A causal rule. In the same
 # sweeps the 5-GEMM kernel with split_dq and late_stats against the two kernels, non-causal: 1k
 # 0.88x, 4k 0.89x, 8k 1.00x (5.606 vs 5.599), 16k 1.03x (10.783 vs 11.117): a rule from 16k.
+# `dq_first` (the 5-GEMM kernel's dQ part issued before dK), swept interleaved at head dim 64
+# (results/2026-12-04-h200-s24/call1-2; ms without -> with): non-causal 1k 1.025 -> 1.022, 4k
+# 3.444 -> 3.341, 16k 13.236 -> 13.056; causal 1k 0.715 -> 0.709, 4k 1.925 -> 1.939, 16k 6.785
+# -> 6.687: on. At head dim 128 the 5-GEMM kernel with it is 0.945x the two kernels at 4k and
+# 0.985x without it at 16k (10.906 -> 11.069): off.
 _FIVE_GEMM = ("fused_dq", "pooled_dq", "split_dq")
 _OVERLAPPED_BWD = ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers")
 MOSAIC_BACKWARD: dict[int, MosaicBackward] = {
-    64: MosaicBackward(64, 64, 3, ("fused_dq", "pooled_dq", "longest_first", *_OVERLAPPED_BWD)),
+    64: MosaicBackward(
+        64, 64, 3, ("fused_dq", "pooled_dq", "longest_first", "dq_first", *_OVERLAPPED_BWD)
+    ),
     128: MosaicBackward(
         64,
         64,
