@@ -549,13 +549,17 @@ RULE_FEATURES = {
 )
 def test_every_rule_on_gpu(head_dim: int, rule: configs.CallRule, features) -> None:
     """Each rule of configs.py's two tables, compiled on the H200, on calls it names
-    (RULE_FEATURES), against the float64 reference (both kernels take their calls' configs)."""
+    (RULE_FEATURES), against the float64 reference (both kernels take their calls' configs).
+    Past 4k rows the call has one group of heads: the reference's float64 scores take 2.2 GB a
+    head at 16k rows and the tier's workers a fifth of the GPU each (session 24's tier failed
+    the 16k rule's four-head call, which passes alone: benchmarks/results/2026-12-04-h200-s25)."""
     if configs.gpu_target() != "sm90":
         pytest.skip("the Mosaic kernels run on Hopper (sm90) only")
     rows = _rows_named_by(rule)
     seq_k = rows if rule.causal else rows + 100
-    kv_heads = 4 // rule.min_group  # a GQA rule's group; the others' calls are MHA
-    case = Case(B=1, T=rows, S=seq_k, N=4, K=kv_heads, H=head_dim, features=features)
+    heads = 4 if rows <= 4096 else rule.min_group
+    kv_heads = heads // rule.min_group  # a GQA rule's group; the others' calls are MHA
+    case = Case(B=1, T=rows, S=seq_k, N=heads, K=kv_heads, H=head_dim, features=features)
     q, k, v, _, kw = make_inputs(case)
     assert served("mosaic", q, k, v, kw)  # else check_case would pass without running it
     assert api.call_config(operands(q, k, v, **kw)) == api.forward_config(
