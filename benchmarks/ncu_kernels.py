@@ -144,6 +144,13 @@ def _run_names(case_name: str, backend_name: str, forward_options: str | None) -
     )
 
 
+def _failed(stem: Path, code: int | None, stdout: str, stderr: str) -> str:
+    """Why a run failed, in one line; its stderr (the profiled program's traceback with ncu's
+    lines) kept beside its CSV as STEM.err."""
+    stem.with_name(stem.name + ".err").write_text(stderr)
+    return "timed out" if code is None else ncu.failure_reason(stdout + stderr, code)
+
+
 def profile(
     out: Path,
     case_name: str,
@@ -161,8 +168,7 @@ def profile(
     head, stem = _run_names(case_name, backend_name, forward_options)
     (out / f"{stem}.csv").write_text(stdout)
     if code != 0:
-        why = "timed out" if code is None else ncu.failure_reason(stdout + stderr, code)
-        return [f"{head}: {why}"]
+        return [f"{head}: {_failed(out / stem, code, stdout, stderr)}"]
     return [head] + ["  " + summary(k) for k in ncu.parse_csv(stdout)]
 
 
@@ -190,8 +196,7 @@ def profile_sass(
     path.write_text(stdout)
     head += " sass"
     if code != 0:
-        why = "timed out" if code is None else ncu.failure_reason(stdout + stderr, code)
-        return f"{head}: {why}"
+        return f"{head}: {_failed(path.with_suffix(''), code, stdout, stderr)}"
     return f"{head}: {len(stdout.splitlines())} lines in {path.name}"
 
 

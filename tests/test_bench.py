@@ -608,6 +608,15 @@ def test_ncu_command_and_failures():
         "==PROF== Connected\n==ERROR== ERR_NVGPUCTRPERM - no permission\nmore\n", 1
     )
     assert reason == "ncu exited 1: ==ERROR== ERR_NVGPUCTRPERM - no permission"
+    app_failed = (  # the profiled program's own error follows ncu's line
+        "==PROF== Connected\nTraceback (most recent call last):\n  File x\n"
+        "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory\n"
+        "==ERROR== The application returned an error code (1).\n"
+    )
+    assert ncu.failure_reason(app_failed, 1) == (
+        "ncu exited 1: ==ERROR== The application returned an error code (1). | "
+        "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory"
+    )
 
 
 def test_io_profile_attributes_ncu_bytes(tmp_path, monkeypatch):

@@ -117,14 +117,18 @@ def test_driver_falls_back_to_sections_and_writes_the_summary(script, tmp_path) 
 def test_driver_reports_a_failed_run(script, tmp_path) -> None:
     fake = tmp_path / "ncu"
     fake.write_text(
-        '#!/bin/bash\necho "==ERROR== The application returned an error code (2)."\nexit 2\n'
+        "#!/bin/bash\necho 'ValueError: head_dim: expected 64' >&2\n"
+        'echo "==ERROR== The application returned an error code (2)."\nexit 2\n'
     )
     fake.chmod(0o755)
     lines = script.profile(tmp_path, "fwd-d64-full-1k", "flashjax_mosaic", str(fake))
     assert lines == [
         "fwd-d64-full-1k flashjax_mosaic: ncu exited 2: "
-        "==ERROR== The application returned an error code (2)."
+        "==ERROR== The application returned an error code (2). | "
+        "ValueError: head_dim: expected 64"
     ]
+    err = tmp_path / "fwd-d64-full-1k-flashjax_mosaic.err"
+    assert err.read_text() == "ValueError: head_dim: expected 64\n"  # the program's stderr
 
 
 def test_summary_reads_ncus_own_csv(script) -> None:

@@ -26,6 +26,7 @@ import ctypes
 import dataclasses
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -234,12 +235,21 @@ def unknown_metric(output: str) -> bool:
     return "failed to find metric" in lowered or "unknown metric" in lowered
 
 
+# The last line of a Python traceback: `ValueError: ...`, `jax.errors.JaxRuntimeError: ...`.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*?:")
+
+
 def failure_reason(output: str, returncode: int) -> str:
-    """A one-line reason from a failed ncu run: its first ==ERROR== line, else the last line."""
+    """A one-line reason from a failed ncu run: its first ==ERROR== line, else the last line;
+    where the profiled program failed, its last exception line (`SomeError: ...`) after it
+    (session 25: ncu's own line only said "The application returned an error code (1)")."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     errors = [line for line in lines if "==ERROR==" in line or "ERR_" in line]
     text = errors[0] if errors else (lines[-1] if lines else "")
-    return f"ncu exited {returncode}: {text}"[:300]
+    raised = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    if raised and raised[-1] != text:
+        text = f"{text} | {raised[-1]}"
+    return f"ncu exited {returncode}: {text}"[:400]
 
 
 def run(
