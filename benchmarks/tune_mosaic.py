@@ -6,9 +6,11 @@ interleaved over rounds (one block per candidate drifted by up to 12% on the H20
 fastest.
 Usage on the GPU: python benchmarks/tune_mosaic.py OUT_JSON [HEAD_DIM ...] [--tiles] [--toggles]
 [--only fwd|bwd] [--seq T] [--causal yes|no] [--retile Q:KV:ST] [--registers C,P] [--group G]
+[--fma-columns N,...]
 (default head dims 64 128 256; without --tiles only configs.py's tiles with each schedule option;
 --retile: every forward candidate also with those tiles, its options kept; --registers: every
-candidate of both kernels also with that setmaxnreg split, e.g. FA3's 240,24)
+candidate of both kernels also with that setmaxnreg split, e.g. FA3's 240,24; --fma-columns:
+every forward candidate with exp2_fma also with each of these column counts, e.g. 16,24)
 """
 
 from __future__ import annotations
@@ -249,6 +251,7 @@ def sweep(
     retile: tuple[int, int, int] | None = None,
     registers: tuple[int, int] | None = None,
     group: int = 1,
+    fma_columns: tuple[int, ...] = (),
 ) -> list[dict]:
     """Every candidate (but those with the option `without` on, and those packing more query
     heads than the call's `group` allows) compiled and checked against the first of its kind,
@@ -281,11 +284,14 @@ def sweep(
             and not (getattr(cfg, "pack_heads", False) and group % cfg.heads_per_tile())
         ]
 
-    for cfg in kept(
+    fwd = (
         forward_candidates(head_dim, tiles, toggles, option, seq, causal, retile, group)
         if "fwd" in kinds
         else []
-    ):
+    )
+    for n in fma_columns:  # exp2_fma's candidates again with n columns
+        fwd += [dataclasses.replace(c, fma_columns=n) for c in fwd if c.exp2_fma]
+    for cfg in kept(list(dict.fromkeys(fwd))):
         fn = jax.jit(lambda ops, cfg=cfg: api.forward(ops, interpret=False, config=cfg))
         prepare("fwd", cfg, lambda fn=fn: fn(ops), flops)
     out, lse2 = api.forward(ops, interpret=False)
@@ -345,6 +351,9 @@ def main() -> None:
     p.add_argument("--retile", help="Q:KV:ST, every forward candidate also with these tiles")
     p.add_argument("--registers", help="C,P: every candidate also with this setmaxnreg split")
     p.add_argument("--group", type=int, default=1, help="query heads per KV head (GQA)")
+    p.add_argument(
+        "--fma-columns", help="N,...: every exp2_fma candidate also with N columns on the FMA pipe"
+    )
     args = p.parse_args()
     retile = tuple(int(x) for x in args.retile.split(":")) if args.retile else None
     registers = tuple(int(x) for x in args.registers.split(",")) if args.registers else None
@@ -366,6 +375,7 @@ def main() -> None:
                 retile,
                 registers,
                 args.group,
+                tuple(int(n) for n in args.fma_columns.split(",")) if args.fma_columns else (),
             )
             report(rows, head_dim, causal)
             json.dump(rows, open(args.out, "w"), indent=1)

@@ -195,6 +195,8 @@ def exp2_split(x: jax.Array, fma_columns: int = 0) -> jax.Array:
     """2**x, the first `fma_columns` columns (last axis) by `exp2_on_fma`, the rest by exp2."""
     if not fma_columns:
         return jnp.exp2(x)
+    if fma_columns >= x.shape[-1]:  # all of them (an empty slice does not lower)
+        return exp2_on_fma(x)
     emulated = exp2_on_fma(x[..., :fma_columns])
     return jnp.concatenate([emulated, jnp.exp2(x[..., fma_columns:])], axis=-1)
 

@@ -40,6 +40,8 @@ def test_exp2_on_fma_is_exp2_with_exact_zeros() -> None:
     split = np.asarray(common.exp2_split(x, 8))
     np.testing.assert_array_equal(split[:, :8], np.asarray(common.exp2_on_fma(x[:, :8])))
     np.testing.assert_array_equal(split[:, 8:], np.asarray(jnp.exp2(x[:, 8:])))
+    whole = np.asarray(common.exp2_split(x, x.shape[-1]))  # every column (no empty MUFU part)
+    np.testing.assert_array_equal(whole, np.asarray(common.exp2_on_fma(x)))
 
 
 def test_default_implementation_on_cpu_is_chunked(monkeypatch) -> None:

@@ -150,6 +150,19 @@ def test_mosaic_schedule_options_lower() -> None:
         assert text.count("mosaic_gpu") >= 2  # forward, dK/dV with dQ fused (no dQ kernel)
 
 
+def test_exp2_fma_columns_lower() -> None:
+    """`exp2_fma` with more columns than its 8 (`ForwardConfig.fma_columns`, swept by
+    tune_mosaic.py --fma-columns) lowers for the H200, up to the whole key tile."""
+    q = jnp.zeros((2, 512, 4, 64), jnp.bfloat16)
+    kv = jnp.zeros((2, 512, 4, 64), jnp.bfloat16)
+    ops = operands(q, kv, kv, is_causal=True)
+    base = with_options(mosaic_api.forward_config(64), ("exp2_fma", "fold_scale"))
+    for columns in (24, base.block_kv):
+        fwd = dataclasses.replace(base, fma_columns=columns)
+        text = lowered_for_h200(lambda ops, fwd=fwd: mosaic_api.forward(ops, False, fwd), ops)
+        assert text.count("mosaic_gpu") >= 1, columns
+
+
 def test_named_barriers_reach_the_kernel(monkeypatch) -> None:
     """The hardware named barriers are emitted into the kernel: FA3's ping-pong
     (`named_barriers`: `bar.arrive` on the other consumer's barrier, `bar.sync` on its own, 256

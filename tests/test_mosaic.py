@@ -148,22 +148,32 @@ def test_fold_scale_forward(case: Case, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "options, case",
+    "options, columns, case",
     [
-        (("exp2_fma",), Case(B=1, T=200, S=260, N=4, K=2, H=64, features=("causal", "segments"))),
+        (
+            ("exp2_fma",),
+            8,
+            Case(B=1, T=200, S=260, N=4, K=2, H=64, features=("causal", "segments")),
+        ),
         (
             ("exp2_fma", "fold_scale"),
+            8,
             Case(B=2, T=150, S=300, N=2, K=1, H=128, features=("lengths", "window")),
         ),
-        (("exp2_fma",), Case(B=1, T=113, S=150, N=4, K=1, H=64, features=("softcap", "dropout"))),
+        (
+            ("exp2_fma",),
+            24,
+            Case(B=1, T=113, S=150, N=4, K=1, H=64, features=("softcap", "dropout")),
+        ),
     ],
-    ids=lambda x: "+".join(x) if isinstance(x, tuple) else x.id,
+    ids=lambda x: "+".join(x) if isinstance(x, tuple) else getattr(x, "id", f"columns{x}"),
 )
-def test_exp2_fma_forward(options, case: Case, monkeypatch) -> None:
-    """`ForwardConfig.exp2_fma` (part of each tile's exp2 on the FMA pipe) against the float64
-    reference, forward and gradients, with no race: masked keys in its columns (causal,
-    segments, window, lengths) get weight 0."""
+def test_exp2_fma_forward(options, columns: int, case: Case, monkeypatch) -> None:
+    """`ForwardConfig.exp2_fma` (the first `fma_columns` columns of each tile's exp2 on the FMA
+    pipe) against the float64 reference, forward and gradients, with no race: masked keys in
+    its columns (causal, segments, window, lengths) get weight 0."""
     config = forward.with_options(api.forward_config(case.H), options)
+    config = dataclasses.replace(config, fma_columns=columns)
     monkeypatch.setattr(api, "call_config", lambda ops: config)
     interpreter.reset_gpu_interpret_mode_state()
     check_case(case, "mosaic")
@@ -595,6 +605,17 @@ def test_gqa_rules_take_only_grouped_calls() -> None:
     assert grouped.pack_heads and grouped.persistent and not mha.pack_heads
     with pytest.raises(ValueError, match="cannot name a GQA group"):
         dataclasses.replace(configs.MOSAIC_BACKWARD[128], rules=(rule,))
+
+
+def test_fma_columns_come_in_column_tiles() -> None:
+    """`ForwardConfig.fma_columns` (exp2_fma's columns a key tile) must be a multiple of 8 in
+    1..block_kv, else the config raises naming it; without exp2_fma it is not read."""
+    plain = api.forward_config(64)
+    for bad in (0, 12, plain.block_kv + 8):
+        with pytest.raises(ValueError, match=f"fma_columns must be .* got {bad}"):
+            dataclasses.replace(plain, exp2_fma=True, fma_columns=bad)
+    assert dataclasses.replace(plain, exp2_fma=True, fma_columns=plain.block_kv).exp2_fma
+    assert not dataclasses.replace(plain, fma_columns=12).exp2_fma
 
 
 def test_exclusive_forward_options_raise() -> None:

@@ -33,6 +33,9 @@ from pallas_kernels.mosaic import pipeline as pp
 from pallas_kernels.mosaic.pipeline import LAYOUT
 from pallas_kernels.operands import AttentionStatics
 
+# A column tile of the wgmma accumulator layout: `fma_columns` comes in these.
+_FMA_COLUMN_TILE = 8
+
 
 @dataclasses.dataclass(frozen=True)
 class ForwardConfig:
@@ -105,13 +108,18 @@ class ForwardConfig:
     # (session 23: head dim 128, 1k rows, causal and not, as the default forward; HOPPER_PLAN
     # 7q). Not yet timed.
     named_free: bool = False
-    # FlashAttention-4's exp2 emulation: the first EXP2_FMA_COLUMNS columns of each key tile
+    # FlashAttention-4's exp2 emulation: the first `fma_columns` columns of each key tile
     # exponentiated on the FMA pipe (`common.exp2_on_fma`: ~10 instructions an element instead
     # of one MUFU op), the rest by MUFU. MUFU runs 16 ops a clock per SM: at head dim 64 its 66
     # ops a warp per step (2 warps a scheduler: 1056 clocks) outlast the step's 435 issue
     # slots (870) and its matmuls (~980 clocks a CTA); 4 of a thread's 64 weights moved to the
-    # FMA pipe give ~990 / ~940. Not yet timed.
+    # FMA pipe give ~990 / ~940. Session 24: 1.03-1.04x at head dim 64 causal from 4k rows.
     exp2_fma: bool = False
+    # `exp2_fma`'s columns a key tile: a multiple of 8 (one column tile of the wgmma layout, 4
+    # weights a thread), at most block_kv. Session 25's SASS page put the head dim 64
+    # consumers' largest stall site on MUFU with 8: more is for the sweeps (`tune_mosaic.py
+    # --fma-columns`).
+    fma_columns: int = 8
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -124,6 +132,13 @@ class ForwardConfig:
             raise ValueError(
                 f"ForwardConfig: named_free needs {2 * self.stages} hardware barriers from "
                 f"{pp.NAMED_FREE}, past the {pp.NAMED_BARRIERS} there are"
+            )
+        if self.exp2_fma and not (
+            0 < self.fma_columns <= self.block_kv and self.fma_columns % _FMA_COLUMN_TILE == 0
+        ):
+            raise ValueError(
+                f"ForwardConfig: fma_columns must be a multiple of {_FMA_COLUMN_TILE} in "
+                f"1..block_kv={self.block_kv}, got {self.fma_columns}"
             )
         on = set(pp.options_on(self, OPTIONS))
         for pair in EXCLUSIVE:
@@ -161,10 +176,6 @@ class ForwardConfig:
     def q_slots(self) -> int:
         """The Q ring's slots: two when the producer prefetches, else one."""
         return 2 if self.prefetch_q else 1
-
-
-# `exp2_fma`'s columns a key tile: one column tile of the wgmma layout (4 weights a thread).
-EXP2_FMA_COLUMNS = 8
 
 
 # The ForwardConfig flags that change how the work is scheduled, not what is computed (the
@@ -317,7 +328,7 @@ def _consumer(
         else:
             s2 = common.hide(s, mask)
         m_new, keep = common.running_max(s2, m, folded, lazy=config.lazy_rescale)
-        fma_columns = EXP2_FMA_COLUMNS if config.exp2_fma else 0
+        fma_columns = config.fma_columns if config.exp2_fma else 0
         p, l, alpha = common.softmax_weights(s2, m, m_new, l, folded, fma_columns)
         if statics.has_dropout:  # after the running sum: l normalizes the undropped weights
             p = p * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
