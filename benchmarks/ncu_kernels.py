@@ -15,7 +15,12 @@ flashjax's kernels stall on the long scoreboard 5x as often as cuDNN's).
 
 Usage (a GPU with ncu; benchmarks/device_call_ncu.sh):
   python3 benchmarks/ncu_kernels.py OUT [--cases NAME,...] [--backends NAME,...] [--sass]
-    [--forward-options persistent,prefetch_q ...]   (flashjax_mosaic's forward: candidates)
+    [--options persistent,prefetch_q ...]   (flashjax_mosaic's profiled kernel: candidates)
+
+The metric runs replay only the attention kernels (ATTENTION_KERNELS: XLA's fusions around them,
+cuDNN's dO.O and dQ convert, flashjax's delta prologue, are left out); with every fusion of a
+forward+backward program replayed for each metric pass, the backward cases outran TIMEOUT_S even
+at 4k (session 26).
 """
 
 from __future__ import annotations
@@ -63,10 +68,11 @@ TIMEOUT_S = 240
 ATTENTION_KERNELS = r"flashjax_mosaic|sdpa|flash_attention_sm90"  # ours, cuDNN's, tokamax's
 
 
-def worker(backend_name: str, case_name: str, forward_options: str | None = None) -> int:
+def worker(backend_name: str, case_name: str, options: str | None = None) -> int:
     """Inside ncu: compile the case's program, run it once, then once inside the profiler
-    range. `forward_options` (comma-separated, maybe empty): the Mosaic forward runs its head
-    dim's configs.py row with exactly these on/off options and none of its rules."""
+    range. `options` (comma-separated, maybe empty): the Mosaic kernel the case is about (the
+    forward for a `fwd` case, the backward for a `fwd_bwd` one) runs its head dim's configs.py
+    row with exactly these on/off options and none of its rules."""
     import dataclasses
 
     import jax
@@ -75,10 +81,11 @@ def worker(backend_name: str, case_name: str, forward_options: str | None = None
     from pallas_kernels import configs
 
     case, kind = CASES[case_name]
-    if forward_options is not None:
-        row = configs.MOSAIC_FORWARD[case.head_dim]
-        options = tuple(o for o in forward_options.split(",") if o)
-        configs.MOSAIC_FORWARD[case.head_dim] = dataclasses.replace(row, options=options, rules=())
+    if options is not None:
+        table = configs.MOSAIC_FORWARD if kind == "fwd" else configs.MOSAIC_BACKWARD
+        row = table[case.head_dim]
+        pinned = tuple(o for o in options.split(",") if o)
+        table[case.head_dim] = dataclasses.replace(row, options=pinned, rules=())
     backend = next(b for b in backends.all_backends() if b.name == backend_name)
     if (why := backend.unavailable() or backend.unsupported(case)) is not None:
         print(f"{backend_name} cannot run {case_name}: {why}", file=sys.stderr)
@@ -130,16 +137,16 @@ def summary(kernel: ncu.Kernel) -> str:
     return " | ".join(fields)
 
 
-def _target(backend_name: str, case_name: str, forward_options: str | None) -> list[str]:
+def _target(backend_name: str, case_name: str, options: str | None) -> list[str]:
     """The worker's command line."""
     target = [sys.executable, __file__, "--worker", backend_name, case_name]
-    return target + (["--forward-options", forward_options] if forward_options is not None else [])
+    return target + (["--options", options] if options is not None else [])
 
 
-def _run_names(case_name: str, backend_name: str, forward_options: str | None) -> tuple[str, str]:
+def _run_names(case_name: str, backend_name: str, options: str | None) -> tuple[str, str]:
     """A run's name in the summary ("CASE BACKEND") and its files' stem ("CASE-BACKEND"), each
     with the forward's options when they are given (`+`-joined, or `none`)."""
-    tag = "" if forward_options is None else forward_options.replace(",", "+") or "none"
+    tag = "" if options is None else options.replace(",", "+") or "none"
     return (
         f"{case_name} {backend_name}" + (f" {tag}" if tag else ""),
         f"{case_name}-{backend_name}" + (f"-{tag}" if tag else ""),
@@ -158,16 +165,22 @@ def profile(
     case_name: str,
     backend_name: str,
     ncu_path: str,
-    forward_options: str | None = None,
+    options: str | None = None,
 ) -> list[str]:
     """Run one worker under ncu; its CSV in `out`, the summary lines."""
-    target = _target(backend_name, case_name, forward_options)
-    cmd = ncu.command(ncu_path, target, METRICS, sections=SECTIONS)
+    target = _target(backend_name, case_name, options)
+    cmd = ncu.command(ncu_path, target, METRICS, kernel_regex=ATTENTION_KERNELS, sections=SECTIONS)
     code, stdout, stderr = ncu.run(cmd, TIMEOUT_S)
     if code != 0 and ncu.unknown_metric(stdout + stderr):  # a pattern this ncu lacks: sections
-        cmd = ncu.command(ncu_path, target, ("gpu__time_duration.sum",), sections=SECTIONS)
+        cmd = ncu.command(
+            ncu_path,
+            target,
+            ("gpu__time_duration.sum",),
+            kernel_regex=ATTENTION_KERNELS,
+            sections=SECTIONS,
+        )
         code, stdout, stderr = ncu.run(cmd, TIMEOUT_S)
-    head, stem = _run_names(case_name, backend_name, forward_options)
+    head, stem = _run_names(case_name, backend_name, options)
     (out / f"{stem}.csv").write_text(stdout)
     if code != 0:
         return [f"{head}: {_failed(out / stem, code, stdout, stderr)}"]
@@ -179,11 +192,11 @@ def profile_sass(
     case_name: str,
     backend_name: str,
     ncu_path: str,
-    forward_options: str | None = None,
+    options: str | None = None,
 ) -> str:
     """Run one worker under ncu for its source page; the CSV in `out`, one line saying how
     many lines it has or why it failed."""
-    target = _target(backend_name, case_name, forward_options)
+    target = _target(backend_name, case_name, options)
     cmd = ncu.command(
         ncu_path,
         target,
@@ -193,7 +206,7 @@ def profile_sass(
         sass=True,
     )
     code, stdout, stderr = ncu.run(cmd, TIMEOUT_S)
-    head, stem = _run_names(case_name, backend_name, forward_options)
+    head, stem = _run_names(case_name, backend_name, options)
     path = out / f"{stem}-sass.csv"
     path.write_text(stdout)
     head += " sass"
@@ -211,14 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ncu", default=None, help="the ncu executable (default: found)")
     p.add_argument("--sass", action="store_true", help="also each kernel's SASS with its stalls")
     p.add_argument(
-        "--forward-options",
+        "--options",
         action="append",
-        help="comma-separated: flashjax_mosaic's forward with exactly these options (its row's "
+        help="comma-separated: flashjax_mosaic's kernel of the case (a fwd case's forward, a "
+        "fwd_bwd case's backward) with exactly these options (its row's "
         "rules off), to profile a candidate; empty for none; repeat for several candidates",
     )
     args = p.parse_args(argv)
     if args.worker:
-        return worker(*args.worker, *(args.forward_options or [])[-1:])
+        return worker(*args.worker, *(args.options or [])[-1:])
     if args.out is None:
         p.error("OUT is required")
     names = args.cases.split(",")
@@ -231,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out / "summary.txt", "w") as summary_file:  # written as each run ends
         for name in names:
             for backend in args.backends.split(","):
-                candidates = args.forward_options if backend == "flashjax_mosaic" else None
+                candidates = args.options if backend == "flashjax_mosaic" else None
                 for options in candidates or [None]:
                     lines = profile(args.out, name, backend, ncu_path, options)
                     if args.sass:

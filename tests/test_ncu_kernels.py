@@ -71,6 +71,17 @@ def test_command_has_the_sections_and_metric_patterns(script) -> None:
     assert cmd[-2:] == ["python3", "x.py"] and "--profile-from-start" in cmd
 
 
+def test_metric_runs_replay_only_the_attention_kernels(script, tmp_path) -> None:
+    """The metric run names ATTENTION_KERNELS (a backward program's fusions replayed for every
+    metric pass outran the timeout, session 26); the fake ncu prints the arguments it got."""
+    fake = tmp_path / "ncu"
+    fake.write_text('#!/bin/bash\necho "$@"\n')
+    fake.chmod(0o755)
+    script.profile(tmp_path, "bwd-d128-causal-4k", "jax_cudnn", str(fake))
+    args = (tmp_path / "bwd-d128-causal-4k-jax_cudnn.csv").read_text()
+    assert f"--kernel-name regex:{script.ATTENTION_KERNELS}" in args
+
+
 def test_arguments(script, tmp_path) -> None:
     with pytest.raises(SystemExit):
         script.main([str(tmp_path), "--cases", "fwd-d64-causal-1k,nope"])
@@ -217,8 +228,8 @@ def test_sass_stalls_reads_the_source_page(tmp_path) -> None:
     assert "TRYWAIT" in out and "UTMALDG" in out and "gdesc" not in out.split("#2")[1]
 
 
-def test_a_candidates_forward_options(script, monkeypatch, tmp_path) -> None:
-    """`--forward-options`: the worker runs the case's head-dim row with exactly those options
+def test_a_candidates_options(script, monkeypatch, tmp_path) -> None:
+    """`--options`: the worker runs the case's head-dim row with exactly those options
     and no rules (here on CPU, where the Mosaic backend then declines the case), and the run's
     name and files carry the options; other backends run as configured."""
     from pallas_kernels import configs
@@ -227,8 +238,14 @@ def test_a_candidates_forward_options(script, monkeypatch, tmp_path) -> None:
     assert script.worker("flashjax_mosaic", "fwd-d64-full-1k", "persistent,prefetch_q") == 2
     row = configs.MOSAIC_FORWARD[64]
     assert row.options == ("persistent", "prefetch_q") and row.rules == ()
+    monkeypatch.setitem(configs.MOSAIC_BACKWARD, 128, configs.MOSAIC_BACKWARD[128])
+    forward = configs.MOSAIC_FORWARD[128]
+    assert script.worker("flashjax_mosaic", "bwd-d128-causal-4k", "fused_dq,split_dq") == 2
+    row = configs.MOSAIC_BACKWARD[128]  # a fwd_bwd case pins the backward's row
+    assert row.options == ("fused_dq", "split_dq") and row.rules == ()
+    assert configs.MOSAIC_FORWARD[128] is forward
     assert script._target("flashjax_mosaic", "fwd-d64-full-1k", "")[-2:] == [
-        "--forward-options",
+        "--options",
         "",
     ]
     assert script._run_names("c", "b", "persistent,prefetch_q") == (
@@ -240,7 +257,7 @@ def test_a_candidates_forward_options(script, monkeypatch, tmp_path) -> None:
     fake = _fake_ncu(tmp_path, NCU_COLUMNS + "\n")
     out = tmp_path / "out"
     args = [str(out), "--cases", "fwd-d64-full-1k", "--backends", "flashjax_mosaic,jax_cudnn"]
-    args += ["--forward-options", "persistent", "--forward-options", "", "--ncu", fake]
+    args += ["--options", "persistent", "--options", "", "--ncu", fake]
     assert script.main(args) == 0
     summary = (out / "summary.txt").read_text().splitlines()
     runs = ["flashjax_mosaic persistent", "flashjax_mosaic none", "jax_cudnn"]

@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 
 DRAM_READ = "dram__bytes_read.sum"
@@ -252,6 +253,9 @@ def failure_reason(output: str, returncode: int) -> str:
     return f"ncu exited {returncode}: {text}"[:400]
 
 
+AFTER_KILL_S = 20
+
+
 def run(
     cmd: Sequence[str], timeout_s: float, env: dict[str, str] | None = None
 ) -> tuple[int | None, str, str]:
@@ -271,6 +275,9 @@ def run(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
+        # A run started right after a kill found no CUDA device (session 26: "no supported
+        # devices found"): give the driver time to tear the killed process's context down.
+        time.sleep(AFTER_KILL_S)
         return None, out, err
     return proc.returncode, out, err
 
