@@ -292,8 +292,6 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     if "kv_seg" in refs:
         kv_segments = _vector(sc["kv_seg"].at[wg], (bkv, bq), 0)
 
-    keys = col0 + pp.iota((bkv, bq), 0)
-    rows0 = pp.iota((bkv, bq), 1)
     staging = sc["stage"].at[wg] if interpret else None
 
     def step(g, j, carry, *, masked: bool):
@@ -320,9 +318,13 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
                     _add_dq_part, refs, sc, my_k=my_k, at=at, interpret=interpret
                 )
         plgpu.barrier_wait(sc["q_loaded"].at[slot])
-        rule = functools.partial(
-            visibility.element_visible, statics, qt * bq + rows0, keys, seq, batch=b, head=head
-        )
+        positions = functools.partial(pp.positions, (bkv, bq), (qt * bq, col0), queries=1)
+
+        def rule(**segments):
+            return visibility.element_visible(
+                statics, *positions(), seq, batch=b, head=head, **segments
+            )
+
         visible = _tile_rule(sc, "q_seg", kv_segments, slot, rule, transposed=True)
         plgpu.barrier_wait(sc["lse_loaded"].at[slot])
         lse = _stats(sc["lse"].at[slot], (bkv, bq), late=config.late_stats)
@@ -342,7 +344,8 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         plgpu.barrier_arrive(sc["lse_free"].at[slot])
         factor = None
         if statics.has_dropout:  # transposed tile: queries along dim 1, keys along dim 0
-            rows = pp.dropout_rows(statics, refs["seeds"], b, head, num_heads, qt * bq + rows0)
+            rows, keys = positions()
+            rows = pp.dropout_rows(statics, refs["seeds"], b, head, num_heads, rows)
             factor = pp.dropout_factor(statics, rows, keys)
         if overlap:
             turns.done()
@@ -657,10 +660,9 @@ def _dq_consumer(refs, sc, *, tile, statics, config, visits, seq, interpret):
     if "q_seg" in refs:
         q_segments = _vector(sc["q_seg"].at[wg], (bq, bkv), 0)
 
-    rows = row0 + pp.iota((bq, bkv), 0)
-    cols0 = pp.iota((bq, bkv), 1)
     staging = sc["stage"].at[wg] if interpret else None
     if statics.has_dropout:
+        rows, _ = pp.positions((bq, bkv), (row0, 0))
         row_keys = pp.dropout_rows(statics, refs["seeds"], b, h, num_heads, rows)
 
     def step(i, dq, *, masked: bool):
@@ -668,9 +670,13 @@ def _dq_consumer(refs, sc, *, tile, statics, config, visits, seq, interpret):
         slot = lax.rem(i, config.stages)
         k_tile, v_tile = sc["k"].at[slot], sc["v"].at[slot]
         plgpu.barrier_wait(sc["k_loaded"].at[slot])
-        rule = functools.partial(
-            visibility.element_visible, statics, rows, kv * bkv + cols0, seq, batch=b, head=h
-        )
+        positions = functools.partial(pp.positions, (bq, bkv), (row0, kv * bkv))
+
+        def rule(**segments):
+            return visibility.element_visible(
+                statics, *positions(), seq, batch=b, head=h, **segments
+            )
+
         visible = _tile_rule(sc, "kv_seg", q_segments, slot, rule, transposed=False)
 
         def probs(qk):
@@ -690,7 +696,7 @@ def _dq_consumer(refs, sc, *, tile, statics, config, visits, seq, interpret):
             dp = pp.matmul(my_do, v_tile.T, (bq, bkv))
         plgpu.barrier_arrive(sc["v_free"].at[slot])
         if statics.has_dropout:
-            dp = dp * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
+            dp = dp * pp.dropout_factor(statics, row_keys, positions()[1])
         _, ds = common.logits_grad(p, dp, delta, tanh)
         turns.done()
         turns.wait()

@@ -292,9 +292,8 @@ def _consumer(
             plgpu.load(sc["q_seg"].at[my_buffer], layout=LAYOUT.reduce(1)), (bq, bkv), [0]
         )
 
-    rows = row0 + pp.iota((bq, bkv), 0)
-    cols0 = pp.iota((bq, bkv), 1)
     if statics.has_dropout:
+        rows, _ = pp.positions((bq, bkv), (row0, 0))
         row_keys = pp.dropout_rows(statics, refs["seeds"], b, h, num_heads, rows)
 
     def weights(i, s, m, l, *, masked: bool):
@@ -302,6 +301,7 @@ def _consumer(
         and sum after it, and the accumulator's rescale `(alpha, keep)`."""
         kv = visits.tile(i)
         slot = lax.rem(done + i, config.stages)
+        positions = functools.partial(pp.positions, (bq, bkv), (row0, kv * bkv))
         mask = None
         if masked:
             segments = {}
@@ -313,7 +313,7 @@ def _consumer(
                     kv_segments=lax.broadcast_in_dim(kv_seg, (bq, bkv), [1]),
                 )
             mask = visibility.element_visible(
-                statics, rows, kv * bkv + cols0, seq, batch=b, head=h, **segments
+                statics, *positions(), seq, batch=b, head=h, **segments
             )
         if q_segments is not None:
             if not masked:  # a full tile: its segment ids went unread, but the slot must turn
@@ -331,7 +331,7 @@ def _consumer(
         fma_columns = config.fma_columns if config.exp2_fma else 0
         p, l, alpha = common.softmax_weights(s2, m, m_new, l, folded, fma_columns)
         if statics.has_dropout:  # after the running sum: l normalizes the undropped weights
-            p = p * pp.dropout_factor(statics, row_keys, kv * bkv + cols0)
+            p = p * pp.dropout_factor(statics, row_keys, positions()[1])
         return p, m_new, l, (alpha, keep)
 
     steps = _Steps(sc, config, my_q, done, wg, weights, interpret)

@@ -484,3 +484,13 @@ def dropout_factor(statics, row_keys: jax.Array, cols: jax.Array) -> jax.Array:
 
 def iota(shape: tuple[int, int], dim: int) -> jax.Array:
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=LAYOUT)
+
+
+def positions(shape: tuple[int, int], first, *, queries: int = 0) -> tuple[jax.Array, jax.Array]:
+    """A tile's query and key positions, (queries, keys), each of `shape`; `first`: the tile's
+    first (query, key); `queries`: the dim they run along (1 in the backward's dK/dV tile).
+    Call it in the step that uses them: made once before the loop (as the kernels did until
+    session 26), the two int32 tiles stayed live through every step and spilled (offline,
+    head dim 128 causal: the 5-GEMM backward 336 -> 200 bytes, the forward with overlap_qk
+    180 -> ?)."""
+    return first[0] + iota(shape, queries), first[1] + iota(shape, 1 - queries)
