@@ -4,8 +4,10 @@ PTX, ptxas' report, the Mosaic MLIR before/after layout inference and, with an n
 Usage, from the repo root, with the offline venv:
   PYTHONPATH=.:benchmarks .sm90venv/bin/python benchmarks/offline/dump.py OUT_DIR fwd|bwd \
       [--head-dim 128] [--seq 1024] [--causal] [--options a+b] [--set name=value ...]
-`--options`: the config's on/off options (forward.OPTIONS / backward.OPTIONS) instead of
-configs.py's; `--set`: any other field (e.g. `registers=240,24`, `named_free=1`).
+Without `--options`, configs.py's choice for the call (its rules at `--seq` rows and
+`--causal`, as the public op picks it); `--options`: the head dim's row with exactly these on/off
+options (forward.OPTIONS / backward.OPTIONS) instead; `--set`: any other field (e.g.
+`registers=240,24`, `named_free=1`).
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ def _value(text: str):
     return ast.literal_eval(text if "," not in text or "(" in text else f"({text})")
 
 
-def config(kernel: str, head_dim: int, options: str | None, sets: list[str]):
+def config(
+    kernel: str, head_dim: int, options: str | None, sets: list[str], seq=None, causal=False
+):
+    """The config to compile: configs.py's for a call of `seq` rows (`causal`), or with
+    `options` the head dim's row with exactly those; `sets` ("field=value") on top."""
     from pallas_kernels.mosaic import api, backward, forward
 
-    module, cfg = (
-        (forward, api.forward_config(head_dim))
-        if kernel == "fwd"
-        else (backward, api.backward_config(head_dim))
+    module, chosen = (
+        (forward, api.forward_config) if kernel == "fwd" else (backward, api.backward_config)
     )
+    cfg = chosen(head_dim, seq, causal) if options is None else chosen(head_dim)
     if options is not None:
         cfg = module.with_options(cfg, [o for o in options.split("+") if o])
     fields = dict(s.split("=", 1) for s in sets)
@@ -62,7 +67,7 @@ def main() -> None:
 
     from pallas_kernels.mosaic import api
 
-    cfg = config(args.kernel, args.head_dim, args.options, args.set)
+    cfg = config(args.kernel, args.head_dim, args.options, args.set, args.seq, args.causal)
     print(cfg, flush=True)
     ops, do = operands(args.seq, args.head_dim, args.causal)
     if args.kernel == "fwd":
