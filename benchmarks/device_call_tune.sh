@@ -13,13 +13,16 @@
 # configs.py's choice against its copy alone, e.g. SWEEPS="128:bwd:4096::configured". GROUP:
 # the `group` of every sweep that names none (`pack_heads` needs 2+), e.g.
 # SWEEPS="128:fwd:256::pack_heads:8 128:bwd:4096:tiles". FMA_COLUMNS (N,...): every exp2_fma
-# candidate also with that many columns on the FMA pipe (tune_mosaic.py --fma-columns).
+# candidate also with that many columns on the FMA pipe (tune_mosaic.py --fma-columns). RETILE
+# (Q:KV:ST): every forward candidate also with those tiles (tune_mosaic.py --retile), e.g.
+# RETILE=64:64:2 SWEEPS="256:fwd:4096::configured".
 # REPRO_SETS (forward option sets, e.g. "named_free,named_barriers"): first, each set run alone
 # in its own process at REPRO_AT ("HEAD_DIM SEQ", default "128 1024"), causal and not, against
 # the default forward (benchmarks/repro_overlap.py: a fault kills only that process).
 # Usage (device tool, from the repo root):
 #   COMMIT=<sha> [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
 #     [WITH=async_store] [REGISTERS=240,24] [GROUP=8] [REPRO_SETS=named_free] [FMA_COLUMNS=16,24] \
+#     [RETILE=64:64:2] \
 #     bash benchmarks/device_call_tune.sh
 source benchmarks/device_setup.sh
 export PYTHONPATH=$PYTHONPATH:benchmarks
@@ -50,7 +53,7 @@ for sweep in ${SWEEPS:-128,64,256::8192}; do
   timeout "$(until_s 585)" python3 benchmarks/tune_mosaic.py "$L/$name.json" ${dims//,/ } \
     ${only:+--only "$only"} --seq "$seq" ${tiles:+--tiles} ${with:+--with "$with"} \
     ${WITHOUT:+--without "$WITHOUT"} ${REGISTERS:+--registers "$REGISTERS"} \
-    ${group:+--group "$group"} ${FMA_COLUMNS:+--fma-columns "$FMA_COLUMNS"} > "$L/$name.log" 2>&1
+    ${group:+--group "$group"} ${FMA_COLUMNS:+--fma-columns "$FMA_COLUMNS"} ${RETILE:+--retile "$RETILE"} > "$L/$name.log" 2>&1
   grep -A4 BEST "$L/$name.log"
 done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs
