@@ -107,7 +107,7 @@ THREE_CONSUMERS = [
 BWD_TILES = {
     64: [(64, 64, 2), (64, 64, 3), (64, 128, 2)],
     128: [(64, 64, 2), (64, 64, 3), (64, 128, 1)],
-    256: [(64, 64, 1)],
+    256: [(64, 64, 1), (64, 64, 2)],  # two stages fit in shared memory with split_head only
 }
 
 
@@ -197,6 +197,11 @@ BWD_SCHEDULES = [
     # timed), on the 5-GEMM sets above.
     (*_POOLED, *_NAB, "longest_first", "dq_first"),
     (*_POOLED, "split_dq", *_NAB, "longest_first", "late_stats", "dq_first"),
+    # Session 26: FA3's head-dim split of the dK/dV kernel (new, not yet timed; head dims that
+    # are multiples of 128; at 256 two stages fit only with it: BWD_TILES).
+    ("split_head", "longest_first"),
+    ("split_head", "early_dp", "no_auto_barriers", "longest_first"),
+    ("split_head", "early_dp", "no_auto_barriers", "longest_first", "late_stats"),
 ]
 assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 
@@ -216,9 +221,12 @@ def backward_candidates(
     shapes = [(chosen.rows, chosen.cols, chosen.stages)]
     if tiles:
         shapes += [t for t in BWD_TILES[head_dim] if t not in shapes]
+    sets = _having(BWD_SCHEDULES, option)
+    if head_dim % (2 * 64):  # split_head's halves of the head dim: whole 64-column rows
+        sets = [combo for combo in sets if "split_head" not in combo]
     candidates = [chosen, api.backward_config(head_dim)] + [
         bwd_with_options(BackwardConfig(rows=r, cols=c, stages=st), combo)
-        for (r, c, st), combo in itertools.product(shapes, _having(BWD_SCHEDULES, option))
+        for (r, c, st), combo in itertools.product(shapes, sets)
     ]
     return list(dict.fromkeys(candidates))  # each once
 

@@ -339,6 +339,9 @@ CHUNKED_BLOCK = 512
 # forward at head dim 64 asked for 241 KiB of shared memory on the H200 (limit 227 KiB). Stages are
 # cut until this estimate of the streamed tiles fits.
 SHARED_MEMORY_BUDGET = 192 * 1024
+# Shared memory a Mosaic GPU kernel's CTA may take on the H100/H200 (Mosaic's max_smem_bytes,
+# 227 KiB), less a reserve for its barriers and small buffers.
+MOSAIC_SHARED_MEMORY = 227 * 1024 - 8 * 1024
 
 
 def stages_that_fit(c: KernelConfig, head_dim: int, itemsize: int, full_bias: bool) -> int:

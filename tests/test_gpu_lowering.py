@@ -361,3 +361,24 @@ def test_mosaic_forward_reading_keys_in_place_lowers() -> None:
 
     text = lowered_for_h200(forward, q, buffer)
     assert text.count("mosaic_gpu") >= 1 and "stablehlo.slice" not in text
+
+
+@pytest.mark.parametrize("feature", ["segments", "dropout", "block-mask", "lengths-offsets"])
+def test_mosaic_split_head_dkdv_lowers(feature: str) -> None:
+    """`BackwardConfig.split_head` (FA3's head-dim split of the dK/dV kernel: S^T and dP^T of
+    half the query columns a consumer, N = 32; the halves staged and read as two K = 32
+    operands; dK and dV stored by column halves) lowers for the H200 at head dims 256 (two
+    stages) and 128, with the features that touch its step."""
+    from pallas_kernels.mosaic.backward import BackwardConfig
+
+    for head_dim in (256, 128):
+        bwd = BackwardConfig(split_head=True, stages=2, early_dp=True, longest_first=True)
+
+        def backward(ops, bwd=bwd):
+            out, lse = mosaic_api.forward(ops, interpret=False)
+            return mosaic_api.backward(ops, out, lse, out, None, interpret=False, config=bwd)
+
+        q = jnp.zeros((B, T, N, head_dim), jnp.bfloat16)
+        kv = jnp.zeros((B, S, K, head_dim), jnp.bfloat16)
+        text = lowered_for_h200(backward, operands(q, kv, kv, **FEATURES[feature]))
+        assert text.count("mosaic_gpu") >= 3, head_dim  # forward, dK/dV, dQ

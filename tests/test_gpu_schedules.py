@@ -55,7 +55,13 @@ DROPOUT = Case(B=1, T=1000, S=1100, N=4, K=2, H=128, features=("causal", "dropou
 
 
 def _check(
-    case: Case, monkeypatch, forward=(), backward=(), consumers: int = 2, registers=None
+    case: Case,
+    monkeypatch,
+    forward=(),
+    backward=(),
+    consumers: int = 2,
+    registers=None,
+    backward_stages: int | None = None,
 ) -> None:
     if configs.gpu_target() != "sm90":
         pytest.skip("the Mosaic kernels run on Hopper (sm90) only")
@@ -66,6 +72,8 @@ def _check(
     bwd = backward_options(api.backward_config(case.H), backward)
     if registers:
         bwd = dataclasses.replace(bwd, registers=registers)
+    if backward_stages:
+        bwd = dataclasses.replace(bwd, stages=backward_stages)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "call_config", lambda ops: fwd)
     monkeypatch.setattr(api, "backward_config", lambda head_dim, *call: bwd)
@@ -157,3 +165,23 @@ def test_registers_240_24_on_gpu(case: Case, options, monkeypatch) -> None:
         forward = options_on(api.forward_config(case.H), OPTIONS)
         backward = options_on(api.backward_config(case.H), BACKWARD_OPTIONS)
     _check(case, monkeypatch, forward=forward, backward=backward, registers=(240, 24))
+
+
+# FA3's head-dim split of the dK/dV kernel (`BackwardConfig.split_head`, session 26: written for
+# head dim 256, where one consumer cannot hold dK and dV; two stages fit there only with it).
+SPLIT_HEAD_CASES = [
+    Case(B=2, T=1024, S=1100, N=8, K=2, H=256, features=("causal", "segments")),
+    Case(B=2, T=1000, S=1300, N=4, K=2, H=256, features=("lengths", "softcap", "dropout")),
+    Case(B=2, T=1024, S=1100, N=8, K=2, H=128, features=("causal", "segments")),
+]
+
+
+@pytest.mark.gpu_schedules
+@pytest.mark.parametrize(
+    "options",
+    [("split_head",), ("split_head", "early_dp", "longest_first", "late_stats")],
+    ids="+".join,
+)
+@pytest.mark.parametrize("case", SPLIT_HEAD_CASES, ids=lambda c: c.id)
+def test_split_head_on_gpu(case: Case, options, monkeypatch) -> None:
+    _check(case, monkeypatch, backward=options, backward_stages=2)

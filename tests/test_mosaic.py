@@ -381,6 +381,18 @@ def test_schedules_compute_the_same(schedule, features) -> None:
             dict(late_stats=True, fused_dq=True, pooled_dq=True, split_dq=True, early_dp=True),
             Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "softcap", "lengths")),
         ),
+        (
+            dict(split_head=True, stages=2),
+            Case(B=1, T=200, S=260, N=4, K=2, H=256, features=("causal", "segments", "dropout")),
+        ),
+        (
+            dict(split_head=True, early_dp=True, late_stats=True, longest_first=True),
+            Case(B=2, T=150, S=190, N=2, K=1, H=256, features=("lengths", "window", "softcap")),
+        ),
+        (
+            dict(split_head=True),
+            Case(B=1, T=256, S=384, N=2, K=1, H=256, features=("blocks128",)),
+        ),
     ],
     ids=lambda x: "+".join(x) if isinstance(x, dict) else x.id,
 )
@@ -388,8 +400,9 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     """The backward's schedule variants (BackwardConfig: `early_dp`, S and dP issued back to
     back, P computed while dP runs; `no_pingpong`; `longest_first`, heads fastest and dQ's
     query tiles reversed, with visit lists too; `one_body`, the element rule under a `lax.cond`;
-    the single kernel, `fused_dq`, `pooled_dq` and `split_dq`; `async_store`; `late_stats`)
-    against the float64 reference, with no race."""
+    the single kernel, `fused_dq`, `pooled_dq` and `split_dq`; `async_store`; `late_stats`;
+    `split_head`, FA3's head-dim split of the dK/dV kernel at head dim 256) against the float64
+    reference, with no race."""
     config = dataclasses.replace(api.backward_config(case.H), **variant)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "backward_config", lambda head_dim, *call: config)
@@ -616,6 +629,24 @@ def test_fma_columns_come_in_column_tiles() -> None:
             dataclasses.replace(plain, exp2_fma=True, fma_columns=bad)
     assert dataclasses.replace(plain, exp2_fma=True, fma_columns=plain.block_kv).exp2_fma
     assert not dataclasses.replace(plain, fma_columns=12).exp2_fma
+
+
+def test_split_head_refuses_what_it_cannot_run() -> None:
+    """`BackwardConfig.split_head` names the field it cannot run with, and a head dim whose
+    halves are not whole 64-column swizzle rows, before any kernel is traced."""
+    with pytest.raises(ValueError, match="split_head runs without fused_dq"):
+        backward.BackwardConfig(split_head=True, fused_dq=True)
+    with pytest.raises(ValueError, match="split_head runs without fused_dq and overlap_dv"):
+        backward.BackwardConfig(split_head=True, overlap_dv=True)
+    with pytest.raises(ValueError, match="cols a multiple of 64, got 96"):
+        backward.BackwardConfig(split_head=True, cols=96)
+    config = backward.BackwardConfig(split_head=True)
+    assert config.key_rows == config.rows and not config.turns
+    q = jnp.zeros((1, 64, 2, 192), jnp.bfloat16)
+    k = jnp.zeros((1, 128, 1, 192), jnp.bfloat16)
+    stats = jnp.zeros((1, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="head dim that is a multiple of 128, got 192"):
+        backward.dkdv(q, k, k, q, stats, stats, statics=None, config=config, seq_lens=(64, 128))
 
 
 def test_exclusive_forward_options_raise() -> None:

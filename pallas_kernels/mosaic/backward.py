@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import common, visibility
+from pallas_kernels import common, configs, visibility
 from pallas_kernels.mosaic import pipeline as pp
 from pallas_kernels.mosaic.pipeline import CONSUMERS, LAYOUT
 
@@ -105,14 +105,39 @@ class BackwardConfig:
     # waited for dK too, and the part's store and reduce-add ran with the tensor cores idle;
     # offline SASS, session 22). GPU only, as overlap_dv. Not yet timed.
     dq_first: bool = False
+    # FA3's head-dim split of the dK/dV kernel (for head dim 256, where one consumer cannot
+    # hold dK and dV: 64 x 256 float32 each, 256 registers a thread): a CTA owns `rows` keys
+    # shared by both consumers; consumer c computes S^T and dP^T for its half of each step's
+    # query columns, stores its bf16 P^T and dS^T halves into shared tiles, and adds the whole
+    # tiles' products to dK and dV for its half of the head dim (`_dkdv_split_consumer`). Two
+    # kernels only (not with fused_dq, overlap_dv), no ping-pong; its K/V take half the shared
+    # memory, so two stages fit at 256. Offline (ptxas, 4k, early_dp): 68 bytes of spill at
+    # 232/40, 28 at 240/24. Not yet run on a GPU.
+    split_head: bool = False
+
+    def __post_init__(self):
+        if self.split_head and (self.fused_dq or self.overlap_dv):
+            raise ValueError("BackwardConfig: split_head runs without fused_dq and overlap_dv")
+        if self.split_head and self.cols % (CONSUMERS * 32):  # halves of whole 64-byte rows
+            raise ValueError(
+                f"BackwardConfig: split_head needs cols a multiple of {CONSUMERS * 32}, "
+                f"got {self.cols}"
+            )
 
     @property
     def turns(self) -> bool:
         """The consumers ping-pong: not with one stage, nor with `pooled_dq` (each step's part
         needs both consumers' dS^T of that step, where the ping-pong keeps them half a step
-        apart: they would wait on each other)."""
+        apart: they would wait on each other), nor with `split_head` (each step needs both
+        consumers' halves)."""
         pooled = self.fused_dq and self.pooled_dq
-        return not self.no_pingpong and self.stages >= 2 and not pooled
+        return not self.no_pingpong and self.stages >= 2 and not pooled and not self.split_head
+
+    @property
+    def key_rows(self) -> int:
+        """Keys per dK/dV CTA: each consumer's `rows`, or with `split_head` the `rows` both
+        share."""
+        return self.rows if self.split_head else CONSUMERS * self.rows
 
 
 # The BackwardConfig on/off flags: configs.py names the ones on per head dim;
@@ -130,6 +155,7 @@ OPTIONS = (
     "async_store",
     "late_stats",
     "dq_first",
+    "split_head",
 )
 
 
@@ -217,15 +243,17 @@ def _stream(sc: dict, name: str, source) -> pp.Stream:
     return pp.Stream(source, sc[name], sc[f"{name}_loaded"], pp.Releases(sc[f"{name}_free"]))
 
 
-def _tile_rule(sc: dict, stream: str, own_segments, slot, rule, transposed: bool):
+def _tile_rule(sc: dict, stream: str, own_segments, slot, rule, transposed: bool, cols=None):
     """One step's element rule as a thunk: `rule(**segment ids)` (`visibility.element_visible`
     with the tile's rows and columns bound). With segment ids (`own_segments`: the consumer's,
-    along dim 0), the step's streamed ids (ring `stream`, along dim 1) are awaited, read and
-    released here. `transposed`: the dK/dV kernel's tile (keys along dim 0)."""
+    along dim 0), the step's streamed ids (ring `stream`, along dim 1; `cols`: a `pl.ds` of
+    them) are awaited, read and released here. `transposed`: the dK/dV kernel's tile (keys
+    along dim 0)."""
     segments = {}
     if own_segments is not None:
         plgpu.barrier_wait(sc[f"{stream}_loaded"].at[slot])
-        streamed = _vector(sc[stream].at[slot], own_segments.shape, 1)
+        ids = sc[stream].at[slot] if cols is None else sc[stream].at[slot, cols]
+        streamed = _vector(ids, own_segments.shape, 1)
         plgpu.barrier_arrive(sc[f"{stream}_free"].at[slot])
         q, kv = (streamed, own_segments) if transposed else (own_segments, streamed)
         segments = dict(q_segments=q, kv_segments=kv)
@@ -391,6 +419,139 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     plgpu.copy_smem_to_gmem(my_k, refs["dk"].at[b, pl.ds(col0, bkv), kh])
     plgpu.copy_smem_to_gmem(my_v, refs["dv"].at[b, pl.ds(col0, bkv), kh])
     pp.wait_stores(config.async_store)
+
+
+def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
+    """`BackwardConfig.split_head`: the CTA's `rows` keys shared by both consumers; consumer
+    `wg` computes S^T and dP^T for query columns `wg * half ..` of each step (`half` = cols /
+    2), stores P^T and dS^T (bf16) into those columns of the shared `p_t` / `ds_t` tiles, and
+    once both halves are there adds the whole tiles' products to dK and dV for head-dim
+    columns `wg * width ..` (`width` = D / 2). Barriers: `halves_ready` (both halves stored,
+    each step; once more before the epilogue's copies) and `halves_free` (both consumers done
+    with the step's tiles, awaited before the next step's stores)."""
+    num_heads = group * refs["k"].shape[2]
+    bq, bkv = config.cols, config.rows
+    half = bq // CONSUMERS
+    wg = lax.axis_index("wg")
+    b, kh = lax.axis_index("b"), lax.axis_index("h")
+    col0 = lax.axis_index("t") * bkv  # the CTA's first key
+    head_dim = sc["k"].shape[-1]
+    width = head_dim // CONSUMERS
+    dtype = sc["k"].dtype
+    n = visits.count  # query tiles per query head
+    mine = pl.ds(pl.multiple_of(wg * half, half), half)  # this consumer's query columns
+    share = pl.ds(pl.multiple_of(wg * width, width), width)  # its head-dim columns
+
+    plgpu.set_max_registers(config.registers[0], action="increase")
+    keys, values, own = sc["k"].at[0], sc["v"].at[0], sc["own_loaded"].at[0]
+
+    @pl.when(wg == 0)
+    def _load_keys():
+        plgpu.copy_gmem_to_smem(refs["k"].at[b, pl.ds(col0, bkv), kh], keys, own)
+        plgpu.copy_gmem_to_smem(refs["v"].at[b, pl.ds(col0, bkv), kh], values, own)
+        if "kv_seg" in refs:
+            plgpu.copy_gmem_to_smem(refs["kv_seg"].at[b, pl.ds(col0, bkv)], sc["kv_seg"], own)
+
+    plgpu.barrier_wait(own)  # one phase: every copy to it arrived
+    kv_segments = None
+    if "kv_seg" in refs:
+        kv_segments = _vector(sc["kv_seg"], (bkv, half), 0)
+
+    def step(g, j, carry, *, masked: bool):
+        """Visit `j` (query tile `visits.tile(j)`) of query head `kh * group + g`."""
+        dk, dv = carry
+        head, qt = kh * group + g, visits.tile(j)
+        visit = g * n + j
+        slot = lax.rem(visit, config.stages)
+        q_tile, do_tile = sc["q"].at[slot], sc["do"].at[slot]
+        plgpu.barrier_wait(sc["q_loaded"].at[slot])
+        positions = functools.partial(
+            pp.positions, (bkv, half), (qt * bq + wg * half, col0), queries=1
+        )
+
+        def rule(**segments):
+            return visibility.element_visible(
+                statics, *positions(), seq, batch=b, head=head, **segments
+            )
+
+        visible = _tile_rule(sc, "q_seg", kv_segments, slot, rule, transposed=True, cols=mine)
+        plgpu.barrier_wait(sc["lse_loaded"].at[slot])
+        lse = _stats(sc["lse"].at[slot, mine], (bkv, half), late=config.late_stats)
+
+        def probs(qk):
+            def of(mask):
+                s2, tanh = common.scores(qk, statics.scale, statics, None, mask)
+                return _probs(s2, lse()), tanh
+
+            return _under_rule(masked, visible, of)
+
+        if config.early_dp:
+            plgpu.barrier_wait(sc["do_loaded"].at[slot])
+        p, tanh, dp = _scores_and_dp(
+            (bkv, half),
+            (keys, q_tile.at[mine].T),
+            (values, do_tile.at[mine].T),
+            pp.Turn(sc["turn"], wg, enabled=False),
+            probs,
+            early=config.early_dp,
+        )
+        plgpu.barrier_arrive(sc["lse_free"].at[slot])
+        if dp is None:
+            plgpu.barrier_wait(sc["do_loaded"].at[slot])
+            dp = pp.matmul(values, do_tile.at[mine].T, (bkv, half))
+        if statics.has_dropout:  # transposed tile: queries along dim 1, keys along dim 0
+            rows, cols = positions()
+            rows = pp.dropout_rows(statics, refs["seeds"], b, head, num_heads, rows)
+            factor = pp.dropout_factor(statics, rows, cols)
+            p_dropped, dp = p * factor, dp * factor
+        else:
+            p_dropped = p
+        plgpu.barrier_wait(sc["delta_loaded"].at[slot])
+        delta = _vector(sc["delta"].at[slot, mine], (bkv, half), 1)
+        _, ds = common.logits_grad(p, dp, delta, tanh)
+        plgpu.barrier_arrive(sc["delta_free"].at[slot])
+        pl.when(visit > 0)(lambda: plgpu.barrier_wait(sc["halves_free"]))
+        sc["p_t"].at[:, mine][...] = p_dropped.astype(dtype)
+        sc["ds_t"].at[:, mine][...] = ds.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(sc["halves_ready"])
+        plgpu.barrier_wait(sc["halves_ready"])
+        in_place = not interpret
+
+        def whole(name: str):
+            """Both consumers' halves (keys x all the step's queries) as the A operand: read
+            into registers on the GPU (an SMEM A operand must share B's 128-byte swizzle, and
+            the halves, 32 columns each, are whole rows only of a 64-byte one); in SMEM for the
+            interpreter, which runs no register A operand."""
+            return plgpu.load(sc[name], (), layout=LAYOUT) if in_place else sc[name]
+
+        dv = pp.mma_into(dv, whole("p_t"), do_tile.at[:, share], in_place=in_place)
+        plgpu.barrier_arrive(sc["do_free"].at[slot])
+        dk = pp.mma_into(dk, whole("ds_t"), q_tile.at[:, share], in_place=in_place)
+        plgpu.barrier_arrive(sc["q_free"].at[slot])
+        plgpu.barrier_arrive(sc["halves_free"])
+        return dk, dv
+
+    def head_steps(g, carry):
+        return pp.walk(visits, functools.partial(step, g), carry, one_body=config.one_body)
+
+    zeros = plgpu.layout_cast(jnp.zeros((bkv, width), jnp.float32), LAYOUT)
+    dk, dv = lax.fori_loop(0, group, head_steps, (zeros, zeros))
+    # Both consumers are past their last step (and its reads of K and V) before either stages
+    # its share of dK and dV there.
+    pl.when(group * n > 0)(lambda: plgpu.barrier_wait(sc["halves_free"]))
+    keys.at[:, share][...] = (dk * statics.scale).astype(dtype)
+    values.at[:, share][...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(sc["halves_ready"])  # both shares staged: one TMA copies each tile
+    plgpu.barrier_wait(sc["halves_ready"])
+
+    @pl.when(wg == 0)
+    def _store():
+        rows = pl.ds(col0, bkv)
+        plgpu.copy_smem_to_gmem(keys, refs["dk"].at[b, rows, kh])
+        plgpu.copy_smem_to_gmem(values, refs["dv"].at[b, rows, kh])
+        pp.wait_stores(config.async_store)
 
 
 def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, config, dp=None, dq_part=None):
@@ -573,14 +734,22 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
     extras = {name: x for name, x in (extras or {}).items() if x is not None}
     names = ("q", "k", "v", "do", "lse", "delta", *extras)
 
+    if config.split_head and head_dim % (CONSUMERS * 64):
+        raise ValueError(
+            f"BackwardConfig.split_head needs a head dim that is a multiple of {CONSUMERS * 64}, "
+            f"got {head_dim}"
+        )
+    consumer = _dkdv_split_consumer if config.split_head else _dkdv_consumer
+    key_rows = config.key_rows
+
     def flashjax_mosaic_dkdv(*all_refs):
         refs, sc = _launch_refs(all_refs, names, ("dk", "dv"))
         seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
         t = lax.axis_index("t")
-        visits = _visits(refs, statics, seq, t, CONSUMERS * bkv, bq, transposed=True)
+        visits = _visits(refs, statics, seq, t, key_rows, bq, transposed=True)
         pp.warpgroups(
             functools.partial(
-                _dkdv_consumer,
+                consumer,
                 refs,
                 sc,
                 statics=statics,
@@ -594,18 +763,26 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
         )
 
     own_copies = 3 if "kv_seg" in extras else 2
+    owners = 1 if config.split_head else CONSUMERS  # the K/V tiles, each consumer's or shared
     scratch = dict(
-        k=pp.smem_tile((CONSUMERS, bkv, head_dim), dtype),
-        v=pp.smem_tile((CONSUMERS, bkv, head_dim), dtype),
-        own_loaded=plgpu.Barrier(num_arrivals=own_copies, num_barriers=CONSUMERS),
+        k=pp.smem_tile((owners, bkv, head_dim), dtype),
+        v=pp.smem_tile((owners, bkv, head_dim), dtype),
+        own_loaded=plgpu.Barrier(num_arrivals=own_copies, num_barriers=owners),
         turn=plgpu.Barrier(num_arrivals=CONSUMERS),
     )
+    if config.split_head:  # see _dkdv_split_consumer
+        # (keys, queries), each consumer's half of the queries whole 64-byte swizzle rows
+        scratch["p_t"] = pp.smem_tile((bkv, bq), dtype, swizzle=64)
+        scratch["ds_t"] = pp.smem_tile((bkv, bq), dtype, swizzle=64)
+        scratch["halves_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS)
+        scratch["halves_free"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     _ring(scratch, "q", (bq, head_dim), dtype, stages)
     _ring(scratch, "do", (bq, head_dim), dtype, stages)
     _ring(scratch, "lse", (bq,), jnp.float32, stages, swizzled=False)
     _ring(scratch, "delta", (bq,), jnp.float32, stages, swizzled=False)
     if "kv_seg" in extras:
-        scratch["kv_seg"] = plgpu.SMEM((CONSUMERS, bkv), jnp.int32)
+        shape = (bkv,) if config.split_head else (CONSUMERS, bkv)
+        scratch["kv_seg"] = plgpu.SMEM(shape, jnp.int32)
         _ring(scratch, "q_seg", (bq,), jnp.int32, stages, swizzled=False)
     if via_smem:
         scratch["stage"] = pp.smem_tile((CONSUMERS, bkv, bq), dtype)
@@ -624,7 +801,7 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
             scratch["ds_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=ready)
             scratch["ds_free"] = plgpu.Barrier(num_arrivals=CONSUMERS if split else 1)
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-    grid = (seq_k // (CONSUMERS * bkv), num_kv_heads, batch)
+    grid = (seq_k // key_rows, num_kv_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())
     return _kernel(flashjax_mosaic_dkdv, out_type, scratch, grid, config, interpret)(*args)
 
@@ -732,11 +909,21 @@ def _dq_producer(refs, sc, *, config, visits, group):
     pp.produce(streams, visits, config.stages, config.registers[1])
 
 
+def _dq_stages(config: BackwardConfig, head_dim: int, itemsize: int) -> int:
+    """The dQ kernel's K/V stages: the config's, or as many as its shared memory holds beside
+    each consumer's own Q and dO tiles (one at head dim 256, where `split_head` gives the dK/dV
+    kernel two)."""
+    own = 2 * CONSUMERS * config.rows * head_dim * itemsize
+    per_stage = 2 * config.cols * head_dim * itemsize
+    return max(1, min(config.stages, (configs.MOSAIC_SHARED_MEMORY - own) // per_stage))
+
+
 def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, interpret=None):
     """Operands as `dkdv` (Tp a multiple of 2 * rows, Sp of cols) -> dq `(B, Tp, N, D)`; the
     visit lists query-major."""
     batch, seq_q, num_heads, head_dim = q.shape
     group = num_heads // k.shape[2]
+    config = dataclasses.replace(config, stages=_dq_stages(config, head_dim, q.dtype.itemsize))
     bq, bkv, stages = config.rows, config.cols, config.stages
     static_seq = (0, 0, seq_lens[0], seq_lens[1])
     via_smem = interpret is not None
