@@ -197,8 +197,8 @@ BWD_SCHEDULES = [
     # timed), on the 5-GEMM sets above.
     (*_POOLED, *_NAB, "longest_first", "dq_first"),
     (*_POOLED, "split_dq", *_NAB, "longest_first", "late_stats", "dq_first"),
-    # Session 26: FA3's head-dim split of the dK/dV kernel (new, not yet timed; head dims that
-    # are multiples of 128; at 256 two stages fit only with it: BWD_TILES).
+    # Session 26: FA3's head-dim split of both kernels (new, not yet timed; head dims that are
+    # multiples of 128; at 256 two stages fit only with it: BWD_TILES).
     ("split_head", "longest_first"),
     ("split_head", "early_dp", "no_auto_barriers", "longest_first"),
     ("split_head", "early_dp", "no_auto_barriers", "longest_first", "late_stats"),

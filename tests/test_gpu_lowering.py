@@ -364,11 +364,11 @@ def test_mosaic_forward_reading_keys_in_place_lowers() -> None:
 
 
 @pytest.mark.parametrize("feature", ["segments", "dropout", "block-mask", "lengths-offsets"])
-def test_mosaic_split_head_dkdv_lowers(feature: str) -> None:
-    """`BackwardConfig.split_head` (FA3's head-dim split of the dK/dV kernel: S^T and dP^T of
-    half the query columns a consumer, N = 32; the halves staged and read as two K = 32
-    operands; dK and dV stored by column halves) lowers for the H200 at head dims 256 (two
-    stages) and 128, with the features that touch its step."""
+def test_mosaic_split_head_backward_lowers(feature: str) -> None:
+    """`BackwardConfig.split_head` (FA3's head-dim split of both backward kernels: S and dP of
+    half the streamed columns a consumer, N = 32; the halves stored into one 64-byte-swizzled
+    tile, read into registers as the A operand; dK, dV, dQ stored by column halves) lowers for
+    the H200 at head dims 256 (two stages) and 128, with the features that touch its step."""
     from pallas_kernels.mosaic.backward import BackwardConfig
 
     for head_dim in (256, 128):

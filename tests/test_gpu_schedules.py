@@ -167,8 +167,8 @@ def test_registers_240_24_on_gpu(case: Case, options, monkeypatch) -> None:
     _check(case, monkeypatch, forward=forward, backward=backward, registers=(240, 24))
 
 
-# FA3's head-dim split of the dK/dV kernel (`BackwardConfig.split_head`, session 26: written for
-# head dim 256, where one consumer cannot hold dK and dV; two stages fit there only with it).
+# FA3's head-dim split of the backward kernels (`BackwardConfig.split_head`, session 26: written
+# for head dim 256, where one consumer cannot hold dK and dV; two stages fit there only with it).
 SPLIT_HEAD_CASES = [
     Case(B=2, T=1024, S=1100, N=8, K=2, H=256, features=("causal", "segments")),
     Case(B=2, T=1000, S=1300, N=4, K=2, H=256, features=("lengths", "softcap", "dropout")),

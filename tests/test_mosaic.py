@@ -401,7 +401,7 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     back, P computed while dP runs; `no_pingpong`; `longest_first`, heads fastest and dQ's
     query tiles reversed, with visit lists too; `one_body`, the element rule under a `lax.cond`;
     the single kernel, `fused_dq`, `pooled_dq` and `split_dq`; `async_store`; `late_stats`;
-    `split_head`, FA3's head-dim split of the dK/dV kernel at head dim 256) against the float64
+    `split_head`, FA3's head-dim split of both kernels at head dim 256) against the float64
     reference, with no race."""
     config = dataclasses.replace(api.backward_config(case.H), **variant)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
@@ -641,7 +641,7 @@ def test_split_head_refuses_what_it_cannot_run() -> None:
     with pytest.raises(ValueError, match="cols a multiple of 64, got 96"):
         backward.BackwardConfig(split_head=True, cols=96)
     config = backward.BackwardConfig(split_head=True)
-    assert config.key_rows == config.rows and not config.turns
+    assert config.cta_rows == config.rows and not config.turns
     q = jnp.zeros((1, 64, 2, 192), jnp.bfloat16)
     k = jnp.zeros((1, 128, 1, 192), jnp.bfloat16)
     stats = jnp.zeros((1, 2, 64), jnp.float32)

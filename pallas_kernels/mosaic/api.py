@@ -271,10 +271,10 @@ def backward(
         seq_lens=(ops.seq_q, ops.seq_k),
         interpret=interpret_params(interpret),
     )
-    rows, cols, key_rows = CONSUMERS * cfg.rows, cfg.cols, cfg.key_rows
+    rows, cols = cfg.cta_rows, cfg.cols  # a CTA's own keys (dK/dV) or queries (dQ)
     dkdv_lists = dq_lists = None
     if uses_lists(ops):  # key-major tiles for dK/dV, query-major for dQ
-        dkdv_lists = visit_lists(ops, cols, key_rows, t // cols, s // key_rows, transposed=True)
+        dkdv_lists = visit_lists(ops, cols, rows, t // cols, s // rows, transposed=True)
         dq_lists = visit_lists(ops, rows, cols, t // rows, s // cols)
     extras = _extras(ops, t, s, dkdv_lists)
     if cfg.fused_dq:  # the dK/dV kernel adds dQ's parts into this (see BackwardConfig)

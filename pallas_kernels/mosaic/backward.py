@@ -15,7 +15,8 @@ each step's dQ part (dS K, float32) to dQ in GMEM by TMA reduce-add, and the dQ 
 run: five matmuls, FA3's single kernel, whose adds land in a varying order (`pooled_dq`,
 `split_dq`: how the consumers share the part). In interpret mode the register operands of wgmma
 are staged through shared memory, and the dQ parts (no TMA reduction there) go to slices that
-the host sums.
+the host sums. With `BackwardConfig.split_head` (head dim 256) both consumers of a kernel share
+its CTA's rows and split the head dim of the accumulators instead (FA3's layout there).
 """
 
 from __future__ import annotations
@@ -105,14 +106,14 @@ class BackwardConfig:
     # waited for dK too, and the part's store and reduce-add ran with the tensor cores idle;
     # offline SASS, session 22). GPU only, as overlap_dv. Not yet timed.
     dq_first: bool = False
-    # FA3's head-dim split of the dK/dV kernel (for head dim 256, where one consumer cannot
-    # hold dK and dV: 64 x 256 float32 each, 256 registers a thread): a CTA owns `rows` keys
-    # shared by both consumers; consumer c computes S^T and dP^T for its half of each step's
-    # query columns, stores its bf16 P^T and dS^T halves into shared tiles, and adds the whole
-    # tiles' products to dK and dV for its half of the head dim (`_dkdv_split_consumer`). Two
-    # kernels only (not with fused_dq, overlap_dv), no ping-pong; its K/V take half the shared
-    # memory, so two stages fit at 256. Offline (ptxas, 4k, early_dp): 68 bytes of spill at
-    # 232/40, 28 at 240/24. Not yet run on a GPU.
+    # FA3's head-dim split of both kernels (for head dim 256, where one consumer cannot hold
+    # dK and dV, 64 x 256 float32 each, 256 registers a thread, and dQ spilled 484 bytes): a
+    # CTA owns `rows` keys (dK/dV) or queries (dQ) shared by both consumers; consumer c
+    # computes S and dP for its half of each step's streamed columns, stores its bf16 P / dS
+    # half into shared tiles, and adds the whole tiles' products to its half of the head dim
+    # of dK and dV, or dQ (`_dkdv_split_consumer`, `_dq_split_consumer`). Two kernels only
+    # (not with fused_dq, overlap_dv), no ping-pong; the own tiles take half the shared memory,
+    # so two stages fit at 256. Not yet run on a GPU.
     split_head: bool = False
 
     def __post_init__(self):
@@ -134,9 +135,9 @@ class BackwardConfig:
         return not self.no_pingpong and self.stages >= 2 and not pooled and not self.split_head
 
     @property
-    def key_rows(self) -> int:
-        """Keys per dK/dV CTA: each consumer's `rows`, or with `split_head` the `rows` both
-        share."""
+    def cta_rows(self) -> int:
+        """A CTA's own rows (the dK/dV kernel's keys, the dQ kernel's queries): each
+        consumer's `rows`, or with `split_head` the `rows` both share."""
         return self.rows if self.split_head else CONSUMERS * self.rows
 
 
@@ -734,19 +735,15 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
     extras = {name: x for name, x in (extras or {}).items() if x is not None}
     names = ("q", "k", "v", "do", "lse", "delta", *extras)
 
-    if config.split_head and head_dim % (CONSUMERS * 64):
-        raise ValueError(
-            f"BackwardConfig.split_head needs a head dim that is a multiple of {CONSUMERS * 64}, "
-            f"got {head_dim}"
-        )
+    _check_split(config, head_dim)
     consumer = _dkdv_split_consumer if config.split_head else _dkdv_consumer
-    key_rows = config.key_rows
+    cta_rows = config.cta_rows
 
     def flashjax_mosaic_dkdv(*all_refs):
         refs, sc = _launch_refs(all_refs, names, ("dk", "dv"))
         seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
         t = lax.axis_index("t")
-        visits = _visits(refs, statics, seq, t, key_rows, bq, transposed=True)
+        visits = _visits(refs, statics, seq, t, cta_rows, bq, transposed=True)
         pp.warpgroups(
             functools.partial(
                 consumer,
@@ -801,7 +798,7 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
             scratch["ds_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=ready)
             scratch["ds_free"] = plgpu.Barrier(num_arrivals=CONSUMERS if split else 1)
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-    grid = (seq_k // key_rows, num_kv_heads, batch)
+    grid = (seq_k // cta_rows, num_kv_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())
     return _kernel(flashjax_mosaic_dkdv, out_type, scratch, grid, config, interpret)(*args)
 
@@ -892,6 +889,117 @@ def _dq_consumer(refs, sc, *, tile, statics, config, visits, seq, interpret):
     pp.wait_stores(config.async_store)
 
 
+def _dq_split_consumer(refs, sc, *, tile, statics, config, visits, seq, interpret):
+    """`BackwardConfig.split_head` in the dQ kernel: the CTA's `rows` queries shared by both
+    consumers; consumer `wg` computes S and dP for key columns `wg * half ..` of each step,
+    stores dS (bf16) into those columns of the shared `ds_t` tile, and once both halves are
+    there adds the whole tile's product to dQ for head-dim columns `wg * width ..`. Barriers
+    as `_dkdv_split_consumer`'s."""
+    num_heads = refs["q"].shape[2]
+    bq, bkv = config.rows, config.cols
+    half = bkv // CONSUMERS
+    wg = lax.axis_index("wg")
+    b, h = lax.axis_index("b"), lax.axis_index("h")
+    row0 = tile * bq  # the CTA's first query
+    head_dim = sc["q"].shape[-1]
+    width = head_dim // CONSUMERS
+    dtype = sc["q"].dtype
+    mine = pl.ds(pl.multiple_of(wg * half, half), half)  # this consumer's key columns
+    share = pl.ds(pl.multiple_of(wg * width, width), width)  # its head-dim columns
+    in_place = not interpret
+
+    plgpu.set_max_registers(config.registers[0], action="increase")
+    queries, grads, stats, own = (
+        sc["q"].at[0],
+        sc["do"].at[0],
+        sc["stats"].at[0],
+        sc["own_loaded"].at[0],
+    )
+
+    @pl.when(wg == 0)
+    def _load_queries():
+        plgpu.copy_gmem_to_smem(refs["q"].at[b, pl.ds(row0, bq), h], queries, own)
+        plgpu.copy_gmem_to_smem(refs["do"].at[b, pl.ds(row0, bq), h], grads, own)
+        plgpu.copy_gmem_to_smem(refs["lse"].at[b, h, pl.ds(row0, bq)], stats.at[0], own)
+        plgpu.copy_gmem_to_smem(refs["delta"].at[b, h, pl.ds(row0, bq)], stats.at[1], own)
+        if "q_seg" in refs:
+            plgpu.copy_gmem_to_smem(refs["q_seg"].at[b, pl.ds(row0, bq)], sc["q_seg"].at[0], own)
+
+    plgpu.barrier_wait(own)  # one phase: every copy to it arrived
+    lse = _vector(stats.at[0], (bq, half), 0)
+    delta = _vector(stats.at[1], (bq, half), 0)
+    q_segments = None
+    if "q_seg" in refs:
+        q_segments = _vector(sc["q_seg"].at[0], (bq, half), 0)
+    if statics.has_dropout:
+        rows, _ = pp.positions((bq, half), (row0, 0))
+        row_keys = pp.dropout_rows(statics, refs["seeds"], b, h, num_heads, rows)
+
+    def step(i, dq, *, masked: bool):
+        kv = visits.tile(i)
+        slot = lax.rem(i, config.stages)
+        k_tile, v_tile = sc["k"].at[slot], sc["v"].at[slot]
+        plgpu.barrier_wait(sc["k_loaded"].at[slot])
+        positions = functools.partial(pp.positions, (bq, half), (row0, kv * bkv + wg * half))
+
+        def rule(**segments):
+            return visibility.element_visible(
+                statics, *positions(), seq, batch=b, head=h, **segments
+            )
+
+        visible = _tile_rule(sc, "kv_seg", q_segments, slot, rule, transposed=False, cols=mine)
+
+        def probs(qk):
+            def of(mask):
+                s2, tanh = common.scores(qk, statics.scale, statics, None, mask)
+                return _probs(s2, lse), tanh
+
+            return _under_rule(masked, visible, of)
+
+        if config.early_dp:
+            plgpu.barrier_wait(sc["v_loaded"].at[slot])
+        p, tanh, dp = _scores_and_dp(
+            (bq, half),
+            (queries, k_tile.at[mine].T),
+            (grads, v_tile.at[mine].T),
+            pp.Turn(sc["turn"], wg, enabled=False),
+            probs,
+            early=config.early_dp,
+        )
+        if dp is None:
+            plgpu.barrier_wait(sc["v_loaded"].at[slot])
+            dp = pp.matmul(grads, v_tile.at[mine].T, (bq, half))
+        plgpu.barrier_arrive(sc["v_free"].at[slot])
+        if statics.has_dropout:
+            dp = dp * pp.dropout_factor(statics, row_keys, positions()[1])
+        _, ds = common.logits_grad(p, dp, delta, tanh)
+        pl.when(i > 0)(lambda: plgpu.barrier_wait(sc["halves_free"]))
+        sc["ds_t"].at[:, mine][...] = ds.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(sc["halves_ready"])
+        plgpu.barrier_wait(sc["halves_ready"])
+        a = plgpu.load(sc["ds_t"], (), layout=LAYOUT) if in_place else sc["ds_t"]  # as dK/dV's
+        dq = pp.mma_into(dq, a, k_tile.at[:, share], in_place=in_place)
+        plgpu.barrier_arrive(sc["k_free"].at[slot])
+        plgpu.barrier_arrive(sc["halves_free"])
+        return dq
+
+    dq = plgpu.layout_cast(jnp.zeros((bq, width), jnp.float32), LAYOUT)
+    dq = pp.walk(visits, step, dq, one_body=config.one_body)
+    # Both consumers are past their last step (and its reads of Q) before either stages its
+    # share of dQ there.
+    pl.when(visits.count > 0)(lambda: plgpu.barrier_wait(sc["halves_free"]))
+    queries.at[:, share][...] = (dq * statics.scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(sc["halves_ready"])  # both shares staged: one TMA copies the tile
+    plgpu.barrier_wait(sc["halves_ready"])
+
+    @pl.when(wg == 0)
+    def _store():
+        plgpu.copy_smem_to_gmem(queries, refs["dq"].at[b, pl.ds(row0, bq), h])
+        pp.wait_stores(config.async_store)
+
+
 def _dq_producer(refs, sc, *, config, visits, group):
     bkv = config.cols
     b, kh = lax.axis_index("b"), lax.div(lax.axis_index("h"), group)
@@ -909,11 +1017,20 @@ def _dq_producer(refs, sc, *, config, visits, group):
     pp.produce(streams, visits, config.stages, config.registers[1])
 
 
+def _check_split(config: BackwardConfig, head_dim: int) -> None:
+    """`split_head`'s halves of the head dim must be whole 64-column (128-byte) rows."""
+    if config.split_head and head_dim % (CONSUMERS * 64):
+        raise ValueError(
+            f"BackwardConfig.split_head needs a head dim that is a multiple of {CONSUMERS * 64}, "
+            f"got {head_dim}"
+        )
+
+
 def _dq_stages(config: BackwardConfig, head_dim: int, itemsize: int) -> int:
     """The dQ kernel's K/V stages: the config's, or as many as its shared memory holds beside
-    each consumer's own Q and dO tiles (one at head dim 256, where `split_head` gives the dK/dV
-    kernel two)."""
-    own = 2 * CONSUMERS * config.rows * head_dim * itemsize
+    the own Q and dO tiles (at head dim 256 one, or two with `split_head`)."""
+    owners = 1 if config.split_head else CONSUMERS
+    own = 2 * owners * config.rows * head_dim * itemsize
     per_stage = 2 * config.cols * head_dim * itemsize
     return max(1, min(config.stages, (configs.MOSAIC_SHARED_MEMORY - own) // per_stage))
 
@@ -923,6 +1040,7 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
     visit lists query-major."""
     batch, seq_q, num_heads, head_dim = q.shape
     group = num_heads // k.shape[2]
+    _check_split(config, head_dim)
     config = dataclasses.replace(config, stages=_dq_stages(config, head_dim, q.dtype.itemsize))
     bq, bkv, stages = config.rows, config.cols, config.stages
     static_seq = (0, 0, seq_lens[0], seq_lens[1])
@@ -936,11 +1054,11 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
         seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
         t = lax.axis_index("t")
         if config.longest_first:  # the last query tiles see the most keys under a causal mask
-            t = seq_q // (CONSUMERS * bq) - 1 - t
-        visits = _visits(refs, statics, seq, t, CONSUMERS * bq, bkv, transposed=False)
+            t = seq_q // config.cta_rows - 1 - t
+        visits = _visits(refs, statics, seq, t, config.cta_rows, bkv, transposed=False)
         pp.warpgroups(
             functools.partial(
-                _dq_consumer,
+                _dq_split_consumer if config.split_head else _dq_consumer,
                 refs,
                 sc,
                 tile=t,
@@ -954,21 +1072,26 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
         )
 
     own_copies = 5 if "q_seg" in extras else 4  # Q, dO, lse, delta (and segment ids)
+    owners = 1 if config.split_head else CONSUMERS  # the Q/dO tiles, each consumer's or shared
     scratch = dict(
-        q=pp.smem_tile((CONSUMERS, bq, head_dim), dtype),
-        do=pp.smem_tile((CONSUMERS, bq, head_dim), dtype),
-        stats=plgpu.SMEM((CONSUMERS, 2, bq), jnp.float32),
-        own_loaded=plgpu.Barrier(num_arrivals=own_copies, num_barriers=CONSUMERS),
+        q=pp.smem_tile((owners, bq, head_dim), dtype),
+        do=pp.smem_tile((owners, bq, head_dim), dtype),
+        stats=plgpu.SMEM((owners, 2, bq), jnp.float32),
+        own_loaded=plgpu.Barrier(num_arrivals=own_copies, num_barriers=owners),
         turn=plgpu.Barrier(num_arrivals=CONSUMERS),
     )
+    if config.split_head:  # see _dq_split_consumer
+        scratch["ds_t"] = pp.smem_tile((bq, bkv), dtype, swizzle=64)
+        scratch["halves_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS)
+        scratch["halves_free"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     _ring(scratch, "k", (bkv, head_dim), dtype, stages)
     _ring(scratch, "v", (bkv, head_dim), dtype, stages)
     if "q_seg" in extras:
-        scratch["q_seg"] = plgpu.SMEM((CONSUMERS, bq), jnp.int32)
+        scratch["q_seg"] = plgpu.SMEM((owners, bq), jnp.int32)
         _ring(scratch, "kv_seg", (bkv,), jnp.int32, stages, swizzled=False)
     if via_smem:
         scratch["stage"] = pp.smem_tile((CONSUMERS, bq, bkv), dtype)
     out_type = jax.ShapeDtypeStruct(q.shape, dtype)
-    grid = (seq_q // (CONSUMERS * bq), num_heads, batch)
+    grid = (seq_q // config.cta_rows, num_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())
     return _kernel(flashjax_mosaic_dq, out_type, scratch, grid, config, interpret)(*args)
