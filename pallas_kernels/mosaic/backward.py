@@ -261,6 +261,28 @@ def _tile_rule(sc: dict, stream: str, own_segments, slot, rule, transposed: bool
     return lambda: rule(**segments)
 
 
+def _element_rule(statics, positions, seq, batch, head):
+    """A step's element rule, `rule(**segment ids)` (`visibility.element_visible`), its tile's
+    positions made when it is called (`positions()`: `pipeline.positions`)."""
+    return lambda **segments: visibility.element_visible(
+        statics, *positions(), seq, batch=batch, head=head, **segments
+    )
+
+
+def _step_probs(statics, masked, visible, lse):
+    """A step's `probs(S) -> (P, tanh)`: the scores (scale, softcap, and the element rule's mask
+    where the tile needs it: `_under_rule`) against `lse()`, the logsumexp as a tile."""
+
+    def probs(qk):
+        def of(mask):
+            s2, tanh = common.scores(qk, statics.scale, statics, None, mask)
+            return _probs(s2, lse()), tanh
+
+        return _under_rule(masked, visible, of)
+
+    return probs
+
+
 def _under_rule(masked, visible, compute):
     """`compute(mask)` with the element rule's mask (`visible()`) where the tile needs it, else
     `compute(None)`. `masked`: static (the walk's runs: each kind of tile in its own copy of the
@@ -349,21 +371,12 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         plgpu.barrier_wait(sc["q_loaded"].at[slot])
         positions = functools.partial(pp.positions, (bkv, bq), (qt * bq, col0), queries=1)
 
-        def rule(**segments):
-            return visibility.element_visible(
-                statics, *positions(), seq, batch=b, head=head, **segments
-            )
-
+        rule = _element_rule(statics, positions, seq, b, head)
         visible = _tile_rule(sc, "q_seg", kv_segments, slot, rule, transposed=True)
         plgpu.barrier_wait(sc["lse_loaded"].at[slot])
         lse = _stats(sc["lse"].at[slot], (bkv, bq), late=config.late_stats)
 
-        def probs(qk):
-            def of(mask):
-                s2, tanh = common.scores(qk, statics.scale, statics, None, mask)
-                return _probs(s2, lse()), tanh
-
-            return _under_rule(masked, visible, of)
+        probs = _step_probs(statics, masked, visible, lse)
 
         if config.early_dp:
             plgpu.barrier_wait(sc["do_loaded"].at[slot])
@@ -422,6 +435,23 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     pp.wait_stores(config.async_store)
 
 
+def _exchange_halves(sc, halves: dict, mine, not_first, interpret: bool):
+    """`split_head`: this consumer's halves (`halves`: shared tile name -> its columns `mine`,
+    bf16) stored, once both consumers are done with the previous step's tiles (`not_first`:
+    traced, the step has one), and both consumers' halves awaited. Returns `whole(name)`: the
+    whole tile as a wgmma A operand, read into registers on the GPU (an SMEM A operand must
+    share B's 128-byte swizzle, and the 32-column halves are whole rows only of a 64-byte
+    one), in SMEM for the interpreter (which runs no register A operand). The step releases
+    the tiles with `barrier_arrive(sc["halves_free"])` after its last matmul."""
+    pl.when(not_first)(lambda: plgpu.barrier_wait(sc["halves_free"]))
+    for name, value in halves.items():
+        sc[name].at[:, mine][...] = value
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(sc["halves_ready"])
+    plgpu.barrier_wait(sc["halves_ready"])
+    return lambda name: sc[name] if interpret else plgpu.load(sc[name], (), layout=LAYOUT)
+
+
 def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     """`BackwardConfig.split_head`: the CTA's `rows` keys shared by both consumers; consumer
     `wg` computes S^T and dP^T for query columns `wg * half ..` of each step (`half` = cols /
@@ -470,21 +500,12 @@ def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, inter
             pp.positions, (bkv, half), (qt * bq + wg * half, col0), queries=1
         )
 
-        def rule(**segments):
-            return visibility.element_visible(
-                statics, *positions(), seq, batch=b, head=head, **segments
-            )
-
+        rule = _element_rule(statics, positions, seq, b, head)
         visible = _tile_rule(sc, "q_seg", kv_segments, slot, rule, transposed=True, cols=mine)
         plgpu.barrier_wait(sc["lse_loaded"].at[slot])
         lse = _stats(sc["lse"].at[slot, mine], (bkv, half), late=config.late_stats)
 
-        def probs(qk):
-            def of(mask):
-                s2, tanh = common.scores(qk, statics.scale, statics, None, mask)
-                return _probs(s2, lse()), tanh
-
-            return _under_rule(masked, visible, of)
+        probs = _step_probs(statics, masked, visible, lse)
 
         if config.early_dp:
             plgpu.barrier_wait(sc["do_loaded"].at[slot])
@@ -511,24 +532,11 @@ def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, inter
         delta = _vector(sc["delta"].at[slot, mine], (bkv, half), 1)
         _, ds = common.logits_grad(p, dp, delta, tanh)
         plgpu.barrier_arrive(sc["delta_free"].at[slot])
-        pl.when(visit > 0)(lambda: plgpu.barrier_wait(sc["halves_free"]))
-        sc["p_t"].at[:, mine][...] = p_dropped.astype(dtype)
-        sc["ds_t"].at[:, mine][...] = ds.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(sc["halves_ready"])
-        plgpu.barrier_wait(sc["halves_ready"])
-        in_place = not interpret
-
-        def whole(name: str):
-            """Both consumers' halves (keys x all the step's queries) as the A operand: read
-            into registers on the GPU (an SMEM A operand must share B's 128-byte swizzle, and
-            the halves, 32 columns each, are whole rows only of a 64-byte one); in SMEM for the
-            interpreter, which runs no register A operand."""
-            return plgpu.load(sc[name], (), layout=LAYOUT) if in_place else sc[name]
-
-        dv = pp.mma_into(dv, whole("p_t"), do_tile.at[:, share], in_place=in_place)
+        halves = {"p_t": p_dropped.astype(dtype), "ds_t": ds.astype(dtype)}
+        whole = _exchange_halves(sc, halves, mine, visit > 0, interpret)
+        dv = pp.mma_into(dv, whole("p_t"), do_tile.at[:, share], in_place=not interpret)
         plgpu.barrier_arrive(sc["do_free"].at[slot])
-        dk = pp.mma_into(dk, whole("ds_t"), q_tile.at[:, share], in_place=in_place)
+        dk = pp.mma_into(dk, whole("ds_t"), q_tile.at[:, share], in_place=not interpret)
         plgpu.barrier_arrive(sc["q_free"].at[slot])
         plgpu.barrier_arrive(sc["halves_free"])
         return dk, dv
@@ -846,19 +854,12 @@ def _dq_consumer(refs, sc, *, tile, statics, config, visits, seq, interpret):
         plgpu.barrier_wait(sc["k_loaded"].at[slot])
         positions = functools.partial(pp.positions, (bq, bkv), (row0, kv * bkv))
 
-        def rule(**segments):
-            return visibility.element_visible(
-                statics, *positions(), seq, batch=b, head=h, **segments
-            )
-
+        rule = _element_rule(statics, positions, seq, b, h)
         visible = _tile_rule(sc, "kv_seg", q_segments, slot, rule, transposed=False)
 
-        def probs(qk):
-            def of(mask):
-                s2, tanh = common.scores(qk, statics.scale, statics, None, mask)
-                return _probs(s2, lax.broadcast_in_dim(lse, (bq, bkv), [0])), tanh
-
-            return _under_rule(masked, visible, of)
+        probs = _step_probs(
+            statics, masked, visible, lambda: lax.broadcast_in_dim(lse, (bq, bkv), [0])
+        )
 
         if config.early_dp:
             plgpu.barrier_wait(sc["v_loaded"].at[slot])
@@ -906,7 +907,6 @@ def _dq_split_consumer(refs, sc, *, tile, statics, config, visits, seq, interpre
     dtype = sc["q"].dtype
     mine = pl.ds(pl.multiple_of(wg * half, half), half)  # this consumer's key columns
     share = pl.ds(pl.multiple_of(wg * width, width), width)  # its head-dim columns
-    in_place = not interpret
 
     plgpu.set_max_registers(config.registers[0], action="increase")
     queries, grads, stats, own = (
@@ -942,19 +942,10 @@ def _dq_split_consumer(refs, sc, *, tile, statics, config, visits, seq, interpre
         plgpu.barrier_wait(sc["k_loaded"].at[slot])
         positions = functools.partial(pp.positions, (bq, half), (row0, kv * bkv + wg * half))
 
-        def rule(**segments):
-            return visibility.element_visible(
-                statics, *positions(), seq, batch=b, head=h, **segments
-            )
-
+        rule = _element_rule(statics, positions, seq, b, h)
         visible = _tile_rule(sc, "kv_seg", q_segments, slot, rule, transposed=False, cols=mine)
 
-        def probs(qk):
-            def of(mask):
-                s2, tanh = common.scores(qk, statics.scale, statics, None, mask)
-                return _probs(s2, lse), tanh
-
-            return _under_rule(masked, visible, of)
+        probs = _step_probs(statics, masked, visible, lambda: lse)
 
         if config.early_dp:
             plgpu.barrier_wait(sc["v_loaded"].at[slot])
@@ -973,13 +964,8 @@ def _dq_split_consumer(refs, sc, *, tile, statics, config, visits, seq, interpre
         if statics.has_dropout:
             dp = dp * pp.dropout_factor(statics, row_keys, positions()[1])
         _, ds = common.logits_grad(p, dp, delta, tanh)
-        pl.when(i > 0)(lambda: plgpu.barrier_wait(sc["halves_free"]))
-        sc["ds_t"].at[:, mine][...] = ds.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(sc["halves_ready"])
-        plgpu.barrier_wait(sc["halves_ready"])
-        a = plgpu.load(sc["ds_t"], (), layout=LAYOUT) if in_place else sc["ds_t"]  # as dK/dV's
-        dq = pp.mma_into(dq, a, k_tile.at[:, share], in_place=in_place)
+        whole = _exchange_halves(sc, {"ds_t": ds.astype(dtype)}, mine, i > 0, interpret)
+        dq = pp.mma_into(dq, whole("ds_t"), k_tile.at[:, share], in_place=not interpret)
         plgpu.barrier_arrive(sc["k_free"].at[slot])
         plgpu.barrier_arrive(sc["halves_free"])
         return dq

@@ -67,21 +67,15 @@ def mma_into(acc: jax.Array, a, b, *, in_place: bool, meanwhile=None) -> jax.Arr
     fresh accumulator and is added (the CPU interpreter runs no `ACC.init` state). `meanwhile`:
     called after the wgmma is issued, before it is awaited (in place only).
     """
-    return mma_sum_into(acc, ((a, b),), in_place=in_place, meanwhile=meanwhile)
-
-
-def mma_sum_into(acc: jax.Array, pairs, *, in_place: bool, meanwhile=None) -> jax.Array:
-    """`acc` plus the sum of `a @ b` over `pairs`, as `mma_into`."""
     if in_place:
 
         def accumulate(acc_ref):
-            for a, b in pairs:
-                plgpu.wgmma(acc_ref, a, b)
+            plgpu.wgmma(acc_ref, a, b)
             if meanwhile is not None:
                 meanwhile()
 
         return pl.run_state(accumulate)(plgpu.ACC.init(acc))
-    return acc + matmul_sum(pairs, acc.shape)
+    return acc + matmul(a, b, acc.shape)
 
 
 def operand(x: jax.Array, staging, *, via_smem: bool):
