@@ -292,10 +292,13 @@ def _under_rule(masked, visible, compute):
     return lax.cond(masked, lambda: compute(visible()), lambda: compute(None))
 
 
-def _scores_and_dp(shape, s_operands, dp_operands, turns, probs, *, early: bool):
+def _scores_and_dp(shape, s_operands, dp_operands, turns, probs, dp_loaded, *, early: bool):
     """One step's S = a @ b (`s_operands`) turned into `probs(S) -> (P, tanh)`; with `early`
-    (`BackwardConfig.early_dp`) dP (`dp_operands`) is issued right after S and P is computed while
-    it runs. Returns (P, tanh, dP or None); the consumers' turn is synced after the issue."""
+    (`BackwardConfig.early_dp`) dP (`dp_operands`) is issued right after S, once `dp_loaded`
+    (its streamed operand's barrier) is awaited, and P is computed while it runs. Returns (P,
+    tanh, dP or None: `_late_dp`); the consumers' turn is synced after the issue."""
+    if early:
+        plgpu.barrier_wait(dp_loaded)
 
     def products(s_ref, dp_ref=None):
         plgpu.wgmma(s_ref, *s_operands)
@@ -311,6 +314,15 @@ def _scores_and_dp(shape, s_operands, dp_operands, turns, probs, *, early: bool)
     if early:
         return pl.run_scoped(products, acc, acc)
     return (*probs(pl.run_scoped(products, acc)), None)
+
+
+def _late_dp(dp, dp_operands, dp_loaded, shape):
+    """dP as `_scores_and_dp` returned it, or (without `early_dp`) issued now, once its
+    streamed operand is loaded (`dp_loaded`)."""
+    if dp is not None:
+        return dp
+    plgpu.barrier_wait(dp_loaded)
+    return pp.matmul(*dp_operands, shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,10 +390,9 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
 
         probs = _step_probs(statics, masked, visible, lse)
 
-        if config.early_dp:
-            plgpu.barrier_wait(sc["do_loaded"].at[slot])
+        dp_operands, dp_loaded = (my_v, do_tile.T), sc["do_loaded"].at[slot]
         p, tanh, dp = _scores_and_dp(
-            (bkv, bq), (my_k, q_tile.T), (my_v, do_tile.T), turns, probs, early=config.early_dp
+            (bkv, bq), (my_k, q_tile.T), dp_operands, turns, probs, dp_loaded, early=config.early_dp
         )
         plgpu.barrier_arrive(sc["lse_free"].at[slot])
         factor = None
@@ -393,9 +404,7 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
             turns.done()
             turns.wait()
             return _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, (dk, dv), config, dp, dq_part)
-        if dp is None:
-            plgpu.barrier_wait(sc["do_loaded"].at[slot])
-            dp = pp.matmul(my_v, do_tile.T, (bkv, bq))
+        dp = _late_dp(dp, dp_operands, dp_loaded, p.shape)
         p_dropped = p
         if factor is not None:
             p_dropped, dp = p * factor, dp * factor
@@ -473,6 +482,7 @@ def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, inter
     mine = pl.ds(pl.multiple_of(wg * half, half), half)  # this consumer's query columns
     share = pl.ds(pl.multiple_of(wg * width, width), width)  # its head-dim columns
 
+    no_turns = pp.Turn(sc["turn"], wg, enabled=False)  # each step needs both halves
     plgpu.set_max_registers(config.registers[0], action="increase")
     keys, values, own = sc["k"].at[0], sc["v"].at[0], sc["own_loaded"].at[0]
 
@@ -507,20 +517,18 @@ def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, inter
 
         probs = _step_probs(statics, masked, visible, lse)
 
-        if config.early_dp:
-            plgpu.barrier_wait(sc["do_loaded"].at[slot])
+        dp_operands, dp_loaded = (values, do_tile.at[mine].T), sc["do_loaded"].at[slot]
         p, tanh, dp = _scores_and_dp(
             (bkv, half),
             (keys, q_tile.at[mine].T),
-            (values, do_tile.at[mine].T),
-            pp.Turn(sc["turn"], wg, enabled=False),
+            dp_operands,
+            no_turns,
             probs,
+            dp_loaded,
             early=config.early_dp,
         )
         plgpu.barrier_arrive(sc["lse_free"].at[slot])
-        if dp is None:
-            plgpu.barrier_wait(sc["do_loaded"].at[slot])
-            dp = pp.matmul(values, do_tile.at[mine].T, (bkv, half))
+        dp = _late_dp(dp, dp_operands, dp_loaded, p.shape)
         if statics.has_dropout:  # transposed tile: queries along dim 1, keys along dim 0
             rows, cols = positions()
             rows = pp.dropout_rows(statics, refs["seeds"], b, head, num_heads, rows)
@@ -861,14 +869,11 @@ def _dq_consumer(refs, sc, *, tile, statics, config, visits, seq, interpret):
             statics, masked, visible, lambda: lax.broadcast_in_dim(lse, (bq, bkv), [0])
         )
 
-        if config.early_dp:
-            plgpu.barrier_wait(sc["v_loaded"].at[slot])
+        dp_operands, dp_loaded = (my_do, v_tile.T), sc["v_loaded"].at[slot]
         p, tanh, dp = _scores_and_dp(
-            (bq, bkv), (my_q, k_tile.T), (my_do, v_tile.T), turns, probs, early=config.early_dp
+            (bq, bkv), (my_q, k_tile.T), dp_operands, turns, probs, dp_loaded, early=config.early_dp
         )
-        if dp is None:
-            plgpu.barrier_wait(sc["v_loaded"].at[slot])
-            dp = pp.matmul(my_do, v_tile.T, (bq, bkv))
+        dp = _late_dp(dp, dp_operands, dp_loaded, p.shape)
         plgpu.barrier_arrive(sc["v_free"].at[slot])
         if statics.has_dropout:
             dp = dp * pp.dropout_factor(statics, row_keys, positions()[1])
@@ -908,6 +913,7 @@ def _dq_split_consumer(refs, sc, *, tile, statics, config, visits, seq, interpre
     mine = pl.ds(pl.multiple_of(wg * half, half), half)  # this consumer's key columns
     share = pl.ds(pl.multiple_of(wg * width, width), width)  # its head-dim columns
 
+    no_turns = pp.Turn(sc["turn"], wg, enabled=False)  # each step needs both halves
     plgpu.set_max_registers(config.registers[0], action="increase")
     queries, grads, stats, own = (
         sc["q"].at[0],
@@ -947,19 +953,17 @@ def _dq_split_consumer(refs, sc, *, tile, statics, config, visits, seq, interpre
 
         probs = _step_probs(statics, masked, visible, lambda: lse)
 
-        if config.early_dp:
-            plgpu.barrier_wait(sc["v_loaded"].at[slot])
+        dp_operands, dp_loaded = (grads, v_tile.at[mine].T), sc["v_loaded"].at[slot]
         p, tanh, dp = _scores_and_dp(
             (bq, half),
             (queries, k_tile.at[mine].T),
-            (grads, v_tile.at[mine].T),
-            pp.Turn(sc["turn"], wg, enabled=False),
+            dp_operands,
+            no_turns,
             probs,
+            dp_loaded,
             early=config.early_dp,
         )
-        if dp is None:
-            plgpu.barrier_wait(sc["v_loaded"].at[slot])
-            dp = pp.matmul(grads, v_tile.at[mine].T, (bq, half))
+        dp = _late_dp(dp, dp_operands, dp_loaded, p.shape)
         plgpu.barrier_arrive(sc["v_free"].at[slot])
         if statics.has_dropout:
             dp = dp * pp.dropout_factor(statics, row_keys, positions()[1])
