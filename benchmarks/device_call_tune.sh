@@ -19,8 +19,9 @@
 # REPRO_SETS (forward option sets, e.g. "named_free,named_barriers"): first, each set run alone
 # in its own process at REPRO_AT ("HEAD_DIM SEQ", default "128 1024"), causal and not, against
 # the default forward (benchmarks/repro_overlap.py: a fault kills only that process).
+# TIER (seconds): first, the whole GPU tier (`gpu_tier`) within that limit.
 # Usage (device tool, from the repo root):
-#   COMMIT=<sha> [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
+#   COMMIT=<sha> [TIER=270] [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
 #     [WITH=async_store] [REGISTERS=240,24] [GROUP=8] [REPRO_SETS=named_free] [FMA_COLUMNS=16,24] \
 #     [RETILE=64:64:2] \
 #     bash benchmarks/device_call_tune.sh
@@ -29,6 +30,10 @@ export PYTHONPATH=$PYTHONPATH:benchmarks
 L="$OUT/logs"
 mkdir -p "$L"
 echo "commit $C" > "$L/commit.txt"
+if [ -n "$TIER" ]; then
+  gpu_tier "$TIER" "$L/gpu_tier.log"
+  grep -E "FAILED|ERROR|passed|failed" "$L/gpu_tier.log" | tail -20
+fi
 if [ -n "$REPRO_SETS" ]; then
   REPRO_SETS=$REPRO_SETS REPRO_REPS=${REPRO_REPS:-3} timeout 120 python3 \
     benchmarks/repro_overlap.py ${REPRO_AT:-128 1024} > "$L/repro.log" 2>&1
