@@ -19,9 +19,10 @@
 # REPRO_SETS (forward option sets, e.g. "named_free,named_barriers"): first, each set run alone
 # in its own process at REPRO_AT ("HEAD_DIM SEQ", default "128 1024"), causal and not, against
 # the default forward (benchmarks/repro_overlap.py: a fault kills only that process).
-# TIER (seconds): first, the whole GPU tier (`gpu_tier`) within that limit.
+# TIER (seconds): first, the whole GPU tier (`gpu_tier`) within that limit. BENCH: then one
+# `python -m flashjax bench` with these arguments (e.g. the anchors of a sweep's shapes).
 # Usage (device tool, from the repo root):
-#   COMMIT=<sha> [TIER=270] [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
+#   COMMIT=<sha> [TIER=270] [BENCH="--head-dims 256 --seqlens 4096"] [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
 #     [WITH=async_store] [REGISTERS=240,24] [GROUP=8] [REPRO_SETS=named_free] [FMA_COLUMNS=16,24] \
 #     [RETILE=64:64:2] \
 #     bash benchmarks/device_call_tune.sh
@@ -33,6 +34,11 @@ echo "commit $C" > "$L/commit.txt"
 if [ -n "$TIER" ]; then
   gpu_tier "$TIER" "$L/gpu_tier.log"
   grep -E "FAILED|ERROR|passed|failed" "$L/gpu_tier.log" | tail -20
+fi
+if [ -n "$BENCH" ]; then
+  timeout 150 python3 -m flashjax bench $BENCH --no-ncu --commit "$C" --out "$L/bench" \
+    > "$L/bench.log" 2>&1
+  tail -30 "$L/bench.log"
 fi
 if [ -n "$REPRO_SETS" ]; then
   REPRO_SETS=$REPRO_SETS REPRO_REPS=${REPRO_REPS:-3} timeout 120 python3 \
