@@ -377,7 +377,7 @@ def all_backends(xla_max_bytes: int = DEFAULT_XLA_MAX_BYTES) -> list[Backend]:
         JaxBackend(
             "flashjax_mosaic",
             dpa_call("flashjax", "mosaic"),
-            "flashjax Hopper kernels on Mosaic GPU (Triton backward at the head dims of configs.MOSAIC_BACKWARD_ON_TRITON)",
+            "flashjax Hopper kernels on Mosaic GPU (backward on Triton at some head dims)",
             _sm90,
         ),
         JaxBackend(
