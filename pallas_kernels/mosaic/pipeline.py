@@ -304,7 +304,9 @@ def compiler_params(no_auto_barriers: bool) -> plgpu.CompilerParams:
     docstring says the insertion is conservative and may cost speed). Safe here: no thread
     reads back SMEM it wrote (the epilogues write the output tile, then only the TMA reads it),
     and nothing overwrites committed SMEM before its copy is awaited."""
-    return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=no_auto_barriers)
+    return plgpu.CompilerParams(
+        approx_math=True, unsafe_no_auto_barriers=no_auto_barriers, reduction_scratch_bytes=0
+    )
 
 
 class Turn:
