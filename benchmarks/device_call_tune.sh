@@ -20,7 +20,8 @@
 # REPRO_SETS (forward option sets, e.g. "named_free,named_barriers"): first, each set run alone
 # in its own process at REPRO_AT ("HEAD_DIM SEQ", default "128 1024"), causal and not, against
 # the default forward (benchmarks/repro_overlap.py: a fault kills only that process).
-# TIER (seconds): first, the whole GPU tier (`gpu_tier`) within that limit. BENCH: then one
+# DEADLINE (s, default 585): no sweep runs past it. TIER (seconds): first, the whole GPU tier
+# (`gpu_tier`) within that limit. BENCH: then one
 # `python -m flashjax bench` with these arguments (e.g. the anchors of a sweep's shapes).
 # Usage (device tool, from the repo root):
 #   COMMIT=<sha> [TIER=270] [BENCH="--head-dims 256 --seqlens 4096"] [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
@@ -64,7 +65,7 @@ for sweep in ${SWEEPS:-128,64,256::8192}; do
   retile=${retile:-$RETILE}
   retile=${retile//x/:}
   name="tune_${dims//,/-}_${only:-both}_$seq${with:+_$with}${group:+_g$group}${retile:+_${retile//:/x}}"
-  timeout "$(until_s 585)" python3 benchmarks/tune_mosaic.py "$L/$name.json" ${dims//,/ } \
+  timeout "$(until_s "${DEADLINE:-585}")" python3 benchmarks/tune_mosaic.py "$L/$name.json" ${dims//,/ } \
     ${only:+--only "$only"} --seq "$seq" ${tiles:+--tiles} ${with:+--with "$with"} \
     ${WITHOUT:+--without "$WITHOUT"} ${REGISTERS:+--registers "$REGISTERS"} \
     ${group:+--group "$group"} ${FMA_COLUMNS:+--fma-columns "$FMA_COLUMNS"} ${retile:+--retile "$retile"} > "$L/$name.log" 2>&1
