@@ -312,7 +312,15 @@ MOSAIC_BACKWARD: dict[int, MosaicBackward] = {
         ),
     ),
     192: MosaicBackward(64, 64, 1),
-    256: MosaicBackward(64, 64, 1),
+    # FA3's head-dim split (`split_head`: the consumers share a CTA's 64 rows, each holding half
+    # the head dim of dK/dV or dQ), which makes two stages fit, with FA3's (240, 24) registers.
+    # Swept interleaved on the H200 in session 28 (T = 4k, bf16, `device_call_tune.sh`
+    # SWEEPS="256:bwd:4096:tiles:split_head" REGISTERS=240,24 at 0119972; its logs were lost
+    # with that session, the numbers are from its notes; re-measured in session 29's bench):
+    # non-causal 9.918 ms (one stage, no split) -> 4.016 ms (342 TFLOP/s, with early_dp,
+    # no_auto_barriers and late_stats on top) / 339 TFLOP/s (these options), causal 5.999 ->
+    # 2.258 ms (304 TFLOP/s, these options; the best). The Triton backward reached 195-234.
+    256: MosaicBackward(64, 64, 2, ("split_head", "longest_first"), registers=(240, 24)),
 }
 # Head dims whose backward the "mosaic" backend hands to the Triton kernels (same residuals: out
 # and the natural-log lse). Measured on the H200 (benchmarks/results/2026-11-30-h200-mosaic:
@@ -328,7 +336,9 @@ MOSAIC_BACKWARD: dict[int, MosaicBackward] = {
 # no_auto_barriers) ties the two kernels non-causal (7.51 vs 7.51 ms) and wins causal (3.93 vs
 # 4.20 ms), so it is head dim 64's default (deterministic=True drops fused_dq: two kernels); at
 # head dim 128 it is 1.55x slower and fused_dq alone 1.17x slower, and one_body 1-6% slower.
-MOSAIC_BACKWARD_ON_TRITON: frozenset[int] = frozenset({192, 256})
+# Head dim 256 moved to Mosaic in session 28 (split_head, above); 192 cannot split (halves of
+# 96 columns are not whole 64-column rows) and stays on Triton.
+MOSAIC_BACKWARD_ON_TRITON: frozenset[int] = frozenset({192})
 MOSAIC_HEAD_DIM_MULTIPLE = 64  # wgmma tiles the head dim in 64-element (128-byte) swizzled rows
 
 # The pure-XLA chunked path (flashjax/backends/chunked.py): the largest tile, queries and keys, of

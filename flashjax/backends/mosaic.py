@@ -2,8 +2,8 @@
 design: TMA producer warpgroup, two consumer warpgroups in ping-pong, wgmma from shared memory and
 registers. The default (`implementation=None`) on sm90 for every call it serves; the rest
 (head-dependent or finely blocked block masks, a traced scale) goes to "triton". The backward runs
-the Mosaic dK/dV and dQ kernels at head dim 128 without a bias, and hands the rest to the Triton
-kernels (faster at the other head dims today: configs.MOSAIC_BACKWARD_ON_TRITON).
+the Mosaic dK/dV and dQ kernels (or at head dim 64 one kernel) without a bias, and hands a bias
+call and head dim 192 to the Triton kernels (configs.MOSAIC_BACKWARD_ON_TRITON).
 """
 
 from __future__ import annotations

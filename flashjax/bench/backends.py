@@ -377,7 +377,7 @@ def all_backends(xla_max_bytes: int = DEFAULT_XLA_MAX_BYTES) -> list[Backend]:
         JaxBackend(
             "flashjax_mosaic",
             dpa_call("flashjax", "mosaic"),
-            "flashjax Hopper kernels on Mosaic GPU (backward on Triton at some head dims)",
+            "flashjax Hopper kernels on Mosaic GPU (a bias or head dim 192: Triton backward)",
             _sm90,
         ),
         JaxBackend(
