@@ -22,9 +22,10 @@
 # the default forward (benchmarks/repro_overlap.py: a fault kills only that process).
 # DEADLINE (s, default 585): no sweep runs past it. TIER (seconds): first, the whole GPU tier
 # (`gpu_tier`) within that limit. BENCH: then one
-# `python -m flashjax bench` with these arguments (e.g. the anchors of a sweep's shapes).
+# `python -m flashjax bench` with these arguments (e.g. the anchors of a sweep's shapes), within
+# BENCH_S seconds (default 150).
 # Usage (device tool, from the repo root):
-#   COMMIT=<sha> [TIER=270] [BENCH="--head-dims 256 --seqlens 4096"] [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
+#   COMMIT=<sha> [TIER=270] [BENCH="--head-dims 256 --seqlens 4096"] [BENCH_S=150] [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
 #     [WITH=async_store] [REGISTERS=240,24] [GROUP=8] [REPRO_SETS=named_free] [FMA_COLUMNS=16,24] \
 #     [RETILE=64:64:2] \
 #     bash benchmarks/device_call_tune.sh
@@ -38,7 +39,7 @@ if [ -n "$TIER" ]; then
   grep -E "FAILED|ERROR|passed|failed" "$L/gpu_tier.log" | tail -20
 fi
 if [ -n "$BENCH" ]; then
-  timeout 150 python3 -m flashjax bench $BENCH --no-ncu --commit "$C" --out "$L/bench" \
+  timeout "${BENCH_S:-150}" python3 -m flashjax bench $BENCH --no-ncu --commit "$C" --out "$L/bench" \
     > "$L/bench.log" 2>&1
   tail -30 "$L/bench.log"
 fi
