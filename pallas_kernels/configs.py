@@ -174,6 +174,11 @@ class MosaicForward:
 # the persistent set up to 2k rows, exp2_fma past it. Non-causal it loses with three consumers
 # (8k 2.253 -> 2.452, 16k 4.357 -> 4.538) and with the persistent set at 1k (0.349 -> 0.363),
 # and ties the grid at 2k (0.676 -> 0.678): off there.
+# Session 29 (results/2026-12-05-h100-s29/call3-4, on an H100): head dim 128's causal rule up to
+# 512 rows (FA3's persistent set, from session 13's sweep, timed before session 20's batched
+# timer) lost in the standard bench (213 TFLOP/s against cuDNN's 263) and in the interleaved
+# sweep at 512: 0.167 ms against 0.135 for the row's options alone (persistent with them 0.175,
+# without longest_first 0.172): dropped.
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 _FA3_PACKED = (*_FA3_PERSISTENT, "pack_heads")
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
@@ -217,7 +222,6 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
                 drop=("longest_first", "fold_scale", "overlap_qk"),
                 options=("persistent",),
             ),
-            CallRule(causal=True, max_rows=512, options=_FA3_PERSISTENT),
             CallRule(
                 causal=True,
                 min_rows=4096,
