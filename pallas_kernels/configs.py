@@ -178,7 +178,9 @@ class MosaicForward:
 # 512 rows (FA3's persistent set, from session 13's sweep, timed before session 20's batched
 # timer) lost in the standard bench (213 TFLOP/s against cuDNN's 263) and in the interleaved
 # sweep at 512: 0.167 ms against 0.135 for the row's options alone (persistent with them 0.175,
-# without longest_first 0.172): dropped.
+# without longest_first 0.172): dropped for calls without GQA (call5: the row's options alone
+# 0.137 ms at 512, best of 32 within 2%; at 256 0.113 ms, best within 1%). With 8 query heads per
+# KV head at 256 rows the persistent set stays (0.075 ms against 0.104 without it): a GQA rule.
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 _FA3_PACKED = (*_FA3_PERSISTENT, "pack_heads")
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
@@ -228,6 +230,7 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
                 max_rows=8192,
                 options=("overlap_qk", "no_auto_barriers"),
             ),
+            CallRule(causal=True, max_rows=512, min_group=2, options=_FA3_PERSISTENT),
             CallRule(causal=False, max_rows=512, min_group=2, options=_FA3_PACKED),
             CallRule(
                 causal=True,
