@@ -4,10 +4,11 @@
 # SCHEDULES, backward BWD_SCHEDULES). First, those options against the float64 reference on
 # feature-rich cases (`pytest -m gpu_schedules`, `-k "$K"` when K is set). Each sweep candidate
 # is also checked against configs.py's choice; a hang shows in the log as the last "checked" line.
-# SWEEPS: space-separated DIMS:ONLY:SEQ[:tiles[:with[:group[:retile]]]] (ONLY fwd, bwd or empty
-# for both; tiles: the tile grid too; with: that sweep's option sets only those that include this
-# option; group: query heads per KV head of its shape, tune_mosaic.py --group, default GROUP;
-# retile: QxKVxST, that sweep's RETILE, e.g. 128:fwd:4096::configured::64x128x3), run in
+# SWEEPS: space-separated DIMS:ONLY:SEQ[:tiles[:with[:group[:retile[:causal]]]]] (ONLY fwd, bwd
+# or empty for both; tiles: the tile grid too; with: that sweep's option sets only those that
+# include this option; group: query heads per KV head of its shape, tune_mosaic.py --group,
+# default GROUP; retile: QxKVxST, that sweep's RETILE, e.g. 128:fwd:4096::configured::64x128x3;
+# causal: yes or no, one mode only, e.g. 128:fwd:512:::8::yes), run in
 # order within the time left; default one sweep of head dims 128, 64, 256 at 8k, both kernels.
 # WITH: the `with` of every sweep that names none. REGISTERS (C,P): every sweep's candidates also
 # with that setmaxnreg split (tune_mosaic.py --registers); with `configured` as a sweep's `with`,
@@ -60,16 +61,17 @@ if [ -n "$K" ] && [ $rc = 124 ]; then
 fi
 grep -E "FAILED|ERROR|passed|failed" "$L/gpu_schedules.log" | tail -20
 for sweep in ${SWEEPS:-128,64,256::8192}; do
-  IFS=: read -r dims only seq tiles with group retile <<< "$sweep"
+  IFS=: read -r dims only seq tiles with group retile causal <<< "$sweep"
   with=${with:-$WITH}
   group=${group:-$GROUP}
   retile=${retile:-$RETILE}
   retile=${retile//x/:}
-  name="tune_${dims//,/-}_${only:-both}_$seq${with:+_$with}${group:+_g$group}${retile:+_${retile//:/x}}"
+  name="tune_${dims//,/-}_${only:-both}_$seq${with:+_$with}${group:+_g$group}${retile:+_${retile//:/x}}${causal:+_causal-$causal}"
   timeout "$(until_s "${DEADLINE:-585}")" python3 benchmarks/tune_mosaic.py "$L/$name.json" ${dims//,/ } \
     ${only:+--only "$only"} --seq "$seq" ${tiles:+--tiles} ${with:+--with "$with"} \
     ${WITHOUT:+--without "$WITHOUT"} ${REGISTERS:+--registers "$REGISTERS"} \
-    ${group:+--group "$group"} ${FMA_COLUMNS:+--fma-columns "$FMA_COLUMNS"} ${retile:+--retile "$retile"} > "$L/$name.log" 2>&1
+    ${group:+--group "$group"} ${FMA_COLUMNS:+--fma-columns "$FMA_COLUMNS"} ${retile:+--retile "$retile"} \
+    ${causal:+--causal "$causal"} > "$L/$name.log" 2>&1
   grep -A4 BEST "$L/$name.log"
 done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs
