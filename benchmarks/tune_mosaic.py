@@ -93,6 +93,13 @@ SCHEDULES = [
     ("longest_first", "fold_scale", "exp2_fma"),
     ("async_store", "persistent", "prefetch_q", "exp2_fma"),
     ("longest_first", "fold_scale", "overlap_qk", "exp2_fma"),
+    # Session 31: named_free with FA3's persistent set was the best at head dim 64 non-causal 2k
+    # on the H100 (session 29, 1.051x configs.py); with exp2_fma (1.06x on that set there), with
+    # the row's options, without prefetch_q, and without automatic barriers.
+    ("async_store", "persistent", "prefetch_q", "named_free", "exp2_fma"),
+    ("longest_first", "fold_scale", "async_store", "persistent", "prefetch_q", "named_free"),
+    ("async_store", "persistent", "named_free"),
+    ("async_store", "persistent", "prefetch_q", "named_free", "no_auto_barriers"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 # Session 11: three consumer warpgroups at head dim 64 (FA3's 192-row tiles; new, not yet run on
@@ -103,6 +110,8 @@ THREE_CONSUMERS = [
     ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers"),
     ("longest_first", "fold_scale", "persistent", "async_store", "prefetch_q"),
     ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers", "exp2_fma"),  # session 23
+    ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers", "named_free"),  # session 31
+    ("async_store", "persistent", "prefetch_q", "named_free"),  # session 31
 ]
 BWD_TILES = {
     64: [(64, 64, 2), (64, 64, 3), (64, 128, 2)],

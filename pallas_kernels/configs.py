@@ -181,6 +181,10 @@ class MosaicForward:
 # without longest_first 0.172): dropped for calls without GQA (call5: the row's options alone
 # 0.137 ms at 512, best of 32 within 2%; at 256 0.113 ms, best within 1%). With 8 query heads per
 # KV head at 256 rows the persistent set stays (0.075 ms against 0.104 without it): a GQA rule.
+# Session 29 (results/2026-12-05-h100-s29/call5, H100): head dim 64 non-causal at 2k, FA3's
+# persistent set with `named_free` (K/V slots released on hardware named barriers) 0.667 ms
+# against the row's 0.700 (1.051x, best of 32; without named_free the set took 0.726). Session
+# 31 takes it from 1k to 4k rows, pending its sweep with the new named_free sets.
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 _FA3_PACKED = (*_FA3_PERSISTENT, "pack_heads")
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
@@ -205,6 +209,13 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
                 max_rows=1024,
                 drop=("longest_first", "fold_scale"),
                 options=_FA3_PERSISTENT,
+            ),
+            CallRule(
+                causal=False,
+                min_rows=1025,
+                max_rows=4095,
+                drop=("longest_first", "fold_scale"),
+                options=(*_FA3_PERSISTENT, "named_free"),
             ),
             CallRule(
                 causal=False, min_rows=4096, consumers=3, options=("overlap_qk", "no_auto_barriers")
