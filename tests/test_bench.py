@@ -338,8 +338,10 @@ class _CannotBind(Backend):
         raise ValueError("no such layout")
 
 
-@pytest.mark.parametrize("workers", [1, 2], ids=["serial-compile", "threaded-compile"])
-def test_failing_backends_become_status_rows(workers):
+@pytest.mark.parametrize(
+    ("workers", "rounds"), [(1, 1), (2, 2)], ids=["serial-compile", "threaded-compile-2-rounds"]
+)
+def test_failing_backends_become_status_rows(workers, rounds):
     case = Case(batch=2, seq=32, heads=2, head_dim=16, causal=True, dtype="float32")
     backends = [
         JaxBackend("good", _good),
@@ -353,7 +355,10 @@ def test_failing_backends_become_status_rows(workers):
         _CannotBind(),
     ]
     lines = []
-    rows = sweep.run_sweep([case], backends, policy=FAST, compile_workers=workers, log=lines.append)
+    policy = dataclasses.replace(FAST, rounds=rounds)
+    rows = sweep.run_sweep(
+        [case], backends, policy=policy, compile_workers=workers, log=lines.append
+    )
     assert len(lines) == len(backends) + 1  # one per backend, then the case's time
     assert lines[-1].startswith("[1/1] B2-T32-N2-H16-causal took")
     status = {(r["backend"], r["mode"]): r["status"] for r in rows}
@@ -788,3 +793,25 @@ def test_io_and_memory_reject_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
+
+
+def test_interleaved_rotates_and_keeps_the_fastest_round():
+    """Each program timed once per round, the order rotated each round; the fastest round's
+    Timing kept with every round's median as samples; a program that raises runs no more."""
+    order = []
+    seconds = {"a": [3.0, 1.0, 2.0], "b": [1.5, 2.5, 0.5]}
+
+    def job(name):
+        def run():
+            order.append(name)
+            if name == "bad":
+                raise RuntimeError("boom")
+            return timing.Timing(seconds[name][sum(o == name for o in order) - 1], (), 1)
+
+        return run
+
+    got = timing.interleaved({k: job(k) for k in ("a", "b", "bad")}, rounds=3)
+    assert order == ["a", "b", "bad", "b", "a", "a", "b"]
+    assert got["a"].seconds == 1.0 and got["a"].samples == (3.0, 1.0, 2.0)
+    assert got["b"].seconds == 0.5 and got["b"].samples == (1.5, 2.5, 0.5)
+    assert isinstance(got["bad"], RuntimeError)

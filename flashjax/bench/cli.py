@@ -455,13 +455,15 @@ def _resolve(args: argparse.Namespace, on_gpu: bool) -> dict[str, Any]:
 
 
 def _policy(on_gpu: bool, reps: int) -> Any:
-    """The timing policy every mode uses: `reps` timed batches after warm-up."""
+    """The timing policy every mode uses: `reps` timed batches after warm-up; on a GPU three
+    rounds per program, the backends of a case interleaved (`timing.interleaved`)."""
     from flashjax.bench import timing
 
     return timing.TimingPolicy(
         reps=reps,
         warmup=2 if on_gpu else 1,
         target_batch_s=0.025 if on_gpu else 0.02,
+        rounds=3 if on_gpu else 1,
     )
 
 

@@ -168,20 +168,20 @@ def prepare(runner: Runner, kind: str) -> Prepared:
     return Prepared(temp, None, time.perf_counter() - start)
 
 
-def measure_kind(
+def check_kind(
     runner: Runner,
     kind: str,
     case: Case,
     reference: Reference,
-    policy: timing.TimingPolicy,
     prepared: Prepared | None = None,
 ) -> KindResult:
-    """Compile (unless `prepared`), check, then time one program; failures become the status."""
+    """Compile (unless `prepared`) and check one program, untimed; failures become the status."""
     prepared = prepared or prepare(runner, kind)
     if prepared.error is not None:
         return KindResult(*describe_error(prepared.error), compile_s=prepared.seconds)
-    temp = prepared.temp_bytes
-    result = functools.partial(KindResult, temp_bytes=temp, compile_s=prepared.seconds)
+    result = functools.partial(
+        KindResult, temp_bytes=prepared.temp_bytes, compile_s=prepared.seconds
+    )
     try:
         got = runner.outputs(kind, reference.batch, reference.heads)
     except Exception as e:
@@ -196,14 +196,19 @@ def measure_kind(
         if not passed:
             worst = max(errs.values(), default=None)
             return result("check_failed", why, rel_err=worst, rel_errs=errs)
-    try:
-        t = runner.time(kind, policy)
-    except Exception as e:
-        return result(*describe_error(e), rel_errs=errs)
-    worst = max(errs.values(), default=None)
-    return result(
-        status, message, t.seconds, peak_bytes=runner.peak_bytes(), rel_err=worst, rel_errs=errs
-    )
+    return result(status, message, rel_err=max(errs.values(), default=None), rel_errs=errs)
+
+
+def with_timing(
+    result: KindResult, timed: timing.Timing | Exception | None, runner: Runner
+) -> KindResult:
+    """A checked program's result with its time (None: it was not timed, having failed)."""
+    if timed is None:
+        return result
+    if isinstance(timed, Exception):
+        status, error = describe_error(timed)
+        return dataclasses.replace(result, status=status, error=error, rel_err=None)
+    return dataclasses.replace(result, seconds=timed.seconds, peak_bytes=runner.peak_bytes())
 
 
 def _row(case: Case, backend: str, mode: str, result: KindResult, seconds: float | None) -> Row:
@@ -280,8 +285,9 @@ def bench_case(
     With `compile_workers` > 1, phase 1 compiles ahead: backends in the "parallel" compile lane
     in a pool of `compile_workers` threads and, beside it, those in the "serial" lane one at a
     time in one more thread (see `Backend.compile_lane`). Phase 2 goes through the backends one
-    at a time: compile what is left, run once, check, time. Nothing is timed while anything
-    compiles. `phases` (if given) receives the seconds spent in each part.
+    at a time: compile what is left, run once, check; then every program that passed is timed,
+    `policy.rounds` times, the backends interleaved (`timing.interleaved`). Nothing is timed
+    while anything compiles. `phases` (if given) receives the seconds spent in each part.
     """
     start = time.perf_counter()
     inputs = make_inputs(case, seed)
@@ -321,29 +327,38 @@ def bench_case(
             prepared = {job: future.result() for job, future in futures.items()}
     compiled = time.perf_counter()
 
+    live = {name: r for name, r in runners.items() if isinstance(r, Runner)}
+    try:
+        checked = {
+            name: {
+                kind: check_kind(runner, kind, case, reference, prepared.pop((name, kind), None))
+                for kind in kinds
+            }
+            for name, runner in live.items()
+        }
+        jobs = {
+            (name, kind): functools.partial(live[name].time, kind, policy)
+            for name, results in checked.items()
+            for kind, result in results.items()
+            if result.status in OK_STATUSES
+        }
+        timings = timing.interleaved(jobs, policy.rounds)
+    finally:
+        for runner in live.values():
+            try:
+                runner.close()
+            except Exception:
+                pass
     rows: list[Row] = []
     for backend in backends:
         runner = runners[backend.name]
         if isinstance(runner, KindResult):
             results = dict.fromkeys(KINDS, runner)
         else:
-            try:
-                results = {
-                    kind: measure_kind(
-                        runner,
-                        kind,
-                        case,
-                        reference,
-                        policy,
-                        prepared.pop((backend.name, kind), None),
-                    )
-                    for kind in kinds
-                }
-            finally:
-                try:
-                    runner.close()
-                except Exception:
-                    pass
+            results = {
+                kind: with_timing(result, timings.get((backend.name, kind)), runner)
+                for kind, result in checked[backend.name].items()
+            }
         new = rows_for_modes(case, backend.name, modes, results)
         rows.extend(new)
         if log is not None:

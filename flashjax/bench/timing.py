@@ -22,12 +22,14 @@ Measure = Callable[[Callable[[], Any], int], float]
 
 @dataclasses.dataclass(frozen=True)
 class TimingPolicy:
-    """How long to measure: `warmup` calls, then `reps` batches of about `target_batch_s` each."""
+    """How long to measure: `warmup` calls, then `reps` batches of about `target_batch_s` each;
+    the bench does that `rounds` times per program, its backends interleaved (`interleaved`)."""
 
     reps: int = 5
     warmup: int = 2
     target_batch_s: float = 0.025
     max_inner: int = 200
+    rounds: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,3 +77,33 @@ def median_time(
     inner = max(1, min(policy.max_inner, math.ceil(policy.target_batch_s / one)))
     samples = tuple(measure(run, inner) / inner for _ in range(max(1, policy.reps)))
     return Timing(statistics.median(samples), samples, inner)
+
+
+def interleaved(
+    jobs: dict[Any, Callable[[], Timing]], rounds: int
+) -> dict[Any, Timing | Exception]:
+    """Each job (one program's `median_time`) run once per round, the jobs in an order rotated
+    each round, so that a drift of the clocks over a case reaches every backend alike (single
+    timings of one program moved by up to 12% between runs on the H100 and H200, while
+    benchmarks/tune.py's interleaved rounds held); the fastest round's Timing of each, its
+    samples every round's median. A job that raises keeps its exception and runs no more."""
+    keys = list(jobs)
+    best: dict[Any, Timing | Exception] = {}
+    medians: dict[Any, list[float]] = {key: [] for key in keys}
+    for r in range(max(1, rounds)):
+        shift = r % len(keys) if keys else 0
+        for key in keys[shift:] + keys[:shift]:
+            if isinstance(best.get(key), Exception):
+                continue
+            try:
+                t = jobs[key]()
+            except Exception as e:
+                best[key] = e
+                continue
+            medians[key].append(t.seconds)
+            if key not in best or t.seconds < best[key].seconds:
+                best[key] = t
+    return {
+        key: t if isinstance(t, Exception) else dataclasses.replace(t, samples=tuple(medians[key]))
+        for key, t in best.items()
+    }
