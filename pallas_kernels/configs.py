@@ -184,7 +184,9 @@ class MosaicForward:
 # Session 29 (results/2026-12-05-h100-s29/call5, H100): head dim 64 non-causal at 2k, FA3's
 # persistent set with `named_free` (K/V slots released on hardware named barriers) 0.667 ms
 # against the row's 0.700 (1.051x, best of 32; without named_free the set took 0.726). Session
-# 31 takes it from 1k to 4k rows, pending its sweep with the new named_free sets.
+# 31 (results/2026-12-06-h100-s31/call1-sweeps-bench, H100) with it configured for 1k-4k rows:
+# at 2k 0.652 ms, the best of 12 (the row alone 0.672, with exp2_fma 0.707); bench 417 TFLOP/s,
+# cuDNN 420 (s29: 404 / 433). At 4k the three consumers' rule stays (named_free on it 1.006x).
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 _FA3_PACKED = (*_FA3_PERSISTENT, "pack_heads")
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
