@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 from examples.gpt2 import bench, data, train
-from examples.gpt2.attention import AttentionFn, SegmentMask, attention_arguments
+from examples.gpt2.attention import NO_ATTENTION, AttentionFn, SegmentMask, attention_arguments
 from examples.gpt2.model import GPT, get_config
 
 FLASH = AttentionFn("flashjax", "xla_chunked")
@@ -290,6 +290,30 @@ def test_grad_accumulation_matches_one_big_batch(corpus: data.Corpus) -> None:
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
     for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1]), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_no_attention_floor_trains_without_attention(corpus: data.Corpus) -> None:
+    """`AttentionFn("none")`, the bench's timing floor: each position's output is its value
+    (whatever the mask), a training step runs and changes the parameters; the bench runs it
+    first, for throughput only, and refuses an unknown backend by the option's name."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 6, 4, 8)) for i in range(3))
+    seg = SegmentMask(jnp.zeros((2, 6), jnp.int32), jnp.ones((2, 6), jnp.int32))
+    floor = AttentionFn(NO_ATTENTION)
+    np.testing.assert_array_equal(floor(q, k, v, mask=seg, is_causal=True), v)
+    assert floor(q, k, v, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+    config = train.TrainConfig(seq_len=64, batch_size=8, steps=2)
+    trainer = train.Trainer(get_config("tiny", dtype="float32"), config, floor)
+    state = trainer.init_state()
+    before = [np.asarray(x) for x in jax.tree.leaves(state.params)]  # the step donates it
+    new, metrics = trainer.step(state, data.BatchSampler(corpus.train, 64, 8).batch(0))
+    assert math.isfinite(float(metrics["loss"]))
+    moved = [np.any(a != b) for a, b in zip(before, jax.tree.leaves(new.params))]
+    assert any(moved)
+    plans = bench._worker_plans(bench.Plan(), ["flashjax", NO_ATTENTION, "cudnn"])
+    assert [name for name, _, _ in plans] == [NO_ATTENTION, "cudnn", "flashjax"]
+    assert {t["kind"] for t in plans[0][1]} == {"throughput"}
+    with pytest.raises(SystemExit, match="--backends"):
+        bench.main(["--out", "/tmp/unused", "--backends", "flashjax,torch"])
 
 
 def test_chunked_loss_equals_plain_loss() -> None:

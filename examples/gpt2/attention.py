@@ -40,8 +40,11 @@ import flashjax
 
 Backend = Literal["flashjax", "xla", "cudnn"]
 BACKENDS: tuple[str, ...] = ("flashjax", "xla", "cudnn")
-NO_ATTENTION = "none"  # generation only: CacheAttention's timing floor
-CACHE_BACKENDS: tuple[str, ...] = (*BACKENDS, NO_ATTENTION)
+# A timing floor, not an attention: each position's output is its own value (training, prefill)
+# or query (a decode step), so a run with it takes the time of everything but attention, and its
+# speed over another backend's is the most any attention could gain there.
+NO_ATTENTION = "none"
+TIMED_BACKENDS: tuple[str, ...] = (*BACKENDS, NO_ATTENTION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +168,8 @@ class AttentionFn:
     have equal graph definitions.
 
     Attributes:
-      backend: "flashjax", "xla" or "cudnn".
+      backend: "flashjax", "xla" or "cudnn"; or `NO_ATTENTION` ("none"), the timing floor (the
+        output is the value: the model then trains without attention).
       implementation: for "flashjax" only, `flashjax.dot_product_attention`'s `implementation`
         (None: the fastest available: "mosaic" on Hopper, "triton" on other NVIDIA GPUs;
         "xla_chunked" on CPU; or any name of `flashjax.backends.NAMES`).
@@ -178,8 +182,8 @@ class AttentionFn:
     context: ContextParallel | None = None
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend not in TIMED_BACKENDS:
+            raise ValueError(f"backend must be one of {TIMED_BACKENDS}, got {self.backend!r}")
         if self.implementation is not None and self.backend != "flashjax":
             raise ValueError("implementation applies to the flashjax backend only")
         if self.context is not None and self.backend != "flashjax":
@@ -208,6 +212,8 @@ class AttentionFn:
         the library's own Flax swap-in, `flashjax.flax_attention_fn`; for jax.nn, attention
         dropout and `sow_weights` are not supported (the GPT-2 here uses neither).
         """
+        if self.backend == NO_ATTENTION:
+            return value if dtype is None else value.astype(dtype)
         segments = mask if isinstance(mask, SegmentMask) else None
         dense = None if segments is not None else mask
         args = attention_arguments(self.backend, segments)
@@ -265,10 +271,8 @@ class CacheAttention:
     attention (prefill) and the new token's attention over the cache (a decode step).
 
     Attributes:
-      backend: "flashjax", "xla" or "cudnn"; or `NO_ATTENTION` ("none"), a timing floor, not an
-        attention: each position's output is its own value (prefill) or query (decode step), so
-        a generation with it takes the time of everything but attention, and its speed over
-        another backend's is the most any attention could gain there (its text is noise).
+      backend: "flashjax", "xla" or "cudnn"; or `NO_ATTENTION` ("none"), the timing floor (its
+        text is noise).
       implementation: for "flashjax" only, `flashjax.decode_attention`'s `implementation` for
         the decode steps (None: the fastest available, "triton_decode" on NVIDIA GPUs); the
         prefill takes `dot_product_attention`'s default.
@@ -278,8 +282,8 @@ class CacheAttention:
     implementation: str | None = None
 
     def __post_init__(self) -> None:
-        if self.backend not in CACHE_BACKENDS:
-            raise ValueError(f"backend must be one of {CACHE_BACKENDS}, got {self.backend!r}")
+        if self.backend not in TIMED_BACKENDS:
+            raise ValueError(f"backend must be one of {TIMED_BACKENDS}, got {self.backend!r}")
         if self.implementation is not None and self.backend != "flashjax":
             raise ValueError("implementation applies to the flashjax backend only")
 

@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from examples.gpt2 import data
+from examples.gpt2.attention import NO_ATTENTION, TIMED_BACKENDS
 
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "flashjax-gpt2-data"
 GIB = 2.0**30
@@ -505,9 +506,10 @@ def _worker_plans(
         + [{"kind": "parity"}, {"kind": "parity", "dtype": "float32"}, {"kind": "ladder"}, no_seg],
         "cudnn": [*speed, {"kind": "ladder"}, no_seg],
         "flashjax": [*speed, {"kind": "parity"}, {"kind": "ladder"}, no_seg, {"kind": "val_run"}],
+        NO_ATTENTION: [*speed, no_seg],
     }
-    shares = {"xla": 0.32, "cudnn": 0.22, "flashjax": 1.0}
-    order = [b for b in ("xla", "cudnn", "flashjax") if b in backends]
+    shares = {NO_ATTENTION: 0.15, "xla": 0.32, "cudnn": 0.22, "flashjax": 1.0}
+    order = [b for b in (NO_ATTENTION, "xla", "cudnn", "flashjax") if b in backends]
     extra = [{"kind": "packed", "docs_per_row": list(plan.packed_docs)}] if packed else []
     return [(b, tasks[b] + extra, shares[b]) for b in order]
 
@@ -918,7 +920,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder for the result files (at most 5)")
     p.add_argument("--budget-s", type=float, help="wall-clock budget; default 500 (150 quick)")
     p.add_argument("--quick", action="store_true", help="tiny model, short run (CPU smoke test)")
-    p.add_argument("--backends", default="flashjax,xla,cudnn")
+    p.add_argument(
+        "--backends",
+        default="flashjax,xla,cudnn",
+        help=f"comma list of {', '.join(TIMED_BACKENDS)}; {NO_ATTENTION!r}: the model without "
+        "attention (throughput only), the time of everything else: the most any attention gains",
+    )
     p.add_argument(
         "--only",
         help="comma-separated task kinds to run: throughput,parity,ladder,val_run,packed (packed: "
@@ -986,6 +993,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     budget = args.budget_s or (150.0 if args.quick else 500.0)
     end = t0 + budget - 15.0  # Time to analyze and plot.
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends or any(b not in TIMED_BACKENDS for b in backends):
+        raise SystemExit(f"--backends: a comma list of {', '.join(TIMED_BACKENDS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = data.load_corpus(args.data_cache, seed=args.seed)
     print(

@@ -39,8 +39,8 @@ from jax import lax
 
 from examples.gpt2 import data, train
 from examples.gpt2.attention import (
-    CACHE_BACKENDS,
     NO_ATTENTION,
+    TIMED_BACKENDS,
     AttentionFn,
     CacheAttention,
 )
@@ -318,8 +318,8 @@ def prompt_tokens(text: str, length: int | None, batch: int) -> np.ndarray:
 
 def _backends(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names or any(n not in CACHE_BACKENDS for n in names):
-        raise argparse.ArgumentTypeError(f"a comma list of {', '.join(CACHE_BACKENDS)}: {text!r}")
+    if not names or any(n not in TIMED_BACKENDS for n in names):
+        raise argparse.ArgumentTypeError(f"a comma list of {', '.join(TIMED_BACKENDS)}: {text!r}")
     return names
 
 
@@ -349,7 +349,7 @@ def _parser() -> argparse.ArgumentParser:
         "--attention",
         type=_backends,
         default=("flashjax",),
-        help=f"comma list of {', '.join(CACHE_BACKENDS)} (default flashjax); several: a "
+        help=f"comma list of {', '.join(TIMED_BACKENDS)} (default flashjax); several: a "
         f"comparison; {NO_ATTENTION!r}: no attention at all, the time of everything else (its "
         "speed over xla is the most any attention could reach; its text is noise)",
     )
