@@ -187,6 +187,10 @@ class MosaicForward:
 # 31 (results/2026-12-06-h100-s31/call1-sweeps-bench, H100) with it configured for 1k-4k rows:
 # at 2k 0.652 ms, the best of 12 (the row alone 0.672, with exp2_fma 0.707); bench 417 TFLOP/s,
 # cuDNN 420 (s29: 404 / 433). At 4k the three consumers' rule stays (named_free on it 1.006x).
+# Session 32 (results/2026-12-06-h100-s32/call1, H100): head dim 64 causal at 2k, exp2_fma
+# without the persistent set 0.418 ms against configs.py's persistent set 0.431 (1.031x, best
+# of the sweep; session 31 had the row alone 1.024x there), at 1k 0.261 against 0.262 (a tie):
+# the exp2_fma rule now starts past 1k rows.
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 _FA3_PACKED = (*_FA3_PERSISTENT, "pack_heads")
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
@@ -197,8 +201,8 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
         early_next_k=True,
         options=("longest_first", "fold_scale"),
         rules=(
-            CallRule(causal=True, max_rows=2048, options=_FA3_PERSISTENT),
-            CallRule(causal=True, min_rows=2049, options=("exp2_fma",)),
+            CallRule(causal=True, max_rows=1024, options=_FA3_PERSISTENT),
+            CallRule(causal=True, min_rows=1025, options=("exp2_fma",)),
             CallRule(
                 causal=True,
                 max_rows=128,
