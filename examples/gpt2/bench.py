@@ -18,6 +18,9 @@ attention) and cudnn (jax.nn with implementation="cudnn"), with the same batch, 
    this very run), and the measured largest flashjax - xla gap is checked against it.
 4. A longer flashjax run (the time left) showing the validation loss falling.
 
+`--backends none,...` adds the timing floor (`attention.NO_ATTENTION`: each attention replaced by
+its value; throughput only): its speed over a backend's is the most any attention could gain.
+
 On request only (`--only packed`, or `packed` among other kinds; never in the default run):
 throughput of `small` at seq 4096, batch 8, with the documents cut so that each row holds 8 and 16
 of them (`data.cut_documents`; `--packed-docs` sets the counts). Its records are throughput records
