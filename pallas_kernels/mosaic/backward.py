@@ -458,7 +458,7 @@ def _exchange_halves(sc, halves: dict, mine, not_first, interpret: bool):
     plgpu.commit_smem()
     plgpu.barrier_arrive(sc["halves_ready"])
     plgpu.barrier_wait(sc["halves_ready"])
-    return lambda name: sc[name] if interpret else plgpu.load(sc[name], (), layout=LAYOUT)
+    return lambda name: sc[name] if interpret else plgpu.load(sc[name], layout=LAYOUT)
 
 
 def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
