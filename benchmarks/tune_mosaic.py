@@ -211,6 +211,10 @@ BWD_SCHEDULES = [
     (*_POOLED, "split_dq", *_NAB, "longest_first", "late_stats", "dq_first"),
     # Session 26: FA3's head-dim split of both kernels (new, not yet timed; head dims that are
     # multiples of 128; at 256 two stages fit only with it: BWD_TILES).
+    # Session 32: two slots for the pooled dS^T and dQ part tiles (new, not yet timed), on
+    # configs.py's 5-GEMM sets (head dim 64; 128's 16k rule).
+    (*_POOLED, *_NAB, "longest_first", "dq_first", "double_ds"),
+    (*_POOLED, "split_dq", *_NAB, "longest_first", "late_stats", "double_ds"),
     ("split_head", "longest_first"),
     ("split_head", "early_dp", "no_auto_barriers", "longest_first"),
     ("split_head", "early_dp", "no_auto_barriers", "longest_first", "late_stats"),

@@ -249,6 +249,8 @@ _BACKWARD_VARIANTS = [
     dict(fused_dq=True, early_dp=True, overlap_dv=True, dq_first=True),
     dict(fused_dq=True, pooled_dq=True, early_dp=True, overlap_dv=True, dq_first=True),
     dict(fused_dq=True, pooled_dq=True, split_dq=True, overlap_dv=True, dq_first=True),
+    dict(fused_dq=True, pooled_dq=True, early_dp=True, overlap_dv=True, double_ds=True),
+    dict(fused_dq=True, pooled_dq=True, split_dq=True, overlap_dv=True, double_ds=True),
 ]
 
 

@@ -115,10 +115,20 @@ class BackwardConfig:
     # (not with fused_dq, overlap_dv), no ping-pong; the own tiles take half the shared memory,
     # so two stages fit at 256. Not yet run on a GPU.
     split_head: bool = False
+    # With `pooled_dq`: two slots (by visit parity) for the staged dS^T tiles and for each
+    # consumer's float32 dQ part, so that staging visit i + 1's dS^T waits only for the parts
+    # of visit i - 1 (not i) to have read their slot, and a part is written while the previous
+    # one's reduce-add may still read the other slot. Offline SASS (session 32) has the 5-GEMM
+    # key step at head dim 128 with fewer instructions (502) than the two kernels' steps
+    # together (337 + 259) but 3 named-barrier syncs coupling the consumers; 16 KiB (head dim
+    # 64) to 24 KiB (128) more shared memory. Not yet run on a GPU.
+    double_ds: bool = False
 
     def __post_init__(self):
         if self.split_head and (self.fused_dq or self.overlap_dv):
             raise ValueError("BackwardConfig: split_head runs without fused_dq and overlap_dv")
+        if self.double_ds and not (self.fused_dq and self.pooled_dq):
+            raise ValueError("BackwardConfig: double_ds needs fused_dq and pooled_dq")
         if self.split_head and self.cols % (CONSUMERS * 32):  # halves of whole 64-byte rows
             raise ValueError(
                 f"BackwardConfig: split_head needs cols a multiple of {CONSUMERS * 32}, "
@@ -133,6 +143,11 @@ class BackwardConfig:
         consumers' halves)."""
         pooled = self.fused_dq and self.pooled_dq
         return not self.no_pingpong and self.stages >= 2 and not pooled and not self.split_head
+
+    @property
+    def ds_slots(self) -> int:
+        """Slots of the pooled dS^T and dQ part tiles (`double_ds`)."""
+        return 2 if self.double_ds else 1
 
     @property
     def cta_rows(self) -> int:
@@ -157,6 +172,7 @@ OPTIONS = (
     "late_stats",
     "dq_first",
     "split_head",
+    "double_ds",
 )
 
 
@@ -374,6 +390,7 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
                     visit=g * n + j,
                     at=at,
                     split=split,
+                    slots=config.ds_slots,
                     interpret=interpret,
                 )
             else:
@@ -434,8 +451,8 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
     turns.start()
     dk, dv = lax.fori_loop(0, group, head_steps, (zeros, zeros))
     turns.finish()
-    if config.fused_dq and config.pooled_dq:  # the last part has read both K tiles
-        pl.when(group * n > 0)(lambda: plgpu.barrier_wait(sc["ds_free"]))
+    if config.fused_dq and config.pooled_dq:  # the last parts have read both K tiles
+        _await_last_parts(sc, group * n, config.ds_slots)
     my_k[...] = (dk * statics.scale).astype(dtype)  # K and V are free again: stage dK, dV there
     my_v[...] = dv.astype(dtype)
     plgpu.commit_smem()
@@ -630,7 +647,7 @@ def _add_dq_part(refs, sc, ds, *, my_k, at, interpret: bool, then=None) -> None:
     dK matmul already staged it). `then` (`dq_first`): issues the dK matmul once the part's is
     issued (`pipeline.matmul_sum`)."""
     wg = lax.axis_index("wg")
-    staged = sc["stage"].at[wg] if interpret else sc["ds"].at[wg]
+    staged = sc["stage"].at[wg] if interpret else sc["ds"].at[0, wg]
     if not interpret:
         staged[...] = ds
         plgpu.commit_smem()
@@ -645,7 +662,7 @@ def _splits_dq(config: BackwardConfig, head_dim: int) -> bool:
 
 
 def _add_pooled_dq_part(
-    refs, sc, ds, *, visit, at, split: bool, interpret: bool, then=None
+    refs, sc, ds, *, visit, at, split: bool, slots: int, interpret: bool, then=None
 ) -> None:
     """`pooled_dq`: both consumers stage dS^T (`ds`), then the CTA's dQ part over both key tiles
     is computed and added (`_send_dq_part`): by consumer `visit mod CONSUMERS`, or with `split`
@@ -653,15 +670,22 @@ def _add_pooled_dq_part(
     (every consumer's dS^T staged, awaited by the consumers that compute with it: consumer c;
     with `split` one barrier, every consumer) and `ds_free` (every computing consumer has read
     the staged dS^T and the K tiles; every consumer awaits it before staging the next, and
-    before its epilogue overwrites its K tile). `then` (`dq_first`): issues the dK matmul, once
-    the part's are issued by a consumer that computes one, else at once."""
+    before its epilogue overwrites its K tile: `_await_last_parts`). With `slots` = 2
+    (`double_ds`) the staged tiles and `ds_free` alternate by visit, and each consumer's parts
+    by its own part count. `then` (`dq_first`): issues the dK matmul, once the part's are
+    issued by a consumer that computes one, else at once."""
     wg = lax.axis_index("wg")
     turn = lax.rem(visit, CONSUMERS)
     ready = sc["ds_ready"].at[0 if split else turn]
-    pl.when(visit > 0)(lambda: plgpu.barrier_wait(sc["ds_free"]))
-    sc["ds"].at[wg][...] = ds
+    slot = lax.rem(visit, slots)
+    free = sc["ds_free"].at[slot]
+    pl.when(visit >= slots)(lambda: plgpu.barrier_wait(free))
+    staged = sc["ds"].at[slot]
+    staged.at[wg][...] = ds
     plgpu.commit_smem()
     plgpu.barrier_arrive(ready)
+    # the consumer's own parts so far: one a visit with `split`, else one every CONSUMERS
+    part_slot = lax.rem(visit if split else lax.div(visit, CONSUMERS), slots)
 
     def compute(col0, width: int):
         plgpu.barrier_wait(ready)
@@ -670,10 +694,10 @@ def _add_pooled_dq_part(
             k = sc["k"].at[c]
             if width < k.shape[-1]:
                 k = k.at[:, pl.ds(col0, width)]
-            pairs.append((sc["ds"].at[c].T, k))
-        part = pp.matmul_sum(pairs, (sc["ds"].shape[-1], width), then=then)
-        plgpu.barrier_arrive(sc["ds_free"])
-        _send_dq_part(refs, sc, part, (*at[:3], col0), interpret)
+            pairs.append((staged.at[c].T, k))
+        part = pp.matmul_sum(pairs, (staged.shape[-1], width), then=then)
+        plgpu.barrier_arrive(free)
+        _send_dq_part(refs, sc, part, (*at[:3], col0), interpret, part_slot, slots)
 
     head_dim = sc["k"].shape[-1]
     if split:  # consumer c: columns c * D / CONSUMERS ..., one code path for both (a traced
@@ -687,16 +711,27 @@ def _add_pooled_dq_part(
         pl.when(wg == turn)(functools.partial(compute, 0, head_dim))
 
 
-def _send_dq_part(refs, sc, part, at, interpret: bool) -> None:
+def _await_last_parts(sc, visits, slots: int) -> None:
+    """`pooled_dq`, after a consumer's last visit (of `visits`): the last parts (one a slot)
+    have read the staged dS^T and both K tiles."""
+    for back in range(slots):
+        last = visits - 1 - back
+        pl.when(last >= 0)(
+            lambda last=last: plgpu.barrier_wait(sc["ds_free"].at[lax.rem(last, slots)])
+        )
+
+
+def _send_dq_part(refs, sc, part, at, interpret: bool, slot=0, slots: int = 1) -> None:
     """A dQ part (query rows x columns, float32) added to dQ through this consumer's float32
-    SMEM tile, once its previous part's copy has read it: on the GPU by TMA reduce-add into
+    SMEM tile `slot` (of `slots`), once the copy of the part before last in it has read it
+    (`slots` - 1 copies may still be reading): on the GPU by TMA reduce-add into
     `dq_acc` (B, Tp, N, D); in interpret mode (no TMA reduction there) into this consumer's own
     slice of `dq_acc` (parts, B, Tp, N, D), summed by the host. `at`: (batch row, head, first
     row, first column)."""
     wg = lax.axis_index("wg")
     b, head, row0, col0 = at
-    out = sc["dq_part"].at[wg]
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    out = sc["dq_part"].at[slot, wg]
+    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
     out[...] = part
     plgpu.commit_smem()
     rows, cols = pl.ds(row0, part.shape[0]), pl.ds(col0, part.shape[1])
@@ -806,13 +841,16 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
         # selects a part the 128-byte swizzle took (offline SASS, session 22: the 5-GEMM key
         # step 455 -> 420 instructions at head dim 64, 671 -> 600 at 128); still one TMA
         # reduce-add a part. Not yet timed.
-        scratch["dq_part"] = pp.smem_tile((CONSUMERS, bq, width), jnp.float32, swizzle=32)
+        slots = config.ds_slots
+        scratch["dq_part"] = pp.smem_tile((slots, CONSUMERS, bq, width), jnp.float32, swizzle=32)
         if not via_smem or config.pooled_dq:
-            scratch["ds"] = pp.smem_tile((CONSUMERS, bkv, bq), dtype)
+            scratch["ds"] = pp.smem_tile((slots, CONSUMERS, bkv, bq), dtype)
         if config.pooled_dq:  # see _add_pooled_dq_part
             ready = 1 if split else CONSUMERS
             scratch["ds_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=ready)
-            scratch["ds_free"] = plgpu.Barrier(num_arrivals=CONSUMERS if split else 1)
+            scratch["ds_free"] = plgpu.Barrier(
+                num_arrivals=CONSUMERS if split else 1, num_barriers=slots
+            )
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     grid = (seq_k // cta_rows, num_kv_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())
