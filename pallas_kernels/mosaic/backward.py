@@ -121,7 +121,9 @@ class BackwardConfig:
     # one's reduce-add may still read the other slot. Offline SASS (session 32) has the 5-GEMM
     # key step at head dim 128 with fewer instructions (502) than the two kernels' steps
     # together (337 + 259) but 3 named-barrier syncs coupling the consumers; 16 KiB (head dim
-    # 64) to 24 KiB (128) more shared memory. Not yet run on a GPU.
+    # 64) to 24 KiB (128) more shared memory. On the H100 (results/2026-12-06-h100-s32/
+    # call5-7-double-ds): the 5-GEMM kernel at head dim 128 causal 4k 1.02-1.05x faster with
+    # it, level with the two kernels; 1.008x at 16k non-causal; 0.99x at 64. Not a default.
     double_ds: bool = False
 
     def __post_init__(self):
