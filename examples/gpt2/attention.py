@@ -28,6 +28,7 @@ a mask: every backend gets `is_causal=True`.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from typing import Any, Literal
 
@@ -45,6 +46,15 @@ BACKENDS: tuple[str, ...] = ("flashjax", "xla", "cudnn")
 # speed over another backend's is the most any attention could gain there.
 NO_ATTENTION = "none"
 TIMED_BACKENDS: tuple[str, ...] = (*BACKENDS, NO_ATTENTION)
+
+
+def parse_backends(text: str) -> tuple[str, ...]:
+    """A command line's comma list of `TIMED_BACKENDS` (an argparse `type`: a bad list is
+    refused with the names it takes)."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names or any(n not in TIMED_BACKENDS for n in names):
+        raise argparse.ArgumentTypeError(f"a comma list of {', '.join(TIMED_BACKENDS)}: {text!r}")
+    return names
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from examples.gpt2 import data
-from examples.gpt2.attention import NO_ATTENTION, TIMED_BACKENDS
+from examples.gpt2.attention import NO_ATTENTION, TIMED_BACKENDS, parse_backends
 
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "flashjax-gpt2-data"
 GIB = 2.0**30
@@ -925,7 +925,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model, short run (CPU smoke test)")
     p.add_argument(
         "--backends",
-        default="flashjax,xla,cudnn",
+        type=parse_backends,
+        default=("flashjax", "xla", "cudnn"),
         help=f"comma list of {', '.join(TIMED_BACKENDS)}; {NO_ATTENTION!r}: the model without "
         "attention (throughput only), the time of everything else: the most any attention gains",
     )
@@ -995,9 +996,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         raise SystemExit(f"--packed-docs: {e}") from None
     budget = args.budget_s or (150.0 if args.quick else 500.0)
     end = t0 + budget - 15.0  # Time to analyze and plot.
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not backends or any(b not in TIMED_BACKENDS for b in backends):
-        raise SystemExit(f"--backends: a comma list of {', '.join(TIMED_BACKENDS)}")
+    backends = list(args.backends)
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = data.load_corpus(args.data_cache, seed=args.seed)
     print(

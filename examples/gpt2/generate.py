@@ -43,6 +43,7 @@ from examples.gpt2.attention import (
     TIMED_BACKENDS,
     AttentionFn,
     CacheAttention,
+    parse_backends,
 )
 from examples.gpt2.model import CONFIGS, GPT, Block, GPTConfig, get_config
 
@@ -316,13 +317,6 @@ def prompt_tokens(text: str, length: int | None, batch: int) -> np.ndarray:
     return np.tile(tokens.astype(np.int32), (batch, 1))
 
 
-def _backends(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names or any(n not in TIMED_BACKENDS for n in names):
-        raise argparse.ArgumentTypeError(f"a comma list of {', '.join(TIMED_BACKENDS)}: {text!r}")
-    return names
-
-
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(n) for n in text.split(",") if n.strip())
@@ -347,7 +341,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="compute dtype override")
     p.add_argument(
         "--attention",
-        type=_backends,
+        type=parse_backends,
         default=("flashjax",),
         help=f"comma list of {', '.join(TIMED_BACKENDS)} (default flashjax); several: a "
         f"comparison; {NO_ATTENTION!r}: no attention at all, the time of everything else (its "
