@@ -62,7 +62,12 @@ MEMORY = (
     "l1tex__t_sectors_pipe_lsu_mem_local_op_st.sum",
     "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum",
 )
-METRICS = ("gpu__time_duration.sum", PIPES, ISSUED, STALLS, *CONFLICTS, *MEMORY)
+# L1TEX's throughput and its parts (ncu's `breakdown:`): the shared-memory data banks, which
+# wgmma's shared-memory operands, the TMA's writes and the kernels' own stores all go through.
+# Does the 5-GEMM backward (three of its five matmuls read both operands from shared memory at
+# N = 64) run into them where the two kernels do not? (HOPPER_PLAN 7y)
+L1TEX = "breakdown:l1tex__throughput.avg.pct_of_peak_sustained_active"
+METRICS = ("gpu__time_duration.sum", PIPES, ISSUED, STALLS, *CONFLICTS, *MEMORY, L1TEX)
 TIMEOUT_S = 240
 # The attention kernels of each backend (not XLA's fusions around them), for the SASS page.
 ATTENTION_KERNELS = r"flashjax_mosaic|sdpa|flash_attention_sm90"  # ours, cuDNN's, tokamax's
@@ -72,7 +77,8 @@ def worker(backend_name: str, case_name: str, options: str | None = None) -> int
     """Inside ncu: compile the case's program, run it once, then once inside the profiler
     range. `options` (comma-separated, maybe empty): the Mosaic kernel the case is about (the
     forward for a `fwd` case, the backward for a `fwd_bwd` one) runs its head dim's configs.py
-    row with exactly these on/off options and none of its rules."""
+    row with exactly these on/off options and none of its rules (`registers=C:P` among them:
+    setmaxnreg's consumer and producer registers)."""
     import dataclasses
 
     import jax
@@ -84,8 +90,14 @@ def worker(backend_name: str, case_name: str, options: str | None = None) -> int
     if options is not None:
         table = configs.MOSAIC_FORWARD if kind == "fwd" else configs.MOSAIC_BACKWARD
         row = table[case.head_dim]
-        pinned = tuple(o for o in options.split(",") if o)
-        table[case.head_dim] = dataclasses.replace(row, options=pinned, rules=())
+        pinned = tuple(o for o in options.split(",") if o and not o.startswith("registers="))
+        registers = row.registers  # `registers=240:24`: setmaxnreg's (consumer, producer)
+        for o in options.split(","):
+            if o.startswith("registers="):
+                registers = tuple(int(n) for n in o.removeprefix("registers=").split(":"))
+        table[case.head_dim] = dataclasses.replace(
+            row, options=pinned, registers=registers, rules=()
+        )
     backend = next(b for b in backends.all_backends() if b.name == backend_name)
     if (why := backend.unavailable() or backend.unsupported(case)) is not None:
         print(f"{backend_name} cannot run {case_name}: {why}", file=sys.stderr)
@@ -130,6 +142,7 @@ def summary(kernel: ncu.Kernel) -> str:
         "pipes: " + _top(m, "sm__pipe_", "_cycles_active.avg.pct_of_peak_sustained_active", 4),
         "issued: " + _top(m, "sm__inst_executed_pipe_", ".avg.pct_of_peak_sustained_active", 4),
         "stalls: " + _top(m, "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio", 5),
+        "l1tex: " + _top(m, "l1tex__", ".avg.pct_of_peak_sustained_active", 4),
         "bank conflicts ld/st: " + "/".join(f"{m[c]:.3g}" if c in m else "?" for c in CONFLICTS),
         "sectors local ld/st, global ld: "
         + "/".join(f"{m[c]:.3g}" if c in m else "?" for c in MEMORY),

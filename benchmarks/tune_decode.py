@@ -33,7 +33,11 @@ from pallas_kernels.triton import decode_api
 # block_k x (warps, stages): 24 candidates a shape with the split factors (a few minutes)
 TILES = [(bk, w, st) for bk in (64, 128, 256) for w, st in ((4, 3), (8, 2))]
 SPLIT_FACTORS = (0.5, 1, 2, 4)  # times the plan's num_splits
-STEPS = 100
+STEPS = 96
+# Loop iterations unrolled, as `bench --decode` (DecodeBench.unroll): without it each step also
+# paid a loop round trip, about 10 us on the H100, which at GPT-2's 1 x 2k step (6 MB) made the
+# candidates' times a 13.7 / 18 us floor in two modes (results/2026-12-06-h100-s32/call3).
+UNROLL = 8
 
 
 def step_of(config: DecodeConfig | None, splits: int | None, page: int):
@@ -79,7 +83,7 @@ def sweep(
             err = rel_err(jax.jit(step_of(cfg, splits, page))(x.q, x), want)
             loop = jax.jit(
                 lambda q, x, cfg=cfg, splits=splits: chained_steps(
-                    step_of(cfg, splits, page), q, x, STEPS, 1
+                    step_of(cfg, splits, page), q, x, STEPS, UNROLL
                 )
             )
             compiled = loop.lower(x.q, x).compile()
