@@ -379,14 +379,6 @@ def test_schedules_compute_the_same(schedule, features) -> None:
             Case(B=2, T=150, S=190, N=2, K=1, H=128, features=("lengths", "window", "softcap")),
         ),
         (
-            dict(fused_dq=True, pooled_dq=True, producer_dq=True, double_ds=True, early_dp=True),
-            Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "segments", "dropout")),
-        ),
-        (
-            dict(fused_dq=True, pooled_dq=True, producer_dq=True, late_stats=True),
-            Case(B=2, T=150, S=190, N=2, K=1, H=64, features=("lengths", "window", "softcap")),
-        ),
-        (
             dict(one_body=True),
             Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "segments")),
         ),
@@ -425,8 +417,7 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     """The backward's schedule variants (BackwardConfig: `early_dp`, S and dP issued back to
     back, P computed while dP runs; `no_pingpong`; `longest_first`, heads fastest and dQ's
     query tiles reversed, with visit lists too; `one_body`, the element rule under a `lax.cond`;
-    the single kernel, `fused_dq`, `pooled_dq`, `split_dq`, `double_ds` and `producer_dq`;
-    `async_store`;
+    the single kernel, `fused_dq`, `pooled_dq`, `split_dq` and `double_ds`; `async_store`;
     `late_stats`;
     `split_head`, FA3's head-dim split of both kernels at head dim 256) against the float64
     reference, with no race."""

@@ -125,23 +125,12 @@ class BackwardConfig:
     # call5-7-double-ds): the 5-GEMM kernel at head dim 128 causal 4k 1.02-1.05x faster with
     # it, level with the two kernels; 1.008x at 16k non-causal; 0.99x at 64. Not a default.
     double_ds: bool = False
-    # With `pooled_dq`: the producer warpgroup computes each step's dQ part (dS K over both key
-    # tiles, in 64-column chunks of the head dim) and adds it, after issuing the next visit's
-    # loads; the consumers only stage their dS^T. Their float32 part (32 registers a thread at
-    # head dim 128, beside dK and dV) and its matmul leave the consumers: the step they run is
-    # the two-kernel dK/dV step plus one store of dS^T. The producer needs registers for one
-    # 64 x 64 float32 chunk (`registers`: e.g. (224, 56)). Not with `split_dq`. Session 33.
-    producer_dq: bool = False
 
     def __post_init__(self):
         if self.split_head and (self.fused_dq or self.overlap_dv):
             raise ValueError("BackwardConfig: split_head runs without fused_dq and overlap_dv")
-        if (self.double_ds or self.producer_dq) and not (self.fused_dq and self.pooled_dq):
-            raise ValueError(
-                "BackwardConfig: double_ds and producer_dq need fused_dq and pooled_dq"
-            )
-        if self.producer_dq and self.split_dq:
-            raise ValueError("BackwardConfig: producer_dq computes the whole part: not split_dq")
+        if self.double_ds and not (self.fused_dq and self.pooled_dq):
+            raise ValueError("BackwardConfig: double_ds needs fused_dq and pooled_dq")
         if self.split_head and self.cols % (CONSUMERS * 32):  # halves of whole 64-byte rows
             raise ValueError(
                 f"BackwardConfig: split_head needs cols a multiple of {CONSUMERS * 32}, "
@@ -186,7 +175,6 @@ OPTIONS = (
     "dq_first",
     "split_head",
     "double_ds",
-    "producer_dq",
 )
 
 
@@ -405,7 +393,6 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
                     at=at,
                     split=split,
                     slots=config.ds_slots,
-                    by_producer=config.producer_dq,
                     interpret=interpret,
                 )
             else:
@@ -667,8 +654,7 @@ def _add_dq_part(refs, sc, ds, *, my_k, at, interpret: bool, then=None) -> None:
         staged[...] = ds
         plgpu.commit_smem()
     part = pp.matmul(staged.T, my_k, (staged.shape[1], my_k.shape[-1]), then=then)
-    index = lax.axis_index("t") * CONSUMERS + wg  # interpret mode's slice
-    _send_dq_part(refs, part, at, sc["dq_part"].at[0, wg], 0, index, interpret)
+    _send_dq_part(refs, sc, part, at, interpret)
 
 
 def _splits_dq(config: BackwardConfig, head_dim: int) -> bool:
@@ -677,23 +663,8 @@ def _splits_dq(config: BackwardConfig, head_dim: int) -> bool:
     return config.fused_dq and config.pooled_dq and config.split_dq and head_dim % 128 == 0
 
 
-# `producer_dq`: the head-dim columns of one chunk of the producer's dQ part (wgmma's N; a
-# 64 x 64 float32 accumulator is 32 registers a thread)
-PART_CHUNK = 64
-
-
 def _add_pooled_dq_part(
-    refs,
-    sc,
-    ds,
-    *,
-    visit,
-    at,
-    split: bool,
-    slots: int,
-    interpret: bool,
-    by_producer: bool = False,
-    then=None,
+    refs, sc, ds, *, visit, at, split: bool, slots: int, interpret: bool, then=None
 ) -> None:
     """`pooled_dq`: both consumers stage dS^T (`ds`), then the CTA's dQ part over both key tiles
     is computed and added (`_send_dq_part`): by consumer `visit mod CONSUMERS`, or with `split`
@@ -704,22 +675,17 @@ def _add_pooled_dq_part(
     before its epilogue overwrites its K tile: `_await_last_parts`). With `slots` = 2
     (`double_ds`) the staged tiles and `ds_free` alternate by visit, and each consumer's parts
     by its own part count. `then` (`dq_first`): issues the dK matmul, once the part's are
-    issued by a consumer that computes one, else at once. `by_producer` (`producer_dq`): the
-    consumers only stage dS^T (`ds_ready` and `ds_free` by slot: `_producer_dq_part`)."""
+    issued by a consumer that computes one, else at once."""
     wg = lax.axis_index("wg")
     turn = lax.rem(visit, CONSUMERS)
+    ready = sc["ds_ready"].at[0 if split else turn]
     slot = lax.rem(visit, slots)
-    ready = sc["ds_ready"].at[slot if by_producer else 0 if split else turn]
     free = sc["ds_free"].at[slot]
     pl.when(visit >= slots)(lambda: plgpu.barrier_wait(free))
     staged = sc["ds"].at[slot]
     staged.at[wg][...] = ds
     plgpu.commit_smem()
     plgpu.barrier_arrive(ready)
-    if by_producer:
-        if then is not None:
-            then()
-        return
     # the consumer's own parts so far: one a visit with `split`, else one every CONSUMERS
     part_slot = lax.rem(visit if split else lax.div(visit, CONSUMERS), slots)
 
@@ -733,9 +699,7 @@ def _add_pooled_dq_part(
             pairs.append((staged.at[c].T, k))
         part = pp.matmul_sum(pairs, (staged.shape[-1], width), then=then)
         plgpu.barrier_arrive(free)
-        index = lax.axis_index("t") * CONSUMERS + wg  # interpret mode's slice
-        out = sc["dq_part"].at[part_slot, wg]
-        _send_dq_part(refs, part, (*at[:3], col0), out, slots - 1, index, interpret)
+        _send_dq_part(refs, sc, part, (*at[:3], col0), interpret, part_slot, slots)
 
     head_dim = sc["k"].shape[-1]
     if split:  # consumer c: columns c * D / CONSUMERS ..., one code path for both (a traced
@@ -759,26 +723,29 @@ def _await_last_parts(sc, visits, slots: int) -> None:
         )
 
 
-def _send_dq_part(refs, part, at, out, pending: int, index, interpret: bool) -> None:
-    """A dQ part (query rows x columns, float32) added to dQ through the float32 SMEM tile
-    `out`, once the warpgroup's copies issued before it are down to `pending` (the ones that
-    may still be reading the other tiles; the copy before that read `out`): on the GPU by TMA
-    reduce-add into `dq_acc` (B, Tp, N, D); in interpret mode (no TMA reduction there) into
-    slice `index` of `dq_acc` (parts, B, Tp, N, D), each writer its own, summed by the host.
-    `at`: (batch row, head, first row, first column)."""
+def _send_dq_part(refs, sc, part, at, interpret: bool, slot=0, slots: int = 1) -> None:
+    """A dQ part (query rows x columns, float32) added to dQ through this consumer's float32
+    SMEM tile `slot` (of `slots`), once the copy of the part before last in it has read it
+    (`slots` - 1 copies may still be reading): on the GPU by TMA reduce-add into
+    `dq_acc` (B, Tp, N, D); in interpret mode (no TMA reduction there) into this consumer's own
+    slice of `dq_acc` (parts, B, Tp, N, D), summed by the host. `at`: (batch row, head, first
+    row, first column)."""
+    wg = lax.axis_index("wg")
     b, head, row0, col0 = at
-    plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
+    out = sc["dq_part"].at[slot, wg]
+    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
     out[...] = part
     plgpu.commit_smem()
     rows, cols = pl.ds(row0, part.shape[0]), pl.ds(col0, part.shape[1])
     if interpret:
-        plgpu.copy_smem_to_gmem(out, refs["dq_acc"].at[index, b, rows, head, cols])
+        slot = lax.axis_index("t") * CONSUMERS + wg
+        plgpu.copy_smem_to_gmem(out, refs["dq_acc"].at[slot, b, rows, head, cols])
     else:
         target = refs["dq_acc"].at[b, rows, head, cols]
         plgpu.copy_smem_to_gmem(out, target, reduction_op="add")
 
 
-def _dkdv_producer(refs, sc, *, config, visits, group, interpret):
+def _dkdv_producer(refs, sc, *, config, visits, group):
     bq = config.cols
     b, kh = lax.axis_index("b"), lax.axis_index("h")
     n = visits.count
@@ -804,53 +771,7 @@ def _dkdv_producer(refs, sc, *, config, visits, group, interpret):
     if "q_seg" in refs:
         q_seg = refs["q_seg"]
         streams.append(_stream(sc, "q_seg", lambda hq: q_seg.at[b, pl.ds(hq[1] * bq, bq)]))
-    if not config.producer_dq:
-        pp.produce(streams, pairs, config.stages, config.registers[1])
-        return
-    # `producer_dq`: visit i's loads, then visit i - 1's dQ part (its dS^T is staged while the
-    # consumers run visit i - 1; visit i + 1's loads wait for visit i - 1's slot anyway)
-    plgpu.set_max_registers(config.registers[1], action="decrease")
-    part = functools.partial(
-        _producer_dq_part,
-        refs,
-        sc,
-        b=b,
-        pairs=pairs,
-        bq=bq,
-        slots=config.ds_slots,
-        interpret=interpret,
-    )
-    pp.stream(streams, pairs, config.stages, after=lambda i: pl.when(i >= 1)(lambda: part(i - 1)))
-    pl.when(pairs.count >= 1)(lambda: part(pairs.count - 1))
-    pp.drain([s.free for s in streams], pairs.count, config.stages)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last parts' copies have read SMEM
-
-
-def _producer_dq_part(refs, sc, visit, *, b, pairs, bq, slots: int, interpret: bool) -> None:
-    """`producer_dq`: the dQ part of `visit` (of the producer's (head, query tile) `pairs`),
-    dS K over both consumers' key tiles, computed and added in PART_CHUNK-column chunks of the
-    head dim (`_send_dq_part`: each chunk its own SMEM tile, one per (slot, chunk)). Barriers
-    by slot (visit mod `slots`): `ds_ready` (both consumers staged their dS^T) and `ds_free`
-    (arrived once the last chunk's matmul has read the staged tiles and the K tiles)."""
-    slot = lax.rem(visit, slots)
-    plgpu.barrier_wait(sc["ds_ready"].at[slot])
-    staged = sc["ds"].at[slot]
-    head, qt = pairs.tile(visit)
-    head_dim = sc["k"].shape[-1]
-    width = min(PART_CHUNK, head_dim)
-    chunks = head_dim // width
-    for c in range(chunks):
-        keys = [sc["k"].at[w] for w in range(CONSUMERS)]
-        if chunks > 1:
-            keys = [k.at[:, pl.ds(c * width, width)] for k in keys]
-        operands = [(staged.at[w].T, k) for w, k in enumerate(keys)]
-        part = pp.matmul_sum(operands, (bq, width))
-        if c == chunks - 1:
-            plgpu.barrier_arrive(sc["ds_free"].at[slot])
-        out = sc["dq_part"].at[slot, c]
-        index = lax.axis_index("t") * CONSUMERS  # interpret mode's slice
-        at = (b, head, qt * bq, c * width)
-        _send_dq_part(refs, part, at, out, slots * chunks - 1, index, interpret)
+    pp.produce(streams, pairs, config.stages, config.registers[1])
 
 
 def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, interpret=None):
@@ -888,15 +809,7 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
                 seq=seq,
                 interpret=via_smem,
             ),
-            functools.partial(
-                _dkdv_producer,
-                refs,
-                sc,
-                config=config,
-                visits=visits,
-                group=group,
-                interpret=via_smem,
-            ),
+            functools.partial(_dkdv_producer, refs, sc, config=config, visits=visits, group=group),
         )
 
     own_copies = 3 if "kv_seg" in extras else 2
@@ -926,20 +839,16 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
     if config.fused_dq:
         split = _splits_dq(config, head_dim)
         width = head_dim // CONSUMERS if split else head_dim
-        parts = CONSUMERS  # float32 part tiles a slot: the consumers', or the producer's chunks
-        if config.producer_dq:
-            width = min(PART_CHUNK, head_dim)
-            parts = head_dim // width
         # 32-byte swizzle: the accumulator's float32 pairs go to shared memory without the 64
         # selects a part the 128-byte swizzle took (offline SASS, session 22: the 5-GEMM key
         # step 455 -> 420 instructions at head dim 64, 671 -> 600 at 128); still one TMA
         # reduce-add a part. Not yet timed.
         slots = config.ds_slots
-        scratch["dq_part"] = pp.smem_tile((slots, parts, bq, width), jnp.float32, swizzle=32)
+        scratch["dq_part"] = pp.smem_tile((slots, CONSUMERS, bq, width), jnp.float32, swizzle=32)
         if not via_smem or config.pooled_dq:
             scratch["ds"] = pp.smem_tile((slots, CONSUMERS, bkv, bq), dtype)
-        if config.pooled_dq:  # see _add_pooled_dq_part (and _producer_dq_part)
-            ready = slots if config.producer_dq else 1 if split else CONSUMERS
+        if config.pooled_dq:  # see _add_pooled_dq_part
+            ready = 1 if split else CONSUMERS
             scratch["ds_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=ready)
             scratch["ds_free"] = plgpu.Barrier(
                 num_arrivals=CONSUMERS if split else 1, num_barriers=slots

@@ -227,11 +227,10 @@ def produce(streams: Sequence[Stream], visits: Visits, stages: int, registers: i
     drain([s.free for s in streams], visits.count, stages)
 
 
-def stream(streams: Sequence[Stream], visits: Visits, stages: int, done=0, after=None) -> None:
+def stream(streams: Sequence[Stream], visits: Visits, stages: int, done=0) -> None:
     """For each visit, wait until its slot is free (from the ring's second lap on), then TMA
     every stream's tile (`source(tile)`) into it. `done`: visits streamed before these (by a
-    persistent CTA's earlier tiles), so the ring's slots and laps continue across tiles.
-    `after(i)`: the producer's own work once visit i's copies are issued."""
+    persistent CTA's earlier tiles), so the ring's slots and laps continue across tiles."""
 
     @pl.loop(0, visits.count)
     def _(i):
@@ -241,8 +240,6 @@ def stream(streams: Sequence[Stream], visits: Visits, stages: int, done=0, after
         for s in streams:
             pl.when(n >= stages)(functools.partial(s.free.wait, slot))
             plgpu.copy_gmem_to_smem(s.source(tile), s.ring.at[slot], s.loaded.at[slot])
-        if after is not None:
-            after(i)
 
 
 def ring_slot(count, slots: int):
