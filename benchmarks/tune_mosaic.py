@@ -215,6 +215,11 @@ BWD_SCHEDULES = [
     # configs.py's 5-GEMM sets (head dim 64; 128's 16k rule).
     (*_POOLED, *_NAB, "longest_first", "dq_first", "double_ds"),
     (*_POOLED, "split_dq", *_NAB, "longest_first", "late_stats", "double_ds"),
+    # Session 33: the same without longest_first (the key tiles fastest: the CTAs running at
+    # once add their dQ parts into a few heads' rows, which stay in L2; with the heads fastest
+    # they cover every head, and ncu had the 5-GEMM kernel at 86% of memory throughput).
+    (*_POOLED, "split_dq", *_NAB, "late_stats", "double_ds"),
+    (*_POOLED, *_NAB, "dq_first", "double_ds"),
     ("split_head", "longest_first"),
     ("split_head", "early_dp", "no_auto_barriers", "longest_first"),
     ("split_head", "early_dp", "no_auto_barriers", "longest_first", "late_stats"),
