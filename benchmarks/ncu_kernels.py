@@ -91,13 +91,11 @@ def worker(backend_name: str, case_name: str, options: str | None = None) -> int
         table = configs.MOSAIC_FORWARD if kind == "fwd" else configs.MOSAIC_BACKWARD
         row = table[case.head_dim]
         pinned = tuple(o for o in options.split(",") if o and not o.startswith("registers="))
-        registers = row.registers  # `registers=240:24`: setmaxnreg's (consumer, producer)
-        for o in options.split(","):
+        changes = {"options": pinned, "rules": ()}
+        for o in options.split(","):  # `registers=240:24`: setmaxnreg's (consumer, producer)
             if o.startswith("registers="):
-                registers = tuple(int(n) for n in o.removeprefix("registers=").split(":"))
-        table[case.head_dim] = dataclasses.replace(
-            row, options=pinned, registers=registers, rules=()
-        )
+                changes["registers"] = tuple(int(n) for n in o.split("=")[1].split(":"))
+        table[case.head_dim] = dataclasses.replace(row, **changes)
     backend = next(b for b in backends.all_backends() if b.name == backend_name)
     if (why := backend.unavailable() or backend.unsupported(case)) is not None:
         print(f"{backend_name} cannot run {case_name}: {why}", file=sys.stderr)

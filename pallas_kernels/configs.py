@@ -319,6 +319,12 @@ class MosaicBackward:
 # 3.444 -> 3.341, 16k 13.236 -> 13.056; causal 1k 0.715 -> 0.709, 4k 1.925 -> 1.939, 16k 6.785
 # -> 6.687: on. At head dim 128 the 5-GEMM kernel with it is 0.945x the two kernels at 4k and
 # 0.985x without it at 16k (10.906 -> 11.069): off.
+# `double_ds` (two slots for the pooled dS^T and dQ part tiles) on the 16k rule, swept
+# interleaved on the H100 at head dim 128, 16k, non-causal (`tune_mosaic.py OUT 128 --only bwd
+# --seq 16384 --causal no --with double_ds --registers 240,24`; ms, the rule -> with it):
+# results/2026-12-06-h100-s32 (call7) 10.674 -> 10.589 (1.008x); results/2026-12-06-h100-s33 (call2)
+# 10.921 -> 10.509 (1.039x; 10.571 at 240/24; without longest_first 11.0). At causal 4k the
+# 5-GEMM kernel with it is level with the two kernels or behind (1.681 vs 1.652 ms, call2).
 _FIVE_GEMM = ("fused_dq", "pooled_dq", "split_dq")
 _OVERLAPPED_BWD = ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers")
 MOSAIC_BACKWARD: dict[int, MosaicBackward] = {
@@ -332,7 +338,9 @@ MOSAIC_BACKWARD: dict[int, MosaicBackward] = {
         ("longest_first", *_OVERLAPPED_BWD),
         rules=(
             CallRule(causal=True, options=("late_stats",)),
-            CallRule(causal=False, min_rows=16384, options=(*_FIVE_GEMM, "late_stats")),
+            CallRule(
+                causal=False, min_rows=16384, options=(*_FIVE_GEMM, "late_stats", "double_ds")
+            ),
         ),
     ),
     192: MosaicBackward(64, 64, 1),

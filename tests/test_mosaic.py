@@ -108,7 +108,8 @@ def test_backward_kernel_where_triton_serves(case: Case, monkeypatch) -> None:
 def test_fused_dq_backward(case: Case, monkeypatch) -> None:
     """`BackwardConfig.fused_dq` (one kernel: dQ's parts added from the dK/dV kernel; here each
     part into its own slice, summed by the host, as the interpreter runs no TMA reduce-add)
-    against the float64 reference, with no race; `deterministic=True` turns it off."""
+    against the float64 reference, with no race; `deterministic=True` turns it off, and with it
+    `double_ds`, which needs it (configs.py's head dim 128 16k rule has both)."""
     fused = dataclasses.replace(api.backward_config(case.H), fused_dq=True)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "backward_config", lambda head_dim, *call: fused)
@@ -121,11 +122,13 @@ def test_fused_dq_backward(case: Case, monkeypatch) -> None:
     monkeypatch.setattr(
         backward, "dkdv", lambda *a, **kw: calls.append(kw["config"]) or real(*a, **kw)
     )
+    five = dataclasses.replace(fused, pooled_dq=True, double_ds=True)
+    monkeypatch.setattr(api, "backward_config", lambda head_dim, *call: five)
     q, k, v, dout, kw = make_inputs(case)
     ops = operands(q, k, v, deterministic=True, **kw)
     out, lse = api.forward(ops)
     api.backward(ops, out, lse, dout, None)
-    assert calls and not calls[-1].fused_dq
+    assert calls and not calls[-1].fused_dq and not calls[-1].double_ds
 
 
 @pytest.mark.parametrize(

@@ -258,7 +258,7 @@ def backward(
     ops = _past_lengths_zeroed(ops)
     cfg = config or backward_config(ops.head_dim, ops.seq_q, is_causal(ops), ops.group)
     if ops.statics.deterministic:  # dQ's reduce-adds land in a varying order
-        cfg = dataclasses.replace(cfg, fused_dq=False)
+        cfg = _backward.two_kernels(cfg)
     t = _round_up(ops.seq_q, CONSUMERS * cfg.rows)  # dQ's rows (and a multiple of dK/dV's cols)
     s = _round_up(ops.seq_k, CONSUMERS * cfg.rows)
     d = _head_dim(ops.head_dim)

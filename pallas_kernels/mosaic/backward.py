@@ -178,6 +178,12 @@ OPTIONS = (
 )
 
 
+def two_kernels(config: BackwardConfig) -> BackwardConfig:
+    """`config` with the dQ kernel in place of the 5-GEMM kernel's reduce-adds (whose order
+    varies run to run: `deterministic=True`): `fused_dq` off, and `double_ds`, which needs it."""
+    return dataclasses.replace(config, fused_dq=False, double_ds=False)
+
+
 def with_options(config: BackwardConfig, options) -> BackwardConfig:
     """`config` with exactly the flags of OPTIONS named in `options` on (the rest off)."""
     return pp.with_options(config, options, OPTIONS)
