@@ -94,6 +94,8 @@ def worker(backend_name: str, case_name: str, options: str | None = None) -> int
         changes = {"options": pinned, "rules": ()}
         for o in options.split(","):  # `registers=240:24`: setmaxnreg's (consumer, producer)
             if o.startswith("registers="):
+                if not hasattr(row, "registers"):
+                    raise ValueError(f"--options {o}: only a backward row has registers")
                 changes["registers"] = tuple(int(n) for n in o.split("=")[1].split(":"))
         table[case.head_dim] = dataclasses.replace(row, **changes)
     backend = next(b for b in backends.all_backends() if b.name == backend_name)

@@ -19,6 +19,12 @@ from pathlib import Path
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
 EXECUTED = "Instructions Executed"
+# Shared-memory wavefronts of the LSU's instructions: their count, the count without bank
+# conflicts, and the difference. Unlike the kernel-wide `l1tex__data_bank_conflicts_*` metrics,
+# which also count the LSU waiting on the banks for other units (TMA, wgmma operand reads), these
+# are the instruction's own conflicts.
+WAVEFRONTS = "L1 Wavefronts Shared"
+EXCESSIVE = "L1 Wavefronts Shared Excessive"
 
 
 def instructions(path: Path) -> list[dict[str, str]]:
@@ -41,6 +47,34 @@ def opcode(source: str) -> str:
     return words[0].split(".")[0] if words else ""
 
 
+def _count(row: dict[str, str], column: str) -> int:
+    """A counter column of the row (ncu writes thousands separators; empty is 0)."""
+    return int(float(row.get(column, "").replace(",", "") or 0))
+
+
+def shared_wavefronts(rows: list[dict[str, str]]) -> list[str]:
+    """Shared-memory wavefronts by opcode (all, and the excess over a conflict-free access),
+    and the instructions with the most excess; none where the page has no such columns."""
+    if not rows or WAVEFRONTS not in rows[0]:
+        return []
+    total, excess = collections.Counter(), collections.Counter()
+    for r in rows:
+        total[opcode(r["Source"])] += _count(r, WAVEFRONTS)
+        excess[opcode(r["Source"])] += _count(r, EXCESSIVE)
+    lines = [
+        "  shared wavefronts (excess) by opcode: "
+        + ", ".join(f"{op} {n:,} ({excess[op]:,})" for op, n in total.most_common(6) if n)
+    ]
+    worst = sorted(rows, key=lambda r: -_count(r, EXCESSIVE))[:4]
+    for r in worst:
+        if _count(r, EXCESSIVE):
+            lines.append(
+                f"    {r['Source'].strip()[:60]:60s} wavefronts {_count(r, WAVEFRONTS):,} "
+                f"excess {_count(r, EXCESSIVE):,}"
+            )
+    return lines
+
+
 def report(path: Path, top: int, context: int) -> str:
     rows = instructions(path)
     samples = [int(r[SAMPLES]) for r in rows]
@@ -52,6 +86,7 @@ def report(path: Path, top: int, context: int) -> str:
         f"== {path.name}: {len(rows)} instructions, {sum(samples)} stall samples",
         "  executed by opcode: " + ", ".join(f"{op} {n:,}" for op, n in mix.most_common(16)),
     ]
+    lines += shared_wavefronts(rows)
     hottest = sorted(range(len(rows)), key=lambda i: -samples[i])[:top]
     for i in sorted(hottest):
         lines.append(f"  -- #{i}: {100 * samples[i] / total:.1f}% of samples")

@@ -226,6 +226,31 @@ def test_sass_stalls_reads_the_source_page(tmp_path) -> None:
     out = module.report(path, top=1, context=2)
     assert "HGMMA 256, BRA 64" in out and "#2: 90.0% of samples" in out
     assert "TRYWAIT" in out and "UTMALDG" in out and "gdesc" not in out.split("#2")[1]
+    assert "shared wavefronts" not in out  # a page without the columns
+
+
+def test_sass_stalls_shared_wavefronts(tmp_path) -> None:
+    """benchmarks/sass_stalls.py: shared-memory wavefronts and their excess summed by opcode
+    (ncu's thousands separators read), the instruction with the most excess named."""
+    spec = importlib.util.spec_from_file_location("benchmarks_sass_stalls", SASS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    header = (
+        '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
+        '"L1 Wavefronts Shared","L1 Wavefronts Shared Excessive"'
+    )
+    body = [
+        '"0x10","      STS.64 [R13+0x8400], R152","1","32","2,048","1,024"',
+        '"0x20","      STS.64 [R13+0x8c00], R154","1","32","2,048","0"',
+        '"0x30","      STSM.16.M88.4 [R14], R16","1","32","512",""',
+        '"0x40","      HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24","7","256","0","0"',
+    ]
+    path = tmp_path / "case-sass.csv"
+    path.write_text("\n".join([header, *body]))
+    out = module.report(path, top=1, context=0)
+    assert "STS 4,096 (1,024), STSM 512 (0)" in out
+    assert "[R13+0x8400], R152" in out.split("shared wavefronts")[1].split("--")[0]
+    assert "[R13+0x8c00]" not in out  # no excess: not listed
 
 
 def test_a_candidates_options(script, monkeypatch, tmp_path) -> None:
@@ -240,9 +265,13 @@ def test_a_candidates_options(script, monkeypatch, tmp_path) -> None:
     assert row.options == ("persistent", "prefetch_q") and row.rules == ()
     monkeypatch.setitem(configs.MOSAIC_BACKWARD, 128, configs.MOSAIC_BACKWARD[128])
     forward = configs.MOSAIC_FORWARD[128]
-    assert script.worker("flashjax_mosaic", "bwd-d128-causal-4k", "fused_dq,split_dq") == 2
+    options = "fused_dq,split_dq,registers=240:24"
+    assert script.worker("flashjax_mosaic", "bwd-d128-causal-4k", options) == 2
     row = configs.MOSAIC_BACKWARD[128]  # a fwd_bwd case pins the backward's row
     assert row.options == ("fused_dq", "split_dq") and row.rules == ()
+    assert row.registers == (240, 24)
+    with pytest.raises(ValueError, match="registers=240:24: only a backward row"):
+        script.worker("flashjax_mosaic", "fwd-d64-full-1k", "registers=240:24")
     assert configs.MOSAIC_FORWARD[128] is forward
     assert script._target("flashjax_mosaic", "fwd-d64-full-1k", "")[-2:] == [
         "--options",
