@@ -123,7 +123,9 @@ class BackwardConfig:
     # together (337 + 259) but 3 named-barrier syncs coupling the consumers; 16 KiB (head dim
     # 64) to 24 KiB (128) more shared memory. On the H100 (results/2026-12-06-h100-s32/
     # call5-7-double-ds): the 5-GEMM kernel at head dim 128 causal 4k 1.02-1.05x faster with
-    # it, level with the two kernels; 1.008x at 16k non-causal; 0.99x at 64. Not a default.
+    # it, level with the two kernels; 1.008x at 16k non-causal; 0.99x at 64. Session 33
+    # (results/2026-12-06-h100-s33/call2): 1.039x at 16k non-causal, where configs.py's rule
+    # now takes it.
     double_ds: bool = False
 
     def __post_init__(self):
