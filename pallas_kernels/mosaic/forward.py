@@ -60,6 +60,12 @@ class ForwardConfig:
     # order). Reversing the tiles within each head only (the grid order of 5929151) was 5-13%
     # slower on the H200.
     longest_first: bool = False
+    # With longest_first: each head's query tiles adjacent in the launch order (the tiles the
+    # fastest grid axis, reversed within the head), so the CTAs running together share their
+    # head's K/V in L2. For short calls with many heads, where a head's K/V is evicted before
+    # its next tile starts when the longest tiles of every head go first. Nothing without
+    # longest_first (the tiles are then the fastest axis already).
+    tiles_by_head: bool = False
     # pipeline.compiler_params: no automatic SMEM barriers.
     no_auto_barriers: bool = False
     # One CTA per SM looping over the tiles (`plgpu.nd_loop`): the K/V ring runs on from one
@@ -185,6 +191,7 @@ class ForwardConfig:
 # configs.py names the ones on per head dim; benchmarks/tune_mosaic.py sweeps them.
 SCHEDULE_OPTIONS = (
     "longest_first",
+    "tiles_by_head",
     "no_auto_barriers",
     "persistent",
     "named_barriers",
@@ -603,7 +610,8 @@ def forward(
     q_tiles = seq_q // config.rows
     consumers = config.consumers
     grid = {"q": q_tiles, "h": num_heads // config.heads_per_tile(), "b": batch}
-    order = ("h", "b", "q") if config.longest_first else ("q", "h", "b")  # first: fastest
+    heads_fastest = config.longest_first and not config.tiles_by_head
+    order = ("h", "b", "q") if heads_fastest else ("q", "h", "b")  # first: fastest
 
     def flashjax_mosaic_forward(*refs):
         ins, outs, (sc,) = pp.split_refs(refs, (len(names), 2))
