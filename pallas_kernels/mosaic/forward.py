@@ -60,11 +60,11 @@ class ForwardConfig:
     # order). Reversing the tiles within each head only (the grid order of 5929151) was 5-13%
     # slower on the H200.
     longest_first: bool = False
-    # With longest_first: each head's query tiles adjacent in the launch order (the tiles the
-    # fastest grid axis, reversed within the head), so the CTAs running together share their
-    # head's K/V in L2. For short calls with many heads, where a head's K/V is evicted before
-    # its next tile starts when the longest tiles of every head go first. Nothing without
-    # longest_first (the tiles are then the fastest axis already).
+    # With longest_first: the order of 5929151 above (the tiles the fastest grid axis, reversed
+    # within each head), kept as an option for short calls with many heads, where the CTAs
+    # running together then share their head's K/V in L2, which the heads-fastest order evicts
+    # before a head's next tile starts (HOPPER_PLAN 7z; the 5-13% loss was at 8k). Nothing
+    # without longest_first (the tiles are then the fastest axis already).
     tiles_by_head: bool = False
     # pipeline.compiler_params: no automatic SMEM barriers.
     no_auto_barriers: bool = False
