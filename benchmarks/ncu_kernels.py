@@ -42,6 +42,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "bwd-d128-causal-16k": (Case(1, 16384, 16, 128, True), "fwd_bwd"),  # backward 0.81x
     # the widest backward gap since s24 (0.91x cuDNN); 16k under ncu outruns TIMEOUT_S (s25)
     "bwd-d128-causal-4k": (Case(4, 4096, 16, 128, True), "fwd_bwd"),
+    # tokamax's sm90 forward runs these tiles at 1.04-1.11x ours (HOPPER_PLAN 7z, 7za)
+    "fwd-d128-causal-512": (Case(32, 512, 16, 128, True), "fwd"),  # 0.96x cuDNN (s29)
 }
 BACKENDS = ("flashjax_mosaic", "jax_cudnn")
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats")
@@ -67,7 +69,9 @@ MEMORY = (
 # Does the 5-GEMM backward (three of its five matmuls read both operands from shared memory at
 # N = 64) run into them where the two kernels do not? (HOPPER_PLAN 7y)
 L1TEX = "breakdown:l1tex__throughput.avg.pct_of_peak_sustained_active"
-METRICS = ("gpu__time_duration.sum", PIPES, ISSUED, STALLS, *CONFLICTS, *MEMORY, L1TEX)
+# DRAM bytes read and L2's hit rate: does a launch order re-read K/V from DRAM (HOPPER_PLAN 7z)?
+DRAM = ("dram__bytes_read.sum", "lts__t_sector_hit_rate.pct")
+METRICS = ("gpu__time_duration.sum", PIPES, ISSUED, STALLS, *CONFLICTS, *MEMORY, L1TEX, *DRAM)
 TIMEOUT_S = 240
 # The attention kernels of each backend (not XLA's fusions around them), for the SASS page.
 ATTENTION_KERNELS = r"flashjax_mosaic|sdpa|flash_attention_sm90"  # ours, cuDNN's, tokamax's
@@ -146,6 +150,7 @@ def summary(kernel: ncu.Kernel) -> str:
         "bank conflicts ld/st: " + "/".join(f"{m[c]:.3g}" if c in m else "?" for c in CONFLICTS),
         "sectors local ld/st, global ld: "
         + "/".join(f"{m[c]:.3g}" if c in m else "?" for c in MEMORY),
+        "DRAM read bytes, L2 hit %: " + "/".join(f"{m[c]:.3g}" if c in m else "?" for c in DRAM),
     ]
     return " | ".join(fields)
 
