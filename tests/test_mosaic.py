@@ -281,7 +281,6 @@ def test_lazy_rescale_with_a_growing_max(monkeypatch) -> None:
     "schedule, features",
     [
         (dict(longest_first=True), ("causal", "segments")),
-        (dict(longest_first=True, tiles_by_head=True), ("causal", "segments")),
         (dict(persistent=True), ("causal",)),
         (dict(persistent=True), ("lengths",)),
         (dict(persistent=True, longest_first=True), ("causal", "segments")),
@@ -298,8 +297,7 @@ def test_lazy_rescale_with_a_growing_max(monkeypatch) -> None:
 )
 def test_schedules_compute_the_same(schedule, features) -> None:
     """The forward's schedules only change which CTA takes which query tile and in what order
-    (`longest_first`: the tiles reversed, heads and batch rows the fastest grid axes, or with
-    `tiles_by_head` the tiles fastest, reversed within each head;
+    (`longest_first`: the tiles reversed, heads and batch rows the fastest grid axes;
     `persistent`: one CTA per "core" (4 in interpret mode) looping over 12 tiles, its K/V ring
     running on across tiles), or how the consumers take turns (`named_barriers`, emulated by
     mbarriers here: a protocol that left a wait unmet would hang or leave a phase unconsumed), or

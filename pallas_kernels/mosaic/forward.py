@@ -58,14 +58,10 @@ class ForwardConfig:
     # vary fastest): with a causal mask the last tiles have the most keys, so the CTAs launched
     # first are the longest of the whole grid and the last wave is short (FA3's and tokamax's
     # order). Reversing the tiles within each head only (the grid order of 5929151) was 5-13%
-    # slower on the H200.
+    # slower on the H200 at 8k, and 1.28-1.51x slower at causal 512-2k, head dim 128, on the H100
+    # (session 35, HOPPER_PLAN 7za: it read Q, K and V twice from DRAM where this order reads
+    # them once).
     longest_first: bool = False
-    # With longest_first: the order of 5929151 above (the tiles the fastest grid axis, reversed
-    # within each head), kept as an option for short calls with many heads, where the CTAs
-    # running together then share their head's K/V in L2, which the heads-fastest order evicts
-    # before a head's next tile starts (HOPPER_PLAN 7z; the 5-13% loss was at 8k). Nothing
-    # without longest_first (the tiles are then the fastest axis already).
-    tiles_by_head: bool = False
     # pipeline.compiler_params: no automatic SMEM barriers.
     no_auto_barriers: bool = False
     # One CTA per SM looping over the tiles (`plgpu.nd_loop`): the K/V ring runs on from one
@@ -191,7 +187,6 @@ class ForwardConfig:
 # configs.py names the ones on per head dim; benchmarks/tune_mosaic.py sweeps them.
 SCHEDULE_OPTIONS = (
     "longest_first",
-    "tiles_by_head",
     "no_auto_barriers",
     "persistent",
     "named_barriers",
@@ -610,8 +605,7 @@ def forward(
     q_tiles = seq_q // config.rows
     consumers = config.consumers
     grid = {"q": q_tiles, "h": num_heads // config.heads_per_tile(), "b": batch}
-    heads_fastest = config.longest_first and not config.tiles_by_head
-    order = ("h", "b", "q") if heads_fastest else ("q", "h", "b")  # first: fastest
+    order = ("h", "b", "q") if config.longest_first else ("q", "h", "b")  # first: fastest
 
     def flashjax_mosaic_forward(*refs):
         ins, outs, (sc,) = pp.split_refs(refs, (len(names), 2))
