@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import Case, make_inputs
+from helpers import NAMES, Case, assert_close, make_inputs, run, run_reference64
 from jax.sharding import Mesh, PartitionSpec
 
 from flashjax import backends, dot_product_attention
 from flashjax.attention import operands
 from pallas_kernels import configs
+from pallas_kernels.mosaic import api
 
 pytestmark = pytest.mark.gpu
 
@@ -75,3 +76,22 @@ def test_default_is_the_kernel_on_gpu() -> None:
     assert backends.choose(None, operands(q, k, v, bias)).name == kernel
     as32 = [x.astype(jnp.float32) for x in (q, k, v)]
     assert backends.choose(None, operands(*as32)).name == "triton"
+
+
+@pytest.mark.parametrize("features", [("causal",), ("lengths",)])
+def test_deterministic_mosaic_grads_on_gpu(features) -> None:
+    """`deterministic=True` on Hopper: where configs.py gives the Mosaic backward the 5-GEMM
+    kernel (head dim 64: dQ's parts reduce-added in whatever order the CTAs reach them), the
+    gradients are bitwise identical run to run and within the float64 reference's rule."""
+    if configs.gpu_target() != "sm90":
+        pytest.skip("the Mosaic kernels need sm90")
+    case = Case(B=2, T=2048, S=2048, N=4, K=2, H=64, features=features)
+    assert api.backward_config(64, case.T, "causal" in features, 2).fused_dq  # else moot
+    q, k, v, dout, kw = make_inputs(case, salt="deterministic-gpu")
+    kw = kw | dict(deterministic=True)
+    first = run("mosaic", q, k, v, dout, kw)
+    again = run("mosaic", *(jnp.array(x, copy=True) for x in (q, k, v, dout)), kw)
+    for name, a, b in zip(NAMES, first, again):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), f"{name}: not bitwise equal"
+    naive = run("xla", q, k, v, dout, kw)
+    assert_close(first, naive, run_reference64(q, k, v, dout, kw), label=case.id)
