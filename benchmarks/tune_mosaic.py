@@ -100,6 +100,12 @@ SCHEDULES = [
     ("longest_first", "fold_scale", "async_store", "persistent", "prefetch_q", "named_free"),
     ("async_store", "persistent", "named_free"),
     ("async_store", "persistent", "prefetch_q", "named_free", "no_auto_barriers"),
+    # Session 35: the persistent loop over pairs of one head's tiles (balanced under a causal
+    # mask, a head's K/V shared in L2; new, not yet timed), alone, with FA3's persistent set and
+    # with the row's options (longest_first orders the unpaired loop only).
+    ("persistent", "pair_tiles"),
+    ("async_store", "persistent", "prefetch_q", "pair_tiles"),
+    ("longest_first", "fold_scale", "async_store", "persistent", "prefetch_q", "pair_tiles"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 # Session 11: three consumer warpgroups at head dim 64 (FA3's 192-row tiles; new, not yet run on

@@ -302,7 +302,7 @@ class MosaicBackward:
 # (results/2026-12-03-h200-s20/call1; correct on the GPU) it was 0.93-0.99x at head dim 128
 # (4k, 8k, causal and not) and 0.998-1.015x at 64: not set. (The forward's, per CallRule:
 # 0.92-1.07x at 512-16k with no pattern, s20/call2: not set either.)
-# `longest_first` (the grid's heads fastest, tiles slowest: backward.grid), swept interleaved
+# `longest_first` (a head's tiles adjacent, reversed: backward.BackwardConfig), swept interleaved
 # with session 20's batched timer (results/2026-12-03-h200-s21/call4-tune-bwd and
 # call5-tune-bwd-long; ms without -> with): head dim 64 at 2k 2.164 -> 1.803 non-causal, 1.245
 # -> 1.108 causal; 8k 7.215 -> 6.436, 3.665 -> 3.515; 16k 13.607 -> 12.617, 6.903 -> 6.634. 128

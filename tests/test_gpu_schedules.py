@@ -31,6 +31,7 @@ CASES = [
 # on the H200).
 FORWARD = [(name,) for name in OPTIONS] + [("persistent", "prefetch_q", "async_store")]
 FORWARD += [("persistent", "prefetch_q", "async_store", "named_free")]  # FA3's set, tokamax's frees
+FORWARD += [("persistent", "prefetch_q", "async_store", "pair_tiles")]  # FA3's set, paired tiles
 FORWARD += list(WIDEST)
 BACKWARD = [
     ("fused_dq", "no_auto_barriers"),

@@ -278,36 +278,52 @@ def test_lazy_rescale_with_a_growing_max(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "schedule, features",
+    "schedule, features, seq",
     [
-        (dict(longest_first=True), ("causal", "segments")),
-        (dict(persistent=True), ("causal",)),
-        (dict(persistent=True), ("lengths",)),
-        (dict(persistent=True, longest_first=True), ("causal", "segments")),
-        (dict(named_barriers=True), ("causal",)),
-        (dict(named_barriers=True, persistent=True), ("causal", "segments")),
-        (dict(async_store=True, persistent=True), ("causal", "segments")),
-        (dict(prefetch_q=True), ("lengths",)),
-        (dict(prefetch_q=True, persistent=True, async_store=True), ("causal", "segments")),
-        (dict(pack_heads=True), ("causal", "segments")),
-        (dict(pack_heads=True), ("lengths", "window", "dropout")),
-        (dict(pack_heads=True, prefetch_q=True, persistent=True, async_store=True), ("causal",)),
+        (schedule, features, 300)
+        for schedule, features in [
+            (dict(longest_first=True), ("causal", "segments")),
+            (dict(persistent=True), ("causal",)),
+            (dict(persistent=True), ("lengths",)),
+            (dict(persistent=True, longest_first=True), ("causal", "segments")),
+            (dict(named_barriers=True), ("causal",)),
+            (dict(named_barriers=True, persistent=True), ("causal", "segments")),
+            (dict(async_store=True, persistent=True), ("causal", "segments")),
+            (dict(prefetch_q=True), ("lengths",)),
+            (dict(prefetch_q=True, persistent=True, async_store=True), ("causal", "segments")),
+            (dict(pack_heads=True), ("causal", "segments")),
+            (dict(pack_heads=True), ("lengths", "window", "dropout")),
+            (
+                dict(pack_heads=True, prefetch_q=True, persistent=True, async_store=True),
+                ("causal",),
+            ),
+            (dict(persistent=True, pair_tiles=True), ("causal", "segments")),
+        ]
+    ]
+    + [
+        (
+            dict(persistent=True, pair_tiles=True, prefetch_q=True, async_store=True),
+            ("causal",),
+            512,
+        )
     ],
-    ids=lambda x: "+".join(x),
+    ids=lambda x: "+".join(x) if isinstance(x, (dict, tuple)) else f"T{x}",
 )
-def test_schedules_compute_the_same(schedule, features) -> None:
+def test_schedules_compute_the_same(schedule, features, seq) -> None:
     """The forward's schedules only change which CTA takes which query tile and in what order
-    (`longest_first`: the tiles reversed, heads and batch rows the fastest grid axes;
-    `persistent`: one CTA per "core" (4 in interpret mode) looping over 12 tiles, its K/V ring
-    running on across tiles), or how the consumers take turns (`named_barriers`, emulated by
-    mbarriers here: a protocol that left a wait unmet would hang or leave a phase unconsumed), or
+    (`longest_first`: the tiles reversed, each head's adjacent; `persistent`: one CTA per "core"
+    (4 in interpret mode) looping over 12 tiles, its K/V ring running on across tiles;
+    `pair_tiles`: its steps two tiles of a head, j and T - 1 - j, then the middle tiles of an
+    odd T, as at T = 300 (3 tiles; T = 512: 4)), or how the consumers take turns
+    (`named_barriers`, emulated by mbarriers here: a protocol that left a wait unmet would hang
+    or leave a phase unconsumed), or
     how long the epilogue waits for its stores (`async_store`: until read; persistent, the next
     tile's Q lands in the buffer the output left from), or who loads Q (`prefetch_q`: the
     producer, into a ring of two slots that the consumers free after their output's store), or
     which rows the consumers take (`pack_heads`: the same rows of the two query heads of the
     one KV head): the output and logsumexp are bitwise those of the grid order, and the race
     detector finds nothing."""
-    case = Case(B=2, T=300, S=300, N=2, K=1, H=64, features=features)
+    case = Case(B=2, T=seq, S=seq, N=2, K=1, H=64, features=features)
     q, k, v, _, kw = make_inputs(case)
     ops = operands(q, k, v, **kw)
     grid_order = forward.with_options(api.forward_config(case.H), ())

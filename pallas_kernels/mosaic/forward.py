@@ -54,20 +54,30 @@ class ForwardConfig:
     # barrier); both as tokamax's sm90 kernel does. Off in interpret mode (no in-place PV).
     early_next_k: bool = False
     pinned_order: bool = False
-    # Query tiles in reverse order, and the slowest-varying grid axis (heads and batch rows
-    # vary fastest): with a causal mask the last tiles have the most keys, so the CTAs launched
-    # first are the longest of the whole grid and the last wave is short (FA3's and tokamax's
-    # order). Reversing the tiles within each head only (the grid order of 5929151) was 5-13%
-    # slower on the H200 at 8k, and 1.28-1.51x slower at causal 512-2k, head dim 128, on the H100
-    # (session 35, HOPPER_PLAN 7za: it read Q, K and V twice from DRAM where this order reads
-    # them once).
+    # Query tiles in reverse order (under a causal mask the last tiles have the most keys, so
+    # the CTAs launched first are the longest), each head's tiles launched one after another:
+    # the grid is named ("h", "b", "q") and its last axis runs fastest (Pallas Mosaic GPU
+    # reverses the grid onto CUDA's x, y, z), tokamax's order. Its CTAs running at once share
+    # their heads' K/V in L2: at head dim 128, causal 512 (B 32, N 16) it reads Q, K and V from
+    # DRAM once (201 MB, ncu), where the grid ("q", "h", "b") without it, batch rows fastest,
+    # reads 402 MB and is 1.28-1.51x slower at 512-2k on the H100 (session 35, HOPPER_PLAN 7za).
+    # Sessions before 35 described these two orders the other way round (first axis fastest).
     longest_first: bool = False
     # pipeline.compiler_params: no automatic SMEM barriers.
     no_auto_barriers: bool = False
     # One CTA per SM looping over the tiles (`plgpu.nd_loop`): the K/V ring runs on from one
     # tile into the next, so the producer loads the next tile's keys during this one's epilogue
-    # (tokamax's non-causal schedule).
+    # (tokamax's non-causal schedule). CTA i takes tiles i, i + SMs, ... of the order: without
+    # longest_first a head's tiles are adjacent; with it the longest tile of every head comes
+    # first, heads fastest (balanced under a causal mask, but a head's K/V leaves L2 between
+    # its tiles once all heads' K/V outgrow it).
     persistent: bool = False
+    # With `persistent`: each loop step takes two query tiles of one head, j and T - 1 - j (the
+    # longer first), whose causal work adds up to the same T + 1 key tiles for every j, so
+    # the strided split of the steps is balanced; a head's pairs are adjacent, so the CTAs
+    # running at once share its K/V in L2 (FA3 gets both from a dynamic scheduler over an
+    # L2-sized section of heads). A middle tile (odd T) is a step of its own.
+    pair_tiles: bool = False
     # The consumers' ping-pong on hardware named barriers (`pipeline.NamedTurn`) instead of an
     # mbarrier (`pipeline.Turn`); interpret mode emulates them with mbarriers. Until session
     # 22 its barriers never reached the GPU (`pipeline._named_barrier` was not called): every
@@ -189,6 +199,7 @@ SCHEDULE_OPTIONS = (
     "longest_first",
     "no_auto_barriers",
     "persistent",
+    "pair_tiles",
     "named_barriers",
     "no_pingpong",
     "async_store",
@@ -605,7 +616,8 @@ def forward(
     q_tiles = seq_q // config.rows
     consumers = config.consumers
     grid = {"q": q_tiles, "h": num_heads // config.heads_per_tile(), "b": batch}
-    order = ("h", "b", "q") if config.longest_first else ("q", "h", "b")  # first: fastest
+    # Slowest to fastest: the lowering puts the grid's last axis on CUDA's x (see longest_first).
+    order = ("h", "b", "q") if config.longest_first else ("q", "h", "b")
 
     def flashjax_mosaic_forward(*refs):
         ins, outs, (sc,) = pp.split_refs(refs, (len(names), 2))
@@ -676,13 +688,35 @@ def forward(
         if not config.persistent:
             tile = tuple(lax.axis_index(name) for name in ("q", "h", "b"))
             return work(_ordered(tile), start)
+        if config.pair_tiles:
+            return _paired(work, start)
 
+        # nd_loop's last axis is its fastest: `order` reversed puts its first axis there
         @plgpu.nd_loop(
             tuple(grid[n] for n in reversed(order)), collective_axes="sm", init_carry=start
         )
         def done(info, carry):
             index = dict(zip(reversed(order), info.index))
             return work(_ordered(tuple(index[n] for n in ("q", "h", "b"))), carry)
+
+        return done
+
+    def _paired(work, start):
+        """`pair_tiles`: the persistent loop over steps of tiles (T - 1 - j, j) of one head (a
+        middle tile alone), a head's steps adjacent; the tile body is emitted once (inlined
+        twice, it spilled offline)."""
+
+        @plgpu.nd_loop(
+            (grid["b"], grid["h"], (q_tiles + 1) // 2), collective_axes="sm", init_carry=start
+        )
+        def done(info, carry):
+            b, h, j = info.index
+            longer = q_tiles - 1 - j
+
+            def one(i, carry):  # the pair's longer tile, then its shorter
+                return work((lax.select(i == 0, longer, j), h, b), carry)
+
+            return lax.fori_loop(0, lax.select(longer == j, 1, 2), one, carry)
 
         return done
 
