@@ -312,9 +312,9 @@ def test_lazy_rescale_with_a_growing_max(monkeypatch) -> None:
 def test_schedules_compute_the_same(schedule, features, seq) -> None:
     """The forward's schedules only change which CTA takes which query tile and in what order
     (`longest_first`: the tiles reversed, each head's adjacent; `persistent`: one CTA per "core"
-    (4 in interpret mode) looping over 12 tiles, its K/V ring running on across tiles;
-    `pair_tiles`: its steps two tiles of a head, j and T - 1 - j, then the middle tiles of an
-    odd T, as at T = 300 (3 tiles; T = 512: 4)), or how the consumers take turns
+    (4 in interpret mode) looping over the 12 tiles (16 at T = 512), its K/V ring running on
+    across tiles; `pair_tiles`: its steps two tiles of a head, j and T - 1 - j, or an odd T's
+    middle tile alone, as at T = 300: 3 tiles a head), or how the consumers take turns
     (`named_barriers`, emulated by mbarriers here: a protocol that left a wait unmet would hang
     or leave a phase unconsumed), or
     how long the epilogue waits for its stores (`async_store`: until read; persistent, the next
