@@ -191,7 +191,15 @@ class MosaicForward:
 # without the persistent set 0.418 ms against configs.py's persistent set 0.431 (1.031x, best
 # of the sweep; session 31 had the row alone 1.024x there), at 1k 0.261 against 0.262 (a tie):
 # the exp2_fma rule now starts past 1k rows.
+# Session 36 (results/2026-12-07-h100-s36/call1, H100, B*T = 16k, swept interleaved, ms):
+# FA3's persistent set with `pair_tiles` (each loop step a head's tiles j and T - 1 - j: equal
+# causal work per step, a head's steps adjacent so its K/V stays in L2), causal, against
+# configs.py's choice: head dim 128 at 512 0.135 -> 0.111 (without the row's options; with them
+# 0.112); head dim 64 at 512 0.171 -> 0.143 and 1k 0.264 -> 0.223 (without the row's options;
+# with them 0.152 / 0.226), at 2k 0.415 (exp2_fma) -> 0.375 with the row's options (0.402
+# without).
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
+_FA3_PAIRED = (*_FA3_PERSISTENT, "pair_tiles")
 _FA3_PACKED = (*_FA3_PERSISTENT, "pack_heads")
 MOSAIC_FORWARD: dict[int, MosaicForward] = {
     64: MosaicForward(
@@ -201,8 +209,14 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
         early_next_k=True,
         options=("longest_first", "fold_scale"),
         rules=(
-            CallRule(causal=True, max_rows=1024, options=_FA3_PERSISTENT),
-            CallRule(causal=True, min_rows=1025, options=("exp2_fma",)),
+            CallRule(
+                causal=True,
+                max_rows=1024,
+                drop=("longest_first", "fold_scale"),
+                options=_FA3_PAIRED,
+            ),
+            CallRule(causal=True, min_rows=1025, max_rows=2048, options=_FA3_PAIRED),
+            CallRule(causal=True, min_rows=2049, options=("exp2_fma",)),
             CallRule(
                 causal=True,
                 max_rows=128,
@@ -247,7 +261,9 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
                 max_rows=8192,
                 options=("overlap_qk", "no_auto_barriers"),
             ),
-            CallRule(causal=True, max_rows=512, min_group=2, options=_FA3_PERSISTENT),
+            CallRule(
+                causal=True, max_rows=512, drop=("longest_first", "fold_scale"), options=_FA3_PAIRED
+            ),
             CallRule(causal=False, max_rows=512, min_group=2, options=_FA3_PACKED),
             CallRule(
                 causal=True,
