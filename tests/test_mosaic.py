@@ -298,6 +298,16 @@ def test_lazy_rescale_with_a_growing_max(monkeypatch) -> None:
                 ("causal",),
             ),
             (dict(persistent=True, pair_tiles=True), ("causal", "segments")),
+            (  # configs.py's short causal GQA rule at head dim 64
+                dict(
+                    pack_heads=True,
+                    prefetch_q=True,
+                    persistent=True,
+                    async_store=True,
+                    pair_tiles=True,
+                ),
+                ("causal",),
+            ),
         ]
     ]
     + [
