@@ -3,11 +3,11 @@ PTX, ptxas' report, the Mosaic MLIR before/after layout inference and, with an n
 `nvidia-cuda-nvdisasm` wheel of setup.sh), the SASS (`*.sass`, spills marked `SpillRefill`).
 Usage, from the repo root, with the offline venv:
   PYTHONPATH=.:benchmarks .sm90venv/bin/python benchmarks/offline/dump.py OUT_DIR fwd|bwd \
-      [--head-dim 128] [--seq 1024] [--causal] [--options a+b] [--set name=value ...]
-Without `--options`, configs.py's choice for the call (its rules at `--seq` rows and
-`--causal`, as the public op picks it); `--options`: the head dim's row with exactly these on/off
-options (forward.OPTIONS / backward.OPTIONS) instead; `--set`: any other field (e.g.
-`registers=240,24`, `named_free=1`).
+      [--head-dim 128] [--seq 1024] [--causal] [--group 1] [--options a+b] [--set name=value ...]
+Without `--options`, configs.py's choice for the call (its rules at `--seq` rows, `--causal`
+and `--group` query heads per KV head, as the public op picks it); `--options`: the head dim's
+row with exactly these on/off options (forward.OPTIONS / backward.OPTIONS) instead; `--set`: any
+other field (e.g. `registers=240,24`, `named_free=1`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,13 @@ def _value(text: str):
 
 
 def config(
-    kernel: str, head_dim: int, options: str | None, sets: list[str], seq=None, causal=False
+    kernel: str,
+    head_dim: int,
+    options: str | None,
+    sets: list[str],
+    seq=None,
+    causal=False,
+    group=1,
 ):
     """The config to compile: configs.py's for a call of `seq` rows (`causal`), or with
     `options` the head dim's row with exactly those; `sets` ("field=value") on top."""
@@ -41,7 +47,7 @@ def config(
     module, chosen = (
         (forward, api.forward_config) if kernel == "fwd" else (backward, api.backward_config)
     )
-    cfg = chosen(head_dim, seq, causal) if options is None else chosen(head_dim)
+    cfg = chosen(head_dim, seq, causal, group) if options is None else chosen(head_dim)
     if options is not None:
         cfg = module.with_options(cfg, [o for o in options.split("+") if o])
     fields = dict(s.split("=", 1) for s in sets)
@@ -55,6 +61,7 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--group", type=int, default=1)
     p.add_argument("--options")
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
@@ -67,9 +74,11 @@ def main() -> None:
 
     from pallas_kernels.mosaic import api
 
-    cfg = config(args.kernel, args.head_dim, args.options, args.set, args.seq, args.causal)
+    cfg = config(
+        args.kernel, args.head_dim, args.options, args.set, args.seq, args.causal, args.group
+    )
     print(cfg, flush=True)
-    ops, do = operands(args.seq, args.head_dim, args.causal)
+    ops, do = operands(args.seq, args.head_dim, args.causal, args.group)
     if args.kernel == "fwd":
         h200.compile_for_h200(lambda o: api.forward(o, interpret=False, config=cfg), ops)
     else:
