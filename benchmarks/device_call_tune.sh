@@ -22,7 +22,7 @@
 # in its own process at REPRO_AT ("HEAD_DIM SEQ", default "128 1024"), causal and not, against
 # the default forward (benchmarks/repro_overlap.py: a fault kills only that process).
 # DEADLINE (s, default 585): no sweep runs past it. TIER (seconds): first, the whole GPU tier
-# (`gpu_tier`) within that limit. BENCH: then one
+# (`gpu_tier`) within that limit (TIER_K: only its tests that `pytest -k` selects). BENCH: then one
 # `python -m flashjax bench` with these arguments (e.g. the anchors of a sweep's shapes), within
 # BENCH_S seconds (default 150).
 # Usage (device tool, from the repo root):

@@ -16,11 +16,13 @@ export PYTHONPATH=.:/tmp/tk
 until_s() { local t=$(($1 - SECONDS)); echo $((t > 5 ? t : 5)); }
 # The GPU tier (`pytest -m gpu`) in 4 pytest-xdist workers sharing the GPU (a fifth of its memory
 # each): compiling dominates and runs on the host's cores. Each line of LOG carries the seconds
-# since the start.
+# since the start. TIER_K: only the tests `pytest -k` selects with it (e.g. the rules a commit
+# changed: TIER_K="every_rule_on_gpu and pair_tiles").
 gpu_tier() {
   local limit=$1 log=$2
   stamp() { while IFS= read -r l; do echo "$SECONDS $l"; done; }
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout "$limit" python3 -m pytest -m gpu tests -n 4 \
+    ${TIER_K:+-k "$TIER_K"} \
     -v -rfE --durations=15 -p no:cacheprovider -o faulthandler_timeout="$((limit - 20))" 2>&1 |
     stamp > "$log"
 }

@@ -76,7 +76,8 @@ class ForwardConfig:
     # longer first), whose causal work adds up to the same T + 1 key tiles for every j, so
     # the strided split of the steps is balanced; a head's pairs are adjacent, so the CTAs
     # running at once share its K/V in L2 (FA3 gets both from a dynamic scheduler over an
-    # L2-sized section of heads). A middle tile (odd T) is a step of its own.
+    # L2-sized section of heads). A middle tile (odd T) is a step of its own. It sets the
+    # loop's order, so `longest_first` changes nothing with it.
     pair_tiles: bool = False
     # The consumers' ping-pong on hardware named barriers (`pipeline.NamedTurn`) instead of an
     # mbarrier (`pipeline.Turn`); interpret mode emulates them with mbarriers. Until session
