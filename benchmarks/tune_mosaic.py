@@ -108,12 +108,13 @@ SCHEDULES = [
     ("longest_first", "fold_scale", "async_store", "persistent", "prefetch_q", "pair_tiles"),
     # Session 36: pair_tiles won at 512-2k causal (1.10-1.22x configs.py, H100); with exp2_fma
     # (head dim 64's causal rule past 1k), both, named_free, and overlap_qk (head dim 128's
-    # causal rule at 4k-8k; it excludes prefetch_q).
+    # causal rule at 4k-8k; it excludes prefetch_q), and with GQA packing.
     ("async_store", "persistent", "prefetch_q", "pair_tiles", "exp2_fma"),
     ("fold_scale", "async_store", "persistent", "prefetch_q", "pair_tiles", "exp2_fma"),
     ("async_store", "persistent", "prefetch_q", "pair_tiles", "named_free"),
     ("overlap_qk", "async_store", "persistent", "pair_tiles"),
     ("overlap_qk", "no_auto_barriers", "async_store", "persistent", "pair_tiles"),
+    ("async_store", "persistent", "prefetch_q", "pack_heads", "pair_tiles"),  # with --group G
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 # Session 11: three consumer warpgroups at head dim 64 (FA3's 192-row tiles; new, not yet run on

@@ -346,6 +346,32 @@ def test_schedules_compute_the_same(schedule, features, seq) -> None:
 
 
 @pytest.mark.parametrize(
+    "options",
+    [
+        ("async_store", "persistent", "prefetch_q", "exp2_fma"),
+        ("async_store", "persistent", "prefetch_q", "named_free"),
+        ("overlap_qk", "no_auto_barriers", "async_store", "persistent"),
+    ],
+    ids="+".join,
+)
+def test_pair_tiles_only_orders_the_loop(options) -> None:
+    """With the options the sweeps pair it with (benchmarks/tune_mosaic.py SCHEDULES), some of
+    which round differently from the grid order, `pair_tiles` still changes only which steps
+    take which tiles: bitwise the same options unpaired, no race (T 300: a middle tile)."""
+    case = Case(B=2, T=300, S=300, N=2, K=1, H=64, features=("causal",))
+    q, k, v, _, kw = make_inputs(case)
+    ops = operands(q, k, v, **kw)
+    unpaired = forward.with_options(api.forward_config(case.H), options)
+    want = api.forward(ops, config=unpaired)
+    interpreter.reset_gpu_interpret_mode_state()
+    paired = dataclasses.replace(unpaired, pair_tiles=True)
+    got = jax.block_until_ready(api.forward(ops, config=paired))
+    assert not interpreter.get_races().races_found
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize(
     "variant, case",
     [
         (
