@@ -197,9 +197,10 @@ class MosaicForward:
 # configs.py's choice: head dim 128 at 512 0.135 -> 0.111 (without the row's options; with them
 # 0.112); head dim 64 at 512 0.171 -> 0.143 and 1k 0.264 -> 0.223 (without the row's options;
 # with them 0.152 / 0.226), at 2k 0.415 (exp2_fma) -> 0.375 with the row's options (0.402
-# without; of the two, fold_scale: pair_tiles sets the loop's order). The GQA rules keep what they ran before, except head dim 128's causal one up to 512
-# rows, which now takes this rule's set (the persistent set it had ran with longest_first:
-# heads fastest, session 35's L2-hostile order); neither GQA case is timed with pair_tiles yet.
+# without; of the two, fold_scale: pair_tiles sets the loop's order). The GQA rules keep what
+# they ran before, except head dim 128's causal one up to 512 rows, which now takes this
+# rule's set (the persistent set it had ran with longest_first: heads fastest, session 35's
+# L2-hostile order); neither GQA case is timed with pair_tiles yet.
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 _FA3_PAIRED = (*_FA3_PERSISTENT, "pair_tiles")
 _FA3_PACKED = (*_FA3_PERSISTENT, "pack_heads")
