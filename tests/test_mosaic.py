@@ -298,7 +298,7 @@ def test_lazy_rescale_with_a_growing_max(monkeypatch) -> None:
                 ("causal",),
             ),
             (dict(persistent=True, pair_tiles=True), ("causal", "segments")),
-            (  # configs.py's short causal GQA rule at head dim 64
+            (  # with GQA packing (the --group sweeps; configs.py leaves it off until run on a GPU)
                 dict(
                     pack_heads=True,
                     prefetch_q=True,
@@ -333,13 +333,20 @@ def test_schedules_compute_the_same(schedule, features, seq) -> None:
     which rows the consumers take (`pack_heads`: the same rows of the two query heads of the
     one KV head): the output and logsumexp are bitwise those of the grid order, and the race
     detector finds nothing."""
+    grid_order = forward.with_options(api.forward_config(64), ())
+    _assert_same_forward(seq, features, grid_order, forward.with_options(grid_order, schedule))
+
+
+def _assert_same_forward(seq: int, features, want_config, got_config) -> None:
+    """The forward with `got_config` gives bitwise `want_config`'s output and logsumexp on fresh
+    inputs (B 2, T = S = seq, 2 query heads on one KV head, head dim 64), and the race detector
+    finds nothing in its run."""
     case = Case(B=2, T=seq, S=seq, N=2, K=1, H=64, features=features)
     q, k, v, _, kw = make_inputs(case)
     ops = operands(q, k, v, **kw)
-    grid_order = forward.with_options(api.forward_config(case.H), ())
-    want = api.forward(ops, config=grid_order)
+    want = api.forward(ops, config=want_config)
     interpreter.reset_gpu_interpret_mode_state()
-    got = jax.block_until_ready(api.forward(ops, config=forward.with_options(grid_order, schedule)))
+    got = jax.block_until_ready(api.forward(ops, config=got_config))
     assert not interpreter.get_races().races_found
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
@@ -358,17 +365,9 @@ def test_pair_tiles_only_orders_the_loop(options) -> None:
     """With the options the sweeps pair it with (benchmarks/tune_mosaic.py SCHEDULES), some of
     which round differently from the grid order, `pair_tiles` still changes only which steps
     take which tiles: bitwise the same options unpaired, no race (T 300: a middle tile)."""
-    case = Case(B=2, T=300, S=300, N=2, K=1, H=64, features=("causal",))
-    q, k, v, _, kw = make_inputs(case)
-    ops = operands(q, k, v, **kw)
-    unpaired = forward.with_options(api.forward_config(case.H), options)
-    want = api.forward(ops, config=unpaired)
-    interpreter.reset_gpu_interpret_mode_state()
+    unpaired = forward.with_options(api.forward_config(64), options)
     paired = dataclasses.replace(unpaired, pair_tiles=True)
-    got = jax.block_until_ready(api.forward(ops, config=paired))
-    assert not interpreter.get_races().races_found
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    _assert_same_forward(300, ("causal",), unpaired, paired)
 
 
 @pytest.mark.parametrize(
