@@ -201,6 +201,12 @@ class MosaicForward:
 # they ran before, except head dim 128's causal one up to 512 rows, which now takes this
 # rule's set (the persistent set it had ran with longest_first: heads fastest, session 35's
 # L2-hostile order); neither GQA case is timed with pair_tiles yet.
+# Session 37 (results/2026-12-07-h100-s37/call1, H100, same sweep): the paired set with the
+# row's options (fold_scale; longest_first does nothing with it) against configs.py's choice:
+# head dim 128 causal at 1k 0.181 -> 0.168 ms, 2k 0.294 -> 0.275 (1.07x each); head dim 64
+# causal at 4k 0.709 (exp2_fma) -> 0.687 (1.03x; with exp2_fma too 0.690). GQA, 8 query heads
+# per KV head: head dim 128 causal at 256 rows ties (0.075 -> 0.074 with fold_scale), head dim
+# 64 causal at 128 rows pack_heads with pair_tiles ties pack_heads alone (0.075): unchanged.
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 _FA3_PAIRED = (*_FA3_PERSISTENT, "pair_tiles")
 _FA3_PACKED = (*_FA3_PERSISTENT, "pack_heads")
@@ -221,11 +227,11 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
             CallRule(  # (the row's longest_first, timed with it, does nothing with pair_tiles)
                 causal=True,
                 min_rows=1025,
-                max_rows=2048,
+                max_rows=4096,
                 drop=("longest_first",),
                 options=_FA3_PAIRED,
             ),
-            CallRule(causal=True, min_rows=2049, options=("exp2_fma",)),
+            CallRule(causal=True, min_rows=4097, options=("exp2_fma",)),
             CallRule(
                 causal=True,
                 max_rows=128,
@@ -275,13 +281,15 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
             CallRule(
                 causal=True, max_rows=512, drop=("longest_first", "fold_scale"), options=_FA3_PAIRED
             ),
+            CallRule(causal=True, min_rows=513, max_rows=2048, options=_FA3_PAIRED),
             CallRule(causal=False, max_rows=512, min_group=2, options=_FA3_PACKED),
             CallRule(
                 causal=True,
                 min_rows=1024,
                 max_rows=1024,
                 min_group=2,
-                drop=("longest_first", "fold_scale"),
+                # (pair_tiles, from the rule above, is not timed with pack_heads at head dim 128)
+                drop=("longest_first", "fold_scale", "pair_tiles"),
                 options=_FA3_PACKED,
             ),
         ),
