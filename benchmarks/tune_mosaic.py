@@ -115,6 +115,10 @@ SCHEDULES = [
     ("overlap_qk", "async_store", "persistent", "pair_tiles"),
     ("overlap_qk", "no_auto_barriers", "async_store", "persistent", "pair_tiles"),
     ("async_store", "persistent", "prefetch_q", "pack_heads", "pair_tiles"),  # with --group G
+    # Session 37: head dim 256's row (one stage, no ping-pong; prefetch_q excludes no_pingpong)
+    # paired, with and without the epilogue's async store.
+    ("no_auto_barriers", "no_pingpong", "persistent", "pair_tiles"),
+    ("no_auto_barriers", "no_pingpong", "async_store", "persistent", "pair_tiles"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 # Session 11: three consumer warpgroups at head dim 64 (FA3's 192-row tiles; new, not yet run on
