@@ -131,6 +131,10 @@ THREE_CONSUMERS = [
     ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers", "exp2_fma"),  # session 23
     ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers", "named_free"),  # session 31
     ("async_store", "persistent", "prefetch_q", "named_free"),  # session 31
+    # Session 37: FA3's set paired (pair_tiles won the two-consumer causal forward to 4k; no
+    # spill at 128 registers offline), with the row's fold_scale.
+    ("async_store", "persistent", "prefetch_q", "pair_tiles"),
+    ("fold_scale", "async_store", "persistent", "prefetch_q", "pair_tiles"),
 ]
 BWD_TILES = {
     64: [(64, 64, 2), (64, 64, 3), (64, 128, 2)],

@@ -353,20 +353,23 @@ def _assert_same_forward(seq: int, features, want_config, got_config) -> None:
 
 
 @pytest.mark.parametrize(
-    "options",
+    "options, consumers",
     [
-        ("async_store", "persistent", "prefetch_q", "exp2_fma"),
-        ("async_store", "persistent", "prefetch_q", "named_free"),
-        ("overlap_qk", "no_auto_barriers", "async_store", "persistent"),
-        ("no_auto_barriers", "no_pingpong", "async_store", "persistent"),  # head dim 256's row
+        (("async_store", "persistent", "prefetch_q", "exp2_fma"), 2),
+        (("async_store", "persistent", "prefetch_q", "named_free"), 2),
+        (("overlap_qk", "no_auto_barriers", "async_store", "persistent"), 2),
+        (("no_auto_barriers", "no_pingpong", "async_store", "persistent"), 2),  # D256's row
+        (("async_store", "persistent", "prefetch_q"), 3),  # 192-row tiles: T 300 is ragged
     ],
-    ids="+".join,
+    ids=lambda x: "+".join(x) if isinstance(x, tuple) else f"consumers{x}",
 )
-def test_pair_tiles_only_orders_the_loop(options) -> None:
-    """With the options the sweeps pair it with (benchmarks/tune_mosaic.py SCHEDULES), some of
-    which round differently from the grid order, `pair_tiles` still changes only which steps
-    take which tiles: bitwise the same options unpaired, no race (T 300: a middle tile)."""
+def test_pair_tiles_only_orders_the_loop(options, consumers) -> None:
+    """With the options the sweeps pair it with (benchmarks/tune_mosaic.py SCHEDULES and
+    THREE_CONSUMERS), some of which round differently from the grid order, `pair_tiles` still
+    changes only which steps take which tiles: bitwise the same options unpaired, no race (T
+    300: a middle tile)."""
     unpaired = forward.with_options(api.forward_config(64), options)
+    unpaired = dataclasses.replace(unpaired, consumers=consumers)
     paired = dataclasses.replace(unpaired, pair_tiles=True)
     _assert_same_forward(300, ("causal",), unpaired, paired)
 
