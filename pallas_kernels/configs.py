@@ -207,6 +207,13 @@ class MosaicForward:
 # causal at 4k 0.709 (exp2_fma) -> 0.687 (1.03x; with exp2_fma too 0.690). GQA, 8 query heads
 # per KV head: head dim 128 causal at 256 rows ties (0.075 -> 0.074 with fold_scale), head dim
 # 64 causal at 128 rows pack_heads with pair_tiles ties pack_heads alone (0.075): unchanged.
+# Call 3: head dim 128 non-causal at 512, configs.py's persistent grid 0.155 -> 0.145 ms
+# (1.071x) with FA3's paired set (pair_tiles here only keeps a head's tiles adjacent), the
+# row's fold_scale and exp2_fma (without exp2_fma 0.149, without both 0.150, exp2_fma without
+# fold_scale 0.155): taken, one sweep, not yet benched. The GQA rule keeps its set. Not taken:
+# head dim 256 causal paired 0.925x / 0.943x the row at 1k / 4k; three consumers paired at head
+# dim 64 causal 0.409 / 0.640 against 0.226 / 0.368 ms at 1k / 2k; head dim 64 causal 1k / 2k
+# and non-causal 2k / 4k: configs.py's choice within 1.7% of the best.
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 _FA3_PAIRED = (*_FA3_PERSISTENT, "pair_tiles")
 _FA3_PACKED = (*_FA3_PERSISTENT, "pack_heads")
@@ -269,8 +276,8 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
             CallRule(
                 causal=False,
                 max_rows=512,
-                drop=("longest_first", "fold_scale", "overlap_qk"),
-                options=("persistent",),
+                drop=("longest_first", "overlap_qk"),
+                options=(*_FA3_PAIRED, "exp2_fma"),
             ),
             CallRule(
                 causal=True,
@@ -282,7 +289,13 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
                 causal=True, max_rows=512, drop=("longest_first", "fold_scale"), options=_FA3_PAIRED
             ),
             CallRule(causal=True, min_rows=513, max_rows=2048, options=_FA3_PAIRED),
-            CallRule(causal=False, max_rows=512, min_group=2, options=_FA3_PACKED),
+            CallRule(  # (its GPU-run set: the rule above's before session 37, packed)
+                causal=False,
+                max_rows=512,
+                min_group=2,
+                drop=("fold_scale", "pair_tiles", "exp2_fma"),
+                options=_FA3_PACKED,
+            ),
             CallRule(
                 causal=True,
                 min_rows=1024,
