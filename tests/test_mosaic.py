@@ -168,6 +168,11 @@ def test_fold_scale_forward(case: Case, monkeypatch) -> None:
             24,
             Case(B=1, T=113, S=150, N=4, K=1, H=64, features=("softcap", "dropout")),
         ),
+        (  # head dim 128's non-causal rule up to 512 rows (session 37)
+            ("persistent", "async_store", "prefetch_q", "pair_tiles", "fold_scale", "exp2_fma"),
+            8,
+            Case(B=2, T=300, S=400, N=2, K=1, H=128, features=("lengths", "window", "dropout")),
+        ),
     ],
     ids=lambda x: "+".join(x) if isinstance(x, tuple) else getattr(x, "id", f"columns{x}"),
 )
