@@ -289,7 +289,7 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
                 causal=True, max_rows=512, drop=("longest_first", "fold_scale"), options=_FA3_PAIRED
             ),
             CallRule(causal=True, min_rows=513, max_rows=2048, options=_FA3_PAIRED),
-            CallRule(  # (its GPU-run set: the rule above's before session 37, packed)
+            CallRule(  # (its GPU-run set: the non-causal <= 512 rule's before session 37, packed)
                 causal=False,
                 max_rows=512,
                 min_group=2,
