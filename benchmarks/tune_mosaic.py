@@ -116,7 +116,7 @@ SCHEDULES = [
     ("overlap_qk", "no_auto_barriers", "async_store", "persistent", "pair_tiles"),
     ("async_store", "persistent", "prefetch_q", "pack_heads", "pair_tiles"),  # with --group G
     # Session 37: head dim 256's row (one stage, no ping-pong; prefetch_q excludes no_pingpong)
-    # paired, with and without the epilogue's async store.
+    # paired, with and without the epilogue's async store (lost: 0.88-0.94x the row, s37 call3).
     ("no_auto_barriers", "no_pingpong", "persistent", "pair_tiles"),
     ("no_auto_barriers", "no_pingpong", "async_store", "persistent", "pair_tiles"),
 ]
@@ -132,7 +132,8 @@ THREE_CONSUMERS = [
     ("longest_first", "fold_scale", "overlap_qk", "no_auto_barriers", "named_free"),  # session 31
     ("async_store", "persistent", "prefetch_q", "named_free"),  # session 31
     # Session 37: FA3's set paired (pair_tiles won the two-consumer causal forward to 4k; no
-    # spill at 128 registers offline), with the row's fold_scale.
+    # spill at 128 registers offline), with the row's fold_scale (lost: 1.7-1.9x slower at D64
+    # causal 1k-2k, s37 call3).
     ("async_store", "persistent", "prefetch_q", "pair_tiles"),
     ("fold_scale", "async_store", "persistent", "prefetch_q", "pair_tiles"),
 ]
