@@ -130,6 +130,11 @@ def block_range(
     needed; `[lo, full_lo)` and `[full_hi, hi)` are boundary blocks. Rows are queries and columns
     keys; `transposed=True` swaps the roles (rows are keys, for dK/dV). Works on traced scalars
     (inside kernels) and on broadcasting arrays (in XLA) alike.
+
+    A boundary run known to be empty when the kernel is traced comes back as the same object as
+    its end (`full_lo is lo`: no window on the left; `full_hi is hi`: none on the right and whole
+    static blocks), so a kernel emits no loop for it (`pipeline.range_visits`): a plain
+    non-causal call lowers one key loop, not three.
     """
     q_off, kv_off, q_len, kv_len = (jnp.asarray(x, jnp.int32) for x in seq)
     left, right = statics.window
@@ -159,7 +164,14 @@ def block_range(
     # Columns every row sees: [last - left, first + right], within [0, n_cols).
     f_lo = zero if left is None else jnp.maximum(last - left, zero)
     f_hi = n_cols if right is None else jnp.clip(first + right + 1, zero, n_cols)
-    full_lo = jnp.clip(_cdiv(f_lo, block_cols), lo, hi)
+    # (No left window: f_lo = c_lo = 0, so the clip below is lo. No right window over whole
+    # static blocks: f_hi = c_hi and the clip is hi.)
+    full_lo = lo if left is None else jnp.clip(_cdiv(f_lo, block_cols), lo, hi)
+    whole_cols = isinstance(seq_cols := (seq[2] if transposed else seq[3]), int) and (
+        seq_cols % block_cols == 0
+    )
+    if right is None and whole_cols and whole_rows:
+        return lo, full_lo, hi, hi
     full_hi = jnp.clip(_div(f_hi, block_cols), full_lo, hi)
     if not whole_rows:
         full_hi = jnp.where(r0 + block_rows <= n_rows, full_hi, full_lo)  # padded rows: masked

@@ -8,6 +8,7 @@ visit lists list exactly the full and partial tiles; `visible_pairs` counts the 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from flashjax import BlockMask
 from flashjax.attention import operands
 from pallas_kernels import visibility
+from pallas_kernels.mosaic import pipeline
 from pallas_kernels.operands import EMPTY, FULL, PARTIAL
 
 B, T, S, N, H = 2, 70, 90, 2, 8
@@ -147,3 +149,48 @@ def test_a_tight_range_for_causal_with_offsets() -> None:
     lo, flo, fhi, hi = (int(x) for x in visibility.block_range(ops.statics, 16, 16, 16, seq))
     # rows 16..31 sit at positions 116..131: keys 0..131 visible to some, 0..116 to all.
     assert (lo, flo, fhi, hi) == (0, 0, 7, 9)
+
+
+@pytest.mark.parametrize(
+    "window, seq_k, transposed, loops",
+    [
+        ((None, None), 256, False, 1),  # plain: the full tiles only
+        ((None, None), 200, False, 2),  # a ragged last key tile
+        ((None, 0), 256, False, 2),  # causal: the diagonal after the full tiles
+        ((None, 0), 256, True, 2),  # causal dK/dV: the diagonal before them
+        ((40, 0), 256, False, 3),  # a window on both sides
+    ],
+)
+def test_statically_empty_runs(window, seq_k, transposed, loops):
+    """A boundary run that cannot hold a tile comes back from `block_range` as its end's own
+    object, so the Mosaic kernels lower no loop for it (`pipeline.live_runs`, `walk`: the masked
+    copies of the key loop were a third of the lowering time); the ranges are the general
+    formula's (traced sequence lengths), for every row tile."""
+    statics = visibility.AttentionStatics(scale=1.0, window=window)
+    rows, cols, seq_q = 64, 32, 256
+    static_seq = (0, 0, seq_q, seq_k)
+    traced_seq = tuple(jnp.int32(x) for x in static_seq)
+    block_rows, block_cols = (cols, rows) if transposed else (rows, cols)
+    found = []
+
+    def trace(row_start):
+        ranges = visibility.block_range(
+            statics, row_start, block_rows, block_cols, static_seq, transposed=transposed
+        )
+        found.append(len(pipeline.live_runs(pipeline.range_visits(ranges))))
+        return ranges
+
+    jax.make_jaxpr(trace)(jnp.int32(0))
+    assert found == [loops]
+    n_rows = seq_k if transposed else seq_q
+    for start in range(0, n_rows, block_rows):
+        static, general = (
+            [
+                int(x)
+                for x in visibility.block_range(
+                    statics, start, block_rows, block_cols, s, transposed=transposed
+                )
+            ]
+            for s in (static_seq, traced_seq)
+        )
+        assert static == general, start

@@ -152,7 +152,9 @@ def range_visits(ranges: tuple) -> Visits:
     """Visits of `visibility.block_range`'s `(lo, full_lo, full_hi, hi)`: boundary tiles masked,
     interior ones not."""
     lo, full_lo, full_hi, hi = ranges
-    a, b, n = full_lo - lo, full_hi - lo, hi - lo
+    n = hi - lo
+    a = 0 if full_lo is lo else full_lo - lo  # (statically empty runs: block_range)
+    b = n if full_hi is hi else full_hi - lo
     return Visits(count=n, runs=((0, a, True), (a, b, False), (b, n, True)), tile=lambda i: lo + i)
 
 
@@ -176,11 +178,21 @@ def after_first(visits: Visits) -> Visits:
         if isinstance(start, int) and isinstance(stop, int):
             start = max(start, 1)
             return start, max(stop, start)
-        start = jnp.maximum(start, 1)
-        return start, jnp.maximum(stop, start)
+        first = jnp.maximum(start, 1)
+        return first, first if stop is start else jnp.maximum(stop, first)  # (empty stays so)
 
     runs = tuple((*clip(start, stop), masked) for start, stop, masked in visits.runs)
     return dataclasses.replace(visits, runs=runs)
+
+
+def live_runs(visits: Visits) -> list:
+    """`visits.runs` less those known to be empty when traced (ends that are one object, from
+    `range_visits`, or ints in order): the runs a walk emits a loop for."""
+
+    def empty(start, stop) -> bool:
+        return stop is start or (isinstance(start, int) and isinstance(stop, int) and stop <= start)
+
+    return [run for run in visits.runs if not empty(*run[:2])]
 
 
 def walk(visits: Visits, step: Callable, carry, *, one_body: bool = False):
@@ -189,17 +201,18 @@ def walk(visits: Visits, step: Callable, carry, *, one_body: bool = False):
     (visit lists, sequence info) is a value that varies over a `shard_map` axis, and a loop index
     starting there would not match its own increment's type under `check_vma`. `one_body`: one
     loop over every visit, `masked` then a traced bool (whether visit i lies in a masked run)."""
+    runs = live_runs(visits)
     if one_body:
 
         def visit(i, c):
             masked = False
-            for start, stop, run_masked in visits.runs:
+            for start, stop, run_masked in runs:
                 if run_masked:
                     masked = masked | ((i >= start) & (i < stop))
             return step(i, c, masked=masked)
 
         return lax.fori_loop(0, visits.count, visit, carry)
-    for start, stop, masked in visits.runs:
+    for start, stop, masked in runs:
         carry = lax.fori_loop(
             0,
             stop - start,
