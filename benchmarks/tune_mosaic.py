@@ -119,6 +119,12 @@ SCHEDULES = [
     # paired, with and without the epilogue's async store (lost: 0.88-0.94x the row, s37 call3).
     ("no_auto_barriers", "no_pingpong", "persistent", "pair_tiles"),
     ("no_auto_barriers", "no_pingpong", "async_store", "persistent", "pair_tiles"),
+    # Session 38: head dim 64's non-causal rules (512-4k rows) with fold_scale, which they drop
+    # (never timed without the row's longest_first: the persistent loop's heads-fastest order).
+    # Offline SASS at 2k: the key loop 500 -> 438 instructions (62 FMULs fewer, a per-logit
+    # scale), tokamax's 444; not yet timed (`--with fold_scale+persistent`).
+    ("fold_scale", "async_store", "persistent", "prefetch_q"),
+    ("fold_scale", "async_store", "persistent", "prefetch_q", "named_free"),
 ]
 assert all(name in OPTIONS for combo in SCHEDULES for name in combo)
 # Session 11: three consumer warpgroups at head dim 64 (FA3's 192-row tiles; new, not yet run on
@@ -148,8 +154,9 @@ BWD_TILES = {
 
 
 def _having(combos: list[tuple[str, ...]], option: str | None) -> list[tuple[str, ...]]:
-    """The option sets that include `option` (all of them when None)."""
-    return [c for c in combos if option is None or option in c]
+    """The option sets that include `option` (`a+b`: each of them; all sets when None)."""
+    wanted = set(option.split("+")) if option else set()
+    return [c for c in combos if wanted <= set(c)]
 
 
 def forward_candidates(
@@ -398,8 +405,8 @@ def main() -> None:
     p.add_argument(
         "--with",
         dest="option",
-        help="only the option sets that include this option (`configured`: none of them, so "
-        "configs.py's choice alone, with --registers or --retile its copies)",
+        help="only the option sets that include this option (`a+b`: both; `configured`: none "
+        "of them, so configs.py's choice alone, with --registers or --retile its copies)",
     )
     p.add_argument("--without", help="leave out every candidate with this option on")
     p.add_argument("--causal", choices=("yes", "no"), help="one of the two (default both)")

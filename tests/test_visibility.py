@@ -194,3 +194,25 @@ def test_statically_empty_runs(window, seq_k, transposed, loops):
             for s in (static_seq, traced_seq)
         )
         assert static == general, start
+
+
+@pytest.mark.parametrize("window", [(None, None), (None, 0), (20, 3)])
+@pytest.mark.parametrize("lengths", [(64, 96), (50, 96), (64, 70)])
+def test_extent_drops_only_compares_that_hold(window, lengths):
+    """`element_visible(..., extent=(T, S))` (a kernel's padded sizes): a static length that
+    fills its extent emits no compare, and the mask is the one without `extent`."""
+    statics = visibility.AttentionStatics(scale=1.0, window=window)
+    extent = (64, 96)
+    rows = jnp.arange(extent[0], dtype=jnp.int32)[:, None]
+    cols = jnp.arange(extent[1], dtype=jnp.int32)[None, :]
+    seq = (0, 0, *lengths)
+
+    def mask(extent):
+        return visibility.element_visible(statics, rows, cols, seq, extent=extent)
+
+    np.testing.assert_array_equal(mask(extent), mask(None))
+    compares = lambda e: sum(  # noqa: E731
+        eq.primitive.name in ("lt", "le", "ge") for eq in jax.make_jaxpr(lambda: mask(e))().eqns
+    )
+    filled = sum(n == e for n, e in zip(lengths, extent))
+    assert compares(extent) == compares(None) - filled or compares(None) == filled == 2

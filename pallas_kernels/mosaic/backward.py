@@ -289,11 +289,11 @@ def _tile_rule(sc: dict, stream: str, own_segments, slot, rule, transposed: bool
     return lambda: rule(**segments)
 
 
-def _element_rule(statics, positions, seq, batch, head):
+def _element_rule(refs, statics, positions, seq, batch, head):
     """A step's element rule, `rule(**segment ids)` (`visibility.element_visible`), its tile's
     positions made when it is called (`positions()`: `pipeline.positions`)."""
     return lambda **segments: visibility.element_visible(
-        statics, *positions(), seq, batch=batch, head=head, **segments
+        statics, *positions(), seq, batch=batch, head=head, extent=pp.extent(refs), **segments
     )
 
 
@@ -412,7 +412,7 @@ def _dkdv_consumer(refs, sc, *, statics, config, visits, group, seq, interpret):
         plgpu.barrier_wait(sc["q_loaded"].at[slot])
         positions = functools.partial(pp.positions, (bkv, bq), (qt * bq, col0), queries=1)
 
-        rule = _element_rule(statics, positions, seq, b, head)
+        rule = _element_rule(refs, statics, positions, seq, b, head)
         visible = _tile_rule(sc, "q_seg", kv_segments, slot, rule, transposed=True)
         plgpu.barrier_wait(sc["lse_loaded"].at[slot])
         lse = _stats(sc["lse"].at[slot], (bkv, bq), late=config.late_stats)
@@ -539,7 +539,7 @@ def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, inter
             pp.positions, (bkv, half), (qt * bq + wg * half, col0), queries=1
         )
 
-        rule = _element_rule(statics, positions, seq, b, head)
+        rule = _element_rule(refs, statics, positions, seq, b, head)
         visible = _tile_rule(sc, "q_seg", kv_segments, slot, rule, transposed=True, cols=mine)
         plgpu.barrier_wait(sc["lse_loaded"].at[slot])
         lse = _stats(sc["lse"].at[slot, mine], (bkv, half), late=config.late_stats)
@@ -912,7 +912,7 @@ def _dq_consumer(refs, sc, *, tile, statics, config, visits, seq, interpret):
         plgpu.barrier_wait(sc["k_loaded"].at[slot])
         positions = functools.partial(pp.positions, (bq, bkv), (row0, kv * bkv))
 
-        rule = _element_rule(statics, positions, seq, b, h)
+        rule = _element_rule(refs, statics, positions, seq, b, h)
         visible = _tile_rule(sc, "kv_seg", q_segments, slot, rule, transposed=False)
 
         probs = _step_probs(
@@ -998,7 +998,7 @@ def _dq_split_consumer(refs, sc, *, tile, statics, config, visits, seq, interpre
         plgpu.barrier_wait(sc["k_loaded"].at[slot])
         positions = functools.partial(pp.positions, (bq, half), (row0, kv * bkv + wg * half))
 
-        rule = _element_rule(statics, positions, seq, b, h)
+        rule = _element_rule(refs, statics, positions, seq, b, h)
         visible = _tile_rule(sc, "kv_seg", q_segments, slot, rule, transposed=False, cols=mine)
 
         probs = _step_probs(statics, masked, visible, lambda: lse)

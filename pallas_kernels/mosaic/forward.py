@@ -327,7 +327,7 @@ def _consumer(
                     kv_segments=lax.broadcast_in_dim(kv_seg, (bq, bkv), [1]),
                 )
             mask = visibility.element_visible(
-                statics, *positions(), seq, batch=b, head=h, **segments
+                statics, *positions(), seq, batch=b, head=h, extent=pp.extent(refs), **segments
             )
         if q_segments is not None:
             if not masked:  # a full tile: its segment ids went unread, but the slot must turn

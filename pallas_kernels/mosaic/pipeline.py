@@ -440,6 +440,12 @@ class IssueTurn(NamedTurn):
         pl.when(self.wg == 0)(functools.partial(self._barrier, "sync", 0))
 
 
+def extent(refs: dict) -> tuple[int, int]:
+    """The padded (T, S) that a kernel's query and key indices stay below: `element_visible`'s
+    `extent` (a static length that fills it needs no compare)."""
+    return refs["q"].shape[1], refs["k"].shape[1]
+
+
 def seq_of(seq_ref, static: tuple[int, int, int, int], batch: jax.Array) -> tuple:
     """`(q_offset, kv_offset, q_len, kv_len)` of a batch row: scalars read from the `(B, 4)`
     int32 GMEM operand (`Operands.seq_info`), or the static `(0, 0, T, S)` when the call has no
