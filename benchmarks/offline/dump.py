@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import glob
 import os
 import pathlib
-import shutil
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -88,19 +85,7 @@ def main() -> None:
             return api.backward(o, y, lse, dy, None, False, cfg)
 
         h200.compile_for_h200(grads, ops, out_, lse2, do)
-    for log in out.glob("*.mlir-passes.log"):  # ~100 MB a kernel
-        log.unlink()
-    nvdisasm = shutil.which("nvdisasm") or next(
-        iter(glob.glob(f"{sys.prefix}/lib/python*/site-packages/nvidia/*/bin/nvdisasm")), None
-    )
-    for ptx in sorted(out.glob("*.ptx")):
-        cubin = ptx.with_suffix(".cubin")
-        subprocess.run(["ptxas", "-arch=sm_90a", str(ptx), "-o", str(cubin)], check=True)
-        print(ptx.with_suffix(".ptxas").read_text(), flush=True)
-        if nvdisasm:
-            sass = subprocess.run([nvdisasm, "-c", "-g", str(cubin)], capture_output=True)
-            ptx.with_suffix(".sass").write_bytes(sass.stdout)
-    print("dumps:", sorted(x.name for x in out.iterdir()))
+    h200.assemble(out)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,8 @@ Usage, from the repo root, with the offline venv and tokamax's wheels unpacked i
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import pathlib
-import shutil
-import subprocess
 import sys
 import types
 
@@ -90,24 +87,7 @@ def main() -> None:
         )
 
     h200.compile_for_h200(forward, x, x, x)
-    for log in out.glob("*.mlir-passes.log"):
-        log.unlink()
-    nvdisasm = shutil.which("nvdisasm") or next(
-        iter(glob.glob(f"{sys.prefix}/lib/python*/site-packages/nvidia/*/bin/nvdisasm")), None
-    )
-    for ptx in sorted(out.glob("*.ptx")):
-        cubin = ptx.with_suffix(".cubin")
-        report = subprocess.run(
-            ["ptxas", "-v", "-arch=sm_90a", str(ptx), "-o", str(cubin)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        print(report.stderr, flush=True)
-        if nvdisasm:
-            sass = subprocess.run([nvdisasm, "-c", "-g", str(cubin)], capture_output=True)
-            ptx.with_suffix(".sass").write_bytes(sass.stdout)
-    print("dumps:", sorted(x.name for x in out.iterdir()))
+    h200.assemble(out)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ Checked (session 22): the backward's ptxas report offline equals the H200's of s
 
 from __future__ import annotations
 
+import glob
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # no CUDA client: there is no GPU
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # nor cuDNN / cuBLAS wheels
@@ -44,3 +48,26 @@ def compile_for_h200(f, *args):
     returns (lowered, compiled)."""
     lowered = jax.jit(f).lower(*on_h200(args))
     return lowered, lowered.compile()
+
+
+def assemble(out: pathlib.Path) -> None:
+    """Every Mosaic GPU PTX dump in `out` through ptxas for sm_90a (register and spill report to
+    stdout) and, where nvdisasm is found (setup.sh installs it), its SASS beside it (`.sass`)."""
+    for log in out.glob("*.mlir-passes.log"):  # ~100 MB a kernel
+        log.unlink()
+    nvdisasm = shutil.which("nvdisasm") or next(
+        iter(glob.glob(f"{sys.prefix}/lib/python*/site-packages/nvidia/*/bin/nvdisasm")), None
+    )
+    for ptx in sorted(out.glob("*.ptx")):
+        cubin = ptx.with_suffix(".cubin")
+        report = subprocess.run(
+            ["ptxas", "-v", "-arch=sm_90a", str(ptx), "-o", str(cubin)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        print(report.stderr, flush=True)
+        if nvdisasm:
+            sass = subprocess.run([nvdisasm, "-c", "-g", str(cubin)], capture_output=True)
+            ptx.with_suffix(".sass").write_bytes(sass.stdout)
+    print("dumps:", sorted(x.name for x in out.iterdir()))
