@@ -225,18 +225,8 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
         early_next_k=True,
         options=("longest_first", "fold_scale"),
         rules=(
-            CallRule(
-                causal=True,
-                max_rows=1024,
-                drop=("longest_first", "fold_scale"),
-                options=_FA3_PAIRED,
-            ),
             CallRule(  # (the row's longest_first, timed with it, does nothing with pair_tiles)
-                causal=True,
-                min_rows=1025,
-                max_rows=4096,
-                drop=("longest_first",),
-                options=_FA3_PAIRED,
+                causal=True, max_rows=4096, drop=("longest_first",), options=_FA3_PAIRED
             ),
             CallRule(causal=True, min_rows=4097, options=("exp2_fma",)),
             CallRule(
@@ -262,7 +252,10 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
                 options=(*_FA3_PERSISTENT, "named_free"),
             ),
             CallRule(
-                causal=False, min_rows=4096, consumers=3, options=("overlap_qk", "no_auto_barriers")
+                causal=False,
+                min_rows=4096,
+                consumers=3,
+                options=("overlap_qk", "no_auto_barriers", "named_free"),
             ),
         ),
     ),
@@ -285,10 +278,7 @@ MOSAIC_FORWARD: dict[int, MosaicForward] = {
                 max_rows=8192,
                 options=("overlap_qk", "no_auto_barriers"),
             ),
-            CallRule(
-                causal=True, max_rows=512, drop=("longest_first", "fold_scale"), options=_FA3_PAIRED
-            ),
-            CallRule(causal=True, min_rows=513, max_rows=2048, options=_FA3_PAIRED),
+            CallRule(causal=True, max_rows=2048, drop=("longest_first",), options=_FA3_PAIRED),
             CallRule(  # (its GPU-run set: the non-causal <= 512 rule's before session 37, packed)
                 causal=False,
                 max_rows=512,
