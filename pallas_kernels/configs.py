@@ -214,6 +214,12 @@ class MosaicForward:
 # head dim 256 causal paired 0.925x / 0.943x the row at 1k / 4k; three consumers paired at head
 # dim 64 causal 0.409 / 0.640 against 0.226 / 0.368 ms at 1k / 2k; head dim 64 causal 1k / 2k
 # and non-causal 2k / 4k: configs.py's choice within 1.7% of the best.
+# Session 39 (results/2026-12-07-h200-s39, H200, after the element rule's extent, 431c178):
+# the paired set with the row's fold_scale against the rules without it, causal: head dim 64 at
+# 512 0.140 -> 0.139 ms, 1k 0.218 -> 0.215; head dim 128 at 512 0.106 -> 0.104 (1.007-1.026x;
+# fold_scale takes 64 FMULs a thread out of each key step, SASS offline): the paired causal rules
+# keep it (one rule per head dim). Head dim 64 non-causal at 4k, three consumers: named_free
+# 1.278 -> 1.251 ms (1.021x; H100 s31 1.006x): taken for the rule's whole range.
 _FA3_PERSISTENT = ("persistent", "async_store", "prefetch_q")
 _FA3_PAIRED = (*_FA3_PERSISTENT, "pair_tiles")
 _FA3_PACKED = (*_FA3_PERSISTENT, "pack_heads")
