@@ -185,9 +185,9 @@ def _merged_decode_kernel(
 
     @pl.when(arrived == parts_ref.shape[0] - 1)
     def _():
-        # from L2, past this SM's L1, which may hold lines of an earlier launch's partials
-        parts = plgpu.load(parts_ref, cache_modifier=".cg")
-        lse_parts = plgpu.load(lse_parts_ref, cache_modifier=".cg")
+        # volatile: from L2, past this SM's L1 (which may hold an earlier launch's partials)
+        parts = plgpu.load(parts_ref, volatile=True)
+        lse_parts = plgpu.load(lse_parts_ref, volatile=True)
         merged, lse = _merge(parts, lse_parts)
         o_ref[...] = merged.astype(o_ref.dtype)
         lse_ref[...] = lse
