@@ -1,6 +1,5 @@
-"""The decode step's split merge: the merge kernel (`decode.merge_splits`; with `--sweep` also its
-warps and columns per program), the merge in the split kernel (`DecodeConfig.fused_merge`) and
-`decode_attention`'s choice of the two, against XLA's
+"""The decode step's split merge: the merge kernel (`decode.merge_splits`, what
+`decode_attention` runs; with `--sweep` also its warps and columns per program) against XLA's
 ops (`flashjax.merge_attention_parts` on the split kernel's partials), on the GPU: time per step
 of `bench --decode`'s chained steps in interleaved rounds, and the GPU kernels per step
 (`profile_decode.profile`) of the kernel and XLA at the first shape.
@@ -36,25 +35,21 @@ def xla_merge_step(q, x):
     return out.reshape(q.shape).astype(q.dtype)  # the bench's shapes need no padding
 
 
-VARIANTS = {"kernel": db.flashjax_step, "xla": xla_merge_step}  # kernel: decode_attention's
-PROFILED = ("kernel", "xla", "fused")
+VARIANTS = {"kernel": db.flashjax_step, "xla": xla_merge_step}
 SWEEP = [(4, None), (1, 32), (1, 8), (2, 16), (2, 8)]  # around configs.py's 1 warp, 16 columns
 
 
-def merge_variant(**changes):
+def merge_variant(warps: int, columns: int | None):
     config = configs.get_decode_config(128, configs.gpu_target())
-    return step_of(dataclasses.replace(config, **changes), None, 0)
+    return step_of(dataclasses.replace(config, merge_warps=warps, merge_columns=columns), None, 0)
 
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--sweep"]
     out_json, shapes = args[0], args[1:] or ["1x64k", "1x8k"]
-    variants = VARIANTS | {  # whatever configs.py's choice:
-        "fused": merge_variant(fused_merge=True),  # the merge in the split kernel
-        "unfused": merge_variant(fused_merge=False),  # the merge kernel
-    }
+    variants = dict(VARIANTS)
     if "--sweep" in sys.argv:
-        variants |= {f"w{w}c{c}": merge_variant(merge_warps=w, merge_columns=c) for w, c in SWEEP}
+        variants |= {f"w{w}c{c}": merge_variant(w, c) for w, c in SWEEP}
     cfg = DecodeBench()
     result = {}
     for i, shape in enumerate(parse_shapes(",".join(shapes))):
@@ -72,9 +67,7 @@ def main() -> None:
         for n, ts in sorted(times.items(), key=lambda kv: min(kv[1])):
             print(f"  {n:8s} best {min(ts):7.2f} us  {[round(t, 2) for t in ts]}", flush=True)
         if i == 0:
-            for n, step in variants.items():
-                if n not in PROFILED:
-                    continue
+            for n, step in VARIANTS.items():
                 prof = profile(step, x)
                 result[shape.label][f"profile_{n}"] = prof
                 print(f"  {n}: wall {prof['wall_us']:.2f}, kernels {prof['kernels_us']:.2f}")

@@ -496,8 +496,6 @@ class DecodeConfig:
         H200 sweep at head dim 128 (`benchmarks/merge_ab.py --sweep`: 1 x 64k 68.15 us a step,
         1 x 8k 10.75 us, against 68.85 / 11.66 with 4 warps and all 128 columns and 69.46 /
         12.49 with XLA's merge; results/2026-12-02-h200-s17/call4).
-      fused_merge: no merge kernel: the split kernel's last program of each (batch row, KV head)
-        merges (an atomic arrival count; `decode._merged_decode_kernel`).
     Measured on the H200 (benchmarks/results/2026-11-30-h200-s6/decode_tune: 32 query / 8 KV
     heads, head dim 128, bf16): one wave (16 splits) 18.3 us at 1 x 8k and 76.4 us at 1 x 64k
     against two waves' (33 splits) 24.1 and 86.6 us; paged (16-key pages) 1 x 64k two waves
@@ -525,7 +523,6 @@ class DecodeConfig:
     min_blocks: int = 2
     merge_warps: int = 1
     merge_columns: int | None = 16
-    fused_merge: bool = False
 
 
 D = DecodeConfig

@@ -18,8 +18,12 @@ leaves most of the GPU idle. This kernel instead:
   of its splits' partials at once (the same merge as flashjax.merge's XLA ops, which took three
   fusions and ~4.5 us a 1 x 64k step on the H200; a first merge kernel walking the splits one
   after the other took 4.9 us, a load latency per split: benchmarks/results/2026-12-02-h200-s16
-  and -s17). The grid runs a power-of-two count of split programs (the merge's block of splits
-  must be one); those past `splits` see no key and write 0 and -inf, which merge away exactly;
+  and -s17; the merge in the split kernel's last program, found by an atomic arrival count, was
+  slower on an H100, 1 x 64k 94.6 against 92.9 us a step, 1 x 8k 12.3 against 11.1: the split
+  kernel took 1.9 us longer, and the count's zeroed buffer cost XLA a broadcast kernel and a copy,
+  as many launches as the merge kernel: results/2026-12-07-h100-s40/call1). The grid runs a
+  power-of-two count of split programs (the merge's block of splits must be one); those past
+  `splits` see no key and write 0 and -inf, which merge away exactly;
 - reads a paged cache's page ids one key block ahead (they ride in the walk's loop carry), off
   the path of the block's K/V loads: paged caches walk at 1.02-1.07x of contiguous ones.
 
@@ -92,17 +96,17 @@ def _key_block(
     return r.k[keys, :], r.v[keys, :]
 
 
-def _split_result(
+def _decode_kernel(
     r: tiles.Refs,
+    o_ref,
+    lse_ref,
     *,
     statics: AttentionStatics,
     block_k: int,
     page_size: int | None,
     splits: int,
     static_seq: tuple[int, int, int, int],
-) -> tuple[jax.Array, jax.Array]:
-    """This program's share of the keys: `out (Tp, Gp, Hp)` float32, normalized over the share,
-    and its base-2 logsumexp `(Tp, Gp)` (0 and -inf for an empty share)."""
+):
     tp, gp, head_dim = r.q.shape
     rows = tp * gp
     copies = max(1, MIN_ROWS // rows)
@@ -147,50 +151,8 @@ def _split_result(
     if copies > 1:  # the copies are bitwise equal: any reduction returns them
         out = jnp.max(out.reshape(copies, rows, head_dim), axis=0)
         lse2 = jnp.max(lse2.reshape(copies, rows), axis=0)
-    return out.reshape(tp, gp, head_dim), lse2.reshape(tp, gp)
-
-
-def _decode_kernel(r: tiles.Refs, o_ref, lse_ref, **walk):
-    """One split's partial result (`splits` programs per row and KV head; the merge kernel folds
-    them), or the result itself when there is one split."""
-    out, lse2 = _split_result(r, **walk)
-    o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = lse2
-
-
-def _merged_decode_kernel(
-    r: tiles.Refs,
-    count_in,
-    parts_ref,
-    lse_parts_ref,
-    o_ref,
-    lse_ref,
-    count_ref,
-    *,
-    interpret,
-    **walk,
-):
-    """`_decode_kernel` with the merge in its last program: each program stores its split's
-    partials, then counts itself in (an atomic add on its (batch row, KV head)'s counter, zero at
-    the launch); the program that arrives last reads every split's partials and writes the
-    result. No second kernel, no launch gap between the two (`DecodeConfig.fused_merge`)."""
-    del count_in  # the same buffer as count_ref (aliased)
-    out, lse2 = _split_result(r, **walk)
-    parts_ref[pl.program_id(0)] = out
-    lse_parts_ref[pl.program_id(0)] = lse2
-    if not interpret:  # every thread's partials stored before the one thread counts in
-        plgpu.debug_barrier()  # (the interpreter runs programs one after another: no rule)
-    zero = jnp.int32(0)
-    arrived = plgpu.atomic_add(count_ref, (zero, zero), jnp.int32(1))  # acquire-release, GPU scope
-
-    @pl.when(arrived == parts_ref.shape[0] - 1)
-    def _():
-        # volatile: from L2, past this SM's L1 (which may hold an earlier launch's partials)
-        parts = plgpu.load(parts_ref, volatile=True)
-        lse_parts = plgpu.load(lse_parts_ref, volatile=True)
-        merged, lse = _merge(parts, lse_parts)
-        o_ref[...] = merged.astype(o_ref.dtype)
-        lse_ref[...] = lse
+    o_ref[...] = out.reshape(tp, gp, head_dim).astype(o_ref.dtype)
+    lse_ref[...] = lse2.reshape(tp, gp)
 
 
 def split_programs(splits: int) -> int:
@@ -209,12 +171,9 @@ def decode(
     splits: int,
     interpret: bool,
     static_seq: tuple[int, int, int, int],
-    merge: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Prepared refs (see the module docstring) -> per-split `(out, lse2)`, `split_programs`
-    of them; with `merge` (several splits), the merged `out (B, Tp, K, Gp, Hp)` in the query's
-    dtype and `lse2 (B, Tp, K, Gp)`, merged by the split kernel's last program of each (batch
-    row, KV head) (`_merged_decode_kernel`)."""
+    of them."""
     batch, tp, num_kv_heads, gp, head_dim = r.q.shape
     if r.page_table is None:
         seq_k = r.k.shape[1]
@@ -231,86 +190,53 @@ def decode(
         page_table=table_spec,
         **tiles.row_specs(r, row_of=lambda s, b, h: b),
     )
+    out_specs = [
+        pl.BlockSpec((None, None, tp, None, gp, head_dim), lambda s, b, h: (s, b, 0, h, 0, 0)),
+        pl.BlockSpec((None, None, tp, None, gp), lambda s, b, h: (s, b, 0, h, 0)),
+    ]
+    # one split's output is the result: written in the query's dtype (no cast after the kernel)
+    out_dtype = r.q.dtype if splits == 1 else jnp.float32
     programs = split_programs(splits)
-    walk = dict(
-        statics=statics, block_k=block_k, page_size=page_size, splits=splits, static_seq=static_seq
+    out_shape = [
+        tiles.out_shape(r.q, (programs, batch, tp, num_kv_heads, gp, head_dim), out_dtype),
+        tiles.out_shape(r.q, (programs, batch, tp, num_kv_heads, gp), jnp.float32),
+    ]
+    kernel = functools.partial(
+        _decode_kernel,
+        statics=statics,
+        block_k=block_k,
+        page_size=page_size,
+        splits=splits,
+        static_seq=static_seq,
     )
-    parts_shape = (programs, batch, tp, num_kv_heads, gp, head_dim)
-    call = functools.partial(
-        pl.pallas_call,
+    return pl.pallas_call(
+        kernel,
         grid=(programs, batch, num_kv_heads),
+        in_specs=(specs,),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=tiles.compiler_params(config),
         interpret=interpret,
         name="flashjax_decode",
-    )
-
-    def out_specs(lead: tuple, lead_index):
-        """Blocks of the outputs `(..., Tp, K, Gp[, Hp])` whose leading axes (splits and batch
-        rows, or batch rows) have blocks `lead` at `lead_index(split, batch row)`."""
-        return [
-            pl.BlockSpec(
-                (*lead, tp, None, gp, head_dim), lambda s, b, h: (*lead_index(s, b), 0, h, 0, 0)
-            ),
-            pl.BlockSpec((*lead, tp, None, gp), lambda s, b, h: (*lead_index(s, b), 0, h, 0)),
-        ]
-
-    def out_shapes(shape, dtype):
-        return [
-            tiles.out_shape(r.q, shape, dtype),
-            tiles.out_shape(r.q, shape[:-1], jnp.float32),
-        ]
-
-    if not merge:
-        # one split's output is the result: written in the query's dtype (no cast after it)
-        return call(
-            functools.partial(_decode_kernel, **walk),
-            in_specs=(specs,),
-            out_specs=out_specs((None, None), lambda s, b: (s, b)),
-            out_shape=out_shapes(parts_shape, r.q.dtype if splits == 1 else jnp.float32),
-        )(r)
-    # each program sees every split of its (batch row, KV head) and stores into its own
-    count_spec = pl.BlockSpec((1, 1), lambda s, b, h: (b, h))
-    count = jnp.zeros((batch, num_kv_heads), jnp.int32)
-    _, _, out, lse2, _ = call(
-        functools.partial(_merged_decode_kernel, interpret=interpret, **walk),
-        in_specs=(specs, count_spec),
-        out_specs=[
-            *out_specs((programs, None), lambda s, b: (0, b)),
-            *out_specs((None,), lambda s, b: (b,)),
-            count_spec,
-        ],
-        out_shape=[
-            *out_shapes(parts_shape, jnp.float32),
-            *out_shapes(parts_shape[1:], r.q.dtype),
-            tiles.out_shape(r.q, count.shape, jnp.int32),
-        ],
-        input_output_aliases={len(jax.tree.leaves(r)): 4},
-    )(r, count)
-    return out, lse2
+    )(r)
 
 
-def _merge(parts: jax.Array, lse2: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Every split of one (batch row, KV head): `parts (Sp, ..., Hp)`, each normalized over its
-    keys, weighed by `2**lse2 (Sp, ...)` against their max -> out float32 and the base-2
-    logsumexp over all keys (-inf where no split saw a key)."""
+def _merge_kernel(parts_ref, lse_ref, o_ref, lse_out_ref):
+    """All splits of one (batch row, KV head) at once: `parts (Sp, Tp, Gp, Hp)`, each normalized
+    over its keys, weighed by `2**lse2 (Sp, Tp, Gp)` against their max."""
+    lse2 = lse_ref[...]
     m = jnp.max(lse2, axis=0)
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)  # no split saw a key: weights 0, not NaN
     weights = jnp.exp2(lse2 - m_safe[None])
     total = jnp.sum(weights, axis=0)
     empty = total == 0.0
     norm = jnp.where(empty, 1.0, total)
-    out = jnp.sum(weights[..., None] * parts, axis=0) / norm[..., None]
-    return out, jnp.where(empty, -jnp.inf, m_safe + jnp.log2(norm))
-
-
-def _merge_kernel(parts_ref, lse_ref, o_ref, lse_out_ref):
-    """`_merge` of one (batch row, KV head, head-dim columns)."""
-    out, lse2 = _merge(parts_ref[...], lse_ref[...])
+    out = jnp.sum(weights[..., None] * parts_ref[...], axis=0) / norm[..., None]
     o_ref[...] = out.astype(o_ref.dtype)
 
     @pl.when(pl.program_id(2) == 0)  # one writer of the row's lse (its column blocks agree)
     def _():
-        lse_out_ref[...] = lse2
+        lse_out_ref[...] = jnp.where(empty, -jnp.inf, m_safe + jnp.log2(norm))
 
 
 def merge_splits(

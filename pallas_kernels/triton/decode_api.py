@@ -1,9 +1,8 @@
 """Host side of the decode kernel: plan the tiles and splits, pack the queries, launch.
 
 `forward(ops)` returns the attention in the query's `(B, T, K, G, H)` layout and its base-2
-logsumexp: one kernel when the plan runs one split or merges in the split kernel
-(`DecodeConfig.fused_merge`), else the split kernel and the merge kernel (`decode.merge_splits`;
-`forward_parts`: the split kernel's partials alone). Nothing here
+logsumexp: one kernel when the plan runs one split, else the split kernel and the merge kernel
+(`decode.merge_splits`; `forward_parts`: the split kernel's partials alone). Nothing here
 copies an operand whose shapes already fit: the query is read in place (a `(B, T, K, G, H)`
 view) unless T, G or H is not a power of two, a contiguous cache is padded only when its length
 is not a multiple of 16, either cache only when its head dim is not a power of two.
@@ -144,20 +143,6 @@ def _seq(ops: Operands) -> jax.Array | None:
     return ops.seq_info() if ops.has_seq_info else None
 
 
-def _launch(ops: Operands, p: DecodePlan, merge: bool) -> tuple[jax.Array, jax.Array]:
-    return _decode.decode(
-        _refs(ops, p),
-        statics=ops.statics,
-        config=p.config,
-        block_k=p.block_k,
-        page_size=None if ops.page_table is None else ops.page_size,
-        splits=p.splits,
-        interpret=p.interpret,
-        static_seq=(0, 0, ops.seq_q, ops.seq_k),
-        merge=merge,
-    )
-
-
 def forward_parts(
     ops: Operands,
     num_splits: int | None = None,
@@ -168,7 +153,17 @@ def forward_parts(
     each split's keys (float32; the query's dtype when there is one split), base-2
     `lse2 (Sp, B, Tp, K, Gp)` float32 (-inf where a split saw no key), and the plan."""
     p = plan(ops, num_splits, target, config)
-    return *_launch(ops, p, merge=False), p
+    out, lse2 = _decode.decode(
+        _refs(ops, p),
+        statics=ops.statics,
+        config=p.config,
+        block_k=p.block_k,
+        page_size=None if ops.page_table is None else ops.page_size,
+        splits=p.splits,
+        interpret=p.interpret,
+        static_seq=(0, 0, ops.seq_q, ops.seq_k),
+    )
+    return out, lse2, p
 
 
 def forward(
@@ -178,18 +173,13 @@ def forward(
     config: configs.DecodeConfig | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`out (B, T, K, G, H)` in the query's dtype and base-2 `lse2 (B, T, K, G)` float32 (-inf for
-    a row that sees no key): one split kernel, merged in it when the plan runs several splits and
-    `DecodeConfig.fused_merge` holds, else followed by the merge kernel."""
-    p = plan(ops, num_splits, target, config)
-    if p.splits > 1 and p.config.fused_merge:
-        out, lse2 = _launch(ops, p, merge=True)
+    a row that sees no key): the split kernel, and the merge kernel when it ran several splits."""
+    out, lse2, p = forward_parts(ops, num_splits, target, config)
+    if p.splits == 1:
+        out, lse2 = out[0], lse2[0]
     else:
-        out, lse2 = _launch(ops, p, merge=False)
-        if p.splits == 1:
-            out, lse2 = out[0], lse2[0]
-        else:
-            out, lse2 = _decode.merge_splits(
-                out, lse2, ops.q.dtype, config=p.config, interpret=p.interpret
-            )
+        out, lse2 = _decode.merge_splits(
+            out, lse2, ops.q.dtype, config=p.config, interpret=p.interpret
+        )
     t, g = ops.seq_q, ops.group
     return out[:, :t, :, :g, : ops.head_dim], lse2[:, :t, :, :g]
