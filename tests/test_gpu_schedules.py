@@ -189,3 +189,12 @@ SPLIT_HEAD_CASES = [
 @pytest.mark.parametrize("case", SPLIT_HEAD_CASES, ids=lambda c: c.id)
 def test_split_head_on_gpu(case: Case, options, monkeypatch) -> None:
     _check(case, monkeypatch, backward=options, backward_stages=2)
+
+
+@pytest.mark.gpu_schedules
+@pytest.mark.parametrize("case", SPLIT_HEAD_CASES, ids=lambda c: c.id)
+def test_split_head_5gemm_on_gpu(case: Case, monkeypatch) -> None:
+    """`split_head` with `fused_dq` (the dQ parts by TMA reduce-add; one stage fits at 256)."""
+    _check(
+        case, monkeypatch, backward=("split_head", "fused_dq", "longest_first"), backward_stages=1
+    )

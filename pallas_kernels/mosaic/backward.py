@@ -113,9 +113,11 @@ class BackwardConfig:
     # CTA owns `rows` keys (dK/dV) or queries (dQ) shared by both consumers; consumer c
     # computes S and dP for its half of each step's streamed columns, stores its bf16 P / dS
     # half into shared tiles, and adds the whole tiles' products to its half of the head dim
-    # of dK and dV, or dQ (`_dkdv_split_consumer`, `_dq_split_consumer`). Two kernels only
-    # (not with fused_dq, overlap_dv), no ping-pong; the own tiles take half the shared memory,
-    # so two stages fit at 256. Not yet run on a GPU.
+    # of dK and dV, or dQ (`_dkdv_split_consumer`, `_dq_split_consumer`). Not with pooled_dq,
+    # overlap_dv; no ping-pong; the own tiles take half the shared memory, so two stages fit
+    # at 256. With `fused_dq` (5 GEMMs, session 40, not yet timed) each consumer adds its half
+    # of the head dim of the step's dQ part; its float32 staging (64 KiB at 256) fits one
+    # stage there (HOPPER_PLAN 7zf).
     split_head: bool = False
     # With `pooled_dq`: two slots (by visit parity) for the staged dS^T tiles and for each
     # consumer's float32 dQ part, so that staging visit i + 1's dS^T waits only for the parts
@@ -131,8 +133,8 @@ class BackwardConfig:
     double_ds: bool = False
 
     def __post_init__(self):
-        if self.split_head and (self.fused_dq or self.overlap_dv):
-            raise ValueError("BackwardConfig: split_head runs without fused_dq and overlap_dv")
+        if self.split_head and (self.pooled_dq or self.overlap_dv):
+            raise ValueError("BackwardConfig: split_head runs without pooled_dq and overlap_dv")
         if self.double_ds and not (self.fused_dq and self.pooled_dq):
             raise ValueError("BackwardConfig: double_ds needs fused_dq and pooled_dq")
         if self.split_head and self.cols % (CONSUMERS * 32):  # halves of whole 64-byte rows
@@ -573,8 +575,13 @@ def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, inter
         whole = _exchange_halves(sc, halves, mine, visit > 0, interpret)
         dv = pp.mma_into(dv, whole("p_t"), do_tile.at[:, share], in_place=not interpret)
         plgpu.barrier_arrive(sc["do_free"].at[slot])
-        dk = pp.mma_into(dk, whole("ds_t"), q_tile.at[:, share], in_place=not interpret)
+        ds_t = whole("ds_t")
+        dk = pp.mma_into(dk, ds_t, q_tile.at[:, share], in_place=not interpret)
         plgpu.barrier_arrive(sc["q_free"].at[slot])
+        if config.fused_dq:
+            _add_split_dq_parts(
+                refs, sc, ds_t, keys=keys, at=(b, head, qt * bq), interpret=interpret
+            )
         plgpu.barrier_arrive(sc["halves_free"])
         return dk, dv
 
@@ -597,7 +604,38 @@ def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, inter
         rows = pl.ds(col0, bkv)
         plgpu.copy_smem_to_gmem(keys, refs["dk"].at[b, rows, kh])
         plgpu.copy_smem_to_gmem(values, refs["dv"].at[b, rows, kh])
-        pp.wait_stores(config.async_store)
+
+    pp.wait_stores(config.async_store)  # consumer 0's stores; both consumers' dQ parts
+
+
+# `split_head` with `fused_dq`: a consumer's dQ part is computed and added in parts of this many
+# head-dim columns (32 float32 registers a thread each). Offline at head dim 256 (session 40,
+# one stage, 198,656 bytes of shared memory): 484 bytes of spills (62 LDL a key step) where the
+# two kernels' dK/dV spills 4; its whole share at once 516; static column offsets per consumer
+# 636. Not yet timed.
+SPLIT_DQ_COLUMNS = 64
+
+
+def _add_split_dq_parts(refs, sc, ds_t, *, keys, at, interpret: bool) -> None:
+    """`split_head` with `fused_dq`: this consumer's share of the head dim of the step's dQ
+    part, `dS K` (query rows x D / 2, float32), added to dQ (`_send_dq_part`) in parts of
+    `SPLIT_DQ_COLUMNS`. `ds_t` is the whole dS^T tile as `_exchange_halves` gives it (registers
+    on the GPU, stored again into this consumer's 128-byte-swizzled `ds` tile to be read
+    transposed as the A operand: the halves' 64-byte-swizzled tile cannot be; in interpret mode
+    that tile itself, which the interpreter reads in any swizzle). `at`: (batch row, head, first
+    row)."""
+    wg = lax.axis_index("wg")
+    width = keys.shape[-1] // CONSUMERS
+    staged = ds_t
+    if not interpret:
+        staged = sc["ds"].at[0, wg]
+        staged[...] = ds_t
+        plgpu.commit_smem()
+    for c in range(width // SPLIT_DQ_COLUMNS):
+        col0 = pl.multiple_of(wg * width + c * SPLIT_DQ_COLUMNS, SPLIT_DQ_COLUMNS)
+        k = keys.at[:, pl.ds(col0, SPLIT_DQ_COLUMNS)]
+        part = pp.matmul(staged.T, k, (staged.shape[1], SPLIT_DQ_COLUMNS))
+        _send_dq_part(refs, sc, part, (*at, col0), interpret)
 
 
 def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, config, dp=None, dq_part=None):
@@ -849,6 +887,8 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
     if config.fused_dq:
         split = _splits_dq(config, head_dim)
         width = head_dim // CONSUMERS if split else head_dim
+        if config.split_head:
+            width = SPLIT_DQ_COLUMNS
         # 32-byte swizzle: the accumulator's float32 pairs go to shared memory without the 64
         # selects a part the 128-byte swizzle took (offline SASS, session 22: the 5-GEMM key
         # step 455 -> 420 instructions at head dim 64, 671 -> 600 at 128); still one TMA
