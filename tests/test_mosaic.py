@@ -478,7 +478,7 @@ def test_pair_tiles_only_orders_the_loop(options, consumers) -> None:
             Case(B=1, T=200, S=260, N=4, K=2, H=256, features=("causal", "segments", "dropout")),
         ),
         (
-            dict(split_head=True, fused_dq=True, stages=1, early_dp=True, late_stats=True),
+            dict(split_head=True, fused_dq=True, stages=2, early_dp=True, late_stats=True),
             Case(B=2, T=150, S=190, N=2, K=1, H=256, features=("lengths", "window", "softcap")),
         ),
     ],

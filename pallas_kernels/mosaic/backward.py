@@ -116,8 +116,8 @@ class BackwardConfig:
     # of dK and dV, or dQ (`_dkdv_split_consumer`, `_dq_split_consumer`). Not with pooled_dq,
     # overlap_dv; no ping-pong; the own tiles take half the shared memory, so two stages fit
     # at 256. With `fused_dq` (5 GEMMs, session 40, not yet timed) each consumer adds its half
-    # of the head dim of the step's dQ part; its float32 staging (64 KiB at 256) fits one
-    # stage there (HOPPER_PLAN 7zf).
+    # of the head dim of the step's dQ part by atomic adds (`_add_split_dq_parts`; two stages
+    # still fit at 256: HOPPER_PLAN 7zf).
     split_head: bool = False
     # With `pooled_dq`: two slots (by visit parity) for the staged dS^T tiles and for each
     # consumer's float32 dQ part, so that staging visit i + 1's dS^T waits only for the parts
@@ -609,21 +609,25 @@ def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, inter
 
 
 # `split_head` with `fused_dq`: a consumer's dQ part is computed and added in parts of this many
-# head-dim columns (32 float32 registers a thread each). Offline at head dim 256 (session 40,
-# one stage, 198,656 bytes of shared memory): 484 bytes of spills (62 LDL a key step) where the
-# two kernels' dK/dV spills 4; its whole share at once 516; static column offsets per consumer
-# 636. Not yet timed.
+# head-dim columns (32 float32 registers a thread each; the whole share at once, 64, spilled
+# 228 / 376 bytes against 116 / 208 at head dim 256 offline, session 40). Not yet timed.
 SPLIT_DQ_COLUMNS = 64
 
 
 def _add_split_dq_parts(refs, sc, ds_t, *, keys, at, interpret: bool) -> None:
     """`split_head` with `fused_dq`: this consumer's share of the head dim of the step's dQ
-    part, `dS K` (query rows x D / 2, float32), added to dQ (`_send_dq_part`) in parts of
-    `SPLIT_DQ_COLUMNS`. `ds_t` is the whole dS^T tile as `_exchange_halves` gives it (registers
-    on the GPU, stored again into this consumer's 128-byte-swizzled `ds` tile to be read
-    transposed as the A operand: the halves' 64-byte-swizzled tile cannot be; in interpret mode
-    that tile itself, which the interpreter reads in any swizzle). `at`: (batch row, head, first
-    row)."""
+    part, `dS K` (query rows x D / 2, float32), added to dQ in parts of `SPLIT_DQ_COLUMNS`.
+    `ds_t` is the whole dS^T tile as `_exchange_halves` gives it (registers on the GPU, stored
+    again into this consumer's 128-byte-swizzled `ds` tile to be read transposed as the A
+    operand: the halves' 64-byte-swizzled tile cannot be; in interpret mode that tile itself,
+    which the interpreter reads in any swizzle). On the GPU the parts go to dQ by atomic adds
+    from registers (`red.global.add`, FA2's way), not through shared memory: the TMA reduce-add's
+    float32 staging (32 KiB) leaves room for one stage only at head dim 256, where ptxas then
+    moves the S^T matmul's hoisted descriptors to local memory (offline, session 40: with
+    staging, one stage, 484 bytes of spills, 62 LDL and 725 instructions a key step; with
+    atomics, two stages in 231,424 bytes of shared memory, 116 / 208 bytes, 14 LDL, 634
+    instructions and 64 REDG). The interpreter takes `_send_dq_part`'s slices. `at`: (batch
+    row, head, first row)."""
     wg = lax.axis_index("wg")
     width = keys.shape[-1] // CONSUMERS
     staged = ds_t
@@ -631,11 +635,16 @@ def _add_split_dq_parts(refs, sc, ds_t, *, keys, at, interpret: bool) -> None:
         staged = sc["ds"].at[0, wg]
         staged[...] = ds_t
         plgpu.commit_smem()
+    b, head, row0 = at
     for c in range(width // SPLIT_DQ_COLUMNS):
         col0 = pl.multiple_of(wg * width + c * SPLIT_DQ_COLUMNS, SPLIT_DQ_COLUMNS)
         k = keys.at[:, pl.ds(col0, SPLIT_DQ_COLUMNS)]
         part = pp.matmul(staged.T, k, (staged.shape[1], SPLIT_DQ_COLUMNS))
-        _send_dq_part(refs, sc, part, (*at, col0), interpret)
+        if interpret:
+            _send_dq_part(refs, sc, part, (*at, col0), interpret)
+        else:
+            rows, cols = pl.ds(row0, part.shape[0]), pl.ds(col0, SPLIT_DQ_COLUMNS)
+            plgpu.atomic_add(refs["dq_acc"].at[b, rows, head, cols], part)
 
 
 def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, config, dp=None, dq_part=None):
@@ -894,7 +903,10 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
         # step 455 -> 420 instructions at head dim 64, 671 -> 600 at 128); still one TMA
         # reduce-add a part. Not yet timed.
         slots = config.ds_slots
-        scratch["dq_part"] = pp.smem_tile((slots, CONSUMERS, bq, width), jnp.float32, swizzle=32)
+        if via_smem or not config.split_head:  # split_head's atomics need no staging
+            scratch["dq_part"] = pp.smem_tile(
+                (slots, CONSUMERS, bq, width), jnp.float32, swizzle=32
+            )
         if not via_smem or config.pooled_dq:
             scratch["ds"] = pp.smem_tile((slots, CONSUMERS, bkv, bq), dtype)
         if config.pooled_dq:  # see _add_pooled_dq_part
