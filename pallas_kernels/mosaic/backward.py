@@ -11,12 +11,13 @@ three-warpgroup layout of pipeline.py (two consumers, one TMA producer) and reco
   streams K and V (and segment ids), each consumer accumulates dQ += dS K for its rows.
 Five of the seven matmuls are the FA2 backward's; QK^T and dO V^T are computed in both kernels.
 The two kernels are deterministic. With `BackwardConfig.fused_dq` the dK/dV kernel also adds
-each step's dQ part (dS K, float32) to dQ in GMEM by TMA reduce-add, and the dQ kernel does not
-run: five matmuls, FA3's single kernel, whose adds land in a varying order (`pooled_dq`,
-`split_dq`: how the consumers share the part). In interpret mode the register operands of wgmma
-are staged through shared memory, and the dQ parts (no TMA reduction there) go to slices that
-the host sums. With `BackwardConfig.split_head` (head dim 256) both consumers of a kernel share
-its CTA's rows and split the head dim of the accumulators instead (FA3's layout there).
+each step's dQ part (dS K, float32) to dQ in GMEM by TMA reduce-add (with `split_head`: atomic
+adds from registers), and the dQ kernel does not run: five matmuls, FA3's single kernel, whose
+adds land in a varying order (`pooled_dq`, `split_dq`: how the consumers share the part). In
+interpret mode the register operands of wgmma are staged through shared memory, and the dQ parts
+(no TMA reduction there) go to slices that the host sums. With `BackwardConfig.split_head` (head
+dim 256) both consumers of a kernel share its CTA's rows and split the head dim of the
+accumulators instead (FA3's layout there).
 """
 
 from __future__ import annotations
