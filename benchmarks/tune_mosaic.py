@@ -257,7 +257,7 @@ BWD_SCHEDULES = [
     ("split_head", "early_dp", "no_auto_barriers", "longest_first"),
     ("split_head", "early_dp", "no_auto_barriers", "longest_first", "late_stats"),
     # Session 40: its 5-GEMM kernel (new, not yet timed; dQ by atomic adds; offline at 256,
-    # two stages, 116 / 208 bytes of spills).
+    # two stages, 84 / 160 bytes of spills).
     ("split_head", "fused_dq", "longest_first"),
     ("split_head", "fused_dq", "no_auto_barriers", "longest_first", "late_stats"),
 ]

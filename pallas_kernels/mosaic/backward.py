@@ -605,13 +605,15 @@ def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, inter
         rows = pl.ds(col0, bkv)
         plgpu.copy_smem_to_gmem(keys, refs["dk"].at[b, rows, kh])
         plgpu.copy_smem_to_gmem(values, refs["dv"].at[b, rows, kh])
+        pp.wait_stores(config.async_store)
 
-    pp.wait_stores(config.async_store)  # consumer 0's stores; both consumers' dQ parts
+    if config.fused_dq and interpret:  # the interpreter's dQ part copies (`_send_dq_part`)
+        pp.wait_stores(config.async_store)
 
 
 # `split_head` with `fused_dq`: a consumer's dQ part is computed and added in parts of this many
 # head-dim columns (32 float32 registers a thread each; the whole share at once, 64, spilled
-# 228 / 376 bytes against 116 / 208 at head dim 256 offline, session 40). Not yet timed.
+# about twice the bytes at head dim 256 offline, session 40). Not yet timed.
 SPLIT_DQ_COLUMNS = 64
 
 
@@ -626,7 +628,7 @@ def _add_split_dq_parts(refs, sc, ds_t, *, keys, at, interpret: bool) -> None:
     float32 staging (32 KiB) leaves room for one stage only at head dim 256, where ptxas then
     moves the S^T matmul's hoisted descriptors to local memory (offline, session 40: with
     staging, one stage, 484 bytes of spills, 62 LDL and 725 instructions a key step; with
-    atomics, two stages in 231,424 bytes of shared memory, 116 / 208 bytes, 14 LDL, 634
+    atomics, two stages in 231,424 bytes of shared memory, 84 / 160 bytes, 11 LDL, 636
     instructions and 64 REDG). The interpreter takes `_send_dq_part`'s slices. `at`: (batch
     row, head, first row)."""
     wg = lax.axis_index("wg")
