@@ -491,8 +491,7 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     the single kernel, `fused_dq`, `pooled_dq`, `split_dq` and `double_ds`; `async_store`;
     `late_stats`;
     `split_head`, FA3's head-dim split of both kernels at head dim 256, and with `fused_dq`
-    its 5-GEMM kernel) against the float64
-    reference, with no race."""
+    its 5-GEMM kernel) against the float64 reference, with no race."""
     config = dataclasses.replace(api.backward_config(case.H), **variant)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "backward_config", lambda head_dim, *call: config)
