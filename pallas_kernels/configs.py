@@ -426,8 +426,9 @@ CHUNKED_BLOCK = 512
 # cut until this estimate of the streamed tiles fits.
 SHARED_MEMORY_BUDGET = 192 * 1024
 # Shared memory a Mosaic GPU kernel's CTA may take on the H100/H200 (Mosaic's max_smem_bytes,
-# 227 KiB), less a reserve for its barriers and small buffers.
-MOSAIC_SHARED_MEMORY = 227 * 1024 - 8 * 1024
+# the devices' opt-in limit, 227 KiB); `mosaic.pipeline.smem_bytes` counts a kernel's scratch as
+# Mosaic allocates it.
+MOSAIC_SHARED_MEMORY = 227 * 1024
 
 
 def stages_that_fit(c: KernelConfig, head_dim: int, itemsize: int, full_bias: bool) -> int:

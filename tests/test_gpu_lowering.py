@@ -10,6 +10,7 @@ compilation of that IR and the numbers (the GPU tier, `pytest -m gpu`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -377,15 +378,15 @@ def test_mosaic_split_head_backward_lowers(feature: str) -> None:
     half the streamed columns a consumer, N = 32; the halves stored into one 64-byte-swizzled
     tile, read into registers as the A operand; dK, dV, dQ stored by column halves) lowers for
     the H200 at head dims 256 (two stages) and 128, with the features that touch its step; and
-    its 5-GEMM form (`fused_dq`, two stages, one with segments) at 256."""
+    its 5-GEMM form (`fused_dq`, two stages; one with segments) at 256."""
     from pallas_kernels.mosaic.backward import BackwardConfig
 
-    stages = 1 if feature == "segments" else 2
     variants = [
         (256, BackwardConfig(split_head=True, stages=2, early_dp=True, longest_first=True)),
         (128, BackwardConfig(split_head=True, stages=2, early_dp=True, longest_first=True)),
-        # two stages fit with 1.2 KB to spare, less than the segment ids' tiles take
-        (256, BackwardConfig(split_head=True, stages=stages, fused_dq=True, longest_first=True)),
+        # two stages fit with 0.9 KB to spare, less than the segment ids' tiles take: the
+        # kernel cuts its ring to one (pipeline.fit_stages)
+        (256, BackwardConfig(split_head=True, stages=2, fused_dq=True, longest_first=True)),
     ]
     for head_dim, bwd in variants:
 
@@ -400,3 +401,43 @@ def test_mosaic_split_head_backward_lowers(feature: str) -> None:
         assert "flashjax_mosaic_dkdv" in text
         # the 5-GEMM form launches no dQ kernel
         assert ("flashjax_mosaic_dq" in text) == (not bwd.fused_dq), (head_dim, bwd)
+
+
+@pytest.mark.parametrize("feature", ["plain", "segments"])
+@pytest.mark.parametrize(
+    "head_dim, options",
+    [(256, ("split_head", "fused_dq")), (256, ("split_head",)), (256, ()), (64, ("fused_dq",))],
+)
+def test_shared_memory_count_is_mosaics(feature: str, head_dim: int, options, monkeypatch):
+    """`pipeline.smem_bytes` counts the backward kernels' shared memory as Mosaic's lowering
+    does (the size it checks against the device's 227 KiB), so `pipeline.fit_stages` keeps the
+    most stages that fit: two for the 5-GEMM split_head kernel at 256 (231,584 bytes), one with
+    segment ids (two would take 233,664); the dQ kernel's ring at 256 without split_head one."""
+    import jax.experimental.mosaic.gpu.core as mosaic_core
+
+    from pallas_kernels.mosaic import backward as bw
+    from pallas_kernels.mosaic import pipeline as pp
+
+    counted = []
+    count = mosaic_core._smem_tree_size
+    monkeypatch.setattr(
+        mosaic_core, "_smem_tree_size", lambda tree: counted.append(count(tree)) or counted[-1]
+    )
+    config = bw.with_options(bw.BackwardConfig(stages=2), (*options, "longest_first"))
+
+    def backward(ops):
+        out, lse = mosaic_api.forward(ops, interpret=False)
+        return mosaic_api.backward(ops, out, lse, out, None, interpret=False, config=config)
+
+    q = jnp.zeros((B, T, N, head_dim), jnp.bfloat16)
+    kv = jnp.zeros((B, S, K, head_dim), jnp.bfloat16)
+    lowered_for_h200(backward, operands(q, kv, kv, **FEATURES[feature]))
+    extras = {"q_seg": 1, "kv_seg": 1} if feature == "segments" else {}
+    scratches = [bw._dkdv_scratch] + ([] if config.fused_dq else [bw._dq_scratch])
+    expected = []
+    for scratch in scratches:
+        of = functools.partial(scratch, head_dim=head_dim, dtype=q.dtype, extras=extras)
+        fitted = pp.fit_stages(config, lambda c, of=of: of(c, via_smem=False))
+        expected.append(pp.smem_bytes(of(fitted, via_smem=False)))
+    assert counted[1:] == expected  # after the forward's
+    assert max(expected) <= 227 * 1024

@@ -474,7 +474,8 @@ def test_pair_tiles_only_orders_the_loop(options, consumers) -> None:
             Case(B=1, T=256, S=384, N=2, K=1, H=256, features=("blocks128",)),
         ),
         (
-            dict(split_head=True, fused_dq=True, stages=1, longest_first=True),
+            # two stages do not fit with segment ids: the kernel cuts its ring to one
+            dict(split_head=True, fused_dq=True, stages=2, longest_first=True),
             Case(B=1, T=200, S=260, N=4, K=2, H=256, features=("causal", "segments", "dropout")),
         ),
         (

@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import common, configs, visibility
+from pallas_kernels import common, visibility
 from pallas_kernels.mosaic import pipeline as pp
 from pallas_kernels.mosaic.pipeline import CONSUMERS, LAYOUT
 
@@ -834,44 +834,10 @@ def _dkdv_producer(refs, sc, *, config, visits, group):
     pp.produce(streams, pairs, config.stages, config.registers[1])
 
 
-def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, interpret=None):
-    """Padded q, do `(B, Tp, N, D)`, k, v `(B, Sp, K, D)`, lse2, delta `(B, N, Tp)` float32 ->
-    `(dk, dv)` `(B, Sp, K, D)` (Sp a multiple of 2 * rows, Tp of cols). `extras` as the
-    forward's, with the visit lists key-major (`transposed`)."""
-    batch, seq_q, num_heads, head_dim = q.shape
-    seq_k, num_kv_heads = k.shape[1], k.shape[2]
-    group = num_heads // num_kv_heads
+def _dkdv_scratch(config: BackwardConfig, head_dim: int, dtype, extras: dict, via_smem: bool):
+    """The dK/dV kernel's shared memory: the own K and V tiles, the streamed rings, the shared
+    tiles of `split_head` and of the dQ parts (`fused_dq`)."""
     bq, bkv, stages = config.cols, config.rows, config.stages
-    static_seq = (0, 0, seq_lens[0], seq_lens[1])
-    via_smem = interpret is not None
-    dtype = q.dtype
-    extras = {name: x for name, x in (extras or {}).items() if x is not None}
-    names = ("q", "k", "v", "do", "lse", "delta", *extras)
-
-    _check_split(config, head_dim)
-    consumer = _dkdv_split_consumer if config.split_head else _dkdv_consumer
-    cta_rows = config.cta_rows
-
-    def flashjax_mosaic_dkdv(*all_refs):
-        refs, sc = _launch_refs(all_refs, names, ("dk", "dv"))
-        seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
-        t = lax.axis_index("t")
-        visits = _visits(refs, statics, seq, t, cta_rows, bq, transposed=True)
-        pp.warpgroups(
-            functools.partial(
-                consumer,
-                refs,
-                sc,
-                statics=statics,
-                config=config,
-                visits=visits,
-                group=group,
-                seq=seq,
-                interpret=via_smem,
-            ),
-            functools.partial(_dkdv_producer, refs, sc, config=config, visits=visits, group=group),
-        )
-
     own_copies = 3 if "kv_seg" in extras else 2
     owners = 1 if config.split_head else CONSUMERS  # the K/V tiles, each consumer's or shared
     scratch = dict(
@@ -918,6 +884,49 @@ def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, in
             scratch["ds_free"] = plgpu.Barrier(
                 num_arrivals=CONSUMERS if split else 1, num_barriers=slots
             )
+    return scratch
+
+
+def dkdv(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, interpret=None):
+    """Padded q, do `(B, Tp, N, D)`, k, v `(B, Sp, K, D)`, lse2, delta `(B, N, Tp)` float32 ->
+    `(dk, dv)` `(B, Sp, K, D)` (Sp a multiple of 2 * rows, Tp of cols). `extras` as the
+    forward's, with the visit lists key-major (`transposed`)."""
+    batch, seq_q, num_heads, head_dim = q.shape
+    seq_k, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    bq = config.cols
+    static_seq = (0, 0, seq_lens[0], seq_lens[1])
+    via_smem = interpret is not None
+    dtype = q.dtype
+    extras = {name: x for name, x in (extras or {}).items() if x is not None}
+    names = ("q", "k", "v", "do", "lse", "delta", *extras)
+
+    _check_split(config, head_dim)
+    config = pp.fit_stages(config, lambda c: _dkdv_scratch(c, head_dim, dtype, extras, False))
+    consumer = _dkdv_split_consumer if config.split_head else _dkdv_consumer
+    cta_rows = config.cta_rows
+
+    def flashjax_mosaic_dkdv(*all_refs):
+        refs, sc = _launch_refs(all_refs, names, ("dk", "dv"))
+        seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
+        t = lax.axis_index("t")
+        visits = _visits(refs, statics, seq, t, cta_rows, bq, transposed=True)
+        pp.warpgroups(
+            functools.partial(
+                consumer,
+                refs,
+                sc,
+                statics=statics,
+                config=config,
+                visits=visits,
+                group=group,
+                seq=seq,
+                interpret=via_smem,
+            ),
+            functools.partial(_dkdv_producer, refs, sc, config=config, visits=visits, group=group),
+        )
+
+    scratch = _dkdv_scratch(config, head_dim, dtype, extras, via_smem)
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     grid = (seq_k // cta_rows, num_kv_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())
@@ -1121,51 +1130,10 @@ def _check_split(config: BackwardConfig, head_dim: int) -> None:
         )
 
 
-def _dq_stages(config: BackwardConfig, head_dim: int, itemsize: int) -> int:
-    """The dQ kernel's K/V stages: the config's, or as many as its shared memory holds beside
-    the own Q and dO tiles (at head dim 256 one, or two with `split_head`)."""
-    owners = 1 if config.split_head else CONSUMERS
-    own = 2 * owners * config.rows * head_dim * itemsize
-    per_stage = 2 * config.cols * head_dim * itemsize
-    return max(1, min(config.stages, (configs.MOSAIC_SHARED_MEMORY - own) // per_stage))
-
-
-def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, interpret=None):
-    """Operands as `dkdv` (Tp a multiple of 2 * rows, Sp of cols) -> dq `(B, Tp, N, D)`; the
-    visit lists query-major."""
-    batch, seq_q, num_heads, head_dim = q.shape
-    group = num_heads // k.shape[2]
-    _check_split(config, head_dim)
-    config = dataclasses.replace(config, stages=_dq_stages(config, head_dim, q.dtype.itemsize))
+def _dq_scratch(config: BackwardConfig, head_dim: int, dtype, extras: dict, via_smem: bool):
+    """The dQ kernel's shared memory: the own Q and dO tiles and statistics, the streamed K/V
+    rings, `split_head`'s shared dS^T tile."""
     bq, bkv, stages = config.rows, config.cols, config.stages
-    static_seq = (0, 0, seq_lens[0], seq_lens[1])
-    via_smem = interpret is not None
-    dtype = q.dtype
-    extras = {name: x for name, x in (extras or {}).items() if x is not None}
-    names = ("q", "k", "v", "do", "lse", "delta", *extras)
-
-    def flashjax_mosaic_dq(*all_refs):
-        refs, sc = _launch_refs(all_refs, names, ("dq",))
-        seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
-        t = lax.axis_index("t")
-        if config.longest_first:  # the last query tiles see the most keys under a causal mask
-            t = seq_q // config.cta_rows - 1 - t
-        visits = _visits(refs, statics, seq, t, config.cta_rows, bkv, transposed=False)
-        pp.warpgroups(
-            functools.partial(
-                _dq_split_consumer if config.split_head else _dq_consumer,
-                refs,
-                sc,
-                tile=t,
-                statics=statics,
-                config=config,
-                visits=visits,
-                seq=seq,
-                interpret=via_smem,
-            ),
-            functools.partial(_dq_producer, refs, sc, config=config, visits=visits, group=group),
-        )
-
     own_copies = 5 if "q_seg" in extras else 4  # Q, dO, lse, delta (and segment ids)
     owners = 1 if config.split_head else CONSUMERS  # the Q/dO tiles, each consumer's or shared
     scratch = dict(
@@ -1186,6 +1154,45 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
         _ring(scratch, "kv_seg", (bkv,), jnp.int32, stages, swizzled=False)
     if via_smem:
         scratch["stage"] = pp.smem_tile((CONSUMERS, bq, bkv), dtype)
+    return scratch
+
+
+def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, interpret=None):
+    """Operands as `dkdv` (Tp a multiple of 2 * rows, Sp of cols) -> dq `(B, Tp, N, D)`; the
+    visit lists query-major."""
+    batch, seq_q, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[2]
+    _check_split(config, head_dim)
+    static_seq = (0, 0, seq_lens[0], seq_lens[1])
+    via_smem = interpret is not None
+    dtype = q.dtype
+    extras = {name: x for name, x in (extras or {}).items() if x is not None}
+    names = ("q", "k", "v", "do", "lse", "delta", *extras)
+    config = pp.fit_stages(config, lambda c: _dq_scratch(c, head_dim, dtype, extras, False))
+
+    def flashjax_mosaic_dq(*all_refs):
+        refs, sc = _launch_refs(all_refs, names, ("dq",))
+        seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
+        t = lax.axis_index("t")
+        if config.longest_first:  # the last query tiles see the most keys under a causal mask
+            t = seq_q // config.cta_rows - 1 - t
+        visits = _visits(refs, statics, seq, t, config.cta_rows, config.cols, transposed=False)
+        pp.warpgroups(
+            functools.partial(
+                _dq_split_consumer if config.split_head else _dq_consumer,
+                refs,
+                sc,
+                tile=t,
+                statics=statics,
+                config=config,
+                visits=visits,
+                seq=seq,
+                interpret=via_smem,
+            ),
+            functools.partial(_dq_producer, refs, sc, config=config, visits=visits, group=group),
+        )
+
+    scratch = _dq_scratch(config, head_dim, dtype, extras, via_smem)
     out_type = jax.ShapeDtypeStruct(q.shape, dtype)
     grid = (seq_q // config.cta_rows, num_heads, batch)
     args = (q, k, v, do, lse2, delta, *extras.values())

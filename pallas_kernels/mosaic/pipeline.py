@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -19,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import common
+from pallas_kernels import common, configs
 
 CONSUMERS = 2  # compute warpgroups per CTA (the forward's ForwardConfig.consumers may say 3)
 PRODUCER = CONSUMERS  # the warpgroup index of the TMA producer
@@ -37,6 +38,38 @@ def smem_tile(
     swizzle = swizzle or plgpu.find_swizzle(minor * itemsize * 8)
     tiling = plgpu.TilingTransform((8, swizzle // itemsize))
     return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+
+
+# Pallas' Mosaic GPU lowering (jax 0.11.2) places each scratch buffer at a multiple of this many
+# bytes, then Mosaic adds 8 bytes an mbarrier.
+SMEM_ALIGNMENT = 1024
+MBARRIER_BYTES = 8
+
+
+def smem_bytes(scratch: dict) -> int:
+    """The shared memory a kernel with this scratch (buffers and barriers) asks for on the GPU
+    (in jax 0.11.2, exactly: offline compiles' resource reports, tests/test_gpu_lowering.py)."""
+    total = 0
+    for leaf in jax.tree.leaves(scratch, is_leaf=lambda x: isinstance(x, plgpu.Barrier)):
+        if isinstance(leaf, plgpu.Barrier):
+            total += MBARRIER_BYTES * math.prod(leaf.num_barriers)
+        else:
+            size = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+            total += -(-size // SMEM_ALIGNMENT) * SMEM_ALIGNMENT
+    return total
+
+
+def fit_stages(config, scratch_of: Callable):
+    """`config` (a kernel's frozen dataclass with `stages`) with the most ring stages, up to its
+    own, whose scratch (`scratch_of(config)`) fits the device's shared memory
+    (`configs.MOSAIC_SHARED_MEMORY`); 1 if none does (Mosaic then says by how much)."""
+    limit = configs.MOSAIC_SHARED_MEMORY
+    fitting = (
+        n
+        for n in range(config.stages, 0, -1)
+        if smem_bytes(scratch_of(dataclasses.replace(config, stages=n))) <= limit
+    )
+    return dataclasses.replace(config, stages=next(fitting, 1))
 
 
 def matmul(a, b, shape: tuple[int, int], *, then=None) -> jax.Array:
