@@ -256,10 +256,6 @@ BWD_SCHEDULES = [
     ("split_head", "longest_first"),
     ("split_head", "early_dp", "no_auto_barriers", "longest_first"),
     ("split_head", "early_dp", "no_auto_barriers", "longest_first", "late_stats"),
-    # Session 40: its 5-GEMM kernel (new, not yet timed; dQ by atomic adds; offline at 256,
-    # two stages, 84 / 160 bytes of spills).
-    ("split_head", "fused_dq", "longest_first"),
-    ("split_head", "fused_dq", "no_auto_barriers", "longest_first", "late_stats"),
 ]
 assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 

@@ -189,12 +189,3 @@ SPLIT_HEAD_CASES = [
 @pytest.mark.parametrize("case", SPLIT_HEAD_CASES, ids=lambda c: c.id)
 def test_split_head_on_gpu(case: Case, options, monkeypatch) -> None:
     _check(case, monkeypatch, backward=options, backward_stages=2)
-
-
-@pytest.mark.gpu_schedules
-@pytest.mark.parametrize("case", SPLIT_HEAD_CASES, ids=lambda c: c.id)
-def test_split_head_5gemm_on_gpu(case: Case, monkeypatch) -> None:
-    """`split_head` with `fused_dq` (the dQ parts by atomic adds from registers; at head dim
-    256 with segment ids the kernel cuts its ring to one stage: `pipeline.fit_stages`)."""
-    options = ("split_head", "fused_dq", "longest_first")
-    _check(case, monkeypatch, backward=options, backward_stages=2)

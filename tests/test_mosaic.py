@@ -473,15 +473,6 @@ def test_pair_tiles_only_orders_the_loop(options, consumers) -> None:
             dict(split_head=True),
             Case(B=1, T=256, S=384, N=2, K=1, H=256, features=("blocks128",)),
         ),
-        (
-            # two stages do not fit with segment ids: the kernel cuts its ring to one
-            dict(split_head=True, fused_dq=True, stages=2, longest_first=True),
-            Case(B=1, T=200, S=260, N=4, K=2, H=256, features=("causal", "segments", "dropout")),
-        ),
-        (
-            dict(split_head=True, fused_dq=True, stages=2, early_dp=True, late_stats=True),
-            Case(B=2, T=150, S=190, N=2, K=1, H=256, features=("lengths", "window", "softcap")),
-        ),
     ],
     ids=lambda x: "+".join(x) if isinstance(x, dict) else x.id,
 )
@@ -491,8 +482,8 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     query tiles reversed, with visit lists too; `one_body`, the element rule under a `lax.cond`;
     the single kernel, `fused_dq`, `pooled_dq`, `split_dq` and `double_ds`; `async_store`;
     `late_stats`;
-    `split_head`, FA3's head-dim split of both kernels at head dim 256, and with `fused_dq`
-    its 5-GEMM kernel) against the float64 reference, with no race."""
+    `split_head`, FA3's head-dim split of both kernels at head dim 256) against the float64
+    reference, with no race."""
     config = dataclasses.replace(api.backward_config(case.H), **variant)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "backward_config", lambda head_dim, *call: config)
@@ -724,9 +715,9 @@ def test_fma_columns_come_in_column_tiles() -> None:
 def test_split_head_refuses_what_it_cannot_run() -> None:
     """`BackwardConfig.split_head` names the field it cannot run with, and a head dim whose
     halves are not whole 64-column swizzle rows, before any kernel is traced."""
-    with pytest.raises(ValueError, match="split_head runs without pooled_dq"):
-        backward.BackwardConfig(split_head=True, fused_dq=True, pooled_dq=True)
-    with pytest.raises(ValueError, match="split_head runs without pooled_dq and overlap_dv"):
+    with pytest.raises(ValueError, match="split_head runs without fused_dq"):
+        backward.BackwardConfig(split_head=True, fused_dq=True)
+    with pytest.raises(ValueError, match="split_head runs without fused_dq and overlap_dv"):
         backward.BackwardConfig(split_head=True, overlap_dv=True)
     with pytest.raises(ValueError, match="cols a multiple of 64, got 96"):
         backward.BackwardConfig(split_head=True, cols=96)

@@ -278,7 +278,7 @@ def backward(
         dq_lists = visit_lists(ops, rows, cols, t // rows, s // cols)
     extras = _extras(ops, t, s, dkdv_lists)
     if cfg.fused_dq:  # the dK/dV kernel adds dQ's parts into this (see BackwardConfig)
-        parts = () if launch["interpret"] is None else (s // cfg.cta_rows * CONSUMERS,)
+        parts = () if launch["interpret"] is None else (s // cfg.rows,)
         acc = jax.new_ref(jnp.zeros((*parts, *q.shape), jnp.float32))
         dk, dv = _backward.dkdv(*args, extras=extras | {"dq_acc": acc}, **launch)
         dq = acc[...].sum(axis=0) if parts else acc[...]

@@ -11,13 +11,12 @@ three-warpgroup layout of pipeline.py (two consumers, one TMA producer) and reco
   streams K and V (and segment ids), each consumer accumulates dQ += dS K for its rows.
 Five of the seven matmuls are the FA2 backward's; QK^T and dO V^T are computed in both kernels.
 The two kernels are deterministic. With `BackwardConfig.fused_dq` the dK/dV kernel also adds
-each step's dQ part (dS K, float32) to dQ in GMEM by TMA reduce-add (with `split_head`: atomic
-adds from registers), and the dQ kernel does not run: five matmuls, FA3's single kernel, whose
-adds land in a varying order (`pooled_dq`, `split_dq`: how the consumers share the part). In
-interpret mode the register operands of wgmma are staged through shared memory, and the dQ parts
-(no TMA reduction there) go to slices that the host sums. With `BackwardConfig.split_head` (head
-dim 256) both consumers of a kernel share its CTA's rows and split the head dim of the
-accumulators instead (FA3's layout there).
+each step's dQ part (dS K, float32) to dQ in GMEM by TMA reduce-add, and the dQ kernel does not
+run: five matmuls, FA3's single kernel, whose adds land in a varying order (`pooled_dq`,
+`split_dq`: how the consumers share the part). In interpret mode the register operands of wgmma
+are staged through shared memory, and the dQ parts (no TMA reduction there) go to slices that
+the host sums. With `BackwardConfig.split_head` (head dim 256) both consumers of a kernel share
+its CTA's rows and split the head dim of the accumulators instead (FA3's layout there).
 """
 
 from __future__ import annotations
@@ -114,11 +113,12 @@ class BackwardConfig:
     # CTA owns `rows` keys (dK/dV) or queries (dQ) shared by both consumers; consumer c
     # computes S and dP for its half of each step's streamed columns, stores its bf16 P / dS
     # half into shared tiles, and adds the whole tiles' products to its half of the head dim
-    # of dK and dV, or dQ (`_dkdv_split_consumer`, `_dq_split_consumer`). Not with pooled_dq,
-    # overlap_dv; no ping-pong; the own tiles take half the shared memory, so two stages fit
-    # at 256. With `fused_dq` (5 GEMMs, session 40, not yet timed) each consumer adds its half
-    # of the head dim of the step's dQ part by atomic adds (`_add_split_dq_parts`; two stages
-    # still fit at 256: HOPPER_PLAN 7zf).
+    # of dK and dV, or dQ (`_dkdv_split_consumer`, `_dq_split_consumer`). Two kernels only
+    # (not with fused_dq, overlap_dv), no ping-pong; the own tiles take half the shared memory,
+    # so two stages fit at 256. Its 5-GEMM form, each consumer adding its half of the head dim
+    # of the dQ part by atomic adds from registers (two stages fit; TMA reduce-add's float32
+    # staging leaves one), ran 2.1-2.5x slower than the two kernels on the H200 (session 41,
+    # HOPPER_PLAN 7zg) and was dropped.
     split_head: bool = False
     # With `pooled_dq`: two slots (by visit parity) for the staged dS^T tiles and for each
     # consumer's float32 dQ part, so that staging visit i + 1's dS^T waits only for the parts
@@ -134,8 +134,8 @@ class BackwardConfig:
     double_ds: bool = False
 
     def __post_init__(self):
-        if self.split_head and (self.pooled_dq or self.overlap_dv):
-            raise ValueError("BackwardConfig: split_head runs without pooled_dq and overlap_dv")
+        if self.split_head and (self.fused_dq or self.overlap_dv):
+            raise ValueError("BackwardConfig: split_head runs without fused_dq and overlap_dv")
         if self.double_ds and not (self.fused_dq and self.pooled_dq):
             raise ValueError("BackwardConfig: double_ds needs fused_dq and pooled_dq")
         if self.split_head and self.cols % (CONSUMERS * 32):  # halves of whole 64-byte rows
@@ -576,13 +576,8 @@ def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, inter
         whole = _exchange_halves(sc, halves, mine, visit > 0, interpret)
         dv = pp.mma_into(dv, whole("p_t"), do_tile.at[:, share], in_place=not interpret)
         plgpu.barrier_arrive(sc["do_free"].at[slot])
-        ds_t = whole("ds_t")
-        dk = pp.mma_into(dk, ds_t, q_tile.at[:, share], in_place=not interpret)
+        dk = pp.mma_into(dk, whole("ds_t"), q_tile.at[:, share], in_place=not interpret)
         plgpu.barrier_arrive(sc["q_free"].at[slot])
-        if config.fused_dq:
-            _add_split_dq_parts(
-                refs, sc, ds_t, keys=keys, at=(b, head, qt * bq), interpret=interpret
-            )
         plgpu.barrier_arrive(sc["halves_free"])
         return dk, dv
 
@@ -606,48 +601,6 @@ def _dkdv_split_consumer(refs, sc, *, statics, config, visits, group, seq, inter
         plgpu.copy_smem_to_gmem(keys, refs["dk"].at[b, rows, kh])
         plgpu.copy_smem_to_gmem(values, refs["dv"].at[b, rows, kh])
         pp.wait_stores(config.async_store)
-
-    if config.fused_dq and interpret:  # the interpreter's dQ part copies (`_send_dq_part`)
-        pp.wait_stores(config.async_store)
-
-
-# `split_head` with `fused_dq`: a consumer's dQ part is computed and added in parts of this many
-# head-dim columns (32 float32 registers a thread each; the whole share at once, 64, spilled
-# about twice the bytes at head dim 256 offline, session 40). Not yet timed.
-SPLIT_DQ_COLUMNS = 64
-
-
-def _add_split_dq_parts(refs, sc, ds_t, *, keys, at, interpret: bool) -> None:
-    """`split_head` with `fused_dq`: this consumer's share of the head dim of the step's dQ
-    part, `dS K` (query rows x D / 2, float32), added to dQ in parts of `SPLIT_DQ_COLUMNS`.
-    `ds_t` is the whole dS^T tile as `_exchange_halves` gives it (registers on the GPU, stored
-    again into this consumer's 128-byte-swizzled `ds` tile to be read transposed as the A
-    operand: the halves' 64-byte-swizzled tile cannot be; in interpret mode that tile itself,
-    which the interpreter reads in any swizzle). On the GPU the parts go to dQ by atomic adds
-    from registers (`red.global.add`, FA2's way), not through shared memory: the TMA reduce-add's
-    float32 staging (32 KiB) leaves room for one stage only at head dim 256, where ptxas then
-    moves the S^T matmul's hoisted descriptors to local memory (offline, session 40: with
-    staging, one stage, 484 bytes of spills, 62 LDL and 725 instructions a key step; with
-    atomics, two stages in 231,424 bytes of shared memory, 84 / 160 bytes, 11 LDL, 636
-    instructions and 64 REDG). The interpreter takes `_send_dq_part`'s slices. `at`: (batch
-    row, head, first row)."""
-    wg = lax.axis_index("wg")
-    width = keys.shape[-1] // CONSUMERS
-    staged = ds_t
-    if not interpret:
-        staged = sc["ds"].at[0, wg]
-        staged[...] = ds_t
-        plgpu.commit_smem()
-    b, head, row0 = at
-    for c in range(width // SPLIT_DQ_COLUMNS):
-        col0 = pl.multiple_of(wg * width + c * SPLIT_DQ_COLUMNS, SPLIT_DQ_COLUMNS)
-        k = keys.at[:, pl.ds(col0, SPLIT_DQ_COLUMNS)]
-        part = pp.matmul(staged.T, k, (staged.shape[1], SPLIT_DQ_COLUMNS))
-        if interpret:
-            _send_dq_part(refs, sc, part, (*at, col0), interpret)
-        else:
-            rows, cols = pl.ds(row0, part.shape[0]), pl.ds(col0, SPLIT_DQ_COLUMNS)
-            plgpu.atomic_add(refs["dq_acc"].at[b, rows, head, cols], part)
 
 
 def _dkdv_overlapped(sc, slot, my_v, p, tanh, factor, dkdv, config, dp=None, dq_part=None):
@@ -865,17 +818,12 @@ def _dkdv_scratch(config: BackwardConfig, head_dim: int, dtype, extras: dict, vi
     if config.fused_dq:
         split = _splits_dq(config, head_dim)
         width = head_dim // CONSUMERS if split else head_dim
-        if config.split_head:
-            width = SPLIT_DQ_COLUMNS
         # 32-byte swizzle: the accumulator's float32 pairs go to shared memory without the 64
         # selects a part the 128-byte swizzle took (offline SASS, session 22: the 5-GEMM key
         # step 455 -> 420 instructions at head dim 64, 671 -> 600 at 128); still one TMA
         # reduce-add a part. Not yet timed.
         slots = config.ds_slots
-        if via_smem or not config.split_head:  # split_head's atomics need no staging
-            scratch["dq_part"] = pp.smem_tile(
-                (slots, CONSUMERS, bq, width), jnp.float32, swizzle=32
-            )
+        scratch["dq_part"] = pp.smem_tile((slots, CONSUMERS, bq, width), jnp.float32, swizzle=32)
         if not via_smem or config.pooled_dq:
             scratch["ds"] = pp.smem_tile((slots, CONSUMERS, bkv, bq), dtype)
         if config.pooled_dq:  # see _add_pooled_dq_part
