@@ -430,3 +430,21 @@ def test_shared_memory_count_is_mosaics(feature: str, head_dim: int, options, mo
         expected.append(pp.smem_bytes(of(fitted, via_smem=False)))
     assert counted[1:] == expected  # after the forward's
     assert max(expected) <= 227 * 1024
+
+
+def test_long_segmented_backward_lowers_at_head_dim_128() -> None:
+    """Head dim 128's backward rule from 16k rows (the 5-GEMM kernel with `double_ds`) with
+    segment ids: its second dS^T / dQ part slots leave 1.2 KB too little shared memory there,
+    so the kernel runs without them (`backward._fitted`) rather than failing to lower."""
+    t = 16384
+    q = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
+    segments = jnp.zeros((1, t), jnp.int32)
+    ops = operands(q, q, q, q_segment_ids=segments, kv_segment_ids=segments)
+
+    def backward(ops):
+        out, lse = mosaic_api.forward(ops, interpret=False)
+        return mosaic_api.backward(ops, out, lse, out, None, interpret=False)
+
+    assert mosaic_api.backward_config(128, t).double_ds
+    text = lowered_for_h200(backward, ops)
+    assert "flashjax_mosaic_dkdv" in text and "flashjax_mosaic_dq" not in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -739,3 +740,34 @@ def test_exclusive_forward_options_raise() -> None:
     for widest in forward.WIDEST:
         assert forward.with_options(api.forward_config(64), widest).persistent
     assert "prefetch_q" in forward.WIDEST[1] and "overlap_qk" in forward.WIDEST[0]
+
+
+@pytest.mark.parametrize("head_dim", sorted(configs.MOSAIC_FORWARD))
+def test_every_configured_kernel_fits_shared_memory(head_dim: int) -> None:
+    """configs.py's choice for every call the rules tell apart (seq 256-32k, causal or not, 1
+    or 8 query heads per KV head), with and without segment ids, fits the device's shared
+    memory (counted as Mosaic does, `pipeline.smem_bytes`: test_gpu_lowering checks the count)
+    at its own stages: the forward as configured, the backward kernels as configured or, where
+    segment ids leave no room for them, without `double_ds`'s second slots (head dim 128's
+    rule from 16k rows)."""
+    dtype = jnp.bfloat16
+    dropped = set()
+    for rows, causal, group, segments in itertools.product(
+        [256 << i for i in range(8)], (False, True), (1, 8), (False, True)
+    ):
+        extras = {"q_seg": 1, "kv_seg": 1} if segments else {}
+        call = (head_dim, rows, causal, group)
+        cfg = api.forward_config(*call)
+        assert pipeline.fits(forward._scratch(cfg, head_dim, dtype, extras, False)), call
+        if api.backward_on_triton(head_dim):
+            continue
+        configured = api.backward_config(*call)
+        for scratch in (backward._dkdv_scratch, backward._dq_scratch):
+            of = functools.partial(scratch, head_dim=head_dim, dtype=dtype, extras=extras)
+            run = backward._fitted(configured, lambda c, of=of: of(c, via_smem=False))
+            assert pipeline.fits(of(run, via_smem=False)) and run.stages == configured.stages
+            if run != configured:
+                assert run == dataclasses.replace(configured, double_ds=False), call
+                dropped.add((rows, causal, segments))
+    expected = {(r, False, True) for r in (16384, 32768)} if head_dim == 128 else set()
+    assert dropped == expected

@@ -574,6 +574,41 @@ def _streams(refs: dict, sc: dict, b, kh, bkv: int, kv_at: KvAt) -> list[pp.Stre
     return streams
 
 
+def _scratch(config: ForwardConfig, head_dim: int, dtype, extras: dict, via_smem: bool) -> dict:
+    """The forward's shared memory: the consumers' Q tiles, the K/V ring, the logsumexp rows,
+    their barriers (and the segment ids')."""
+    bq, bkv, stages, consumers = config.block_q, config.block_kv, config.stages, config.consumers
+    k_loaded, v_loaded, k_free, v_free = pp.stream_barriers(2, stages, consumers)
+    scratch = dict(
+        q=pp.smem_tile((config.q_slots * consumers, bq, head_dim), dtype),
+        k=pp.smem_tile((stages, bkv, head_dim), dtype),
+        v=pp.smem_tile((stages, bkv, head_dim), dtype),
+        lse=plgpu.SMEM((consumers, bq), jnp.float32),
+        q_loaded=_q_barrier(config, per_copy=2 if "q_seg" in extras else 1),
+        k_loaded=k_loaded,
+        v_loaded=v_loaded,
+        k_free=k_free,
+        v_free=v_free,
+    )
+    if config.prefetch_q:
+        scratch["q_free"] = plgpu.Barrier(num_arrivals=consumers, num_barriers=2)
+    if not config.named_barriers:
+        scratch["turn"] = plgpu.Barrier(num_arrivals=consumers)
+    elif via_smem:  # NamedTurn's emulation: one mbarrier per hardware barrier
+        scratch["turn"] = plgpu.Barrier(num_arrivals=consumers, num_barriers=consumers)
+    if via_smem:
+        scratch["p"] = pp.smem_tile((consumers, bq, bkv), dtype)
+    if "q_seg" in extras:
+        seg_loaded, seg_free = pp.stream_barriers(1, stages, consumers)
+        scratch |= dict(
+            q_seg=plgpu.SMEM((config.q_slots * consumers, bq), jnp.int32),
+            kv_seg=plgpu.SMEM((stages, bkv), jnp.int32),
+            kv_seg_loaded=seg_loaded,
+            kv_seg_free=seg_free,
+        )
+    return scratch
+
+
 def forward(
     q: jax.Array,
     k: jax.Array,
@@ -608,11 +643,12 @@ def forward(
             f"ForwardConfig.pack_heads: {group} query heads per KV head are not a multiple of "
             f"the {config.consumers} consumers"
         )
-    bq, bkv, stages = config.block_q, config.block_kv, config.stages
     static_seq = (0, 0, seq_lens[0], seq_lens[1])
     via_smem = interpret is not None
     extras = {name: x for name, x in (extras or {}).items() if x is not None}
     names = ("q", "k", "v", *extras)
+    config = pp.fit_stages(config, lambda c: _scratch(c, head_dim, q.dtype, extras, False))
+    bkv, stages = config.block_kv, config.stages
 
     q_tiles = seq_q // config.rows
     consumers = config.consumers
@@ -726,34 +762,7 @@ def forward(
         return (q_tiles - 1 - qt if config.longest_first else qt), h, b
 
     dtype = q.dtype
-    k_loaded, v_loaded, k_free, v_free = pp.stream_barriers(2, stages, consumers)
-    scratch = dict(
-        q=pp.smem_tile((config.q_slots * consumers, bq, head_dim), dtype),
-        k=pp.smem_tile((stages, bkv, head_dim), dtype),
-        v=pp.smem_tile((stages, bkv, head_dim), dtype),
-        lse=plgpu.SMEM((consumers, bq), jnp.float32),
-        q_loaded=_q_barrier(config, per_copy=2 if "q_seg" in extras else 1),
-        k_loaded=k_loaded,
-        v_loaded=v_loaded,
-        k_free=k_free,
-        v_free=v_free,
-    )
-    if config.prefetch_q:
-        scratch["q_free"] = plgpu.Barrier(num_arrivals=consumers, num_barriers=2)
-    if not config.named_barriers:
-        scratch["turn"] = plgpu.Barrier(num_arrivals=consumers)
-    elif via_smem:  # NamedTurn's emulation: one mbarrier per hardware barrier
-        scratch["turn"] = plgpu.Barrier(num_arrivals=consumers, num_barriers=consumers)
-    if via_smem:
-        scratch["p"] = pp.smem_tile((consumers, bq, bkv), dtype)
-    if "q_seg" in extras:
-        seg_loaded, seg_free = pp.stream_barriers(1, stages, consumers)
-        scratch |= dict(
-            q_seg=plgpu.SMEM((config.q_slots * consumers, bq), jnp.int32),
-            kv_seg=plgpu.SMEM((stages, bkv), jnp.int32),
-            kv_seg_loaded=seg_loaded,
-            kv_seg_free=seg_free,
-        )
+    scratch = _scratch(config, head_dim, dtype, extras, via_smem)
     out_type = (
         jax.ShapeDtypeStruct(q.shape, dtype),
         jax.ShapeDtypeStruct((batch, num_heads, seq_q), jnp.float32),

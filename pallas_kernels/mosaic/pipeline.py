@@ -59,16 +59,17 @@ def smem_bytes(scratch: dict) -> int:
     return total
 
 
+def fits(scratch: dict) -> bool:
+    """This scratch fits the device's shared memory (`configs.MOSAIC_SHARED_MEMORY`)."""
+    return smem_bytes(scratch) <= configs.MOSAIC_SHARED_MEMORY
+
+
 def fit_stages(config, scratch_of: Callable):
     """`config` (a kernel's frozen dataclass with `stages`) with the most ring stages, up to its
-    own, whose scratch (`scratch_of(config)`) fits the device's shared memory
-    (`configs.MOSAIC_SHARED_MEMORY`); 1 if none does (Mosaic then says by how much)."""
-    limit = configs.MOSAIC_SHARED_MEMORY
-    fitting = (
-        n
-        for n in range(config.stages, 0, -1)
-        if smem_bytes(scratch_of(dataclasses.replace(config, stages=n))) <= limit
-    )
+    own, whose scratch (`scratch_of(config)`) fits; 1 if none does (Mosaic then says by how
+    much)."""
+    stages = range(config.stages, 0, -1)
+    fitting = (n for n in stages if fits(scratch_of(dataclasses.replace(config, stages=n))))
     return dataclasses.replace(config, stages=next(fitting, 1))
 
 
