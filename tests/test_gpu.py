@@ -95,3 +95,19 @@ def test_deterministic_mosaic_grads_on_gpu(features) -> None:
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), f"{name}: not bitwise equal"
     naive = run("xla", q, k, v, dout, kw)
     assert_close(first, naive, run_reference64(q, k, v, dout, kw), label=case.id)
+
+
+def test_long_segmented_backward_on_gpu() -> None:
+    """Head dim 128's 16k-row backward rule (the 5-GEMM kernel with `double_ds`) with segment
+    ids, where the second slots do not fit shared memory and the kernel runs without them
+    (`backward._fitted`; before session 41 this call failed to lower), within the float64
+    reference's rule."""
+    if configs.gpu_target() != "sm90":
+        pytest.skip("the Mosaic kernels need sm90")
+    case = Case(B=1, T=16384, S=16384, N=2, K=1, H=128, features=("segments",))
+    assert api.backward_config(128, case.T).double_ds  # else moot
+    q, k, v, dout, kw = make_inputs(case, salt="long-segmented-gpu")
+    got = run("mosaic", q, k, v, dout, kw)
+    assert_close(
+        got, run("xla", q, k, v, dout, kw), run_reference64(q, k, v, dout, kw), label=case.id
+    )
