@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -432,19 +433,41 @@ def test_shared_memory_count_is_mosaics(feature: str, head_dim: int, options, mo
     assert max(expected) <= 227 * 1024
 
 
-def test_long_segmented_backward_lowers_at_head_dim_128() -> None:
-    """Head dim 128's backward rule from 16k rows (the 5-GEMM kernel with `double_ds`) with
-    segment ids: its second dS^T / dQ part slots leave 1.2 KB too little shared memory there,
-    so the kernel runs without them (`backward._fitted`) rather than failing to lower."""
-    t = 16384
-    q = jnp.zeros((1, t, 2, 128), jnp.bfloat16)
-    segments = jnp.zeros((1, t), jnp.int32)
-    ops = operands(q, q, q, q_segment_ids=segments, kv_segment_ids=segments)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_every_configured_choice_lowers(head_dim: int) -> None:
+    """The forward and backward of every distinct configs.py choice (the rules at seq 512-16k,
+    causal or not, 1 or 8 query heads per KV head) lower for the H200 with each feature that
+    adds operands or shared memory: what the T = 1000 cases above leave to the rules (head dim
+    128's 16k rule with segment ids did not lower until session 41)."""
+    features = {
+        "plain": lambda t: {},
+        "segments": lambda t: dict(
+            q_segment_ids=jnp.zeros((1, t), jnp.int32), kv_segment_ids=jnp.zeros((1, t), jnp.int32)
+        ),
+        "lengths": lambda t: dict(
+            query_seq_lengths=jnp.array([t - 3]), key_value_seq_lengths=jnp.array([t - 5])
+        ),
+        "dropout": lambda t: dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)),
+        "block-mask": lambda t: dict(
+            block_mask=BlockMask.from_blocks(jnp.ones((t // 128, t // 128), bool), 128)
+        ),
+    }
 
     def backward(ops):
         out, lse = mosaic_api.forward(ops, interpret=False)
         return mosaic_api.backward(ops, out, lse, out, None, interpret=False)
 
-    assert mosaic_api.backward_config(128, t).double_ds
-    text = lowered_for_h200(backward, ops)
-    assert "flashjax_mosaic_dkdv" in text and "flashjax_mosaic_dq" not in text
+    seen = set()
+    for t, causal, group, feature in itertools.product(
+        (512, 1024, 2048, 4096, 16384), (False, True), (1, 8), features
+    ):
+        call = (head_dim, t, causal, group)
+        chosen = (mosaic_api.forward_config(*call), mosaic_api.backward_config(*call))
+        if (chosen, causal, group, feature) in seen:
+            continue
+        seen.add((chosen, causal, group, feature))
+        q = jnp.zeros((1, t, 2 * group, head_dim), jnp.bfloat16)
+        kv = jnp.zeros((1, t, 2, head_dim), jnp.bfloat16)
+        ops = operands(q, kv, kv, is_causal=causal, **features[feature](t))
+        text = lowered_for_h200(backward, ops)
+        assert "flashjax_mosaic_dkdv" in text, (call, feature)
