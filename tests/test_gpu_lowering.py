@@ -401,8 +401,8 @@ def test_mosaic_split_head_backward_lowers(feature: str) -> None:
 )
 def test_shared_memory_count_is_mosaics(feature: str, head_dim: int, options, monkeypatch):
     """`pipeline.smem_bytes` counts the backward kernels' shared memory as Mosaic's lowering
-    does (the size it checks against the device's 227 KiB), so `pipeline.fit_stages` keeps the
-    most stages that fit: at head dim 256 two with `split_head`, one without (both kernels)."""
+    does (the size it checks against the device's 227 KiB), so `backward._fitted` keeps what
+    fits: at head dim 256 two stages with `split_head`, one without (both kernels)."""
     import jax.experimental.mosaic.gpu.core as mosaic_core
 
     from pallas_kernels.mosaic import backward as bw
@@ -427,7 +427,7 @@ def test_shared_memory_count_is_mosaics(feature: str, head_dim: int, options, mo
     expected = []
     for scratch in scratches:
         of = functools.partial(scratch, head_dim=head_dim, dtype=q.dtype, extras=extras)
-        fitted = pp.fit_stages(config, lambda c, of=of: of(c, via_smem=False))
+        fitted = bw._fitted(config, lambda c, of=of: of(c, via_smem=False))
         expected.append(pp.smem_bytes(of(fitted, via_smem=False)))
     assert counted[1:] == expected  # after the forward's
     assert max(expected) <= 227 * 1024
