@@ -18,7 +18,8 @@
 # SWEEPS="128:fwd:256::pack_heads:8 128:bwd:4096:tiles". FMA_COLUMNS (N,...): every exp2_fma
 # candidate also with that many columns on the FMA pipe (tune_mosaic.py --fma-columns). RETILE
 # (Q:KV:ST): every forward candidate also with those tiles (tune_mosaic.py --retile), e.g.
-# RETILE=64:64:2 SWEEPS="256:fwd:4096::configured".
+# RETILE=64:64:2 SWEEPS="256:fwd:4096::configured". ALSO (an on/off option): every candidate
+# also with it on (tune_mosaic.py --also), e.g. ALSO=row_stats SWEEPS="128:bwd:2048::configured".
 # REPRO_SETS (forward option sets, e.g. "named_free,named_barriers"): first, each set run alone
 # in its own process at REPRO_AT ("HEAD_DIM SEQ", default "128 1024"), causal and not, against
 # the default forward (benchmarks/repro_overlap.py: a fault kills only that process).
@@ -29,7 +30,7 @@
 # Usage (device tool, from the repo root):
 #   COMMIT=<sha> [TIER=270] [BENCH="--head-dims 256 --seqlens 4096"] [BENCH_S=150] [K=async_store] [SWEEPS="64:fwd:1024:tiles 128:bwd:4096"] \
 #     [WITH=async_store] [REGISTERS=240,24] [GROUP=8] [REPRO_SETS=named_free] [FMA_COLUMNS=16,24] \
-#     [RETILE=64:64:2] \
+#     [RETILE=64:64:2] [ALSO=row_stats] \
 #     bash benchmarks/device_call_tune.sh
 source benchmarks/device_setup.sh
 export PYTHONPATH=$PYTHONPATH:benchmarks
@@ -75,7 +76,7 @@ for sweep in ${SWEEPS:-128,64,256::8192}; do
     ${only:+--only "$only"} --seq "$seq" ${tiles:+--tiles} ${with:+--with "$with"} \
     ${WITHOUT:+--without "$WITHOUT"} ${REGISTERS:+--registers "$REGISTERS"} \
     ${group:+--group "$group"} ${FMA_COLUMNS:+--fma-columns "$FMA_COLUMNS"} ${retile:+--retile "$retile"} \
-    ${causal:+--causal "$causal"} > "$L/$name.log" 2>&1
+    ${causal:+--causal "$causal"} ${ALSO:+--also "$ALSO"} > "$L/$name.log" 2>&1
   grep -A4 BEST "$L/$name.log"
 done
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs

@@ -314,6 +314,7 @@ def sweep(
     registers: tuple[int, int] | None = None,
     group: int = 1,
     fma_columns: tuple[int, ...] = (),
+    also: str | None = None,
 ) -> list[dict]:
     """Every candidate (but those with the option `without` on, and those packing more query
     heads than the call's `group` allows) compiled and checked against the first of its kind,
@@ -339,6 +340,9 @@ def sweep(
 
     def kept(candidates):
         candidates = again(candidates, registers=registers) if registers else candidates
+        if also:  # the kernels whose configs have the option
+            named = [c for c in candidates if hasattr(c, also)]
+            candidates += [c for c in again(named, **{also: True}) if c not in candidates]
         return [
             cfg
             for cfg in candidates
@@ -413,6 +417,7 @@ def main() -> None:
     p.add_argument("--retile", help="Q:KV:ST, every forward candidate also with these tiles")
     p.add_argument("--registers", help="C,P: every candidate also with this setmaxnreg split")
     p.add_argument("--group", type=int, default=1, help="query heads per KV head (GQA)")
+    p.add_argument("--also", help="an on/off option: every candidate also with it on")
     p.add_argument(
         "--fma-columns", help="N,...: every exp2_fma candidate also with N columns on the FMA pipe"
     )
@@ -438,6 +443,7 @@ def main() -> None:
                 registers,
                 args.group,
                 tuple(int(n) for n in args.fma_columns.split(",")) if args.fma_columns else (),
+                args.also,
             )
             report(rows, head_dim, causal)
             json.dump(rows, open(args.out, "w"), indent=1)

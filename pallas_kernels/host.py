@@ -3,10 +3,13 @@ pallas_kernels/mosaic/api.py): zero padding to whole tiles, and the backward's p
 
 Padding is with zeros (zeros change no dot product); padded rows and keys lie past the real
 lengths, which the visibility rule hides. The backward prologue is the FlashAttention-2 one:
-`delta = rowsum(dO * O) - dlse` in float32, in one fused XLA reduction before the kernels.
+`delta = rowsum(dO * O) - dlse` in float32, in one fused XLA reduction before the kernels (or,
+with the Mosaic backward's `row_stats`, in its dQ kernel).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +45,50 @@ def zero_rows_past(x: jax.Array, lengths: jax.Array | None) -> jax.Array:
     return jnp.where(jnp.expand_dims(real, tuple(range(2, x.ndim))), x, jnp.zeros_like(x))
 
 
+class BackwardRows(NamedTuple):
+    """The backward's per-row operands before delta (`backward_rows`)."""
+
+    do: jax.Array  # (B, seq_q, N, head_dim) in q's dtype, 0 past q_lengths
+    o: jax.Array  # the forward's output, the same way
+    lse2: jax.Array  # (B, N, seq_q) float32, base 2, -inf in padded rows
+    shift: jax.Array | None  # (B, N, seq_q) float32: dlse transposed, 0 past q_lengths
+
+    def delta(self) -> jax.Array:
+        """`rowsum(dO * O) - shift` `(B, N, seq_q)` float32, in one fused XLA reduction."""
+        delta = row_dots(self.do, self.o)
+        return delta if self.shift is None else delta - self.shift
+
+
+def backward_rows(
+    ops: Operands,
+    out: jax.Array,
+    lse2: jax.Array,
+    dout: jax.Array,
+    dlse: jax.Array | None,
+    *,
+    seq_q: int,
+    head_dim: int,
+) -> BackwardRows:
+    """dO, O, lse2 and delta's shift padded to `seq_q` query rows and `head_dim`.
+
+    `out`, `dout` are `(B, T, N, H)`; `lse2` the forward's base-2 logsumexp `(B, N, T)`; `dlse` the
+    cotangent of the natural-log logsumexp `(B, T, N)` (None if unused): since
+    d lse / d logits = P, it enters as `delta = rowsum(dO * O) - shift` (`shift` None without
+    it). Rows past `ops.q_lengths` take no cotangent: dO, O and the shift are 0 there (so
+    garbage there, e.g. NaN, reaches nothing).
+    """
+    shift = None
+    if dlse is not None:
+        shift = zero_rows_past(dlse.astype(jnp.float32), ops.q_lengths)
+        shift = pad_axis(jnp.swapaxes(shift, 1, 2), 2, seq_q)
+    return BackwardRows(
+        do=_padded_rows(dout.astype(ops.q.dtype), ops.q_lengths, seq_q, head_dim),
+        o=_padded_rows(out.astype(ops.q.dtype), ops.q_lengths, seq_q, head_dim),
+        lse2=jnp.pad(lse2, ((0, 0), (0, 0), (0, seq_q - ops.seq_q)), constant_values=-jnp.inf),
+        shift=shift,
+    )
+
+
 def backward_residuals(
     ops: Operands,
     out: jax.Array,
@@ -52,23 +99,17 @@ def backward_residuals(
     seq_q: int,
     head_dim: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The per-row operands of the two backward kernels, padded to `seq_q` query rows and
-    `head_dim`: `(do (B, seq_q, N, head_dim) in q's dtype, lse2 (B, N, seq_q) float32 with -inf
-    in padded rows, delta (B, N, seq_q) float32)`.
+    """`(do, lse2, delta)` of `backward_rows` (`BackwardRows.delta`)."""
+    rows = backward_rows(ops, out, lse2, dout, dlse, seq_q=seq_q, head_dim=head_dim)
+    return rows.do, rows.lse2, rows.delta()
 
-    `out`, `dout` are `(B, T, N, H)`; `lse2` the forward's base-2 logsumexp `(B, N, T)`; `dlse` the
-    cotangent of the natural-log logsumexp `(B, T, N)` (None if unused): since
-    d lse / d logits = P, it enters as `delta -= dlse`. Rows past `ops.q_lengths` take no
-    cotangent: dO and delta are 0 there (so garbage there, e.g. NaN, reaches nothing).
-    """
-    t = ops.seq_q
-    dout = zero_rows_past(dout, ops.q_lengths)
-    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
-    if dlse is not None:
-        delta = delta - jnp.swapaxes(dlse, 1, 2).astype(jnp.float32)
-    if ops.q_lengths is not None:
-        real = jnp.arange(t)[None, None, :] < ops.q_lengths[:, None, None]
-        delta = jnp.where(real, delta, 0.0)
-    do = pad_axis(pad_axis(dout.astype(ops.q.dtype), 1, seq_q), 3, head_dim)
-    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, seq_q - t)), constant_values=-jnp.inf)
-    return do, lse2, pad_axis(delta, 2, seq_q)
+
+def row_dots(do: jax.Array, o: jax.Array) -> jax.Array:
+    """`rowsum(dO * O)` in float32: `(B, T, N, D)` twice -> `(B, N, T)` (delta before its
+    shift; the Mosaic dQ kernel computes the same for its tile with `row_stats`)."""
+    return jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), o.astype(jnp.float32))
+
+
+def _padded_rows(x: jax.Array, lengths: jax.Array | None, seq_q: int, head_dim: int):
+    """`x (B, T, N, H)` with rows past `lengths` zeroed, padded to `seq_q` rows, `head_dim`."""
+    return pad_axis(pad_axis(zero_rows_past(x, lengths), 1, seq_q), 3, head_dim)

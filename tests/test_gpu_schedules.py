@@ -54,6 +54,9 @@ BACKWARD = [
     # (split_dq applies at head dim 128 only: there the unsplit pooled part's two slots do not
     # fit shared memory; at 64 this runs the unsplit one)
     ("fused_dq", "pooled_dq", "split_dq", "early_dp", "overlap_dv", "no_pingpong", "double_ds"),
+    # head dim 128's row with delta and the logsumexp from the dQ kernel (session 42)
+    ("early_dp", "overlap_dv", "no_pingpong", "no_auto_barriers", "longest_first", "row_stats"),
+    ("early_dp", "overlap_dv", "no_pingpong", "late_stats", "row_stats"),
 ]
 DROPOUT = Case(B=1, T=1000, S=1100, N=4, K=2, H=128, features=("causal", "dropout"))
 
@@ -183,7 +186,11 @@ SPLIT_HEAD_CASES = [
 @pytest.mark.gpu_schedules
 @pytest.mark.parametrize(
     "options",
-    [("split_head",), ("split_head", "early_dp", "longest_first", "late_stats")],
+    [
+        ("split_head",),
+        ("split_head", "early_dp", "longest_first", "late_stats"),
+        ("split_head", "longest_first", "row_stats"),
+    ],
     ids="+".join,
 )
 @pytest.mark.parametrize("case", SPLIT_HEAD_CASES, ids=lambda c: c.id)

@@ -474,6 +474,22 @@ def test_pair_tiles_only_orders_the_loop(options, consumers) -> None:
             dict(split_head=True),
             Case(B=1, T=256, S=384, N=2, K=1, H=256, features=("blocks128",)),
         ),
+        (
+            dict(row_stats=True),
+            Case(B=1, T=200, S=260, N=4, K=2, H=128, features=("causal", "segments", "dropout")),
+        ),
+        (
+            dict(row_stats=True, longest_first=True),
+            Case(B=2, T=150, S=190, N=2, K=1, H=96, features=("lengths", "window", "softcap")),
+        ),
+        (
+            dict(row_stats=True, split_head=True, stages=2),
+            Case(B=2, T=150, S=190, N=2, K=1, H=256, features=("lengths", "window", "dropout")),
+        ),
+        (  # row_stats does nothing where the dQ kernel does not run
+            dict(row_stats=True, fused_dq=True, pooled_dq=True),
+            Case(B=1, T=200, S=260, N=4, K=2, H=64, features=("causal", "lengths")),
+        ),
     ],
     ids=lambda x: "+".join(x) if isinstance(x, dict) else x.id,
 )
@@ -483,8 +499,8 @@ def test_backward_variants(variant, case: Case, monkeypatch) -> None:
     query tiles reversed, with visit lists too; `one_body`, the element rule under a `lax.cond`;
     the single kernel, `fused_dq`, `pooled_dq`, `split_dq` and `double_ds`; `async_store`;
     `late_stats`;
-    `split_head`, FA3's head-dim split of both kernels at head dim 256) against the float64
-    reference, with no race."""
+    `split_head`, FA3's head-dim split of both kernels at head dim 256; `row_stats`, delta and
+    the logsumexp from the dQ kernel) against the float64 reference, with no race."""
     config = dataclasses.replace(api.backward_config(case.H), **variant)
     monkeypatch.setattr(configs, "MOSAIC_BACKWARD_ON_TRITON", frozenset())
     monkeypatch.setattr(api, "backward_config", lambda head_dim, *call: config)

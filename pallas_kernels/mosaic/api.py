@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import configs, visibility
-from pallas_kernels.host import backward_residuals, pad_axis, padded_qkv, zero_rows_past
+from pallas_kernels.host import backward_rows, pad_axis, padded_qkv, zero_rows_past
 from pallas_kernels.mosaic import backward as _backward
 from pallas_kernels.mosaic import forward as _forward
 from pallas_kernels.mosaic.pipeline import CONSUMERS
@@ -252,8 +252,9 @@ def backward(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients (dq, dk, dv) from the forward's residuals (out, lse2 `(B, N, T)` base 2).
 
-    `dlse` is the cotangent of the natural-log logsumexp `(B, T, N)` (None if unused); dO, lse2
-    and delta reach the kernels through `host.backward_residuals`.
+    `dlse` is the cotangent of the natural-log logsumexp `(B, T, N)` (None if unused); dO, O,
+    lse2 and delta's shift reach the kernels through `host.backward_rows`, delta itself from
+    XLA (`host.BackwardRows.delta`) or, with `BackwardConfig.row_stats`, from the dQ kernel.
     """
     ops = _past_lengths_zeroed(ops)
     cfg = config or backward_config(ops.head_dim, ops.seq_q, is_causal(ops), ops.group)
@@ -262,9 +263,8 @@ def backward(
     t = _round_up(ops.seq_q, CONSUMERS * cfg.rows)  # dQ's rows (and a multiple of dK/dV's cols)
     s = _round_up(ops.seq_k, CONSUMERS * cfg.rows)
     d = _head_dim(ops.head_dim)
-    do, lse2, delta = backward_residuals(ops, out, lse2, dout, dlse, seq_q=t, head_dim=d)
+    res = backward_rows(ops, out, lse2, dout, dlse, seq_q=t, head_dim=d)
     q, k, v = padded_qkv(ops, t, s, d)
-    args = (q, k, v, do, _backward.kernel_lse(lse2), delta)
     launch = dict(
         statics=ops.statics,
         config=cfg,
@@ -277,6 +277,13 @@ def backward(
         dkdv_lists = visit_lists(ops, cols, rows, t // cols, s // rows, transposed=True)
         dq_lists = visit_lists(ops, rows, cols, t // rows, s // cols)
     extras = _extras(ops, t, s, dkdv_lists)
+    dq_extras = _extras(ops, t, s, dq_lists)
+    if cfg.stats_in_dq:  # the dQ kernel first: it hands the dK/dV kernel lse2 and delta
+        dq_extras |= {"o": res.o, "shift": res.shift}
+        dq, lse_k, delta = _backward.dq(q, k, v, res.do, res.lse2, None, extras=dq_extras, **launch)
+        dk, dv = _backward.dkdv(q, k, v, res.do, lse_k, delta, extras=extras, **launch)
+        return _unpadded(ops, dq, dk, dv)
+    args = (q, k, v, res.do, _backward.kernel_lse(res.lse2), res.delta())
     if cfg.fused_dq:  # the dK/dV kernel adds dQ's parts into this (see BackwardConfig)
         parts = () if launch["interpret"] is None else (s // cfg.rows,)
         acc = jax.new_ref(jnp.zeros((*parts, *q.shape), jnp.float32))
@@ -285,6 +292,11 @@ def backward(
         dq = (dq * ops.statics.scale).astype(q.dtype)
     else:
         dk, dv = _backward.dkdv(*args, extras=extras, **launch)
-        dq = _backward.dq(*args, extras=_extras(ops, t, s, dq_lists), **launch)
+        dq = _backward.dq(*args, extras=dq_extras, **launch)
+    return _unpadded(ops, dq, dk, dv)
+
+
+def _unpadded(ops: Operands, dq, dk, dv) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The gradients without the kernels' padding."""
     tq, sk, h = ops.seq_q, ops.seq_k, ops.head_dim
     return dq[:, :tq, :, :h], dk[:, :sk, :, :h], dv[:, :sk, :, :h]

@@ -132,6 +132,13 @@ class BackwardConfig:
     # (results/2026-12-06-h100-s33/call2): 1.039x at 16k non-causal, where configs.py's rule
     # now takes it.
     double_ds: bool = False
+    # The dQ kernel, run first, computes its rows' delta (rowsum(dO * O) in float32, less
+    # `host.BackwardRows.shift`) from the forward's output read straight into registers, and
+    # the logsumexp as the kernels read it (`kernel_lse`), and writes both for the dK/dV kernel:
+    # the backward is its two kernels, without XLA's reduction over O and dO before them (35 us
+    # of the 2.8 ms D128 non-causal 4k backward under ncu on the H200, session 10) and the
+    # logsumexp's select. Where the dQ kernel does not run (`fused_dq`) XLA computes them.
+    row_stats: bool = False
 
     def __post_init__(self):
         if self.split_head and (self.fused_dq or self.overlap_dv):
@@ -164,6 +171,11 @@ class BackwardConfig:
         consumer's `rows`, or with `split_head` the `rows` both share."""
         return self.rows if self.split_head else CONSUMERS * self.rows
 
+    @property
+    def stats_in_dq(self) -> bool:
+        """`row_stats` applies: the dQ kernel runs (not `fused_dq`)."""
+        return self.row_stats and not self.fused_dq
+
 
 # The BackwardConfig on/off flags: configs.py names the ones on per head dim;
 # benchmarks/tune_mosaic.py sweeps them.
@@ -182,6 +194,7 @@ OPTIONS = (
     "dq_first",
     "split_head",
     "double_ds",
+    "row_stats",
 )
 
 
@@ -911,13 +924,12 @@ def _dq_consumer(refs, sc, *, tile, statics, config, visits, seq, interpret):
     own = sc["own_loaded"].at[wg]
     plgpu.copy_gmem_to_smem(refs["q"].at[b, pl.ds(row0, bq), h], my_q, own)
     plgpu.copy_gmem_to_smem(refs["do"].at[b, pl.ds(row0, bq), h], my_do, own)
-    plgpu.copy_gmem_to_smem(refs["lse"].at[b, h, pl.ds(row0, bq)], my_stats.at[0], own)
-    plgpu.copy_gmem_to_smem(refs["delta"].at[b, h, pl.ds(row0, bq)], my_stats.at[1], own)
+    _load_row_stats(refs, my_stats, (b, h, pl.ds(row0, bq)), own)
     if "q_seg" in refs:
         plgpu.copy_gmem_to_smem(refs["q_seg"].at[b, pl.ds(row0, bq)], sc["q_seg"].at[wg], own)
     plgpu.barrier_wait(own)  # one phase: every copy to it arrived
-    lse = plgpu.load(my_stats.at[0], layout=LAYOUT.reduce(1))  # vectors: broadcast per step
-    delta = plgpu.load(my_stats.at[1], layout=LAYOUT.reduce(1))
+    # vectors: broadcast per step
+    lse, delta = _row_stats(refs, sc, my_stats, my_do, (b, h, pl.ds(row0, bq)), writer=wg)
     q_segments = None
     if "q_seg" in refs:
         q_segments = _vector(sc["q_seg"].at[wg], (bq, bkv), 0)
@@ -998,14 +1010,14 @@ def _dq_split_consumer(refs, sc, *, tile, statics, config, visits, seq, interpre
     def _load_queries():
         plgpu.copy_gmem_to_smem(refs["q"].at[b, pl.ds(row0, bq), h], queries, own)
         plgpu.copy_gmem_to_smem(refs["do"].at[b, pl.ds(row0, bq), h], grads, own)
-        plgpu.copy_gmem_to_smem(refs["lse"].at[b, h, pl.ds(row0, bq)], stats.at[0], own)
-        plgpu.copy_gmem_to_smem(refs["delta"].at[b, h, pl.ds(row0, bq)], stats.at[1], own)
+        _load_row_stats(refs, stats, (b, h, pl.ds(row0, bq)), own)
         if "q_seg" in refs:
             plgpu.copy_gmem_to_smem(refs["q_seg"].at[b, pl.ds(row0, bq)], sc["q_seg"].at[0], own)
 
     plgpu.barrier_wait(own)  # one phase: every copy to it arrived
-    lse = _vector(stats.at[0], (bq, half), 0)
-    delta = _vector(stats.at[1], (bq, half), 0)
+    # both consumers compute the rows' statistics (`row_stats`), the first writes them
+    lse, delta = _row_stats(refs, sc, stats, grads, (b, h, pl.ds(row0, bq)), writer=0)
+    lse, delta = (lax.broadcast_in_dim(x, (bq, half), [0]) for x in (lse, delta))
     q_segments = None
     if "q_seg" in refs:
         q_segments = _vector(sc["q_seg"].at[0], (bq, half), 0)
@@ -1062,6 +1074,56 @@ def _dq_split_consumer(refs, sc, *, tile, statics, config, visits, seq, interpre
         pp.wait_stores(config.async_store)
 
 
+def _load_row_stats(refs, stats, at, own) -> None:
+    """Copies a dQ tile's row statistics into `stats` (2, rows) on barrier `own`: the
+    logsumexp, then delta, or with `row_stats` delta's shift if the call has one
+    (`_row_copies` counts them). `at`: (batch row, head, rows)."""
+    plgpu.copy_gmem_to_smem(refs["lse"].at[at], stats.at[0], own)
+    for name in ("delta", "shift"):
+        if name in refs:
+            plgpu.copy_gmem_to_smem(refs[name].at[at], stats.at[1], own)
+
+
+def _row_copies(names) -> int:
+    """The copies `_load_row_stats` makes for a kernel with these operands."""
+    return 1 + sum(name in names for name in ("delta", "shift"))
+
+
+def _row_stats(refs, sc, stats, grads, at, *, writer):
+    """A dQ tile's (logsumexp, delta) as row vectors (WGMMA layout, reduced along dim 1): as
+    loaded into `stats`, or with `row_stats` ("o" among the operands) computed here: the
+    logsumexp as `kernel_lse` makes it, delta = rowsum(dO * O) in float32 (dO from `grads` in
+    SMEM, O read straight from GMEM into registers, 64 columns at a time) less the shift;
+    consumer `writer` then copies both to the dK/dV kernel's operands (`lse_out`,
+    `delta_out`) through its `row_out` slot."""
+    lse = plgpu.load(stats.at[0], layout=LAYOUT.reduce(1))
+    if "o" not in refs:
+        return lse, plgpu.load(stats.at[1], layout=LAYOUT.reduce(1))
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+    b, h, rows = at
+    delta = None
+    for col0 in range(0, grads.shape[-1], 64):
+        cols = pl.ds(col0, 64)
+        # (Mosaic's "optimized" transfers serve shared memory only)
+        o = plgpu.load(refs["o"].at[b, rows, h, cols], layout=LAYOUT, optimized=False)
+        do = plgpu.load(grads.at[:, cols], layout=LAYOUT)
+        part = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+        delta = part if delta is None else delta + part
+    if "shift" in refs:
+        delta = delta - plgpu.load(stats.at[1], layout=LAYOUT.reduce(1))
+
+    @pl.when(lax.axis_index("wg") == writer)
+    def _write():
+        out = sc["row_out"].at[writer]
+        out.at[0][...] = lse
+        out.at[1][...] = delta
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out.at[0], refs["lse_out"].at[at])
+        plgpu.copy_smem_to_gmem(out.at[1], refs["delta_out"].at[at])
+
+    return lse, delta
+
+
 def _dq_producer(refs, sc, *, config, visits, group):
     bkv = config.cols
     b, kh = lax.axis_index("b"), lax.div(lax.axis_index("h"), group)
@@ -1088,11 +1150,13 @@ def _check_split(config: BackwardConfig, head_dim: int) -> None:
         )
 
 
-def _dq_scratch(config: BackwardConfig, head_dim: int, dtype, extras: dict, via_smem: bool):
+def _dq_scratch(config: BackwardConfig, head_dim: int, dtype, names, via_smem: bool):
     """The dQ kernel's shared memory: the own Q and dO tiles and statistics, the streamed K/V
-    rings, `split_head`'s shared dS^T tile."""
+    rings, `split_head`'s shared dS^T tile, `row_stats`' outgoing statistics. `names`: the
+    kernel's operands."""
     bq, bkv, stages = config.rows, config.cols, config.stages
-    own_copies = 5 if "q_seg" in extras else 4  # Q, dO, lse, delta (and segment ids)
+    # Q, dO, the statistics (and segment ids)
+    own_copies = 2 + _row_copies(names) + ("q_seg" in names)
     owners = 1 if config.split_head else CONSUMERS  # the Q/dO tiles, each consumer's or shared
     scratch = dict(
         q=pp.smem_tile((owners, bq, head_dim), dtype),
@@ -1101,13 +1165,15 @@ def _dq_scratch(config: BackwardConfig, head_dim: int, dtype, extras: dict, via_
         own_loaded=plgpu.Barrier(num_arrivals=own_copies, num_barriers=owners),
         turn=plgpu.Barrier(num_arrivals=CONSUMERS),
     )
+    if config.stats_in_dq:
+        scratch["row_out"] = plgpu.SMEM((owners, 2, bq), jnp.float32)
     if config.split_head:  # see _dq_split_consumer
         scratch["ds_t"] = pp.smem_tile((bq, bkv), dtype, swizzle=64)
         scratch["halves_ready"] = plgpu.Barrier(num_arrivals=CONSUMERS)
         scratch["halves_free"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     _ring(scratch, "k", (bkv, head_dim), dtype, stages)
     _ring(scratch, "v", (bkv, head_dim), dtype, stages)
-    if "q_seg" in extras:
+    if "q_seg" in names:
         scratch["q_seg"] = plgpu.SMEM((owners, bq), jnp.int32)
         _ring(scratch, "kv_seg", (bkv,), jnp.int32, stages, swizzled=False)
     if via_smem:
@@ -1117,7 +1183,10 @@ def _dq_scratch(config: BackwardConfig, head_dim: int, dtype, extras: dict, via_
 
 def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, interpret=None):
     """Operands as `dkdv` (Tp a multiple of 2 * rows, Sp of cols) -> dq `(B, Tp, N, D)`; the
-    visit lists query-major."""
+    visit lists query-major. With `config.stats_in_dq` (`row_stats`): `delta` is None, `lse2`
+    the forward's own (-inf where a row saw nothing), `extras` carry the forward's output "o"
+    (padded as do) and delta's "shift" (`host.BackwardRows`, None without one), and the result
+    is `(dq, lse2, delta)`, the last two the dK/dV kernel's operands."""
     batch, seq_q, num_heads, head_dim = q.shape
     group = num_heads // k.shape[2]
     _check_split(config, head_dim)
@@ -1125,11 +1194,14 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
     via_smem = interpret is not None
     dtype = q.dtype
     extras = {name: x for name, x in (extras or {}).items() if x is not None}
-    names = ("q", "k", "v", "do", "lse", "delta", *extras)
-    config = _fitted(config, lambda c: _dq_scratch(c, head_dim, dtype, extras, False))
+    if delta is not None:
+        extras = {"delta": delta} | extras
+    names = ("q", "k", "v", "do", "lse", *extras)
+    out_names = ("dq", "lse_out", "delta_out") if config.stats_in_dq else ("dq",)
+    config = _fitted(config, lambda c: _dq_scratch(c, head_dim, dtype, names, False))
 
     def flashjax_mosaic_dq(*all_refs):
-        refs, sc = _launch_refs(all_refs, names, ("dq",))
+        refs, sc = _launch_refs(all_refs, names, out_names)
         seq = pp.seq_of(refs.get("seq"), static_seq, lax.axis_index("b"))
         t = lax.axis_index("t")
         if config.longest_first:  # the last query tiles see the most keys under a causal mask
@@ -1150,8 +1222,10 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
             functools.partial(_dq_producer, refs, sc, config=config, visits=visits, group=group),
         )
 
-    scratch = _dq_scratch(config, head_dim, dtype, extras, via_smem)
-    out_type = jax.ShapeDtypeStruct(q.shape, dtype)
+    scratch = _dq_scratch(config, head_dim, dtype, names, via_smem)
+    stats = jax.ShapeDtypeStruct(lse2.shape, jnp.float32)
+    out_type = (jax.ShapeDtypeStruct(q.shape, dtype), *[stats] * (len(out_names) - 1))
+    args = (q, k, v, do, lse2, *extras.values())
     grid = (seq_q // config.cta_rows, num_heads, batch)
-    args = (q, k, v, do, lse2, delta, *extras.values())
-    return _kernel(flashjax_mosaic_dq, out_type, scratch, grid, config, interpret)(*args)
+    outs = _kernel(flashjax_mosaic_dq, out_type, scratch, grid, config, interpret)(*args)
+    return outs if config.stats_in_dq else outs[0]
