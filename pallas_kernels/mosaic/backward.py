@@ -1,6 +1,7 @@
 """FlashAttention backward for Hopper on Pallas' Mosaic GPU backend: two kernels, or one.
 
-`delta = rowsum(dO * O)` and the base-2 logsumexp come from the caller. Both kernels use the
+`delta = rowsum(dO * O)` and the base-2 logsumexp come from the caller, or with
+`BackwardConfig.row_stats` from the dQ kernel, which then runs first. Both kernels use the
 three-warpgroup layout of pipeline.py (two consumers, one TMA producer) and recompute the scores:
 - dK/dV: one CTA per (2 * rows keys, KV head, batch row); each consumer owns `rows` keys and
   accumulates dK and dV in registers over the query tiles the CTA visits (`pipeline.Visits`, the
@@ -1150,13 +1151,13 @@ def _check_split(config: BackwardConfig, head_dim: int) -> None:
         )
 
 
-def _dq_scratch(config: BackwardConfig, head_dim: int, dtype, names, via_smem: bool):
+def _dq_scratch(config: BackwardConfig, head_dim: int, dtype, extras: dict, via_smem: bool):
     """The dQ kernel's shared memory: the own Q and dO tiles and statistics, the streamed K/V
-    rings, `split_head`'s shared dS^T tile, `row_stats`' outgoing statistics. `names`: the
-    kernel's operands."""
+    rings, `split_head`'s shared dS^T tile, `row_stats`' outgoing statistics. `extras`: the
+    kernel's operands past the logsumexp (by name)."""
     bq, bkv, stages = config.rows, config.cols, config.stages
     # Q, dO, the statistics (and segment ids)
-    own_copies = 2 + _row_copies(names) + ("q_seg" in names)
+    own_copies = 2 + _row_copies(extras) + ("q_seg" in extras)
     owners = 1 if config.split_head else CONSUMERS  # the Q/dO tiles, each consumer's or shared
     scratch = dict(
         q=pp.smem_tile((owners, bq, head_dim), dtype),
@@ -1173,7 +1174,7 @@ def _dq_scratch(config: BackwardConfig, head_dim: int, dtype, names, via_smem: b
         scratch["halves_free"] = plgpu.Barrier(num_arrivals=CONSUMERS)
     _ring(scratch, "k", (bkv, head_dim), dtype, stages)
     _ring(scratch, "v", (bkv, head_dim), dtype, stages)
-    if "q_seg" in names:
+    if "q_seg" in extras:
         scratch["q_seg"] = plgpu.SMEM((owners, bq), jnp.int32)
         _ring(scratch, "kv_seg", (bkv,), jnp.int32, stages, swizzled=False)
     if via_smem:
@@ -1198,7 +1199,7 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
         extras = {"delta": delta} | extras
     names = ("q", "k", "v", "do", "lse", *extras)
     out_names = ("dq", "lse_out", "delta_out") if config.stats_in_dq else ("dq",)
-    config = _fitted(config, lambda c: _dq_scratch(c, head_dim, dtype, names, False))
+    config = _fitted(config, lambda c: _dq_scratch(c, head_dim, dtype, extras, False))
 
     def flashjax_mosaic_dq(*all_refs):
         refs, sc = _launch_refs(all_refs, names, out_names)
@@ -1222,7 +1223,7 @@ def dq(q, k, v, do, lse2, delta, *, statics, config, seq_lens, extras=None, inte
             functools.partial(_dq_producer, refs, sc, config=config, visits=visits, group=group),
         )
 
-    scratch = _dq_scratch(config, head_dim, dtype, names, via_smem)
+    scratch = _dq_scratch(config, head_dim, dtype, extras, via_smem)
     stats = jax.ShapeDtypeStruct(lse2.shape, jnp.float32)
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype), *[stats] * (len(out_names) - 1))
     args = (q, k, v, do, lse2, *extras.values())
