@@ -256,6 +256,9 @@ BWD_SCHEDULES = [
     ("split_head", "longest_first"),
     ("split_head", "early_dp", "no_auto_barriers", "longest_first"),
     ("split_head", "early_dp", "no_auto_barriers", "longest_first", "late_stats"),
+    # Session 42: delta and the kernel logsumexp from the dQ kernel (no XLA pass before the two
+    # kernels), where the 5-GEMM kernel pays XLA's delta, dQ memset and convert (head dim 64).
+    (*_NAB, "longest_first", "row_stats"),
 ]
 assert all(name in BWD_OPTIONS for combo in BWD_SCHEDULES for name in combo)
 
