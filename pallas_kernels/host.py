@@ -89,21 +89,6 @@ def backward_rows(
     )
 
 
-def backward_residuals(
-    ops: Operands,
-    out: jax.Array,
-    lse2: jax.Array,
-    dout: jax.Array,
-    dlse: jax.Array | None,
-    *,
-    seq_q: int,
-    head_dim: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`(do, lse2, delta)` of `backward_rows` (`BackwardRows.delta`)."""
-    rows = backward_rows(ops, out, lse2, dout, dlse, seq_q=seq_q, head_dim=head_dim)
-    return rows.do, rows.lse2, rows.delta()
-
-
 def row_dots(do: jax.Array, o: jax.Array) -> jax.Array:
     """`rowsum(dO * O)` in float32: `(B, T, N, D)` twice -> `(B, N, T)` (delta before its
     shift; the Mosaic dQ kernel computes the same for its tile with `row_stats`)."""

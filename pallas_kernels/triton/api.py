@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import configs, visibility
-from pallas_kernels.host import backward_residuals, pad_axis, padded_qkv
+from pallas_kernels.host import backward_rows, pad_axis, padded_qkv
 from pallas_kernels.operands import Operands
 from pallas_kernels.triton import backward as _backward
 from pallas_kernels.triton import forward as _forward
@@ -153,13 +153,11 @@ def backward(
     """Gradients (dq, dk, dv) of `forward`'s outputs, from its residuals (out, lse2).
 
     `dlse` is the cotangent of the natural-log logsumexp `(B, T, N)` (None if unused); dO, lse2
-    and delta reach the kernels through `host.backward_residuals`.
+    and delta reach the kernels through `host.backward_rows`.
     """
     p = plan_of(ops, target, config)
-    do, lse2, delta = backward_residuals(
-        ops, out, lse2, dout, dlse, seq_q=p.seq_q, head_dim=p.head_dim
-    )
-    r = _refs(p, ops).replace(do=do, lse2=lse2, delta=delta)
+    res = backward_rows(ops, out, lse2, dout, dlse, seq_q=p.seq_q, head_dim=p.head_dim)
+    r = _refs(p, ops).replace(do=res.do, lse2=res.lse2, delta=res.delta())
     dk, dv = _backward.dkdv(
         _with_lists(r, p, ops, p.config.dkdv, transposed=True),
         config=p.config.dkdv,
