@@ -231,7 +231,8 @@ def kernel_lse(lse2: jax.Array) -> jax.Array:
     """The forward's base-2 logsumexp as both kernels read it: +inf, not -inf, for rows that saw
     no key, so that `_probs` gives 0 there without a compare and select per element (16 of
     each per step and thread in the dK/dV kernel, where a step's rows are its tile's columns;
-    offline SASS, session 22). Done once by XLA before the kernels."""
+    offline SASS, session 22). Done by XLA before the kernels, or by the dQ kernel for its rows
+    (`row_stats`)."""
     return jnp.where(lse2 == -jnp.inf, jnp.inf, lse2)
 
 
@@ -1093,14 +1094,14 @@ def _row_copies(names) -> int:
 def _row_stats(refs, sc, stats, grads, at, *, writer):
     """A dQ tile's (logsumexp, delta) as row vectors (WGMMA layout, reduced along dim 1): as
     loaded into `stats`, or with `row_stats` ("o" among the operands) computed here: the
-    logsumexp as `kernel_lse` makes it, delta = rowsum(dO * O) in float32 (dO from `grads` in
+    logsumexp through `kernel_lse`, delta = rowsum(dO * O) in float32 (dO from `grads` in
     SMEM, O read straight from GMEM into registers, 64 columns at a time) less the shift;
     consumer `writer` then copies both to the dK/dV kernel's operands (`lse_out`,
     `delta_out`) through its `row_out` slot."""
     lse = plgpu.load(stats.at[0], layout=LAYOUT.reduce(1))
     if "o" not in refs:
         return lse, plgpu.load(stats.at[1], layout=LAYOUT.reduce(1))
-    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+    lse = kernel_lse(lse)
     b, h, rows = at
     delta = None
     for col0 in range(0, grads.shape[-1], 64):
