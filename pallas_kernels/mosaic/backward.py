@@ -1086,9 +1086,9 @@ def _load_row_stats(refs, stats, at, own) -> None:
             plgpu.copy_gmem_to_smem(refs[name].at[at], stats.at[1], own)
 
 
-def _row_copies(names) -> int:
-    """The copies `_load_row_stats` makes for a kernel with these operands."""
-    return 1 + sum(name in names for name in ("delta", "shift"))
+def _row_copies(extras) -> int:
+    """The copies `_load_row_stats` makes for a dQ kernel with these operands (by name)."""
+    return 1 + sum(name in extras for name in ("delta", "shift"))
 
 
 def _row_stats(refs, sc, stats, grads, at, *, writer):
