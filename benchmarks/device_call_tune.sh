@@ -2,7 +2,8 @@
 # One device call (about 9.5 minutes, `run` with timeout_s 600): the Mosaic kernels' on/off
 # options, the candidates timed interleaved over rounds (benchmarks/tune_mosaic.py: forward
 # SCHEDULES, backward BWD_SCHEDULES). First, those options against the float64 reference on
-# feature-rich cases (`pytest -m gpu_schedules`, `-k "$K"` when K is set; none with K=none).
+# feature-rich cases (`pytest -m gpu_schedules`, `-k "$K"` when K is set; none with K=none), in 4
+# pytest-xdist workers as the GPU tier (compiling dominates; a fifth of the GPU's memory each).
 # Each sweep candidate is also checked against configs.py's choice; a hang shows in the log as
 # the last "checked" line.
 # SWEEPS: space-separated DIMS:ONLY:SEQ[:tiles[:with[:group[:retile[:causal]]]]] (ONLY fwd, bwd
@@ -53,8 +54,8 @@ if [ -n "$REPRO_SETS" ]; then
 fi
 rc=0
 if [ "$K" != none ]; then  # K=none: no schedule tests
-  timeout 200 python3 -m pytest -m gpu_schedules tests/ ${K:+-k "$K"} -v -rfE -p no:cacheprovider \
-    -o faulthandler_timeout=180 > "$L/gpu_schedules.log" 2>&1
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout 200 python3 -m pytest -m gpu_schedules tests/ -n 4 \
+    ${K:+-k "$K"} -v -rfE -p no:cacheprovider -o faulthandler_timeout=180 > "$L/gpu_schedules.log" 2>&1
   rc=$?
   grep -E "FAILED|ERROR|passed|failed" "$L/gpu_schedules.log" | tail -20
 fi
